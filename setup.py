@@ -1,0 +1,64 @@
+"""Build shortrt: the Python package plus the C++ extension shortrt._C (via CMake)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    """Configure and build CMakeLists.txt, placing _C next to the package."""
+
+    def build_extension(self, ext):
+        import pybind11
+
+        ext_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        config = "Debug" if self.debug else "Release"
+        cmake_args = [
+            f"-DCMAKE_BUILD_TYPE={config}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={ext_dir}",
+            f"-DSHORTRT_EXAMPLES_DIR={ext_dir / 'bin'}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            "-DSHORTRT_PYTHON=ON",
+        ]
+        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+        subprocess.run(["cmake", str(ROOT), *cmake_args], cwd=build_dir, check=True)
+        subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
+
+
+setup(
+    name="shortrt",
+    version="0.1.0",
+    description="Depth-pruned LLMs on a lean C++ runtime: measure layer redundancy, remove it, run faster",
+    python_requires=">=3.10",
+    packages=["shortrt", "shortrt.kernels"],
+    package_dir={"shortrt": "shortrt", "shortrt.kernels": "kernels"},
+    ext_modules=[CMakeExtension("shortrt._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    install_requires=[
+        "torch==2.13.0",
+        "transformers>=5,<6",
+        "safetensors",
+        "tokenizers",
+        "gguf",
+        "accelerate",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+        "pyarrow",
+    ],
+    extras_require={"triton": ["triton==3.9.*"], "test": ["pytest"]},
+    entry_points={"console_scripts": ["shortrt=shortrt.cli:main"]},
+)

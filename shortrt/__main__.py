@@ -1,0 +1,5 @@
+import sys
+
+from shortrt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,13 @@
+"""Exceptions shortrt raises for bad input. Each message names the problem and the fix."""
+
+
+class ShortrtError(Exception):
+    """Base class of shortrt's own errors."""
+
+
+class MissingDependencyError(ShortrtError):
+    """An optional package or file that the operation needs is not installed."""
+
+
+class CheckpointError(ShortrtError, ValueError):
+    """A checkpoint directory or file is missing, corrupt, or contradicts its config."""

@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny random Llama for fast checks and the real default model for end-to-end ones."""
+import os
+
+# Triton kernels run on the CPU through Triton's interpreter; this must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+# Keep the default-model conversion in one place per test session unless the user chose a cache.
+os.environ.setdefault("SHORTRT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "shortrt"))
+
+import pytest
+
+
+def make_tiny_llama(path, *, num_layers=4, hidden=64, heads=4, kv_heads=2, intermediate=128,
+                    vocab=256, seed=0, tie=True):
+    """Save a random-init LlamaForCausalLM checkpoint (fp32 safetensors) to `path` and return it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=256, tie_word_embeddings=tie, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    return make_tiny_llama(tmp_path / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    import shortrt
+
+    return shortrt.load("default")
