@@ -1,0 +1,170 @@
+// Benchmark hooks for benchmarks/kernels.py: the timed loops run in C++ with
+// the GIL released, so Python overhead never enters a measurement. Each returns
+// the seconds of every timed iteration; the script reports medians.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "error.h"
+#include "kernels.h"
+#include "threadpool.h"
+
+namespace py = pybind11;
+using shortrt::BlockQ8;
+using shortrt::KernelTable;
+using shortrt::kQ8Block;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// Uniform values in [-1, 1) from xorshift64: fast enough to fill hundreds of MB.
+void fill_random(float* x, size_t n, uint64_t seed) {
+  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (size_t i = 0; i < n; ++i) {
+    s ^= s << 13;
+    s ^= s >> 7;
+    s ^= s << 17;
+    x[i] = static_cast<float>(static_cast<int64_t>(s >> 40) - (int64_t{1} << 23)) / static_cast<float>(1 << 23);
+  }
+}
+
+const KernelTable& table(const std::string& path) {
+  try {
+    return shortrt::kernels_by_name(path.c_str());
+  } catch (const shortrt::Error& e) {
+    throw py::value_error(e.what());
+  }
+}
+
+// One weight matrix with its own storage, so a sequence of them streams from
+// memory the way a model's layers do (no matrix is still in cache when reused).
+struct OwnedWeight {
+  std::vector<float> f32;
+  std::vector<uint16_t> bf16;
+  std::vector<BlockQ8> q8;
+  shortrt::WeightMatrix view;
+};
+
+OwnedWeight make_weight(int64_t rows, int64_t cols, shortrt::WeightType type, uint64_t seed) {
+  OwnedWeight w;
+  const size_t n = static_cast<size_t>(rows * cols);
+  w.f32.resize(n);
+  fill_random(w.f32.data(), n, seed);
+  w.view.type = type;
+  w.view.rows = rows;
+  w.view.cols = cols;
+  if (type == shortrt::WeightType::F32) {
+    w.view.f32 = w.f32.data();
+    return w;
+  }
+  if (type == shortrt::WeightType::BF16) {
+    w.bf16.resize(n);
+    shortrt::pack_bf16(w.f32.data(), static_cast<int64_t>(n), w.bf16.data());
+    w.view.bf16 = w.bf16.data();
+  } else {
+    w.q8.resize(n / kQ8Block);
+    shortrt::reference_kernels().quantize_row_q8(w.f32.data(), static_cast<int64_t>(n), w.q8.data());
+    w.view.q8 = w.q8.data();
+  }
+  std::vector<float>().swap(w.f32);
+  return w;
+}
+
+shortrt::WeightType weight_type_from(const std::string& name) {
+  if (name == "f32") return shortrt::WeightType::F32;
+  if (name == "bf16") return shortrt::WeightType::BF16;
+  if (name == "q8") return shortrt::WeightType::Q8;
+  throw py::value_error("unknown weight type '" + name + "' (expected 'f32', 'bf16' or 'q8')");
+}
+
+// Seconds per pass of summing a buffer of `mbytes` MB with the path's sum_f32,
+// split over the pool in 256 KB chunks.
+std::vector<double> bench_read_bandwidth(double mbytes, const std::string& path, int threads, int iters) {
+  const KernelTable& k = table(path);
+  const size_t n = static_cast<size_t>(mbytes * 1e6 / sizeof(float));
+  if (n == 0 || iters <= 0) throw py::value_error("bench_read_bandwidth: need mbytes > 0 and iters > 0");
+  py::gil_scoped_release release;
+  std::vector<float> buffer(n);
+  fill_random(buffer.data(), n, 7);
+  constexpr int64_t kChunk = 65536;  // floats
+  const int64_t n_chunks = static_cast<int64_t>((n + kChunk - 1) / kChunk);
+  std::vector<float> sink(static_cast<size_t>(n_chunks));
+  shortrt::ThreadPool pool(threads);
+  std::vector<double> times;
+  for (int it = -1; it < iters; ++it) {  // iteration -1 warms up
+    const auto start = Clock::now();
+    pool.parallel_for(n_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t first = c * kChunk, count = std::min<int64_t>(kChunk, static_cast<int64_t>(n) - first);
+        sink[c] = k.sum_f32(buffer.data() + first, count);
+      }
+    });
+    if (it >= 0) times.push_back(seconds_since(start));
+  }
+  return times;
+}
+
+// Seconds per iteration of running matmul on every shape once, in order, with
+// n_tokens activations (q8: including the activation quantization).
+std::vector<double> bench_matmuls(const std::vector<std::pair<int64_t, int64_t>>& shapes, const std::string& wtype,
+                                  const std::string& path, int threads, int64_t n_tokens, int iters) {
+  const KernelTable& k = table(path);
+  const shortrt::WeightType type = weight_type_from(wtype);
+  if (shapes.empty() || n_tokens <= 0 || iters <= 0)
+    throw py::value_error("bench_matmuls: need at least one shape, n_tokens > 0 and iters > 0");
+  int64_t max_rows = 0, max_cols = 0;
+  for (const auto& [rows, cols] : shapes) {
+    if (rows <= 0 || cols <= 0 || (type == shortrt::WeightType::Q8 && cols % kQ8Block != 0))
+      throw py::value_error("bench_matmuls: bad shape [" + std::to_string(rows) + ", " + std::to_string(cols) + "]");
+    max_rows = std::max(max_rows, rows);
+    max_cols = std::max(max_cols, cols);
+  }
+  py::gil_scoped_release release;
+  std::vector<OwnedWeight> weights;
+  weights.reserve(shapes.size());
+  for (size_t i = 0; i < shapes.size(); ++i)
+    weights.push_back(make_weight(shapes[i].first, shapes[i].second, type, 1000 + i));
+  std::vector<float> x(static_cast<size_t>(n_tokens * max_cols)), y(static_cast<size_t>(n_tokens * max_rows));
+  std::vector<BlockQ8> x_q8(static_cast<size_t>(n_tokens * max_cols / kQ8Block + 1));
+  fill_random(x.data(), x.size(), 3);
+  shortrt::ThreadPool pool(threads);
+  shortrt::Activation act{x.data(), nullptr};
+  std::vector<double> times;
+  for (int it = -1; it < iters; ++it) {
+    const auto start = Clock::now();
+    for (const OwnedWeight& w : weights) {
+      if (type == shortrt::WeightType::Q8) {
+        // quantize_activation_q8 uses the active path; do the same on the benchmarked one.
+        const int64_t nb = w.view.cols / kQ8Block;
+        pool.parallel_for(n_tokens, 8, [&](int64_t begin, int64_t end) {
+          k.quantize_row_q8(x.data() + begin * w.view.cols, (end - begin) * w.view.cols, x_q8.data() + begin * nb);
+        });
+        act.q8 = x_q8.data();
+      }
+      shortrt::matmul(k, w.view, act, n_tokens, y.data(), w.view.rows, pool);
+    }
+    if (it >= 0) times.push_back(seconds_since(start));
+  }
+  return times;
+}
+
+}  // namespace
+
+void register_kernel_bench(py::module_& m) {
+  m.def("bench_read_bandwidth", &bench_read_bandwidth, py::arg("mbytes"), py::arg("path"), py::arg("threads"),
+        py::arg("iters"), "Seconds per pass of summing an mbytes buffer (read bandwidth).");
+  m.def("bench_matmuls", &bench_matmuls, py::arg("shapes"), py::arg("wtype"), py::arg("path"), py::arg("threads"),
+        py::arg("n_tokens"), py::arg("iters"),
+        "Seconds per pass of matmul over every [rows, cols] shape once (each with its own random weights).");
+}

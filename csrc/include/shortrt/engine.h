@@ -1,0 +1,101 @@
+// shortrt public C++ API: load a (pruned) checkpoint directory and generate tokens.
+//
+// This is the only header an embedding application needs. It exposes no
+// internal types: the engine's weights, scratch and KV cache stay behind a
+// pimpl. Every error (bad checkpoint, bad option, prompt too long) is thrown
+// as a std::runtime_error subclass whose message names the problem.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace shortrt {
+
+// The architecture as read from config.json (after validation).
+struct ModelConfig {
+  std::string architecture;  // "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM"
+  int hidden = 0;            // hidden_size
+  int intermediate = 0;      // intermediate_size
+  int n_layers = 0;          // num_hidden_layers of the checkpoint
+  int n_heads = 0;           // num_attention_heads
+  int n_kv_heads = 0;        // num_key_value_heads (GQA)
+  int head_dim = 0;          // head_dim, or hidden / n_heads
+  int vocab = 0;             // vocab_size
+  int max_position = 0;      // max_position_embeddings
+  float rms_eps = 1e-6f;     // rms_norm_eps
+  float rope_theta = 10000.0f;
+  std::string rope_type = "default";  // "default" | "linear" | "llama3"
+  float rope_factor = 1.0f;           // linear and llama3
+  float rope_low_freq_factor = 1.0f;  // llama3
+  float rope_high_freq_factor = 4.0f; // llama3
+  int rope_original_max_position = 0; // llama3
+  bool tie_embeddings = false;        // tie_word_embeddings
+  bool qkv_bias = false;              // Qwen2
+  int sliding_window = 0;             // Mistral's window (0 = none); max_seq may not exceed it
+  std::vector<int> eos_token_ids;     // eos_token_id (int or list)
+};
+
+struct EngineOptions {
+  std::string dtype = "fp32";    // weight format: "fp32" | "bf16" | "int8"
+  int threads = 0;               // 0 = all cores
+  int max_seq = 0;               // 0 = min(max_position_embeddings, 2048)
+  int max_batch = 1;             // sequences per generate() call (each has its own KV region)
+  std::vector<int> skip_layers;  // checkpoint layer indices not to run (never read from disk)
+};
+
+struct GenerationOptions {
+  int max_new_tokens = 64;
+  float temperature = 0.0f;  // 0 = greedy
+  int top_k = 0;             // 0 = no top-k cut
+  float top_p = 1.0f;        // nucleus mass in (0, 1]
+  uint64_t seed = 0;
+  // Generation of a sequence ends when it produces one of these (not returned).
+  // use_default_stop = true means: the config's eos_token_id(s).
+  std::vector<int> stop_tokens;
+  bool use_default_stop = true;
+};
+
+// Called once per generated token: (sequence index in the batch, token id).
+// Returning false stops that sequence (the token itself is kept).
+using TokenCallback = std::function<bool(int sequence, int token)>;
+
+class Engine {
+ public:
+  static std::unique_ptr<Engine> load(const std::string& checkpoint_dir,
+                                      const EngineOptions& options = {});
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Generates for every prompt (at most max_batch of them); returns the new
+  // tokens of each. Each result equals what generating that prompt alone gives.
+  std::vector<std::vector<int>> generate(const std::vector<std::vector<int>>& prompts,
+                                         const GenerationOptions& options,
+                                         const TokenCallback& on_token = {});
+
+  // Logits of every position of one sequence: [tokens.size()][vocab], row-major.
+  std::vector<float> logits(const std::vector<int>& tokens);
+
+  const ModelConfig& config() const;
+  std::size_t kv_cache_bytes() const;   // K and V for all retained attentions
+  std::size_t weight_bytes() const;     // weights held to run the plan (tied embedding counted once)
+  std::size_t weight_bytes_per_token() const;  // weights read per decoded token
+  int n_layers_run() const;             // decoder layers executed per token
+  int n_attention_layers() const;       // KV slots
+  std::vector<int> layers_run() const;  // checkpoint indices of executed layers
+  int max_seq() const;
+  int max_batch() const;
+  int threads() const;
+  const std::string& dtype() const;
+
+ private:
+  struct Impl;
+  explicit Engine(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace shortrt

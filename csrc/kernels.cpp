@@ -1,0 +1,237 @@
+// Kernel dispatch (which KernelTable runs), weight packing, and the matmul
+// driver that splits a matmul into per-thread blocks.
+#include "kernels.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+
+#include "error.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
+namespace shortrt {
+namespace {
+
+// AVX2 + FMA + F16C, and the OS saves the ymm registers (OSXSAVE + XCR0).
+bool cpu_has_avx2_fma_f16c() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
+  const bool fma = ecx & (1u << 12), osxsave = ecx & (1u << 27), avx = ecx & (1u << 28), f16c = ecx & (1u << 29);
+  if (!(fma && osxsave && avx && f16c)) return false;
+  unsigned xcr0_lo, xcr0_hi;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  if ((xcr0_lo & 0x6) != 0x6) return false;  // xmm and ymm state enabled
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  __cpuid_count(7, 0, eax, ebx, ecx, edx);
+  return ebx & (1u << 5);
+#else
+  return false;
+#endif
+}
+
+std::atomic<const KernelTable*> g_active{nullptr};
+std::once_flag g_env_once;
+
+void choose_from_environment() {
+  const char* env = std::getenv("SHORTRT_KERNELS");
+  const char* name = (env && *env) ? env : "auto";
+  const KernelTable* table;
+  try {
+    table = &kernels_by_name(name);
+  } catch (const Error& e) {
+    throw Error(std::string("SHORTRT_KERNELS: ") + e.what());
+  }
+  const KernelTable* expected = nullptr;
+  g_active.compare_exchange_strong(expected, table);  // set_kernels() may have run first
+}
+
+}  // namespace
+
+const char* weight_type_name(WeightType type) {
+  switch (type) {
+    case WeightType::F32: return "f32";
+    case WeightType::BF16: return "bf16";
+    case WeightType::Q8: return "q8";
+  }
+  return "?";
+}
+
+size_t WeightMatrix::bytes() const {
+  const size_t n = static_cast<size_t>(rows) * static_cast<size_t>(cols);
+  switch (type) {
+    case WeightType::F32: return n * sizeof(float);
+    case WeightType::BF16: return n * sizeof(uint16_t);
+    case WeightType::Q8: return n / kQ8Block * sizeof(BlockQ8);
+  }
+  return 0;
+}
+
+const KernelTable& reference_kernels() { return detail::reference_table(); }
+
+const KernelTable* avx2_kernels() {
+  static const bool supported = cpu_has_avx2_fma_f16c();
+  return supported ? &detail::avx2_table() : nullptr;
+}
+
+const KernelTable& kernels_by_name(const char* name) {
+  const std::string s = name ? name : "";
+  if (s == "ref") return reference_kernels();
+  if (s == "avx2") {
+    if (const KernelTable* t = avx2_kernels()) return *t;
+    throw Error("kernel path 'avx2' requested, but this CPU lacks AVX2, FMA or F16C; use 'ref' or 'auto'");
+  }
+  if (s == "auto") {
+    const KernelTable* t = avx2_kernels();
+    return t ? *t : reference_kernels();
+  }
+  throw Error("unknown kernel path '" + s + "' (expected 'ref', 'avx2' or 'auto')");
+}
+
+const KernelTable& kernels() {
+  const KernelTable* table = g_active.load(std::memory_order_acquire);
+  if (table) return *table;
+  std::call_once(g_env_once, choose_from_environment);  // retried (and rethrows) while the env var is bad
+  return *g_active.load(std::memory_order_acquire);
+}
+
+void set_kernels(const char* name) { g_active.store(&kernels_by_name(name), std::memory_order_release); }
+
+// ---- packing --------------------------------------------------------------
+
+void pack_bf16(const float* src, int64_t n, uint16_t* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &src[i], sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+      dst[i] = static_cast<uint16_t>((u >> 16) | 0x40);  // NaN: keep it a (quiet) NaN after truncation
+    } else {
+      u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+      dst[i] = static_cast<uint16_t>(u >> 16);
+    }
+  }
+}
+
+void quantize_q8(const float* src, int64_t n, BlockQ8* dst) {
+  if (n % kQ8Block != 0) throw Error("quantize_q8: length " + std::to_string(n) + " is not a multiple of 32");
+  kernels().quantize_row_q8(src, n, dst);
+}
+
+void quantize_activation_q8(const float* x, int64_t n_tokens, int64_t cols, BlockQ8* dst, ThreadPool& pool) {
+  if (cols % kQ8Block != 0)
+    throw Error("quantize_activation_q8: cols " + std::to_string(cols) + " is not a multiple of 32");
+  const KernelTable& k = kernels();
+  const int64_t n_blocks = cols / kQ8Block;
+  // One token of 576..1536 values is too little work to share; hand out several.
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(cols, 1));
+  pool.parallel_for(n_tokens, grain, [&](int64_t begin, int64_t end) {
+    k.quantize_row_q8(x + begin * cols, (end - begin) * cols, dst + begin * n_blocks);
+  });
+}
+
+// ---- matmul ---------------------------------------------------------------
+
+namespace {
+
+// Decode: rows per chunk handed to a thread. Small enough that 2-8 threads
+// balance on a 192-row k/v projection, big enough to amortize the hand-out.
+constexpr int64_t kDecodeRowChunk = 16;
+// Prefill: a thread computes a (row block x token block) tile. 48 rows of 1536
+// floats (295 KB) plus 64 tokens of activations stay in a 1 MB L2 while the
+// micro-kernel walks 3 rows x 4 tokens at a time.
+constexpr int64_t kPrefillRowBlock = 48;
+constexpr int64_t kPrefillTokenBlock = 64;
+
+// Everything a chunk needs, so the lambda captures one reference (no allocation).
+struct MatmulJob {
+  const KernelTable* k;
+  const WeightMatrix* W;
+  const Activation* x;
+  int64_t n_tokens;
+  float* y;
+  int64_t ldy;
+
+  void run(int64_t row0, int64_t n_rows, int64_t tok0, int64_t n_tok) const {
+    const int64_t cols = W->cols;
+    float* out = y + tok0 * ldy + row0;
+    switch (W->type) {
+      case WeightType::F32:
+        k->gemm_f32(W->f32 + row0 * cols, n_rows, cols, x->f32 + tok0 * cols, n_tok, out, ldy);
+        break;
+      case WeightType::BF16:
+        k->gemm_bf16(W->bf16 + row0 * cols, n_rows, cols, x->f32 + tok0 * cols, n_tok, out, ldy);
+        break;
+      case WeightType::Q8: {
+        const int64_t n_blocks = cols / kQ8Block;
+        k->gemm_q8(W->q8 + row0 * n_blocks, n_rows, n_blocks, x->q8 + tok0 * n_blocks, n_tok, out, ldy);
+        break;
+      }
+    }
+  }
+};
+
+void check_matmul_args(const WeightMatrix& W, const Activation& x, int64_t n_tokens, const float* y, int64_t ldy) {
+  const std::string what = std::string("matmul (") + weight_type_name(W.type) + " weight [" + std::to_string(W.rows) +
+                           ", " + std::to_string(W.cols) + "]): ";
+  if (W.rows < 0 || W.cols < 0 || n_tokens < 0) throw Error(what + "negative size");
+  if (n_tokens == 0 || W.rows == 0) return;
+  if (n_tokens > 1 && ldy < W.rows)
+    throw Error(what + "output stride ldy=" + std::to_string(ldy) + " is smaller than the row count");
+  if (!y) throw Error(what + "no output buffer");
+  if (W.cols == 0) return;
+  if (!x.f32 && W.type != WeightType::Q8) throw Error(what + "no f32 activation");
+  switch (W.type) {
+    case WeightType::F32:
+      if (!W.f32) throw Error(what + "f32 data pointer is null");
+      break;
+    case WeightType::BF16:
+      if (!W.bf16) throw Error(what + "bf16 data pointer is null");
+      break;
+    case WeightType::Q8:
+      if (!W.q8) throw Error(what + "q8 data pointer is null");
+      if (W.cols % kQ8Block != 0) throw Error(what + "q8 needs cols to be a multiple of 32");
+      if (!x.q8) throw Error(what + "q8 weights need the activation quantized (Activation::q8 is null)");
+      break;
+  }
+}
+
+}  // namespace
+
+void matmul(const KernelTable& k, const WeightMatrix& W, const Activation& x, int64_t n_tokens, float* y, int64_t ldy,
+            ThreadPool& pool) {
+  check_matmul_args(W, x, n_tokens, y, ldy);
+  if (n_tokens == 0 || W.rows == 0) return;
+  if (W.cols == 0) {
+    for (int64_t t = 0; t < n_tokens; ++t) std::fill(y + t * ldy, y + t * ldy + W.rows, 0.0f);
+    return;
+  }
+  const MatmulJob job{&k, &W, &x, n_tokens, y, ldy};
+  if (n_tokens == 1) {
+    pool.parallel_for(W.rows, kDecodeRowChunk,
+                      [&job](int64_t begin, int64_t end) { job.run(begin, end - begin, 0, 1); });
+    return;
+  }
+  const int64_t n_row_blocks = (W.rows + kPrefillRowBlock - 1) / kPrefillRowBlock;
+  const int64_t n_tok_blocks = (n_tokens + kPrefillTokenBlock - 1) / kPrefillTokenBlock;
+  // Row blocks vary fastest: consecutive tiles share a token block, which stays in L2.
+  pool.parallel_for(n_row_blocks * n_tok_blocks, 1, [&job, n_row_blocks](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t row0 = (i % n_row_blocks) * kPrefillRowBlock, tok0 = (i / n_row_blocks) * kPrefillTokenBlock;
+      job.run(row0, std::min(kPrefillRowBlock, job.W->rows - row0), tok0,
+              std::min(kPrefillTokenBlock, job.n_tokens - tok0));
+    }
+  });
+}
+
+void matmul(const WeightMatrix& W, const Activation& x, int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool) {
+  matmul(kernels(), W, x, n_tokens, y, ldy, pool);
+}
+
+}  // namespace shortrt

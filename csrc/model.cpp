@@ -1,0 +1,256 @@
+#include "model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include "error.h"
+
+namespace shortrt {
+namespace {
+
+constexpr int kMaxHeadDim = 512;  // attention keeps one head's output accumulator on the stack
+constexpr int kKeyBlock = 64;     // keys scored per step of the online softmax
+
+// Inverse RoPE frequencies as transformers computes them (float32 arithmetic),
+// including its linear and llama3 rescaling.
+std::vector<float> rope_inv_freq(const ModelConfig& c) {
+  const int half = c.head_dim / 2;
+  std::vector<float> inv(half);
+  for (int i = 0; i < half; ++i) {
+    float exponent = static_cast<float>(2 * i) / static_cast<float>(c.head_dim);
+    inv[i] = 1.0f / std::pow(c.rope_theta, exponent);
+  }
+  if (c.rope_type == "linear") {
+    for (float& f : inv) f /= c.rope_factor;
+  } else if (c.rope_type == "llama3") {
+    const float old_len = static_cast<float>(c.rope_original_max_position);
+    const float low_wavelen = old_len / c.rope_low_freq_factor;
+    const float high_wavelen = old_len / c.rope_high_freq_factor;
+    for (float& f : inv) {
+      float wavelen = 2.0f * static_cast<float>(M_PI) / f;
+      float scaled = wavelen > low_wavelen ? f / c.rope_factor : f;
+      bool medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+      if (medium) {
+        float smooth = (old_len / wavelen - c.rope_low_freq_factor) /
+                       (c.rope_high_freq_factor - c.rope_low_freq_factor);
+        scaled = (1.0f - smooth) * scaled / c.rope_factor + smooth * scaled;
+      }
+      f = scaled;
+    }
+  }
+  return inv;
+}
+
+// Rotate-half RoPE (transformers' layout): pairs (i, i + head_dim/2) rotate by angle pos * inv_freq[i].
+void rope_heads(float* x, int n_heads, int head_dim, const float* cos, const float* sin) {
+  const int half = head_dim / 2;
+  for (int h = 0; h < n_heads; ++h, x += head_dim) {
+    for (int i = 0; i < half; ++i) {
+      float a = x[i], b = x[i + half];
+      x[i] = a * cos[i] - b * sin[i];
+      x[i + half] = b * cos[i] + a * sin[i];
+    }
+  }
+}
+
+}  // namespace
+
+void FloatBuffer::Free::operator()(float* p) const { std::free(p); }
+
+FloatBuffer::FloatBuffer(size_t n) : n_(n) {
+  if (n == 0) return;
+  size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
+  // Not zeroed on purpose: untouched pages of a large buffer stay out of the resident set.
+  data_.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+  if (!data_) throw Error("out of memory allocating " + std::to_string(bytes) + " bytes");
+}
+
+State::State(const ModelConfig& c, int n_kv_slots, int max_seq_, int max_batch_, int max_chunk_)
+    : max_seq(max_seq_), max_batch(max_batch_), max_chunk(max_chunk_) {
+  const size_t chunk = max_chunk, hidden = c.hidden, inter = c.intermediate;
+  const size_t q_width = static_cast<size_t>(c.n_heads) * c.head_dim;
+  qkv_dim = static_cast<int64_t>(c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
+  x = FloatBuffer(chunk * hidden);
+  xn = FloatBuffer(chunk * hidden);
+  delta = FloatBuffer(chunk * hidden);
+  qkv = FloatBuffer(chunk * qkv_dim);
+  attn = FloatBuffer(chunk * q_width);
+  gate_up = FloatBuffer(chunk * 2 * inter);
+  act = FloatBuffer(chunk * inter);
+  size_t widest = std::max({hidden, inter, q_width});
+  xq.resize(chunk * ((widest + kQ8Block - 1) / kQ8Block));
+  logits = FloatBuffer(c.vocab);
+  size_t kv_floats = static_cast<size_t>(n_kv_slots) * max_batch * max_seq * c.n_kv_heads * c.head_dim;
+  key_cache = FloatBuffer(kv_floats);
+  value_cache = FloatBuffer(kv_floats);
+  kv_bytes = 2 * kv_floats * sizeof(float);
+}
+
+Model::Model(const ModelConfig& config, Weights weights, int n_kv_slots, int max_seq)
+    : config_(config), weights_(std::move(weights)), n_kv_slots_(n_kv_slots) {
+  if (config_.head_dim > kMaxHeadDim)
+    throw Error("head_dim " + std::to_string(config_.head_dim) + " exceeds the supported maximum of " +
+                std::to_string(kMaxHeadDim));
+  const int half = config_.head_dim / 2;
+  std::vector<float> inv = rope_inv_freq(config_);
+  rope_cos_.resize(static_cast<size_t>(max_seq) * half);
+  rope_sin_.resize(static_cast<size_t>(max_seq) * half);
+  for (int p = 0; p < max_seq; ++p) {
+    for (int i = 0; i < half; ++i) {
+      float angle = static_cast<float>(p) * inv[i];  // float32 product, as transformers does
+      rope_cos_[static_cast<size_t>(p) * half + i] = std::cos(angle);
+      rope_sin_[static_cast<size_t>(p) * half + i] = std::sin(angle);
+    }
+  }
+}
+
+void Model::project(State& s, ThreadPool& pool, const WeightMatrix& W, const float* x, int n, float* y,
+                    int64_t ldy) const {
+  Activation a{x, nullptr};
+  if (W.type == WeightType::Q8) {
+    quantize_activation_q8(x, n, W.cols, s.xq.data(), pool);
+    a.q8 = s.xq.data();
+  }
+  matmul(W, a, n, y, ldy, pool);
+}
+
+void Model::project(State& s, ThreadPool& pool, const StackedMatrix& W, const float* x, int n, float* y,
+                    int64_t ldy) const {
+  Activation a{x, nullptr};
+  if (W.parts[0].type == WeightType::Q8) {  // one quantization serves every stacked part
+    quantize_activation_q8(x, n, W.cols, s.xq.data(), pool);
+    a.q8 = s.xq.data();
+  }
+  int64_t row = 0;
+  for (const WeightMatrix& part : W.parts) {
+    matmul(part, a, n, y + row, ldy, pool);
+    row += part.rows;
+  }
+}
+
+void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, int seq, int n, int pos) const {
+  const KernelTable& k = kernels();
+  const ModelConfig& c = config_;
+  const int hidden = c.hidden, hd = c.head_dim, nh = c.n_heads, nkv = c.n_kv_heads, half = hd / 2;
+  const int64_t qkv_dim = s.qkv_dim, kv_width = static_cast<int64_t>(nkv) * hd;
+  float* x = s.x.data();
+  float* xn = s.xn.data();
+  float* qkv = s.qkv.data();
+  float* attn = s.attn.data();
+
+  pool.parallel_for(n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) k.rmsnorm_f32(x + t * hidden, lw.attn_norm, c.rms_eps, xn + t * hidden, hidden);
+  });
+  project(s, pool, lw.qkv, xn, n, qkv, qkv_dim);
+
+  // This sequence's region of this layer's KV slot: [pos][kv_head][head_dim].
+  const size_t region = (static_cast<size_t>(lw.plan.kv_slot) * s.max_batch + seq) * s.max_seq * kv_width;
+  float* key_cache = s.key_cache.data() + region;
+  float* value_cache = s.value_cache.data() + region;
+  pool.parallel_for(n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      float* row = qkv + t * qkv_dim;
+      if (lw.qkv_bias) k.axpy_f32(1.0f, lw.qkv_bias, row, qkv_dim);
+      const float* cos = rope_cos_.data() + static_cast<size_t>(pos + t) * half;
+      const float* sin = rope_sin_.data() + static_cast<size_t>(pos + t) * half;
+      rope_heads(row, nh + nkv, hd, cos, sin);  // q heads and k heads are adjacent
+      std::memcpy(key_cache + (pos + t) * kv_width, row + nh * hd, kv_width * sizeof(float));
+      std::memcpy(value_cache + (pos + t) * kv_width, row + nh * hd + kv_width, kv_width * sizeof(float));
+    }
+  });
+
+  // Causal attention, one (token, head) pair per work item: query t sees positions
+  // 0..pos+t. An online softmax over blocks of keys needs no score buffer.
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const int group = nh / nkv;
+  pool.parallel_for(static_cast<int64_t>(n) * nh, 1, [&](int64_t b, int64_t e) {
+    float acc[kMaxHeadDim];
+    float scores[kKeyBlock];
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t t = u / nh;
+      const int h = static_cast<int>(u % nh);
+      const float* q = qkv + t * qkv_dim + h * hd;
+      const float* keys = key_cache + (h / group) * hd;
+      const float* values = value_cache + (h / group) * hd;
+      const int64_t n_keys = pos + t + 1;
+      float running_max = -std::numeric_limits<float>::infinity(), denom = 0.0f;
+      std::fill(acc, acc + hd, 0.0f);
+      for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyBlock) {
+        const int nb = static_cast<int>(std::min<int64_t>(kKeyBlock, n_keys - j0));
+        float block_max = -std::numeric_limits<float>::infinity();
+        for (int j = 0; j < nb; ++j) {
+          scores[j] = k.dot_f32(q, keys + (j0 + j) * kv_width, hd) * scale;
+          block_max = std::max(block_max, scores[j]);
+        }
+        if (block_max > running_max) {  // rescale what was accumulated under the old maximum
+          float factor = std::exp(running_max - block_max);
+          denom *= factor;
+          for (int i = 0; i < hd; ++i) acc[i] *= factor;
+          running_max = block_max;
+        }
+        for (int j = 0; j < nb; ++j) {
+          float p = std::exp(scores[j] - running_max);
+          denom += p;
+          k.axpy_f32(p, values + (j0 + j) * kv_width, acc, hd);
+        }
+      }
+      float* out = attn + t * nh * hd + h * hd;
+      const float inv = 1.0f / denom;
+      for (int i = 0; i < hd; ++i) out[i] = acc[i] * inv;
+    }
+  });
+
+  project(s, pool, lw.o, attn, n, s.delta.data(), hidden);
+  k.axpy_f32(1.0f, s.delta.data(), x, static_cast<int64_t>(n) * hidden);
+}
+
+void Model::mlp_block(State& s, ThreadPool& pool, const LayerWeights& lw, int n) const {
+  const KernelTable& k = kernels();
+  const int hidden = config_.hidden, inter = config_.intermediate;
+  float* x = s.x.data();
+  float* xn = s.xn.data();
+  float* gate_up = s.gate_up.data();
+  float* act = s.act.data();
+  pool.parallel_for(n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      k.rmsnorm_f32(x + t * hidden, lw.mlp_norm, config_.rms_eps, xn + t * hidden, hidden);
+  });
+  project(s, pool, lw.gate_up, xn, n, gate_up, 2 * inter);
+  pool.parallel_for(n, 4, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      k.swiglu_f32(gate_up + t * 2 * inter, gate_up + t * 2 * inter + inter, act + t * inter, inter);
+  });
+  project(s, pool, lw.down, act, n, s.delta.data(), hidden);
+  k.axpy_f32(1.0f, s.delta.data(), x, static_cast<int64_t>(n) * hidden);
+}
+
+void Model::forward(State& s, ThreadPool& pool, int seq, const int* tokens, int n, int pos,
+                    float* all_logits) const {
+  if (n < 1 || n > s.max_chunk || pos < 0 || pos + n > s.max_seq || seq < 0 || seq >= s.max_batch)
+    throw Error("internal: forward called with n=" + std::to_string(n) + " pos=" + std::to_string(pos));
+  const KernelTable& k = kernels();
+  const int hidden = config_.hidden;
+  for (int t = 0; t < n; ++t) embedding_row(weights_.embed, tokens[t], s.x.data() + static_cast<size_t>(t) * hidden);
+
+  for (const LayerWeights& lw : weights_.layers) {
+    if (lw.plan.attention) attention_block(s, pool, lw, seq, n, pos);
+    if (lw.plan.mlp) mlp_block(s, pool, lw, n);
+  }
+
+  if (all_logits) {
+    pool.parallel_for(n, 16, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t)
+        k.rmsnorm_f32(s.x.data() + t * hidden, weights_.final_norm, config_.rms_eps, s.xn.data() + t * hidden, hidden);
+    });
+    project(s, pool, weights_.lm_head, s.xn.data(), n, all_logits, config_.vocab);
+  } else {
+    const float* last = s.x.data() + static_cast<size_t>(n - 1) * hidden;
+    k.rmsnorm_f32(last, weights_.final_norm, config_.rms_eps, s.xn.data(), hidden);
+    project(s, pool, weights_.lm_head, s.xn.data(), 1, s.logits.data(), config_.vocab);
+  }
+}
+
+}  // namespace shortrt

@@ -1,0 +1,139 @@
+#include "threadpool.h"
+
+#include <algorithm>
+#include <chrono>
+
+namespace shortrt {
+namespace {
+
+// True on pool workers and on a caller while it runs chunks: a nested
+// parallel_for then runs serially instead of waiting on itself.
+thread_local bool t_inside_pool = false;
+
+// How long an idle worker (or a waiting caller) spins before it sleeps. Decode
+// issues a matmul every few microseconds, so a short spin keeps the hand-off
+// cheap; beyond that the CPU is better given back to the machine.
+constexpr auto kSpinTime = std::chrono::microseconds(200);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Spins until pred() holds or kSpinTime has passed; returns pred().
+template <class Pred>
+bool spin_until(Pred pred) {
+  auto start = std::chrono::steady_clock::now();
+  for (int i = 1;; ++i) {
+    if (pred()) return true;
+    cpu_relax();
+    // Reading the clock costs more than a pause, so only every 64 rounds.
+    if (i % 64 == 0 && std::chrono::steady_clock::now() - start > kSpinTime) return pred();
+  }
+}
+
+void run_serial(int64_t n, int64_t grain, void* ctx, void (*fn)(void*, int64_t, int64_t)) {
+  for (int64_t begin = 0; begin < n; begin += grain) fn(ctx, begin, std::min(n, begin + grain));
+}
+
+}  // namespace
+
+ThreadPool::ThreadPool(int n_threads) {
+  if (n_threads <= 0) n_threads = static_cast<int>(std::thread::hardware_concurrency());
+  n_threads_ = std::max(1, n_threads);
+  workers_.reserve(n_threads_ - 1);
+  for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this] { worker_main(); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_.store(true, std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_release);
+  }
+  wake_.notify_all();
+  for (auto& worker : workers_) worker.join();
+}
+
+void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& f) {
+  using Fn = const std::function<void(int64_t, int64_t)>;
+  run(n, grain, const_cast<void*>(static_cast<const void*>(&f)),
+      [](void* ctx, int64_t begin, int64_t end) { (*static_cast<Fn*>(ctx))(begin, end); });
+}
+
+void ThreadPool::run(int64_t n, int64_t grain, void* ctx, ChunkFn fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(1, grain);
+  if (n_threads_ == 1 || n <= grain || t_inside_pool) {
+    run_serial(n, grain, ctx, fn);
+    return;
+  }
+
+  std::lock_guard<std::mutex> call_lock(call_mutex_);
+  job_ctx_ = ctx;
+  job_fn_ = fn;
+  job_n_ = n;
+  job_grain_ = grain;
+  error_ = nullptr;
+  next_.store(0, std::memory_order_relaxed);
+  busy_workers_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+  {
+    // Bumping under the mutex means a worker that is about to sleep either
+    // sees the new generation or is already waiting when notify_all runs.
+    std::lock_guard<std::mutex> lock(mutex_);
+    generation_.fetch_add(1, std::memory_order_release);
+  }
+  wake_.notify_all();
+
+  t_inside_pool = true;
+  run_chunks();
+  t_inside_pool = false;
+
+  // Every worker must have left the job before it goes out of scope: a late
+  // worker still reads job_fn_ and next_.
+  auto all_done = [this] { return busy_workers_.load(std::memory_order_acquire) == 0; };
+  if (!spin_until(all_done)) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, all_done);
+  }
+  if (error_) std::rethrow_exception(error_);
+}
+
+void ThreadPool::run_chunks() {
+  const int64_t n = job_n_, grain = job_grain_;
+  for (;;) {
+    int64_t begin = next_.fetch_add(grain, std::memory_order_relaxed);
+    if (begin >= n) return;
+    try {
+      job_fn_(job_ctx_, begin, std::min(n, begin + grain));
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex_);
+      if (!error_) error_ = std::current_exception();
+      next_.store(n, std::memory_order_relaxed);  // skip the chunks not yet started
+    }
+  }
+}
+
+void ThreadPool::worker_main() {
+  t_inside_pool = true;
+  uint64_t seen = 0;
+  for (;;) {
+    auto new_job = [&] { return generation_.load(std::memory_order_acquire) != seen; };
+    if (!spin_until(new_job)) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, new_job);
+    }
+    seen = generation_.load(std::memory_order_acquire);
+    if (stopping_.load(std::memory_order_relaxed)) return;
+    run_chunks();
+    if (busy_workers_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      // Taking the mutex orders this notify after a caller that checked the
+      // predicate and is about to wait, so the wake-up cannot be lost.
+      std::lock_guard<std::mutex> lock(mutex_);
+      done_.notify_one();
+    }
+  }
+}
+
+}  // namespace shortrt

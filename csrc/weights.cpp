@@ -1,0 +1,273 @@
+#include "weights.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "error.h"
+#include "safetensors.h"
+
+namespace shortrt {
+namespace {
+
+float half_to_f32(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do { ++e; mant <<= 1; } while (!(mant & 0x400));
+      bits = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (mant & 0x3ff) << 13;
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | mant << 13;
+  } else {
+    bits = sign | (exp + 127 - 15) << 23 | mant << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Drops the pages of a tensor that has been packed elsewhere from this
+// process's resident set (the file mapping is read-only, so they are simply
+// re-read if touched again). Keeps peak memory near the packed size.
+void release_pages(const TensorView& t) {
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data) + page - 1) / page * page;
+  uintptr_t end = (reinterpret_cast<uintptr_t>(t.data) + t.nbytes) / page * page;
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
+bool is_float_type(DType d) { return d == DType::F32 || d == DType::BF16 || d == DType::F16; }
+
+// Elements [begin, begin + n) of a float tensor as f32: a pointer into the mapping
+// when it is F32 and aligned, else converted into tmp.
+const float* f32_span(const TensorView& t, int64_t begin, int64_t n, std::vector<float>& tmp) {
+  if (t.dtype == DType::F32 && reinterpret_cast<uintptr_t>(t.data) % alignof(float) == 0)
+    return reinterpret_cast<const float*>(t.data) + begin;
+  tmp.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    uint16_t h;
+    if (t.dtype == DType::F32) {
+      std::memcpy(&tmp[i], t.data + (begin + i) * 4, 4);
+      continue;
+    }
+    std::memcpy(&h, t.data + (begin + i) * 2, 2);
+    tmp[i] = t.dtype == DType::BF16 ? bf16_to_f32(h) : half_to_f32(h);
+  }
+  return tmp.data();
+}
+
+class Loader {
+ public:
+  Loader(const std::string& dir, WeightType type, Weights& w)
+      : ckpt_(std::make_shared<Checkpoint>(dir)), type_(type), w_(w) {}
+
+  const TensorView& tensor(const std::string& name, std::vector<int64_t> shape) {
+    const TensorView& t = ckpt_->get(name, shape);
+    if (!is_float_type(t.dtype))
+      throw Error("tensor '" + name + "' in " + ckpt_->file_of(name) + " has dtype " + dtype_name(t.dtype) +
+                  " (shortrt reads F32, BF16 and F16 weights)");
+    return t;
+  }
+
+  // A small vector (norm weight, bias) as an owned f32 copy.
+  const float* vector(const std::string& name, int64_t n) {
+    const TensorView& t = tensor(name, {n});
+    float* dst = alloc<float>(n);
+    std::vector<float> tmp;
+    std::memcpy(dst, f32_span(t, 0, n, tmp), n * sizeof(float));
+    w_.bytes += n * sizeof(float);
+    w_.bytes_per_token += n * sizeof(float);
+    return dst;
+  }
+
+  // Several vectors concatenated (q|k|v biases, matching the stacked rows).
+  const float* stacked_vector(const std::vector<std::string>& names, const std::vector<int64_t>& sizes) {
+    int64_t total = 0;
+    for (int64_t n : sizes) total += n;
+    float* dst = alloc<float>(total);
+    std::vector<float> tmp;
+    for (size_t i = 0, off = 0; i < names.size(); off += sizes[i], ++i) {
+      const TensorView& t = tensor(names[i], {sizes[i]});
+      std::memcpy(dst + off, f32_span(t, 0, sizes[i], tmp), sizes[i] * sizeof(float));
+    }
+    w_.bytes += total * sizeof(float);
+    w_.bytes_per_token += total * sizeof(float);
+    return dst;
+  }
+
+  // Several [rows_i, cols] tensors stacked by rows, in the engine's weight type.
+  StackedMatrix stacked(const std::vector<std::string>& names, const std::vector<int64_t>& rows, int64_t cols) {
+    std::vector<const TensorView*> views;
+    bool all_zero_copy = true;
+    for (size_t i = 0; i < names.size(); ++i) {
+      views.push_back(&tensor(names[i], {rows[i], cols}));
+      all_zero_copy &= zero_copy(*views.back());
+    }
+    StackedMatrix m;
+    m.cols = cols;
+    for (int64_t r : rows) m.rows += r;
+    if (all_zero_copy) {
+      for (const TensorView* v : views) m.parts.push_back(view(*v));
+    } else {
+      m.parts.push_back(pack(views, m.rows, cols));
+    }
+    return m;
+  }
+
+  WeightMatrix matrix(const std::string& name, int64_t rows, int64_t cols) {
+    const TensorView& t = tensor(name, {rows, cols});
+    return zero_copy(t) ? view(t) : pack({&t}, rows, cols);
+  }
+
+  std::shared_ptr<Checkpoint> mapping_if_used() const { return views_used_ ? ckpt_ : nullptr; }
+
+ private:
+  template <class T>
+  T* alloc(int64_t n) {
+    w_.owned.emplace_back(new uint8_t[n * sizeof(T) + 64]);
+    uintptr_t p = reinterpret_cast<uintptr_t>(w_.owned.back().get());
+    return reinterpret_cast<T*>((p + 63) / 64 * 64);  // 64-byte aligned for the SIMD kernels
+  }
+
+  bool zero_copy(const TensorView& t) const {
+    return type_ == WeightType::F32 && t.dtype == DType::F32 &&
+           reinterpret_cast<uintptr_t>(t.data) % alignof(float) == 0;
+  }
+
+  WeightMatrix view(const TensorView& t) {
+    views_used_ = true;
+    WeightMatrix m;
+    m.type = WeightType::F32;
+    m.rows = t.shape[0];
+    m.cols = t.shape[1];
+    m.f32 = reinterpret_cast<const float*>(t.data);
+    return m;
+  }
+
+  // Converts the tensors chunk by chunk into one packed matrix, so no second
+  // full f32 copy ever exists, then drops their pages from memory.
+  WeightMatrix pack(const std::vector<const TensorView*>& views, int64_t rows, int64_t cols) {
+    if (type_ == WeightType::Q8 && cols % kQ8Block != 0)
+      throw Error("int8 weights need every matrix width to be a multiple of 32; '" + views[0]->name +
+                  "' has " + std::to_string(cols) + " columns");
+    WeightMatrix m;
+    m.type = type_;
+    m.rows = rows;
+    m.cols = cols;
+    float* f32 = nullptr;
+    uint16_t* bf16 = nullptr;
+    BlockQ8* q8 = nullptr;
+    if (type_ == WeightType::F32) m.f32 = f32 = alloc<float>(rows * cols);
+    if (type_ == WeightType::BF16) m.bf16 = bf16 = alloc<uint16_t>(rows * cols);
+    if (type_ == WeightType::Q8) m.q8 = q8 = alloc<BlockQ8>(rows * cols / kQ8Block);
+    constexpr int64_t kChunk = 1 << 16;  // a multiple of 32, so q8 blocks never straddle chunks
+    std::vector<float> tmp;
+    int64_t out = 0;  // elements written so far
+    for (const TensorView* t : views) {
+      int64_t n = t->numel();
+      for (int64_t begin = 0; begin < n; begin += kChunk) {
+        int64_t len = std::min(kChunk, n - begin);
+        const float* src = f32_span(*t, begin, len, tmp);
+        if (f32) std::memcpy(f32 + out + begin, src, len * sizeof(float));
+        if (bf16) pack_bf16(src, len, bf16 + out + begin);
+        if (q8) quantize_q8(src, len, q8 + (out + begin) / kQ8Block);
+      }
+      out += n;
+      release_pages(*t);
+    }
+    return m;
+  }
+
+  std::shared_ptr<Checkpoint> ckpt_;
+  WeightType type_;
+  Weights& w_;
+  bool views_used_ = false;
+};
+
+std::string layer_prefix(int i) { return "model.layers." + std::to_string(i) + "."; }
+
+}  // namespace
+
+size_t StackedMatrix::bytes() const {
+  size_t b = 0;
+  for (const WeightMatrix& p : parts) b += p.bytes();
+  return b;
+}
+
+Weights load_weights(const std::string& dir, const ModelConfig& c, const LayerPlan& plan, WeightType type) {
+  Weights w;
+  w.type = type;
+  Loader load(dir, type, w);
+  const int64_t hidden = c.hidden, hd = c.head_dim, q_rows = c.n_heads * hd, kv_rows = c.n_kv_heads * hd;
+
+  for (const PlannedLayer& p : plan.layers) {
+    LayerWeights lw;
+    lw.plan = p;
+    std::string pre = layer_prefix(p.index);
+    if (p.attention) {
+      lw.attn_norm = load.vector(pre + "input_layernorm.weight", hidden);
+      lw.qkv = load.stacked({pre + "self_attn.q_proj.weight", pre + "self_attn.k_proj.weight",
+                             pre + "self_attn.v_proj.weight"},
+                            {q_rows, kv_rows, kv_rows}, hidden);
+      if (c.qkv_bias) {
+        lw.qkv_bias = load.stacked_vector({pre + "self_attn.q_proj.bias", pre + "self_attn.k_proj.bias",
+                                           pre + "self_attn.v_proj.bias"},
+                                          {q_rows, kv_rows, kv_rows});
+      }
+      lw.o = load.matrix(pre + "self_attn.o_proj.weight", hidden, q_rows);
+      w.bytes += lw.qkv.bytes() + lw.o.bytes();
+      w.bytes_per_token += lw.qkv.bytes() + lw.o.bytes();
+    }
+    if (p.mlp) {
+      lw.mlp_norm = load.vector(pre + "post_attention_layernorm.weight", hidden);
+      lw.gate_up = load.stacked({pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"},
+                                {c.intermediate, c.intermediate}, hidden);
+      lw.down = load.matrix(pre + "mlp.down_proj.weight", hidden, c.intermediate);
+      w.bytes += lw.gate_up.bytes() + lw.down.bytes();
+      w.bytes_per_token += lw.gate_up.bytes() + lw.down.bytes();
+    }
+    w.layers.push_back(std::move(lw));
+  }
+
+  w.final_norm = load.vector("model.norm.weight", hidden);
+  w.embed = load.matrix("model.embed_tokens.weight", c.vocab, hidden);
+  w.bytes += w.embed.bytes();
+  if (c.tie_embeddings) {
+    w.lm_head = w.embed;
+    w.bytes_per_token += w.lm_head.bytes();
+  } else {
+    w.lm_head = load.matrix("lm_head.weight", c.vocab, hidden);
+    w.bytes += w.lm_head.bytes();
+    w.bytes_per_token += w.lm_head.bytes();
+  }
+  w.mapping = load.mapping_if_used();
+  return w;
+}
+
+void embedding_row(const WeightMatrix& embed, int64_t row, float* out) {
+  const int64_t cols = embed.cols;
+  switch (embed.type) {
+    case WeightType::F32:
+      std::memcpy(out, embed.f32 + row * cols, cols * sizeof(float));
+      break;
+    case WeightType::BF16:
+      for (int64_t i = 0; i < cols; ++i) out[i] = bf16_to_f32(embed.bf16[row * cols + i]);
+      break;
+    case WeightType::Q8: {
+      const BlockQ8* blocks = embed.q8 + row * (cols / kQ8Block);
+      for (int64_t b = 0; b < cols / kQ8Block; ++b)
+        for (int i = 0; i < kQ8Block; ++i) out[b * kQ8Block + i] = blocks[b].scale * blocks[b].q[i];
+      break;
+    }
+  }
+}
+
+}  // namespace shortrt

@@ -1,0 +1,204 @@
+"""Offline English prose for calibration and held-out perplexity: Jane Austen's six novels.
+
+The text comes from Debian's ``r-cran-janeaustenr`` package (no hub access needed): it is
+fetched once with ``apt-get download`` + ``dpkg-deb -x`` into the cache directory
+(``$SHORTRT_CACHE``, default ``~/.cache/shortrt``), its R data is decoded by shortrt.rdata,
+and each novel is cached as plain text (``janeaustenr/<name>.txt``, paragraphs separated by a
+blank line), so later calls read a few megabytes and take milliseconds.
+
+The split is fixed and disjoint by novel: calibration text comes from five novels, taken a
+chapter of each in turn (so even a short calibration sees all five), and held-out text for
+perplexity is the chapters of the sixth, Persuasion.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .errors import MissingDependencyError, ShortrtError
+
+DEBIAN_PACKAGE = "r-cran-janeaustenr"
+TITLES = {
+    "prideprejudice": "Pride and Prejudice",
+    "sensesensibility": "Sense and Sensibility",
+    "emma": "Emma",
+    "mansfieldpark": "Mansfield Park",
+    "northangerabbey": "Northanger Abbey",
+    "persuasion": "Persuasion",
+}
+CALIBRATION_NOVELS = ("prideprejudice", "sensesensibility", "emma", "mansfieldpark", "northangerabbey")
+HELDOUT_NOVEL = "persuasion"
+# Where an installed R package keeps its data (if R's janeaustenr is installed, use it directly).
+_SYSTEM_R_DATA = Path("/usr/lib/R/site-library/janeaustenr/data/Rdata.rdx")
+_CHAPTER_HEADING = re.compile(r"^chapter\s+([ivxlc]+|\d+)\b", re.IGNORECASE)
+
+
+def cache_dir() -> Path:
+    """shortrt's cache directory: $SHORTRT_CACHE, or ~/.cache/shortrt."""
+    return Path(os.environ.get("SHORTRT_CACHE") or Path.home() / ".cache" / "shortrt").expanduser()
+
+
+def _novel_dir() -> Path:
+    return cache_dir() / "janeaustenr"
+
+
+def lines_to_paragraphs(lines: list[str | None]) -> str:
+    """Join the package's hard-wrapped lines into paragraphs separated by one blank line."""
+    paragraphs, current = [], []
+    for line in lines:
+        line = (line or "").strip()
+        if line:
+            current.append(line)
+        elif current:
+            paragraphs.append(" ".join(current))
+            current = []
+    if current:
+        paragraphs.append(" ".join(current))
+    return "\n\n".join(paragraphs)
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    try:
+        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True, timeout=300)
+    except FileNotFoundError as exc:
+        raise MissingDependencyError(
+            f"fetching the default calibration text needs `{cmd[0]}` (Debian/Ubuntu). Install it, or "
+            f"pass your own text (a .txt or .jsonl file, e.g. `shortrt calibrate --data FILE`)"
+        ) from exc
+    except subprocess.CalledProcessError as exc:
+        detail = (exc.stderr or exc.stdout or "").strip().splitlines()[-1:] or ["no output"]
+        raise MissingDependencyError(
+            f"`{' '.join(cmd)}` failed ({detail[0]}). The default calibration text is Debian's "
+            f"{DEBIAN_PACKAGE}: run `apt-get update && apt-get download {DEBIAN_PACKAGE}`, and check "
+            f"that it works, or pass your own text with --data FILE (.txt or .jsonl)"
+        ) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise MissingDependencyError(f"`{' '.join(cmd)}` timed out after {exc.timeout} s") from exc
+
+
+def _read_package_novels(root: Path) -> dict[str, list[str]]:
+    """The character vectors of an extracted janeaustenr package (lazy-load db or .rda files)."""
+    from . import rdata
+
+    objects: dict = {}
+    for rdx in root.rglob("janeaustenr/data/Rdata.rdx"):
+        objects.update(rdata.read_lazyload_db(rdx))
+    for rda in root.rglob("janeaustenr/data/*.rda"):  # a source package ships one .rda per novel
+        objects.update(rdata.read_rda(rda))
+    novels = {name: obj.values for name, obj in objects.items()
+              if name in TITLES and getattr(obj, "kind", None) == "character"}
+    missing = sorted(set(TITLES) - set(novels))
+    if missing:
+        raise ShortrtError(f"{DEBIAN_PACKAGE} under {root} lacks the novels {', '.join(missing)}")
+    return novels
+
+
+def _fetch_novels(target: Path) -> None:
+    """Download and decode the Debian package, then write one .txt per novel into target."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix="janeaustenr-") as tmp:
+        tmp = Path(tmp)
+        if _SYSTEM_R_DATA.exists():
+            novels = _read_package_novels(_SYSTEM_R_DATA.parents[2])
+        else:
+            _run(["apt-get", "download", "-q", DEBIAN_PACKAGE], cwd=tmp)
+            debs = sorted(tmp.glob(f"{DEBIAN_PACKAGE}_*.deb"))
+            if not debs:
+                raise MissingDependencyError(f"apt-get download {DEBIAN_PACKAGE} produced no .deb in {tmp}")
+            _run(["dpkg-deb", "-x", str(debs[-1]), "root"], cwd=tmp)
+            novels = _read_package_novels(tmp / "root")
+        staging = tmp / "txt"
+        staging.mkdir()
+        for name, lines in novels.items():
+            (staging / f"{name}.txt").write_text(lines_to_paragraphs(lines) + "\n", encoding="utf-8")
+        # Publish all six at once, so a concurrent or interrupted fetch never leaves half a set.
+        try:
+            staging.rename(target)
+        except OSError:
+            if not all((target / f"{n}.txt").exists() for n in TITLES):
+                raise
+
+
+def austen_novels() -> dict[str, str]:
+    """The six novels as plain text, {name: text}; names are the keys of TITLES."""
+    target = _novel_dir()
+    if not all((target / f"{name}.txt").exists() for name in TITLES):
+        if target.exists():
+            shutil.rmtree(target)
+        _fetch_novels(target)
+    return {name: (target / f"{name}.txt").read_text(encoding="utf-8") for name in TITLES}
+
+
+def split_chapters(text: str) -> list[str]:
+    """A novel's chapters, each starting at its heading; the title page before chapter one is dropped."""
+    chapters: list[list[str]] = []
+    for paragraph in text.split("\n\n"):
+        if _CHAPTER_HEADING.match(paragraph.strip()):
+            chapters.append([])
+        if chapters and paragraph.strip():
+            chapters[-1].append(paragraph.strip())
+    return ["\n\n".join(chapter) for chapter in chapters if len(chapter) > 1]
+
+
+def _default_calibration_texts() -> list[str]:
+    novels = austen_novels()
+    chapters = [split_chapters(novels[name]) for name in CALIBRATION_NOVELS]
+    # Round-robin by chapter: the first N tokens then cover every calibration novel.
+    return [book[i] for i in range(max(map(len, chapters))) for book in chapters if i < len(book)]
+
+
+def heldout_texts() -> list[str]:
+    """Held-out prose for perplexity: the chapters of Persuasion (never used for calibration)."""
+    return split_chapters(austen_novels()[HELDOUT_NOVEL])
+
+
+def _read_text_file(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return [path.read_text(encoding="utf-8")]
+    if suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ShortrtError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ShortrtError(f'{path}:{number}: each line must be a JSON object with a string "text" field')
+            texts.append(record["text"])
+        return texts
+    raise ShortrtError(f"calibration data {path} has an unsupported type {suffix or '(none)'!r}: use .txt or .jsonl")
+
+
+def calibration_texts(source: str | os.PathLike | list[str] = "default") -> tuple[list[str], str]:
+    """Calibration texts and a description of where they came from.
+
+    source: "default" (chapters of five Austen novels, round-robin), a .txt file (one text) or a
+    .jsonl file (one {"text": ...} object per line), or a list of strings.
+    """
+    if isinstance(source, (list, tuple)):
+        if not all(isinstance(t, str) for t in source):
+            raise TypeError("calibration texts must all be strings")
+        texts, description = list(source), f"{len(source)} texts given by the caller"
+    elif isinstance(source, str) and source == "default":
+        texts = _default_calibration_texts()
+        titles = ", ".join(TITLES[name] for name in CALIBRATION_NOVELS)
+        description = f"Jane Austen ({DEBIAN_PACKAGE}): chapters of {titles}, round-robin"
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        texts = _read_text_file(path)
+        description = f"file {path} ({len(texts)} texts)"
+    else:
+        raise TypeError(f"calibration source must be 'default', a file path or a list of strings, got {type(source).__name__}")
+    if not any(t.strip() for t in texts):
+        raise ShortrtError(f"calibration data is empty: {description}")
+    return texts, description
