@@ -73,11 +73,11 @@ std::vector<std::vector<int>> generate(Engine& e, const std::vector<std::vector<
   return e.generate(prompts, o, on_token);
 }
 
-py::array_t<float> logits(Engine& e, const std::vector<int>& tokens) {
+py::array_t<float> logits(Engine& e, const std::vector<int>& tokens, int chunk) {
   std::vector<float> values;
   {
     py::gil_scoped_release release;
-    values = e.logits(tokens);
+    values = e.logits(tokens, chunk);
   }
   const py::ssize_t vocab = e.config().vocab;
   py::array_t<float> out({static_cast<py::ssize_t>(tokens.size()), vocab});
@@ -96,7 +96,9 @@ void register_engine(py::module_& m) {
            py::arg("stop") = py::none(), py::arg("callback") = py::none(),
            "New token ids for each prompt. callback(seq, token) -> bool|None runs per token; False stops that "
            "sequence. stop=None means the config's eos_token_id(s).")
-      .def("logits", &logits, py::arg("tokens"), "Logits of every position: float32 [len(tokens), vocab].")
+      .def("logits", &logits, py::arg("tokens"), py::arg("chunk") = 0,
+           "Logits of every position: float32 [len(tokens), vocab]. chunk = tokens per forward pass "
+           "(0 = prefill chunk, 1 = token by token through the KV cache).")
       .def_property_readonly("config", [](const Engine& e) { return config_dict(e.config()); })
       .def_property_readonly("kv_cache_bytes", &Engine::kv_cache_bytes)
       .def_property_readonly("weight_bytes", &Engine::weight_bytes)

@@ -3,8 +3,8 @@
 //
 // Errors: shortrt::Error -> shortrt._C.FormatError (a ValueError);
 // shortrt::OsError -> the OSError subclass of its errno (FileNotFoundError
-// for a missing file). The translator is registered once here and applies to
-// every binding of the extension, so the engine's errors map the same way.
+// for a missing file). The translator is registered once here, module-local,
+// and applies to every binding of _C, so the engine's errors map the same way.
 //
 // numpy(name) returns a read-only view of the mapped bytes (no copy). The
 // array's base is the owning SafetensorsFile/Checkpoint object, so the mapping
@@ -113,7 +113,7 @@ void register_safetensors(py::module_& m) {
   // One reference is kept for the life of the process (the translator outlives
   // any module teardown order), so the type object can never dangle.
   static PyObject* format_error_type = format_error.inc_ref().ptr();
-  py::register_exception_translator([](std::exception_ptr p) { translate_errors(p, format_error_type); });
+  py::register_local_exception_translator([](std::exception_ptr p) { translate_errors(p, format_error_type); });
 
   m.def("parse_json", [](const std::string& text) { return json_to_python(shortrt::json::parse(text)); },
         py::arg("text"),

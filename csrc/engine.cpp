@@ -53,10 +53,11 @@ struct Engine::Impl {
   }
 
   // Runs the whole prompt of sequence `seq` from position 0, chunk by chunk.
-  void prefill(int seq, const std::vector<int>& tokens, float* all_logits) {
+  void prefill(int seq, const std::vector<int>& tokens, float* all_logits, int chunk = 0) {
     const int n = static_cast<int>(tokens.size());
-    for (int begin = 0; begin < n; begin += state->max_chunk) {
-      int len = std::min(state->max_chunk, n - begin);
+    if (chunk <= 0 || chunk > state->max_chunk) chunk = state->max_chunk;
+    for (int begin = 0; begin < n; begin += chunk) {
+      int len = std::min(chunk, n - begin);
       float* out = all_logits ? all_logits + static_cast<size_t>(begin) * config.vocab : nullptr;
       model->forward(*state, pool, seq, tokens.data() + begin, len, begin, out);
     }
@@ -140,14 +141,15 @@ std::vector<std::vector<int>> Engine::generate(const std::vector<std::vector<int
   return out;
 }
 
-std::vector<float> Engine::logits(const std::vector<int>& tokens) {
+std::vector<float> Engine::logits(const std::vector<int>& tokens, int chunk) {
   Impl& m = *impl_;
   m.check_tokens(tokens, "the token list");
   if (tokens.size() > static_cast<size_t>(m.max_seq))
     throw Error(std::to_string(tokens.size()) + " tokens exceed the context of " + std::to_string(m.max_seq));
   std::lock_guard<std::mutex> lock(m.mutex);
   std::vector<float> out(tokens.size() * static_cast<size_t>(m.config.vocab));
-  m.prefill(0, tokens, out.data());
+  if (chunk < 0) throw Error("chunk must be >= 0 (0 = default), got " + std::to_string(chunk));
+  m.prefill(0, tokens, out.data(), chunk);
   return out;
 }
 

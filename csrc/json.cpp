@@ -141,6 +141,37 @@ const Value& Value::at(const std::string& key) const {
 
 namespace {
 
+// For a valid JSON number that is not zero, roughly log10 of its magnitude:
+// only its sign matters, to tell an underflow from an overflow.
+int64_t decimal_magnitude(const char* p, const char* end) {
+  if (*p == '-') ++p;
+  int64_t magnitude = 0;
+  if (*p != '0') {
+    const char* q = p;
+    while (q < end && *q >= '0' && *q <= '9') ++q;
+    magnitude = (q - p) - 1;
+    p = q;
+  } else {
+    ++p;
+    if (p < end && *p == '.') {
+      ++p;
+      int64_t zeros = 0;
+      while (p < end && *p == '0') ++p, ++zeros;
+      magnitude = -(zeros + 1);
+    }
+  }
+  while (p < end && *p != 'e' && *p != 'E') ++p;
+  if (p < end) {
+    ++p;
+    bool negative = *p == '-';
+    if (*p == '-' || *p == '+') ++p;
+    int64_t exponent = 0;
+    for (; p < end; ++p) exponent = std::min<int64_t>(exponent * 10 + (*p - '0'), int64_t{1} << 40);  // saturate
+    magnitude += negative ? -exponent : exponent;
+  }
+  return magnitude;
+}
+
 class Parser {
  public:
   explicit Parser(std::string_view text) : text_(text) {}
@@ -430,7 +461,12 @@ class Parser {
     // from_chars is locale-independent, unlike strtod.
     double d = 0.0;
     auto [ptr, ec] = std::from_chars(first, last, d);
-    if (ec != std::errc() || ptr != last) fail_at("number out of range", start);
+    if (ec == std::errc::result_out_of_range) {
+      // Too small rounds to zero, as other JSON readers do; too large is an error.
+      if (decimal_magnitude(first, last) < 0) return Value::make_number(*first == '-' ? -0.0 : 0.0);
+      fail_at("number out of range", start);
+    }
+    if (ec != std::errc() || ptr != last) fail_at("invalid number", start);
     return Value::make_number(d);
   }
 };

@@ -77,7 +77,8 @@ void ThreadPool::run(int64_t n, int64_t grain, void* ctx, ChunkFn fn) {
   job_grain_ = grain;
   error_ = nullptr;
   next_.store(0, std::memory_order_relaxed);
-  busy_workers_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+  exits_.store(0, std::memory_order_relaxed);
+  entry_.store(0, std::memory_order_release);  // open: publishes the job fields to joining workers
   {
     // Bumping under the mutex means a worker that is about to sleep either
     // sees the new generation or is already waiting when notify_all runs.
@@ -90,12 +91,16 @@ void ThreadPool::run(int64_t n, int64_t grain, void* ctx, ChunkFn fn) {
   run_chunks();
   t_inside_pool = false;
 
-  // Every worker must have left the job before it goes out of scope: a late
-  // worker still reads job_fn_ and next_.
-  auto all_done = [this] { return busy_workers_.load(std::memory_order_acquire) == 0; };
+  // No chunk is left to hand out. Close the job and wait for the workers that
+  // joined it: they may still be running their last chunk, and they read the
+  // job fields, which the next call overwrites.
+  const uint32_t joined = entry_.fetch_or(kJobClosed, std::memory_order_acq_rel) & ~kJobClosed;
+  auto all_done = [this, joined] { return exits_.load(std::memory_order_acquire) == joined; };
   if (!spin_until(all_done)) {
+    caller_waiting_.store(true);  // seq_cst, paired with the exiting worker's check
     std::unique_lock<std::mutex> lock(mutex_);
     done_.wait(lock, all_done);
+    caller_waiting_.store(false, std::memory_order_relaxed);
   }
   if (error_) std::rethrow_exception(error_);
 }
@@ -115,6 +120,14 @@ void ThreadPool::run_chunks() {
   }
 }
 
+bool ThreadPool::try_join() {
+  uint32_t state = entry_.load(std::memory_order_relaxed);
+  while (!(state & kJobClosed))
+    if (entry_.compare_exchange_weak(state, state + 1, std::memory_order_acquire, std::memory_order_relaxed))
+      return true;
+  return false;
+}
+
 void ThreadPool::worker_main() {
   t_inside_pool = true;
   uint64_t seen = 0;
@@ -126,10 +139,12 @@ void ThreadPool::worker_main() {
     }
     seen = generation_.load(std::memory_order_acquire);
     if (stopping_.load(std::memory_order_relaxed)) return;
+    // A worker that wakes late may find the job closed (skip it) or may join
+    // the job posted after it: either way it only runs chunks of the open job.
+    if (!try_join()) continue;
     run_chunks();
-    if (busy_workers_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      // Taking the mutex orders this notify after a caller that checked the
-      // predicate and is about to wait, so the wake-up cannot be lost.
+    exits_.fetch_add(1);  // seq_cst: either the caller sees this, or we see caller_waiting_
+    if (caller_waiting_.load()) {
       std::lock_guard<std::mutex> lock(mutex_);
       done_.notify_one();
     }

@@ -50,6 +50,7 @@ class ThreadPool {
 
   void run(int64_t n, int64_t grain, void* ctx, ChunkFn fn);
   void run_chunks();  // take chunks of the current job until none is left
+  bool try_join();    // a worker enters the current job unless it is closed
   void worker_main();
 
   int n_threads_ = 1;
@@ -66,9 +67,17 @@ class ThreadPool {
   ChunkFn job_fn_ = nullptr;
   int64_t job_n_ = 0;
   int64_t job_grain_ = 1;
-  std::atomic<int64_t> next_{0};        // first item not yet handed out
-  std::atomic<int> busy_workers_{0};    // workers that have not finished the current job
-  std::atomic<uint64_t> generation_{0}; // bumped once per job (and once at shutdown)
+  std::atomic<int64_t> next_{0};  // first item not yet handed out
+
+  // A worker joins a job by incrementing `entry_` while kJobClosed is clear;
+  // the caller, once it finds no chunk left, sets kJobClosed and waits only for
+  // the workers that joined. A worker the OS has not scheduled yet therefore
+  // never delays the caller (the machine may be shared and oversubscribed).
+  static constexpr uint32_t kJobClosed = 1u << 31;
+  std::atomic<uint32_t> entry_{kJobClosed};
+  std::atomic<uint32_t> exits_{0};       // workers that joined and have left the job
+  std::atomic<bool> caller_waiting_{false};  // the caller sleeps on done_: exiting workers must notify
+  std::atomic<uint64_t> generation_{0};  // bumped once per job (and once at shutdown) to wake workers
   std::atomic<bool> stopping_{false};
 
   std::mutex error_mutex_;

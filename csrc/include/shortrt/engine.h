@@ -78,7 +78,9 @@ class Engine {
                                          const TokenCallback& on_token = {});
 
   // Logits of every position of one sequence: [tokens.size()][vocab], row-major.
-  std::vector<float> logits(const std::vector<int>& tokens);
+  // chunk = tokens per forward pass: 0 = the prefill chunk (512), 1 = token by
+  // token through the KV cache as in decoding (tests compare the two).
+  std::vector<float> logits(const std::vector<int>& tokens, int chunk = 0);
 
   const ModelConfig& config() const;
   std::size_t kv_cache_bytes() const;   // K and V for all retained attentions

@@ -1,0 +1,327 @@
+"""Calibration: how much each layer, sublayer and span of layers changes the hidden state.
+
+One pass of the model (transformers, fp32, no grad) over calibration text. Hooks see, per
+decoder layer i, its input h_i, the mid-layer residual m_i = h_i + attn(h_i) (the input of
+``post_attention_layernorm``) and its output h_{i+1}, and feed each pair of [tokens, hidden]
+states straight to the fused cosine kernel (shortrt.kernels.cosine), which returns running sums.
+States are dropped as soon as no statistic needs them, so memory is one batch's states at most
+and the accumulator holds O(layers x max_span) numbers whatever the number of tokens.
+
+Reported per layer i, with means over all calibration tokens t:
+  bi[i]      = 1 - mean_t cos(h_i, h_{i+1})             (ShortGPT's Block Influence)
+  angular[i] = mean_t arccos(cos(h_i, h_{i+1})) / pi    (Gromov et al.'s angular distance)
+  attn_bi[i] = 1 - mean_t cos(h_i, m_i)                 (attention sublayer, He et al.)
+  mlp_bi[i]  = 1 - mean_t cos(m_i, h_{i+1})             (MLP sublayer)
+and for spans, span_cos[s][n-1] = mean_t cos(h_s, h_{s+n}) (NaN where s + n > layers).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ShortrtError
+
+SCORES_FORMAT = "shortrt.scores/1"
+# Architectures whose decoder layer computes m = h + attn(norm(h)); h' = m + mlp(post_attention_layernorm(m)),
+# so the input of post_attention_layernorm is the mid-layer residual. (Gemma and OLMo-2 norm the
+# sublayer outputs instead, and their sublayer scores would mean something else.)
+_MID_RESIDUAL_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "smollm3"}
+
+
+@dataclass
+class Scores:
+    """The result of a calibration; see the module docstring for the definitions."""
+
+    model: str
+    num_layers: int
+    bi: list[float]
+    angular: list[float]
+    attn_bi: list[float]
+    mlp_bi: list[float]
+    max_span: int
+    span_cos: list[list[float]]
+    span_angular: list[list[float]]
+    data: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        # JSON has no NaN: unreachable spans are stored as null.
+        def clean(value):
+            if isinstance(value, list):
+                return [clean(v) for v in value]
+            return None if isinstance(value, float) and math.isnan(value) else value
+
+        return {"format": SCORES_FORMAT, **{k: clean(v) for k, v in asdict(self).items()}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Scores":
+        if d.get("format") != SCORES_FORMAT:
+            raise ShortrtError(f"not a shortrt scores file: format is {d.get('format')!r}, expected {SCORES_FORMAT!r}")
+
+        def nan(value):
+            if isinstance(value, list):
+                return [nan(v) for v in value]
+            return math.nan if value is None else float(value)
+
+        try:
+            scores = cls(
+                model=str(d["model"]), num_layers=int(d["num_layers"]), max_span=int(d["max_span"]),
+                data=dict(d.get("data") or {}),
+                **{k: nan(d[k]) for k in ("bi", "angular", "attn_bi", "mlp_bi", "span_cos", "span_angular")},
+            )
+        except KeyError as exc:
+            raise ShortrtError(f"scores file lacks the field {exc.args[0]!r}") from None
+        for name in ("bi", "angular", "attn_bi", "mlp_bi", "span_cos", "span_angular"):
+            if len(getattr(scores, name)) != scores.num_layers:
+                raise ShortrtError(f"scores field {name!r} has {len(getattr(scores, name))} entries "
+                                   f"for {scores.num_layers} layers")
+        return scores
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Scores":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"scores file not found: {path}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ShortrtError(f"{path} is not valid JSON: {exc}") from None
+        return cls.from_json(d)
+
+
+class SimilarityAccumulator:
+    """Running fp64 sums of cos and arccos(cos)/pi for every statistic of a calibration.
+
+    Memory: 3 x layers x 2 numbers for the (block, attention, MLP) scores plus
+    layers x max_span x 2 for the span table; nothing grows with the number of tokens.
+    """
+
+    BLOCK, ATTENTION, MLP = 0, 1, 2
+
+    def __init__(self, num_layers: int, max_span: int, backend: str = "auto"):
+        from .kernels.cosine import cosine_stats
+
+        self._cosine_stats = cosine_stats
+        self.num_layers, self.max_span, self.backend = num_layers, max_span, backend
+        self.layer_sums = torch.zeros(3, num_layers, 2, dtype=torch.float64)
+        self.span_sums = torch.zeros(num_layers, max_span, 2, dtype=torch.float64)
+        self.layer_counts = torch.zeros(3, num_layers, dtype=torch.int64)
+        self.span_counts = torch.zeros(num_layers, max_span, dtype=torch.int64)
+
+    def _sums(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _, sums = self._cosine_stats(x, y, backend=self.backend)
+        return sums.cpu()
+
+    def add_layer(self, kind: int, layer: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Add the pair (x, y) to a layer score; returns its sums so a caller can reuse them."""
+        sums = self._sums(x, y)
+        self.layer_sums[kind, layer] += sums
+        self.layer_counts[kind, layer] += x.shape[0]
+        return sums
+
+    def add_span(self, start: int, n: int, x: torch.Tensor, y: torch.Tensor,
+                 sums: torch.Tensor | None = None) -> None:
+        """Add the pair (h_start, h_start+n); sums, if given, are the already computed stats of (x, y)."""
+        self.span_sums[start, n - 1] += self._sums(x, y) if sums is None else sums
+        self.span_counts[start, n - 1] += x.shape[0]
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(layer means [3, L, 2], span means [L, max_span, 2]); NaN where nothing was added."""
+        nan = torch.tensor(math.nan, dtype=torch.float64)
+        layer = torch.where(self.layer_counts[..., None] > 0,
+                            self.layer_sums / self.layer_counts.clamp_min(1)[..., None], nan)
+        span = torch.where(self.span_counts[..., None] > 0,
+                           self.span_sums / self.span_counts.clamp_min(1)[..., None], nan)
+        return layer, span
+
+    def num_values(self) -> int:
+        return sum(t.numel() for t in (self.layer_sums, self.span_sums, self.layer_counts, self.span_counts))
+
+
+class LayerStateHooks:
+    """Forward hooks on a model's decoder layers that stream hidden-state pairs into an accumulator.
+
+    Per batch it keeps the chain h_0 .. h_{i+1} only as far back as max_span needs, and the
+    current layer's input and mid-layer residual until that layer's output arrives.
+    """
+
+    def __init__(self, layers, accumulator: SimilarityAccumulator, *, sublayers: bool):
+        self.layers, self.acc, self.sublayers = list(layers), accumulator, sublayers
+        self.handles = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.chain: dict[int, torch.Tensor] = {}  # depth j -> h_j as [tokens, hidden]
+        self.layer_input: torch.Tensor | None = None
+        self.mid: torch.Tensor | None = None
+        self.next_layer = 0
+
+    def __enter__(self) -> "LayerStateHooks":
+        for i, layer in enumerate(self.layers):
+            self.handles.append(layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
+            self.handles.append(layer.register_forward_hook(self._post_hook(i)))
+            if self.sublayers:
+                self.handles.append(layer.post_attention_layernorm.register_forward_pre_hook(self._mid_hook(i)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.reset()
+
+    @staticmethod
+    def _flat(t) -> torch.Tensor:
+        t = t[0] if isinstance(t, (tuple, list)) else t
+        return t.detach().reshape(-1, t.shape[-1])
+
+    def _pre_hook(self, i: int):
+        def hook(module, args, kwargs):
+            if i != self.next_layer:
+                raise ShortrtError(f"decoder layer {i} ran out of order (expected layer {self.next_layer})")
+            x = self._flat(args[0] if args else kwargs["hidden_states"])
+            self.layer_input = x
+            if i == 0:
+                self.chain[0] = x
+        return hook
+
+    def _mid_hook(self, i: int):
+        def hook(module, args):
+            self.mid = self._flat(args[0])
+            self.acc.add_layer(SimilarityAccumulator.ATTENTION, i, self.layer_input, self.mid)
+        return hook
+
+    def _post_hook(self, i: int):
+        def hook(module, args, output):
+            out = self._flat(output)
+            acc = self.acc
+            block = acc.add_layer(SimilarityAccumulator.BLOCK, i, self.layer_input, out)
+            if self.sublayers:
+                acc.add_layer(SimilarityAccumulator.MLP, i, self.mid, out)
+            depth = i + 1
+            self.chain[depth] = out
+            for n in range(1, min(acc.max_span, depth) + 1):
+                start = self.chain[depth - n]
+                # The span of one layer is the block pair itself when the layer's input is the
+                # previous layer's output in memory (as in transformers): reuse its sums.
+                same = _same_memory(start, self.layer_input)
+                acc.add_span(depth - n, n, start, out, sums=block if same else None)
+            self.chain.pop(depth - acc.max_span, None)  # no later span starts there
+            self.layer_input = self.mid = None
+            self.next_layer = depth
+        return hook
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
+def calibration_sequences(tokenizer, texts: list[str], n_tokens: int, seq_len: int) -> list[torch.Tensor]:
+    """The first n_tokens tokens of the texts (EOS between texts), cut into seq_len-token sequences.
+
+    The last sequence is shorter when the tokens run out; fewer than n_tokens are used only
+    when the texts hold fewer.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    for text in texts:
+        if len(ids) >= n_tokens:
+            break
+        if ids and eos is not None:
+            ids.append(eos)
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = ids[:n_tokens]
+    if not ids:
+        raise ShortrtError("the calibration text produced no tokens")
+    return [torch.tensor(ids[i:i + seq_len], dtype=torch.long) for i in range(0, len(ids), seq_len)]
+
+
+def _batches(sequences: list[torch.Tensor], batch_size: int):
+    """Consecutive sequences of equal length stacked into [batch, seq] tensors."""
+    batch: list[torch.Tensor] = []
+    for seq in sequences:
+        if batch and (len(batch) == batch_size or seq.shape[0] != batch[0].shape[0]):
+            yield torch.stack(batch)
+            batch = []
+        batch.append(seq)
+    if batch:
+        yield torch.stack(batch)
+
+
+def _check_positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, max_span: int | None = None,
+              batch_size: int = 4, backend: str = "auto", progress: bool = True) -> Scores:
+    """Measure every layer's Block Influence, angular distance, sublayer scores and span similarities.
+
+    model: "default", a checkpoint directory, a .gguf file or a shortrt Model.
+    texts: None (the packaged Jane Austen calibration set), a .txt/.jsonl path, or a list of strings.
+    n_tokens: calibration tokens (fewer if the texts hold fewer); seq_len: tokens per sequence;
+    max_span: longest span in the depth x depth table (default: all depths); batch_size: sequences
+    per forward pass; backend: the cosine kernel's ("auto", "triton", "torch").
+    """
+    from tqdm.auto import tqdm
+
+    from . import data
+    from .kernels.cosine import BACKENDS
+    from .sources import load
+
+    for name, value in (("n_tokens", n_tokens), ("seq_len", seq_len), ("batch_size", batch_size)):
+        _check_positive(name, value)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown cosine backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+    ckpt = load(model)
+    config = ckpt.config()
+    num_layers = int(config["num_hidden_layers"])
+    if max_span is None:
+        max_span = num_layers
+    _check_positive("max_span", max_span)
+    if max_span > num_layers:
+        raise ValueError(f"max_span {max_span} exceeds the model's {num_layers} layers")
+    max_positions = config.get("max_position_embeddings")
+    if max_positions and seq_len > max_positions:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
+
+    texts, description = data.calibration_texts("default" if texts is None else texts)
+    sequences = calibration_sequences(ckpt.tokenizer(), texts, n_tokens, seq_len)
+    used_tokens = sum(seq.shape[0] for seq in sequences)
+
+    hf = ckpt.load_hf(torch.float32)
+    decoder = hf.base_model  # the stack without lm_head: its logits are not needed
+    sublayers = config.get("model_type") in _MID_RESIDUAL_ARCHS
+    acc = SimilarityAccumulator(num_layers, max_span, backend)
+    started = time.perf_counter()
+    with torch.no_grad(), LayerStateHooks(decoder.layers, acc, sublayers=sublayers) as hooks, \
+            tqdm(total=used_tokens, unit="tok", desc="calibrate", disable=not progress) as bar:
+        for batch in _batches(sequences, batch_size):
+            hooks.reset()
+            decoder(input_ids=batch, use_cache=False)
+            bar.update(batch.numel())
+    seconds = time.perf_counter() - started
+
+    layer, span = acc.means()
+    return Scores(
+        model=ckpt.name,
+        num_layers=num_layers,
+        bi=(1.0 - layer[acc.BLOCK, :, 0]).tolist(),
+        angular=layer[acc.BLOCK, :, 1].tolist(),
+        attn_bi=(1.0 - layer[acc.ATTENTION, :, 0]).tolist(),
+        mlp_bi=(1.0 - layer[acc.MLP, :, 0]).tolist(),
+        max_span=max_span,
+        span_cos=span[..., 0].tolist(),
+        span_angular=span[..., 1].tolist(),
+        data={"source": description, "n_tokens": used_tokens, "seq_len": seq_len,
+              "n_sequences": len(sequences), "seconds": round(seconds, 2), "backend": backend},
+    )

@@ -1,0 +1,311 @@
+"""shortrt.Engine: the C++ runtime (shortrt._C.Engine) with text in and text out.
+
+    eng = shortrt.Engine("out/smollm2-p8", dtype="int8", threads=2)
+    print(eng.generate("Once upon a time", max_new_tokens=32))
+    for piece in eng.stream("Once upon a time"):
+        print(piece, end="", flush=True)
+
+Tokenization uses the `tokenizers` library on the checkpoint's tokenizer.json;
+the chat template (transformers) is applied only when chat=True.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import sources
+from .errors import CheckpointError
+
+DTYPES = ("fp32", "bf16", "int8")
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+    # Checked here too so the messages are the same whichever API is used.
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+class _Detokenizer:
+    """Turns a growing list of ids into text pieces whose concatenation is the full decode.
+
+    Decodes a short window (from the previous piece's start) so that tokenizers that
+    strip or merge at word boundaries decode the same as in the whole text, and holds
+    a piece back while it ends in an incomplete UTF-8 character.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # window start
+        self.read = 0  # ids already turned into text
+
+    def _decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):]
+
+
+class Engine:
+    """The C++ inference engine over one checkpoint.
+
+    model: a checkpoint directory, "default", a .gguf file, or a shortrt.Model.
+    dtype: "fp32" (weights used straight from the file), "bf16" or "int8" (packed at load).
+    threads: worker threads (None = all cores). max_seq: context length of the KV cache
+    (None = min(max_position_embeddings, 2048)). max_batch: sequences decoded per call
+    (longer prompt lists run in groups). skip_layers: checkpoint layers not to run.
+    """
+
+    def __init__(self, model="default", dtype: str = "fp32", threads: int | None = None,
+                 max_seq: int | None = None, max_batch: int = 1, skip_layers: Sequence[int] | None = None):
+        from . import _C
+
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
+        if threads is not None and (not isinstance(threads, int) or threads < 0):
+            raise ValueError(f"threads must be an integer >= 0 (0 or None = all cores), got {threads!r}")
+        if max_seq is not None and (not isinstance(max_seq, int) or max_seq < 1):
+            raise ValueError(f"max_seq must be a positive integer, got {max_seq!r}")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        self.model = sources.load(model)
+        self.checkpoint_dir: Path = self.model.path
+        try:
+            self._engine = _C.Engine(str(self.checkpoint_dir), dtype, threads or 0, max_seq or 0, max_batch,
+                                     [int(i) for i in (skip_layers or [])])
+        except ValueError as exc:
+            raise CheckpointError(f"{self.checkpoint_dir}: {exc}") from None
+        self.dtype = dtype
+        self._tokenizer = None
+
+    def __repr__(self) -> str:
+        return (f"Engine({str(self.checkpoint_dir)!r}, dtype={self.dtype!r}, threads={self.threads}, "
+                f"layers={self.num_layers}, max_seq={self.max_seq})")
+
+    # --- properties -------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        return self._engine.config
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self._engine.kv_cache_bytes
+
+    @property
+    def weight_bytes(self) -> int:
+        return self._engine.weight_bytes
+
+    @property
+    def weight_bytes_per_token(self) -> int:
+        return self._engine.weight_bytes_per_token
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers executed per token."""
+        return self._engine.num_layers
+
+    @property
+    def num_attention_layers(self) -> int:
+        """Attentions with a KV cache slot."""
+        return self._engine.num_attention_layers
+
+    @property
+    def layers_run(self) -> list[int]:
+        return self._engine.layers_run
+
+    @property
+    def max_seq(self) -> int:
+        return self._engine.max_seq
+
+    @property
+    def max_batch(self) -> int:
+        return self._engine.max_batch
+
+    @property
+    def threads(self) -> int:
+        return self._engine.threads
+
+    # --- tokens <-> text ------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer`."""
+        if self._tokenizer is None:
+            path = self.checkpoint_dir / "tokenizer.json"
+            if not path.is_file():
+                raise CheckpointError(f"{self.checkpoint_dir} has no tokenizer.json; use generate_ids() with token ids")
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(path))
+        return self._tokenizer
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"a prompt must be a str, got {type(text).__name__}")
+        if chat:
+            from transformers import AutoTokenizer
+
+            hf = AutoTokenizer.from_pretrained(self.checkpoint_dir)
+            text = hf.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                          add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _stop_ids(self, stop) -> list[int] | None:
+        if stop is None:
+            return None
+        if isinstance(stop, (int, str)):
+            stop = [stop]
+        ids = []
+        for s in stop:
+            if isinstance(s, str):
+                token = self.tokenizer.token_to_id(s)
+                if token is None:
+                    raise ValueError(f"stop token {s!r} is not a single token of the vocabulary")
+                ids.append(token)
+            else:
+                ids.append(int(s))
+        return ids
+
+    # --- generation -------------------------------------------------------
+    def generate_ids(self, ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                     top_p: float = 1.0, seed: int = 0, stop=None, callback=None):
+        """New token ids for one prompt (list of ids) or several (list of lists).
+
+        callback(seq, token) is called per token (seq = index in the list); returning
+        False stops that sequence. stop: token ids (or single-token strings) that end a
+        sequence, None = the config's eos_token_id(s), [] = none.
+        """
+        _check_sampling(max_new_tokens, temperature, top_k, top_p)
+        single = len(ids) == 0 or not isinstance(ids[0], (list, tuple, np.ndarray))
+        prompts = [list(map(int, ids))] if single else [list(map(int, p)) for p in ids]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: give at least one token")
+        stop_ids = self._stop_ids(stop)
+        results = []
+        for start in range(0, len(prompts), self.max_batch):  # groups of max_batch sequences
+            group_cb = None
+            if callback is not None:
+                group_cb = (lambda offset: lambda seq, token: callback(seq + offset, token))(start)
+            results += self._engine.generate(prompts[start:start + self.max_batch], max_new_tokens,
+                                             float(temperature), top_k, float(top_p), int(seed), stop_ids, group_cb)
+        return results[0] if single else results
+
+    def generate(self, prompt_or_prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stop=None, chat: bool = False):
+        """Text continuation of a prompt (str) or of each prompt in a list (-> list of str)."""
+        single = isinstance(prompt_or_prompts, str)
+        prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        encoded = [self.encode(p, chat=chat) for p in prompts]
+        for p, ids in zip(prompts, encoded):
+            if not ids:
+                raise ValueError(f"empty prompt: {p!r} encodes to no tokens")
+        out = self.generate_ids(encoded, max_new_tokens, temperature, top_k, top_p, seed, stop)
+        texts = [self.decode(ids) for ids in out]
+        return texts[0] if single else texts
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0, stop=None, chat: bool = False) -> Iterator[str]:
+        """Yields text pieces as tokens are produced; "".join(pieces) == generate(prompt, ...).
+
+        The C++ generation runs in a background thread (the GIL is released while it
+        computes); closing the iterator early stops it after the current token.
+        """
+        ids = self.encode(prompt, chat=chat)
+        if not ids:
+            raise ValueError(f"empty prompt: {prompt!r} encodes to no tokens")
+        _check_sampling(max_new_tokens, temperature, top_k, top_p)
+        stop_ids = self._stop_ids(stop)
+        tokens: queue.Queue = queue.Queue()
+        cancelled = threading.Event()
+        done = object()
+
+        def on_token(seq, token):
+            tokens.put(token)
+            return not cancelled.is_set()
+
+        def run():
+            try:
+                self._engine.generate([ids], max_new_tokens, float(temperature), top_k, float(top_p), int(seed),
+                                      stop_ids, on_token)
+                tokens.put(done)
+            except BaseException as exc:  # handed to the consuming thread
+                tokens.put(exc)
+
+        worker = threading.Thread(target=run, name="shortrt-stream", daemon=True)
+        detok = _Detokenizer(self.tokenizer)
+        worker.start()
+        try:
+            while True:
+                item = tokens.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                piece = detok.push(item)
+                if piece:
+                    yield piece
+            tail = detok.flush()
+            if tail:
+                yield tail
+        finally:
+            cancelled.set()
+            worker.join()
+
+    def logits(self, ids: Sequence[int], chunk: int = 0) -> np.ndarray:
+        """float32 logits of every position, shape [len(ids), vocab].
+
+        chunk: tokens per forward pass; 0 = prefill in chunks of up to 512, 1 = one token
+        at a time through the KV cache, exactly as decoding runs.
+        """
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("empty prompt: give at least one token")
+        return self._engine.logits(ids, int(chunk))
+
+
+_ENGINES: dict[tuple, Engine] = {}
+
+
+def generate(model, prompt_or_prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0, stop=None, chat: bool = False, dtype: str = "fp32",
+             threads: int | None = None):
+    """Text continuation(s) from a model: an Engine, or a path / "default" / Model (an
+    Engine is built once per (checkpoint, dtype, threads) and reused)."""
+    if isinstance(model, Engine):
+        engine = model
+    else:
+        path = sources.load(model).path
+        key = (str(path), dtype, threads)
+        engine = _ENGINES.get(key)
+        if engine is None:
+            engine = _ENGINES[key] = Engine(path, dtype=dtype, threads=threads, max_batch=4)
+    return engine.generate(prompt_or_prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, seed=seed, stop=stop, chat=chat)

@@ -1,0 +1,244 @@
+"""Quality of a (pruned) model: perplexity on held-out prose and multiple-choice accuracy.
+
+- ``ppl``: held-out prose (shortrt.data.heldout_texts(), never used for calibration), the first
+  `n_tokens` tokens, scored in windows of `seq_len` tokens that advance by `stride`, so every
+  token after a document's first `seq_len` sees at least `seq_len - stride` tokens of context.
+- ``arc_easy``, ``arc_challenge``, ``hellaswag``, ``piqa``, ``mmlu``: `n_samples` questions per
+  task drawn with a fixed seed; each choice is scored by the log-likelihood of its text after
+  the context. ``acc`` takes the highest sum; ``acc_norm`` the highest sum per UTF-8 byte of the
+  choice (as lm-evaluation-harness does), which removes the bias toward short answers. Each
+  accuracy comes with its standard error sqrt(p(1-p)/n).
+
+The model runs through shortrt.layer_plan on transformers modules: a checkpoint with
+attention-less layers works too, and `evaluate_layer_maps` scores many layer maps of one dense
+model in one pass over the data, sharing the layers they have in common.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from .eval_packing import Segment, pack
+from .eval_tasks import TASKS, sample_task
+from .layer_plan import Step, checkpoint_plan, forward_plans, load_for_plan
+from .layermap import LayerMap, layer_map_of
+
+ALL_TASKS = ("ppl",) + TASKS
+ENGINES = ("hf",)
+_LOGIT_CHUNK = 1024  # scored positions per lm_head call: bounds the [n, vocab] logits in memory
+
+
+def parse_tasks(tasks) -> list[str]:
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    tasks = list(tasks)
+    if tasks == ["all"]:
+        return list(ALL_TASKS)
+    if not tasks:
+        raise ValueError(f"no tasks given; choose from {', '.join(ALL_TASKS)} (or 'all')")
+    unknown = [t for t in tasks if t not in ALL_TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {', '.join(ALL_TASKS)} (or 'all')")
+    return list(dict.fromkeys(tasks))
+
+
+def evaluate(model, tasks=("ppl",), *, n_samples: int = 200, n_tokens: int = 16384, seq_len: int = 512,
+             stride: int = 256, seed: int = 0, engine: str = "hf", batch_tokens: int = 2048,
+             progress: bool = True, layer_map: LayerMap | None = None, tokenizer=None) -> dict:
+    """Scores of `model` on `tasks` (a list or "ppl,arc_easy,..."); see the module docstring.
+
+    layer_map: run only these layers of `model` (in memory; indices are the model's layers).
+    Returns {"model", "layers", "attention_layers", "tasks": {task: metrics}, "seconds", "settings"}.
+    """
+    results = evaluate_layer_maps(model, {"model": layer_map}, tasks, n_samples=n_samples, n_tokens=n_tokens,
+                                  seq_len=seq_len, stride=stride, seed=seed, engine=engine,
+                                  batch_tokens=batch_tokens, progress=progress, tokenizer=tokenizer)
+    return results["model"]
+
+
+def evaluate_layer_maps(model, layer_maps: dict, tasks=("ppl",), *, n_samples: int = 200,
+                        n_tokens: int = 16384, seq_len: int = 512, stride: int = 256, seed: int = 0,
+                        engine: str = "hf", batch_tokens: int = 2048, progress: bool = True,
+                        tokenizer=None, hf=None) -> dict:
+    """{name: evaluate-style result} for each layer map (None = the model as it is), in one pass.
+
+    Every map sees the same questions and windows, so their differences are paired.
+    hf: an already loaded transformers model of `model` (saves reloading it).
+    """
+    from .sources import load
+
+    if engine not in ENGINES:
+        raise ValueError(f"unknown evaluation engine {engine!r}; choose from {', '.join(ENGINES)}")
+    tasks = parse_tasks(tasks)
+    _check_sizes(n_samples, n_tokens, seq_len, stride, batch_tokens)
+    m = load(model)
+    if hf is None:
+        hf, base = load_for_plan(m)
+    else:
+        base = checkpoint_plan(layer_map_of(m))
+    tokenizer = tokenizer if tokenizer is not None else m.tokenizer()
+    names = list(layer_maps)
+    plans = [base if layer_maps[n] is None else apply_layer_map(base, layer_maps[n]) for n in names]
+
+    t0 = time.perf_counter()
+    segments, owners = [], []  # owners[i] = (task, question or None)
+    if "ppl" in tasks:
+        for s in ppl_segments(tokenizer, n_tokens, seq_len, stride):
+            segments.append(s)
+            owners.append(("ppl", None))
+    questions = {}
+    for task in (t for t in tasks if t != "ppl"):
+        questions[task] = sample_task(task, n_samples, seed)
+        for q, s in zip(questions[task], mc_segments(tokenizer, questions[task])):
+            segments.append(s)
+            owners.append((task, q))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = pack(segments, row_tokens=seq_len, batch_tokens=batch_tokens, pad_id=pad_id)
+    width = 1 + max([len(s.branches) for s in segments] + [0])
+    sums = [torch.zeros(len(segments), width, dtype=torch.float64) for _ in plans]
+    counts = torch.zeros(len(segments), width, dtype=torch.long)
+    bar = _progress(progress, sum(b.num_tokens for b in batches), f"eval {','.join(tasks)}")
+    for batch in batches:
+        hidden = forward_plans(hf, batch.input_ids, batch.position_ids, batch.mask, plans)
+        slot = batch.branch + 1
+        counts.index_put_((batch.segment, slot), torch.ones_like(slot), accumulate=True)
+        for p, h in enumerate(hidden):
+            logp = _token_logprobs(hf, h[batch.rows, batch.cols], batch.targets)
+            sums[p].index_put_((batch.segment, slot), logp.double(), accumulate=True)
+        if bar is not None:
+            bar.update(batch.num_tokens)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+
+    settings = {"n_samples": n_samples, "n_tokens": n_tokens, "seq_len": seq_len, "stride": stride,
+                "seed": seed, "engine": engine, "tokens_run": sum(b.num_tokens for b in batches)}
+    out = {}
+    for name, plan, total in zip(names, plans, sums):
+        metrics = {}
+        for task in tasks:
+            idx = [i for i, (t, _) in enumerate(owners) if t == task]
+            if task == "ppl":
+                metrics[task] = _ppl_metrics(total, counts, idx)
+            else:
+                metrics[task] = _mc_metrics(total, [owners[i][1] for i in idx], idx)
+        out[name] = {"model": m.name, "layers": len(plan),
+                     "attention_layers": sum(1 for s in plan if s.attention),
+                     "tasks": metrics, "seconds": seconds, "settings": settings}
+    return out
+
+
+def apply_layer_map(base: tuple[Step, ...], layer_map: LayerMap) -> tuple[Step, ...]:
+    """The plan of running `layer_map` on a model whose own plan is `base` (its layers in order)."""
+    if layer_map.source_num_layers != len(base):
+        raise ValueError(f"the layer map is for {layer_map.source_num_layers} layers but the model has {len(base)}")
+    steps = []
+    for e in layer_map.layers:
+        if e.kind != "layer":
+            raise ValueError("replacement entries have no weights in this model; evaluate their checkpoint")
+        b = base[e.source]
+        steps.append(Step(b.index, b.attention and e.attention, b.mlp and e.mlp))
+    return tuple(steps)
+
+
+def ppl_segments(tokenizer, n_tokens: int, seq_len: int, stride: int) -> list[Segment]:
+    """Strided windows over the first `n_tokens` scored tokens of the held-out documents."""
+    from .data import heldout_texts
+
+    segments, budget = [], n_tokens
+    for text in heldout_texts():
+        if budget <= 0:
+            break
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][: budget + 1]
+        if len(ids) < 2:
+            continue
+        budget -= len(ids) - 1  # a document's first token has nothing to be predicted from
+        prev_end = 0
+        for begin in range(0, len(ids), stride):
+            end = min(begin + seq_len, len(ids))
+            segments.append(Segment(ids[begin:end], score_context_from=max(1, prev_end - begin)))
+            prev_end = end
+            if end == len(ids):
+                break
+    if not segments:
+        raise ValueError("the held-out text produced no tokens to score")
+    return segments
+
+
+def mc_segments(tokenizer, questions) -> list[Segment]:
+    contexts = tokenizer([q.context for q in questions], add_special_tokens=False)["input_ids"]
+    flat = [c for q in questions for c in q.choices]
+    choice_ids = tokenizer(flat, add_special_tokens=False)["input_ids"]
+    segments, k = [], 0
+    for q, ctx in zip(questions, contexts):
+        n = len(q.choices)
+        segments.append(Segment(list(ctx), [list(c) for c in choice_ids[k:k + n]]))
+        k += n
+    return segments
+
+
+def _token_logprobs(hf, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    out = []
+    for i in range(0, hidden.shape[0], _LOGIT_CHUNK):
+        logits = hf.lm_head(hidden[i:i + _LOGIT_CHUNK]).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        out.append(logp.gather(1, targets[i:i + _LOGIT_CHUNK, None])[:, 0])
+    return torch.cat(out) if out else hidden.new_zeros(0)
+
+
+def _ppl_metrics(total, counts, idx) -> dict:
+    logp = float(total[idx, 0].sum())
+    n = int(counts[idx, 0].sum())
+    nll = -logp / n
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": n}
+
+
+def _mc_metrics(total, questions, idx) -> dict:
+    correct = correct_norm = 0
+    for q, i in zip(questions, idx):
+        ll = total[i, 1:1 + len(q.choices)]
+        per_byte = ll / torch.tensor([len(c.encode("utf-8")) for c in q.choices], dtype=ll.dtype)
+        correct += int(int(ll.argmax()) == q.gold)
+        correct_norm += int(int(per_byte.argmax()) == q.gold)
+    n = len(questions)
+    acc, acc_norm = correct / n, correct_norm / n
+    return {"acc": acc, "acc_se": _se(acc, n), "acc_norm": acc_norm, "acc_norm_se": _se(acc_norm, n), "n": n}
+
+
+def _se(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n)
+
+
+def _check_sizes(n_samples, n_tokens, seq_len, stride, batch_tokens) -> None:
+    for name, value in (("n_samples", n_samples), ("n_tokens", n_tokens), ("seq_len", seq_len),
+                        ("stride", stride), ("batch_tokens", batch_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if stride > seq_len:
+        raise ValueError(f"stride ({stride}) cannot exceed seq_len ({seq_len}): tokens would go unscored")
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="tok", unit_scale=True, desc=desc)
+
+
+def format_table(result: dict) -> str:
+    """A readable table of one evaluate() result."""
+    lines = [f"model {result['model']}: {result['layers']} layers "
+             f"({result['attention_layers']} with attention), {result['seconds']:.0f} s", "",
+             f"{'task':<14} {'metric':<28} {'n':>6}"]
+    for task, m in result["tasks"].items():
+        if task == "ppl":
+            lines.append(f"{task:<14} {'ppl ' + format(m['ppl'], '.3f'):<28} {m['tokens']:>6}")
+        else:
+            acc = f"acc {100 * m['acc']:.1f} ± {100 * m['acc_se']:.1f}"
+            norm = f"acc_norm {100 * m['acc_norm']:.1f} ± {100 * m['acc_norm_se']:.1f}"
+            lines.append(f"{task:<14} {acc:<28} {m['n']:>6}")
+            lines.append(f"{'':<14} {norm:<28}")
+    return "\n".join(lines)

@@ -1,0 +1,161 @@
+"""Run a transformers decoder following a layer plan: which layers, with which sublayers.
+
+A plan is a tuple of Steps, each naming a decoder layer of the loaded model and whether its
+attention and MLP run. The same dense model in memory then stands for any pruned variant
+(skipped layers are never touched; an attention-less step computes h + mlp(norm(h)) only),
+which is how the quality benchmark scores many layer maps without writing checkpoints, and
+how checkpoints with attention-less layers (which transformers cannot build) are evaluated.
+
+Plans that start with the same steps share that computation: `forward_plans` runs the common
+prefix once and branches from the saved hidden state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import CheckpointError, ShortrtError
+from .layermap import LayerMap
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int          # into the loaded model's model.layers
+    attention: bool = True
+    mlp: bool = True
+
+
+def dense_plan(num_layers: int) -> tuple[Step, ...]:
+    return tuple(Step(i) for i in range(num_layers))
+
+
+def masked_plan(layer_map: LayerMap) -> tuple[Step, ...]:
+    """The plan that runs `layer_map` on the dense model it was selected from."""
+    if any(e.kind != "layer" for e in layer_map.layers):
+        raise ShortrtError("a replacement entry has no weights in the dense model; evaluate its checkpoint")
+    return tuple(Step(e.source, e.attention, e.mlp) for e in layer_map.layers)
+
+
+def checkpoint_plan(layer_map: LayerMap) -> tuple[Step, ...]:
+    """The plan of a checkpoint that stores `layer_map`'s entries as its layers 0..k-1."""
+    return tuple(Step(i, e.attention, e.mlp) for i, e in enumerate(layer_map.layers))
+
+
+def load_for_plan(model):
+    """(transformers model, plan) for any shortrt checkpoint, including attention-less layers."""
+    from .layermap import layer_map_of
+    from .sources import load
+
+    m = load(model)
+    lmap = layer_map_of(m)
+    _check_model_type(m.config())
+    if lmap.transformers_compatible:
+        return m.load_hf(), checkpoint_plan(lmap)
+    return _load_partial(m, lmap), checkpoint_plan(lmap)
+
+
+def _check_model_type(config: dict) -> None:
+    if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise ShortrtError(f"layer plans run Llama-style decoders ({', '.join(SUPPORTED_MODEL_TYPES)}); "
+                           f"this model is {config.get('model_type')!r}")
+
+
+def _load_partial(m, lmap: LayerMap):
+    """Build the architecture from config.json and load the tensors that exist.
+
+    Attention-less layers have no self_attn/input_layernorm tensors; their modules keep random
+    init but the plan never runs them. Any other missing tensor is an error.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(m.path)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    state = {}
+    for f in m.safetensors_files():
+        state.update(load_file(str(f)))
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected:
+        raise CheckpointError(f"{m.path} has tensors the architecture does not: {unexpected[:5]}")
+    allowed = set()
+    if getattr(config, "tie_word_embeddings", False):
+        allowed.add("lm_head.weight")
+    for i, e in enumerate(lmap.layers):
+        prefixes = ([] if e.attention else ["input_layernorm.", "self_attn."]) + \
+                   ([] if e.mlp else ["post_attention_layernorm.", "mlp."])
+        allowed.update(k for k in missing if any(k.startswith(f"model.layers.{i}.{p}") for p in prefixes))
+    really_missing = [k for k in missing if k not in allowed]
+    if really_missing:
+        raise CheckpointError(f"{m.path} lacks tensors its shortrt.json says it has: {really_missing[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    return hf
+
+
+def attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean may-attend mask as the additive mask every attention implementation accepts."""
+    additive = torch.zeros(mask.shape, dtype=dtype)
+    return additive.masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def _run_steps(hf, h, steps, pe, mask):
+    layers = hf.model.layers
+    for step in steps:
+        layer = layers[step.index]
+        if step.attention:
+            a, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=pe,
+                                   attention_mask=mask)
+            h = h + a
+        if step.mlp:
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return h
+
+
+def _common_prefix(a: tuple[Step, ...], b: tuple[Step, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@torch.inference_mode()
+def forward_plans(hf, input_ids, position_ids, mask, plans: list[tuple[Step, ...]]) -> list[torch.Tensor]:
+    """Final-norm hidden states [rows, T, hidden] for each plan, sharing common leading steps.
+
+    mask: [rows, 1, T, T] bool (True = may attend).
+    """
+    n_layers = len(hf.model.layers)
+    for plan in plans:
+        bad = [s.index for s in plan if not 0 <= s.index < n_layers]
+        if bad:
+            raise ShortrtError(f"plan refers to layers {bad} but the model has {n_layers}")
+    h0 = hf.model.embed_tokens(input_ids)
+    pe = hf.model.rotary_emb(h0, position_ids=position_ids)
+    additive = attention_mask(mask, h0.dtype)
+    # Every plan shares as many leading steps as it can with the dense model's plan.
+    trunk = dense_plan(n_layers)
+    stops = sorted({_common_prefix(p, trunk) for p in plans})
+    saved, h, done = {0: h0}, h0, 0
+    for stop in stops:
+        h = _run_steps(hf, h, trunk[done:stop], pe, additive)
+        saved[stop], done = h, stop
+    outs = []
+    for plan in plans:
+        k = _common_prefix(plan, trunk)
+        outs.append(hf.model.norm(_run_steps(hf, saved[k], plan[k:], pe, additive)))
+    return outs
+
+
+@torch.inference_mode()
+def plan_logits(hf, input_ids: torch.Tensor, plan: tuple[Step, ...]) -> torch.Tensor:
+    """Causal logits [rows, T, vocab] of a plain batch under `plan` (for tests and checks)."""
+    rows, T = input_ids.shape
+    pos = torch.arange(T).repeat(rows, 1)
+    mask = torch.ones(T, T, dtype=torch.bool).tril().expand(rows, 1, T, T)
+    (h,) = forward_plans(hf, input_ids, pos, mask, [plan])
+    return hf.lm_head(h)
