@@ -1,11 +1,14 @@
 // Benchmark hooks for benchmarks/kernels.py: the timed loops run in C++ with
 // the GIL released, so Python overhead never enters a measurement. Each returns
-// the seconds of every timed iteration; the script reports medians.
+// {"wall": [...], "cpu": [...]}: wall-clock and process CPU seconds of every
+// timed iteration. CPU / wall / threads shows how much of the machine the run
+// got, which matters on a shared machine.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <algorithm>
 #include <chrono>
+#include <ctime>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -27,6 +30,22 @@ using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
+
+double process_cpu_seconds() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+struct Timings {
+  std::vector<double> wall, cpu;
+  py::dict to_dict() const {
+    py::dict d;
+    d["wall"] = wall;
+    d["cpu"] = cpu;
+    return d;
+  }
+};
 
 // Uniform values in [-1, 1) from xorshift64: fast enough to fill hundreds of MB.
 void fill_random(float* x, size_t n, uint64_t seed) {
@@ -90,7 +109,7 @@ shortrt::WeightType weight_type_from(const std::string& name) {
 
 // Seconds per pass of summing a buffer of `mbytes` MB with the path's sum_f32,
 // split over the pool in 256 KB chunks.
-std::vector<double> bench_read_bandwidth(double mbytes, const std::string& path, int threads, int iters) {
+Timings bench_read_bandwidth(double mbytes, const std::string& path, int threads, int iters) {
   const KernelTable& k = table(path);
   const size_t n = static_cast<size_t>(mbytes * 1e6 / sizeof(float));
   if (n == 0 || iters <= 0) throw py::value_error("bench_read_bandwidth: need mbytes > 0 and iters > 0");
@@ -101,23 +120,27 @@ std::vector<double> bench_read_bandwidth(double mbytes, const std::string& path,
   const int64_t n_chunks = static_cast<int64_t>((n + kChunk - 1) / kChunk);
   std::vector<float> sink(static_cast<size_t>(n_chunks));
   shortrt::ThreadPool pool(threads);
-  std::vector<double> times;
+  Timings times;
   for (int it = -1; it < iters; ++it) {  // iteration -1 warms up
     const auto start = Clock::now();
+    const double cpu_start = process_cpu_seconds();
     pool.parallel_for(n_chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const int64_t first = c * kChunk, count = std::min<int64_t>(kChunk, static_cast<int64_t>(n) - first);
         sink[c] = k.sum_f32(buffer.data() + first, count);
       }
     });
-    if (it >= 0) times.push_back(seconds_since(start));
+    if (it >= 0) {
+      times.wall.push_back(seconds_since(start));
+      times.cpu.push_back(process_cpu_seconds() - cpu_start);
+    }
   }
   return times;
 }
 
 // Seconds per iteration of running matmul on every shape once, in order, with
 // n_tokens activations (q8: including the activation quantization).
-std::vector<double> bench_matmuls(const std::vector<std::pair<int64_t, int64_t>>& shapes, const std::string& wtype,
+Timings bench_matmuls(const std::vector<std::pair<int64_t, int64_t>>& shapes, const std::string& wtype,
                                   const std::string& path, int threads, int64_t n_tokens, int iters) {
   const KernelTable& k = table(path);
   const shortrt::WeightType type = weight_type_from(wtype);
@@ -140,9 +163,10 @@ std::vector<double> bench_matmuls(const std::vector<std::pair<int64_t, int64_t>>
   fill_random(x.data(), x.size(), 3);
   shortrt::ThreadPool pool(threads);
   shortrt::Activation act{x.data(), nullptr};
-  std::vector<double> times;
+  Timings times;
   for (int it = -1; it < iters; ++it) {
     const auto start = Clock::now();
+    const double cpu_start = process_cpu_seconds();
     for (const OwnedWeight& w : weights) {
       if (type == shortrt::WeightType::Q8) {
         // quantize_activation_q8 uses the active path; do the same on the benchmarked one.
@@ -154,7 +178,33 @@ std::vector<double> bench_matmuls(const std::vector<std::pair<int64_t, int64_t>>
       }
       shortrt::matmul(k, w.view, act, n_tokens, y.data(), w.view.rows, pool);
     }
-    if (it >= 0) times.push_back(seconds_since(start));
+    if (it >= 0) {
+      times.wall.push_back(seconds_since(start));
+      times.cpu.push_back(process_cpu_seconds() - cpu_start);
+    }
+  }
+  return times;
+}
+
+// Seconds of `calls` back-to-back parallel_for calls of n_items trivial items
+// (grain 1) per iteration: the pool's dispatch and join cost.
+Timings bench_parallel_for(int threads, int64_t n_items, int calls, int iters) {
+  if (n_items <= 0 || calls <= 0 || iters <= 0) throw py::value_error("bench_parallel_for: need positive sizes");
+  py::gil_scoped_release release;
+  shortrt::ThreadPool pool(threads);
+  std::vector<int64_t> sink(static_cast<size_t>(n_items));
+  Timings times;
+  for (int it = -1; it < iters; ++it) {
+    const auto start = Clock::now();
+    const double cpu_start = process_cpu_seconds();
+    for (int c = 0; c < calls; ++c)
+      pool.parallel_for(n_items, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) sink[i] += i;
+      });
+    if (it >= 0) {
+      times.wall.push_back(seconds_since(start));
+      times.cpu.push_back(process_cpu_seconds() - cpu_start);
+    }
   }
   return times;
 }
@@ -162,9 +212,18 @@ std::vector<double> bench_matmuls(const std::vector<std::pair<int64_t, int64_t>>
 }  // namespace
 
 void register_kernel_bench(py::module_& m) {
-  m.def("bench_read_bandwidth", &bench_read_bandwidth, py::arg("mbytes"), py::arg("path"), py::arg("threads"),
+  m.def("bench_read_bandwidth", [](double mbytes, const std::string& path, int threads, int iters) {
+    return bench_read_bandwidth(mbytes, path, threads, iters).to_dict();
+  }, py::arg("mbytes"), py::arg("path"), py::arg("threads"),
         py::arg("iters"), "Seconds per pass of summing an mbytes buffer (read bandwidth).");
-  m.def("bench_matmuls", &bench_matmuls, py::arg("shapes"), py::arg("wtype"), py::arg("path"), py::arg("threads"),
+  m.def("bench_matmuls", [](const std::vector<std::pair<int64_t, int64_t>>& shapes, const std::string& wtype,
+                            const std::string& path, int threads, int64_t n_tokens, int iters) {
+    return bench_matmuls(shapes, wtype, path, threads, n_tokens, iters).to_dict();
+  }, py::arg("shapes"), py::arg("wtype"), py::arg("path"), py::arg("threads"),
         py::arg("n_tokens"), py::arg("iters"),
         "Seconds per pass of matmul over every [rows, cols] shape once (each with its own random weights).");
+  m.def("bench_parallel_for", [](int threads, int64_t n_items, int calls, int iters) {
+    return bench_parallel_for(threads, n_items, calls, iters).to_dict();
+  }, py::arg("threads"), py::arg("n_items"), py::arg("calls"), py::arg("iters"),
+        "Seconds per `calls` parallel_for calls of n_items trivial items (dispatch + join cost).");
 }

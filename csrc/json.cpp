@@ -301,6 +301,12 @@ class Parser {
   // they are an error. Sorting keeps hostile headers with many keys O(n log n).
   void check_unique_keys(const Value::Object& members, const std::vector<size_t>& offsets) const {
     if (members.size() < 2) return;
+    if (members.size() <= 8) {  // the common small object: no allocation
+      for (size_t i = 1; i < members.size(); ++i)
+        for (size_t j = 0; j < i; ++j)
+          if (members[i].first == members[j].first) fail_at("duplicate key '" + members[i].first + "'", offsets[i]);
+      return;
+    }
     std::vector<size_t> order(members.size());
     std::iota(order.begin(), order.end(), size_t{0});
     std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
@@ -415,8 +421,15 @@ class Parser {
       if (c == '\\') { ++pos_; parse_escape(out); continue; }
       if (c < 0x20) fail("unescaped control character in string");
       if (c >= 0x80) { copy_utf8_char(out); continue; }
-      out += static_cast<char>(c);
-      ++pos_;
+      // Copy the run of plain ASCII up to the next special byte in one go.
+      size_t run = pos_ + 1;
+      while (run < text_.size()) {
+        unsigned char r = static_cast<unsigned char>(text_[run]);
+        if (r == '"' || r == '\\' || r < 0x20 || r >= 0x80) break;
+        ++run;
+      }
+      out.append(text_.data() + pos_, run - pos_);
+      pos_ = run;
     }
   }
 

@@ -3,6 +3,7 @@
 // Infinity, no leading zeros, no control characters or invalid UTF-8 inside
 // strings, no lone surrogates, no duplicate keys in one object, nothing but
 // whitespace after the document, and at most kMaxDepth nested containers.
+// Numbers too large for a double are an error; too small ones round to 0.
 // Every failure throws shortrt::Error("json: <what> at offset N").
 #pragma once
 

@@ -140,14 +140,21 @@ void quantize_activation_q8(const float* x, int64_t n_tokens, int64_t cols, Bloc
 
 namespace {
 
-// Decode: rows per chunk handed to a thread. Small enough that 2-8 threads
-// balance on a 192-row k/v projection, big enough to amortize the hand-out.
-constexpr int64_t kDecodeRowChunk = 16;
-// Prefill: a thread computes a (row block x token block) tile. 48 rows of 1536
-// floats (295 KB) plus 64 tokens of activations stay in a 1 MB L2 while the
-// micro-kernel walks 3 rows x 4 tokens at a time.
+// Decode: a thread takes rows in chunks of about 64 KB of weights, which makes
+// the atomic hand-out negligible, but at least 4 chunks per thread, so the
+// threads still balance on a small matrix.
+constexpr size_t kDecodeChunkBytes = 64 * 1024;
+
+int64_t decode_rows_per_chunk(const WeightMatrix& W, int n_threads) {
+  const int64_t by_bytes = static_cast<int64_t>(kDecodeChunkBytes / std::max<size_t>(1, W.bytes() / W.rows));
+  const int64_t by_balance = (W.rows + 4 * n_threads - 1) / (4 * n_threads);
+  return std::max<int64_t>(4, std::min(by_bytes, by_balance));
+}
+// Prefill: a thread computes a (row block x token block) tile. 48 rows and 48
+// tokens of 1536 floats (2 x 295 KB) stay in a 1 MB L2 while the micro-kernel
+// walks 3 rows x 4 tokens (int8: 4 x 3) at a time; 48 divides by both.
 constexpr int64_t kPrefillRowBlock = 48;
-constexpr int64_t kPrefillTokenBlock = 64;
+constexpr int64_t kPrefillTokenBlock = 48;
 
 // Everything a chunk needs, so the lambda captures one reference (no allocation).
 struct MatmulJob {
@@ -177,27 +184,32 @@ struct MatmulJob {
   }
 };
 
+// The message names the matrix; it is only built on failure, so a valid call
+// allocates nothing.
+[[noreturn]] void matmul_error(const WeightMatrix& W, const char* problem) {
+  throw Error(std::string("matmul (") + weight_type_name(W.type) + " weight [" + std::to_string(W.rows) + ", " +
+              std::to_string(W.cols) + "]): " + problem);
+}
+
 void check_matmul_args(const WeightMatrix& W, const Activation& x, int64_t n_tokens, const float* y, int64_t ldy) {
-  const std::string what = std::string("matmul (") + weight_type_name(W.type) + " weight [" + std::to_string(W.rows) +
-                           ", " + std::to_string(W.cols) + "]): ";
-  if (W.rows < 0 || W.cols < 0 || n_tokens < 0) throw Error(what + "negative size");
+  if (W.rows < 0 || W.cols < 0 || n_tokens < 0) matmul_error(W, "negative size");
   if (n_tokens == 0 || W.rows == 0) return;
-  if (n_tokens > 1 && ldy < W.rows)
-    throw Error(what + "output stride ldy=" + std::to_string(ldy) + " is smaller than the row count");
-  if (!y) throw Error(what + "no output buffer");
+  if (n_tokens > 1 && ldy < W.rows) matmul_error(W, "output stride ldy is smaller than the row count");
+  if (!y) matmul_error(W, "no output buffer");
   if (W.cols == 0) return;
-  if (!x.f32 && W.type != WeightType::Q8) throw Error(what + "no f32 activation");
   switch (W.type) {
     case WeightType::F32:
-      if (!W.f32) throw Error(what + "f32 data pointer is null");
+      if (!W.f32) matmul_error(W, "f32 data pointer is null");
+      if (!x.f32) matmul_error(W, "no f32 activation");
       break;
     case WeightType::BF16:
-      if (!W.bf16) throw Error(what + "bf16 data pointer is null");
+      if (!W.bf16) matmul_error(W, "bf16 data pointer is null");
+      if (!x.f32) matmul_error(W, "no f32 activation");
       break;
     case WeightType::Q8:
-      if (!W.q8) throw Error(what + "q8 data pointer is null");
-      if (W.cols % kQ8Block != 0) throw Error(what + "q8 needs cols to be a multiple of 32");
-      if (!x.q8) throw Error(what + "q8 weights need the activation quantized (Activation::q8 is null)");
+      if (!W.q8) matmul_error(W, "q8 data pointer is null");
+      if (W.cols % kQ8Block != 0) matmul_error(W, "q8 needs cols to be a multiple of 32");
+      if (!x.q8) matmul_error(W, "q8 weights need the activation quantized (Activation::q8 is null)");
       break;
   }
 }
@@ -214,7 +226,7 @@ void matmul(const KernelTable& k, const WeightMatrix& W, const Activation& x, in
   }
   const MatmulJob job{&k, &W, &x, n_tokens, y, ldy};
   if (n_tokens == 1) {
-    pool.parallel_for(W.rows, kDecodeRowChunk,
+    pool.parallel_for(W.rows, decode_rows_per_chunk(W, pool.size()),
                       [&job](int64_t begin, int64_t end) { job.run(begin, end - begin, 0, 1); });
     return;
   }

@@ -4,15 +4,13 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 
 #include "error.h"
 
 namespace shortrt {
 namespace {
 
-constexpr int kMaxHeadDim = 512;  // attention keeps one head's output accumulator on the stack
-constexpr int kKeyBlock = 64;     // keys scored per step of the online softmax
+constexpr int kMatmulAttentionMin = 4;  // chunks of at least this many tokens use attention_matmul
 
 // Inverse RoPE frequencies as transformers computes them (float32 arithmetic),
 // including its linear and llama3 rescaling.
@@ -69,7 +67,8 @@ FloatBuffer::FloatBuffer(size_t n) : n_(n) {
 }
 
 State::State(const ModelConfig& c, int n_kv_slots, int max_seq_, int max_batch_, int max_chunk_)
-    : max_seq(max_seq_), max_batch(max_batch_), max_chunk(max_chunk_) {
+    : max_seq(max_seq_), max_batch(max_batch_), max_chunk(max_chunk_),
+      attention(max_seq_, c.n_heads, c.n_kv_heads, c.head_dim) {
   const size_t chunk = max_chunk, hidden = c.hidden, inter = c.intermediate;
   const size_t q_width = static_cast<size_t>(c.n_heads) * c.head_dim;
   qkv_dim = static_cast<int64_t>(c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
@@ -91,9 +90,6 @@ State::State(const ModelConfig& c, int n_kv_slots, int max_seq_, int max_batch_,
 
 Model::Model(const ModelConfig& config, Weights weights, int n_kv_slots, int max_seq)
     : config_(config), weights_(std::move(weights)), n_kv_slots_(n_kv_slots) {
-  if (config_.head_dim > kMaxHeadDim)
-    throw Error("head_dim " + std::to_string(config_.head_dim) + " exceeds the supported maximum of " +
-                std::to_string(kMaxHeadDim));
   const int half = config_.head_dim / 2;
   std::vector<float> inv = rope_inv_freq(config_);
   rope_cos_.resize(static_cast<size_t>(max_seq) * half);
@@ -162,46 +158,23 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
     }
   });
 
-  // Causal attention, one (token, head) pair per work item: query t sees positions
-  // 0..pos+t. An online softmax over blocks of keys needs no score buffer.
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const int group = nh / nkv;
-  pool.parallel_for(static_cast<int64_t>(n) * nh, 1, [&](int64_t b, int64_t e) {
-    float acc[kMaxHeadDim];
-    float scores[kKeyBlock];
-    for (int64_t u = b; u < e; ++u) {
-      const int64_t t = u / nh;
-      const int h = static_cast<int>(u % nh);
-      const float* q = qkv + t * qkv_dim + h * hd;
-      const float* keys = key_cache + (h / group) * hd;
-      const float* values = value_cache + (h / group) * hd;
-      const int64_t n_keys = pos + t + 1;
-      float running_max = -std::numeric_limits<float>::infinity(), denom = 0.0f;
-      std::fill(acc, acc + hd, 0.0f);
-      for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyBlock) {
-        const int nb = static_cast<int>(std::min<int64_t>(kKeyBlock, n_keys - j0));
-        float block_max = -std::numeric_limits<float>::infinity();
-        for (int j = 0; j < nb; ++j) {
-          scores[j] = k.dot_f32(q, keys + (j0 + j) * kv_width, hd) * scale;
-          block_max = std::max(block_max, scores[j]);
-        }
-        if (block_max > running_max) {  // rescale what was accumulated under the old maximum
-          float factor = std::exp(running_max - block_max);
-          denom *= factor;
-          for (int i = 0; i < hd; ++i) acc[i] *= factor;
-          running_max = block_max;
-        }
-        for (int j = 0; j < nb; ++j) {
-          float p = std::exp(scores[j] - running_max);
-          denom += p;
-          k.axpy_f32(p, values + (j0 + j) * kv_width, acc, hd);
-        }
-      }
-      float* out = attn + t * nh * hd + h * hd;
-      const float inv = 1.0f / denom;
-      for (int i = 0; i < hd; ++i) out[i] = acc[i] * inv;
-    }
-  });
+  AttentionArgs args;
+  args.qkv = qkv;
+  args.qkv_dim = qkv_dim;
+  args.keys = key_cache;
+  args.values = value_cache;
+  args.n = n;
+  args.pos = pos;
+  args.n_heads = nh;
+  args.n_kv_heads = nkv;
+  args.head_dim = hd;
+  args.out = attn;
+  // Decode reads each key once per head; a prompt chunk is worth two matmuls per kv head.
+  if (n >= kMatmulAttentionMin) {
+    attention_matmul(args, s.attention, pool);
+  } else {
+    attention_online(args, pool);
+  }
 
   project(s, pool, lw.o, attn, n, s.delta.data(), hidden);
   k.axpy_f32(1.0f, s.delta.data(), x, static_cast<int64_t>(n) * hidden);

@@ -9,6 +9,7 @@
 #include <memory>
 #include <vector>
 
+#include "attention.h"
 #include "kernels.h"
 #include "plan.h"
 #include "shortrt/engine.h"
@@ -50,6 +51,7 @@ struct State {
   // KV cache: [slot][seq][pos][kv_head][head_dim], slots = retained attentions only.
   FloatBuffer key_cache, value_cache;
   size_t kv_bytes = 0;
+  AttentionScratch attention;  // the prefill attention's K / V^T / scores for one kv head
 };
 
 class Model {

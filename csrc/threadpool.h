@@ -32,7 +32,8 @@ class ThreadPool {
   // Calls f(begin, end) on disjoint chunks of at most `grain` items that together
   // cover [0, n). Chunks are handed out from an atomic counter to the workers and
   // the caller; the call runs serially on the caller when n <= grain, when
-  // size() == 1, or when made from inside another parallel_for of this pool.
+  // size() == 1, or when made from inside a chunk of a parallel_for (so nested
+  // loops cannot deadlock).
   // Blocks until every chunk is done; rethrows the first exception f threw.
   void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t begin, int64_t end)>& f);
 

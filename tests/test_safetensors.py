@@ -227,6 +227,28 @@ def test_same_tensor_in_two_files(tmp_path):
         _C.Checkpoint(str(d))
 
 
+def test_checkpoint_without_index_reads_every_file_and_accepts_a_file_path(tmp_path):
+    from safetensors.numpy import save_file
+
+    d = tmp_path / "loose"
+    d.mkdir()
+    save_file({"b": np.ones(3, np.float16)}, str(d / "part-b.safetensors"))
+    save_file({"a": np.arange(2, dtype=np.int8)}, str(d / "part-a.safetensors"))
+    (d / "notes.txt").write_text("not a tensor file")
+    ckpt = _C.Checkpoint(str(d))
+    assert ckpt.names() == ["a", "b"]  # files in name order
+    assert [p.rsplit("/", 1)[1] for p in ckpt.files] == ["part-a.safetensors", "part-b.safetensors"]
+    one = _C.Checkpoint(str(d / "part-b.safetensors"))
+    assert one.names() == ["b"] and one.total_bytes == 6
+    view = one.numpy("b")
+    del one
+    np.testing.assert_array_equal(view, np.ones(3, np.float16))  # the view keeps the mapping alive
+
+
+def test_format_error_is_a_value_error():
+    assert issubclass(FormatError, ValueError)
+
+
 def test_directory_without_safetensors(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FormatError, match=r"no safetensors file in"):
@@ -461,6 +483,13 @@ def test_json_rejects_malformed_documents(text, message):
 def test_json_rejects_invalid_utf8(blob):
     with pytest.raises(FormatError, match=r"json: invalid UTF-8 in string at offset 1"):
         _C.parse_json(blob)
+
+
+def test_json_duplicate_key_in_a_large_object():
+    text = "{" + ", ".join(f'"k{i}": {i}' for i in range(20)) + ', "k7": 0}'
+    offset = text.rindex('"k7"')
+    with pytest.raises(FormatError, match=rf"json: duplicate key 'k7' at offset {offset}$"):
+        _C.parse_json(text)
 
 
 def test_json_nesting_limit():

@@ -1,10 +1,53 @@
-"""`shortrt generate` (placeholder until its issue lands)."""
-HELP = "generate (not yet available)"
+"""`shortrt generate [MODEL] --prompt ...`: text generation on the C++ runtime."""
+from __future__ import annotations
+
+import sys
+import time
+
+HELP = "generate text from a prompt with shortrt's C++ runtime"
 
 
 def add_arguments(parser):
-    parser.add_argument("model", nargs="?", default="default")
+    parser.add_argument("model", nargs="?", default="default",
+                        help="checkpoint directory, .gguf file, or 'default' (default: %(default)s)")
+    parser.add_argument("--prompt", "-p", action="append", required=True,
+                        help="prompt text; repeat for several prompts (generated as one batch)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
+                        help="weight format (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", "-n", type=int, default=64)
+    parser.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="default: all cores")
+    parser.add_argument("--skip", type=lambda s: [int(i) for i in s.split(",") if i.strip()], default=None,
+                        metavar="I,J,...", help="checkpoint layers not to run")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    parser.add_argument("--stats", action="store_true", help="print tokens/s and memory to stderr")
 
 
-def run(args):
-    raise NotImplementedError("shortrt generate is not available yet")
+def run(args) -> int:
+    from shortrt.engine import Engine
+
+    t0 = time.perf_counter()
+    eng = Engine(args.model, dtype=args.dtype, threads=args.threads, max_batch=len(args.prompt),
+                 skip_layers=args.skip)
+    t_load = time.perf_counter() - t0
+    opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, chat=args.chat)
+    t0 = time.perf_counter()
+    if args.stream:
+        for prompt in args.prompt:
+            for piece in eng.stream(prompt, **opts):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+    else:
+        for text in eng.generate(args.prompt, **opts):
+            print(text)
+    if args.stats:
+        print(f"{eng!r}: load {t_load:.2f} s, generation {time.perf_counter() - t0:.2f} s, "
+              f"weights {eng.weight_bytes / 2**20:.1f} MiB, KV cache {eng.kv_cache_bytes / 2**20:.1f} MiB",
+              file=sys.stderr)
+    return 0

@@ -1,0 +1,164 @@
+"""The runtime's matmul kernels against this machine's memory bandwidth, llm.c dev/cpu style.
+
+Every variant (kernel path x weight type) is first checked against the scalar
+reference on a small problem of the model's shapes, then timed in C++ (GIL
+released, so no Python overhead enters a number):
+
+  read bandwidth   summing a 512 MB buffer, 1 and N threads: the ceiling for decode;
+  parallel_for     dispatch + join of the thread pool (a decode step makes ~120 calls);
+  decode           every matrix of the model once (30 layers x q|k|v, o, gate|up,
+                   down, plus the lm_head), one token, each matrix its own buffer
+                   so nothing is still cached: GB/s, % of read bandwidth, and the
+                   matmul-only tokens/s (an upper bound for the engine's decode);
+  prefill          one layer's matrices on 512 tokens: GFLOP/s and the matmul-only
+                   prefill tokens/s it implies for the whole model.
+
+Medians over iterations; the machine may be shared, so compare ratios within
+one run rather than absolute numbers across runs. The cpu column is the share
+of the requested cores the process actually got (process CPU time / wall time
+/ threads): well below 100% means other work competed and the row understates
+the kernel.
+
+    python benchmarks/kernels.py                    # about a minute
+    python benchmarks/kernels.py --quick            # a few seconds (fewer layers, iterations)
+    python benchmarks/kernels.py --json benchmarks/results/kernels.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+
+import numpy as np
+
+from shortrt import _C
+
+# SmolLM2-135M (the packaged default model): Llama, 30 layers, hidden 576,
+# 9 heads / 3 KV heads of 64, intermediate 1536, vocab 49152, tied lm_head.
+MODEL = dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, head_dim=64, vocab=49152)
+BYTES_PER_WEIGHT = {"f32": 4.0, "bf16": 2.0, "q8": 36 / 32}
+# Project targets (tokens/s), from the llama.cpp baselines on this machine class.
+DECODE_TARGET = {"f32": 44.0, "bf16": 66.0, "q8": 100.0}
+PREFILL_TARGET = 470.0  # fp32, 512-token prompt
+
+
+def layer_shapes(m: dict) -> list[tuple[int, int]]:
+    """[rows, cols] of one decoder layer's matrices, q|k|v and gate|up fused as the engine runs them."""
+    qkv_rows = (m["heads"] + 2 * m["kv_heads"]) * m["head_dim"]
+    return [
+        (qkv_rows, m["hidden"]),
+        (m["hidden"], m["heads"] * m["head_dim"]),
+        (2 * m["intermediate"], m["hidden"]),
+        (m["hidden"], m["intermediate"]),
+    ]
+
+
+def weights_bytes(shapes, wtype):
+    return sum(r * c for r, c in shapes) * BYTES_PER_WEIGHT[wtype]
+
+
+def check_against_reference(path: str, wtype: str, shapes, rng) -> float:
+    """Max error of the variant vs the reference on 3 tokens, relative to sum|w x|; raises above 1e-5."""
+    worst = 0.0
+    for rows, cols in shapes:
+        rows = min(rows, 200)  # the scalar reference is slow; a slice of each shape suffices
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        x = rng.standard_normal((3, cols)).astype(np.float32)
+        ref = _C.kernel_matmul(w, x, wtype, "ref")
+        got = _C.kernel_matmul(w, x, wtype, path, threads=2)
+        scale = np.abs(x) @ np.abs(w).T
+        worst = max(worst, float(np.max(np.abs(got - ref) / scale)))
+    if worst > 1e-5:
+        raise SystemExit(f"{path}/{wtype}: differs from the reference by {worst:.2e} of sum|w x| (limit 1e-5)")
+    return worst
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def timed(fn, *args, threads):
+    """(median wall seconds per iteration, cpu share): the share of `threads` cores the process
+    got while it ran, below 100% when other work competes for the machine."""
+    t = fn(*args)
+    return median(t["wall"]), sum(t["cpu"]) / (sum(t["wall"]) * threads)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    ap.add_argument("--paths", default=",".join(p for p in _C.kernel_paths() if p != "ref") or "ref",
+                    help="kernel paths to time (default: the fast ones this CPU has)")
+    ap.add_argument("--wtypes", default="f32,bf16,q8")
+    ap.add_argument("--iters", type=int, default=7)
+    ap.add_argument("--prefill-tokens", type=int, default=512)
+    ap.add_argument("--quick", action="store_true", help="6 layers, 3 iterations, 128-token prefill")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+
+    model = dict(MODEL)
+    iters, prefill_tokens = args.iters, args.prefill_tokens
+    if args.quick:
+        model["layers"], iters, prefill_tokens = 6, 3, 128
+    threads = [int(t) for t in args.threads.split(",")]
+    paths, wtypes = args.paths.split(","), args.wtypes.split(",")
+    layer = layer_shapes(model)
+    decode_shapes = layer * model["layers"] + [(model["vocab"], model["hidden"])]
+    layer_flops = 2 * sum(r * c for r, c in layer)
+    rng = np.random.default_rng(0)
+    results = {"machine": platform.processor() or platform.machine(), "model": model, "rows": []}
+
+    print(f"kernel paths on this CPU: {_C.kernel_paths()}; timing {paths}; {iters} iterations, medians\n")
+    read_gbs = {}
+    for t in threads:
+        secs, cpu = timed(_C.bench_read_bandwidth, 512.0, paths[0], t, iters, threads=t)
+        read_gbs[t] = 512e6 / secs / 1e9
+        print(f"read bandwidth  {t} thread(s): {read_gbs[t]:6.1f} GB/s   (cpu {100 * cpu:.0f}%)")
+    results["read_gbs"] = read_gbs
+    for t in threads:
+        secs, cpu = timed(_C.bench_parallel_for, t, 2 * t, 1000, iters, threads=t)
+        results.setdefault("parallel_for_us", {})[t] = secs / 1000 * 1e6
+        print(f"parallel_for   {t} thread(s): {secs / 1000 * 1e6:6.2f} us per call of {2 * t} items   (cpu {100 * cpu:.0f}%)")
+
+    print(f"\ndecode: {model['layers']} layers x {len(layer)} matrices + lm_head, 1 token")
+    print(f"{'variant':<12}{'thr':>4}{'check':>10}{'ms/tok':>9}{'GB/s':>8}{'% read':>8}{'tok/s':>8}{'target':>8}{'cpu':>6}")
+    checked = {}
+    for path in paths:
+        for wtype in wtypes:
+            checked[(path, wtype)] = check_against_reference(path, wtype, layer + [(1000, model["hidden"])], rng)
+            nbytes = weights_bytes(decode_shapes, wtype)
+            for t in threads:
+                secs, cpu = timed(_C.bench_matmuls, decode_shapes, wtype, path, t, 1, iters, threads=t)
+                gbs = nbytes / secs / 1e9
+                row = dict(kind="decode", path=path, wtype=wtype, threads=t, seconds=secs, gbs=gbs, cpu_share=cpu,
+                           read_fraction=gbs / read_gbs[t], tokens_per_s=1 / secs, max_rel_error=checked[(path, wtype)])
+                results["rows"].append(row)
+                target = DECODE_TARGET[wtype] if model["layers"] == MODEL["layers"] else float("nan")
+                print(f"{path + '/' + wtype:<12}{t:>4}{checked[(path, wtype)]:>10.1e}{secs * 1e3:>9.2f}{gbs:>8.1f}"
+                      f"{100 * gbs / read_gbs[t]:>7.0f}%{1 / secs:>8.1f}{target:>8.0f}{100 * cpu:>5.0f}%")
+
+    print(f"\nprefill: one layer's matrices on {prefill_tokens} tokens")
+    print(f"{'variant':<12}{'thr':>4}{'ms/layer':>10}{'GFLOP/s':>9}{'model tok/s':>13}{'target':>8}{'cpu':>6}")
+    for path in paths:
+        for wtype in wtypes:
+            for t in threads:
+                secs, cpu = timed(_C.bench_matmuls, layer, wtype, path, t, prefill_tokens, max(3, iters // 2), threads=t)
+                gflops = layer_flops * prefill_tokens / secs / 1e9
+                tok_s = prefill_tokens / (secs * model["layers"])
+                row = dict(kind="prefill", path=path, wtype=wtype, threads=t, tokens=prefill_tokens, seconds=secs, cpu_share=cpu,
+                           gflops=gflops, model_tokens_per_s=tok_s)
+                results["rows"].append(row)
+                target = f"{PREFILL_TARGET:.0f}" if wtype == "f32" else ""
+                print(f"{path + '/' + wtype:<12}{t:>4}{secs * 1e3:>10.2f}{gflops:>9.1f}{tok_s:>13.0f}{target:>8}{100 * cpu:>5.0f}%")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
