@@ -4,12 +4,14 @@ Every variant (kernel path x weight type) is first checked against the scalar
 reference on a small problem of the model's shapes, then timed in C++ (GIL
 released, so no Python overhead enters a number):
 
-  read bandwidth   summing a 512 MB buffer, 1 and N threads: the ceiling for decode;
+  read bandwidth   summing a 512 MB buffer, 1 and N threads: the ceiling for decode,
+                   in 4 KB pages and in transparent 2 MB pages (fewer page walks);
   parallel_for     dispatch + join of the thread pool (a decode step makes ~120 calls);
   decode           every matrix of the model once (30 layers x q|k|v, o, gate|up,
                    down, plus the lm_head), one token, each matrix its own buffer
-                   so nothing is still cached: GB/s, % of read bandwidth, and the
-                   matmul-only tokens/s (an upper bound for the engine's decode);
+                   so nothing is still cached: GB/s, % of read bandwidth (same page
+                   size), and the matmul-only tokens/s (an upper bound for the
+                   engine's decode);
   prefill          one layer's matrices on 512 tokens: GFLOP/s and the matmul-only
                    prefill tokens/s it implies for the whole model.
 
@@ -94,7 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--wtypes", default="f32,bf16,q8")
     ap.add_argument("--iters", type=int, default=7)
     ap.add_argument("--prefill-tokens", type=int, default=512)
-    ap.add_argument("--quick", action="store_true", help="6 layers, 3 iterations, 128-token prefill")
+    ap.add_argument("--pages", help="weight memory: 4K pages, 2M (transparent huge pages), or 4K,2M (default)")
+    ap.add_argument("--quick", action="store_true", help="6 layers, 3 iterations, 128-token prefill, 4K pages")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -104,6 +107,9 @@ def main(argv=None) -> int:
         model["layers"], iters, prefill_tokens = 6, 3, 128
     threads = [int(t) for t in args.threads.split(",")]
     paths, wtypes = args.paths.split(","), args.wtypes.split(",")
+    page_modes = (args.pages or ("4K" if args.quick else "4K,2M")).split(",")
+    if not page_modes or set(page_modes) - {"4K", "2M"}:
+        ap.error(f"--pages takes 4K and/or 2M, not {args.pages}")
     layer = layer_shapes(model)
     decode_shapes = layer * model["layers"] + [(model["vocab"], model["hidden"])]
     layer_flops = 2 * sum(r * c for r, c in layer)
@@ -112,32 +118,35 @@ def main(argv=None) -> int:
 
     print(f"kernel paths on this CPU: {_C.kernel_paths()}; timing {paths}; {iters} iterations, medians\n")
     read_gbs = {}
-    for t in threads:
-        secs, cpu = timed(_C.bench_read_bandwidth, 512.0, paths[0], t, iters, threads=t)
-        read_gbs[t] = 512e6 / secs / 1e9
-        print(f"read bandwidth  {t} thread(s): {read_gbs[t]:6.1f} GB/s   (cpu {100 * cpu:.0f}%)")
-    results["read_gbs"] = read_gbs
+    for pages in page_modes:
+        for t in threads:
+            secs, cpu = timed(_C.bench_read_bandwidth, 512.0, paths[0], t, iters, pages == "2M", threads=t)
+            read_gbs[(pages, t)] = 512e6 / secs / 1e9
+            print(f"read bandwidth  {pages:>2} pages {t} thread(s): {read_gbs[(pages, t)]:6.1f} GB/s   (cpu {100 * cpu:.0f}%)")
+    results["read_gbs"] = {f"{p}/{t}": v for (p, t), v in read_gbs.items()}
     for t in threads:
         secs, cpu = timed(_C.bench_parallel_for, t, 2 * t, 1000, iters, threads=t)
         results.setdefault("parallel_for_us", {})[t] = secs / 1000 * 1e6
         print(f"parallel_for   {t} thread(s): {secs / 1000 * 1e6:6.2f} us per call of {2 * t} items   (cpu {100 * cpu:.0f}%)")
 
     print(f"\ndecode: {model['layers']} layers x {len(layer)} matrices + lm_head, 1 token")
-    print(f"{'variant':<12}{'thr':>4}{'check':>10}{'ms/tok':>9}{'GB/s':>8}{'% read':>8}{'tok/s':>8}{'target':>8}{'cpu':>6}")
-    checked = {}
+    print(f"{'variant':<12}{'pages':>6}{'thr':>4}{'check':>10}{'ms/tok':>9}{'GB/s':>8}{'% read':>8}{'tok/s':>8}"
+          f"{'target':>8}{'cpu':>6}")
     for path in paths:
         for wtype in wtypes:
-            checked[(path, wtype)] = check_against_reference(path, wtype, layer + [(1000, model["hidden"])], rng)
+            check = check_against_reference(path, wtype, layer + [(1000, model["hidden"])], rng)
             nbytes = weights_bytes(decode_shapes, wtype)
-            for t in threads:
-                secs, cpu = timed(_C.bench_matmuls, decode_shapes, wtype, path, t, 1, iters, threads=t)
-                gbs = nbytes / secs / 1e9
-                row = dict(kind="decode", path=path, wtype=wtype, threads=t, seconds=secs, gbs=gbs, cpu_share=cpu,
-                           read_fraction=gbs / read_gbs[t], tokens_per_s=1 / secs, max_rel_error=checked[(path, wtype)])
-                results["rows"].append(row)
-                target = DECODE_TARGET[wtype] if model["layers"] == MODEL["layers"] else float("nan")
-                print(f"{path + '/' + wtype:<12}{t:>4}{checked[(path, wtype)]:>10.1e}{secs * 1e3:>9.2f}{gbs:>8.1f}"
-                      f"{100 * gbs / read_gbs[t]:>7.0f}%{1 / secs:>8.1f}{target:>8.0f}{100 * cpu:>5.0f}%")
+            for pages in page_modes:
+                for t in threads:
+                    secs, cpu = timed(_C.bench_matmuls, decode_shapes, wtype, path, t, 1, iters, pages == "2M", threads=t)
+                    gbs = nbytes / secs / 1e9
+                    read = read_gbs[(pages, t)]
+                    results["rows"].append(dict(kind="decode", path=path, wtype=wtype, pages=pages, threads=t,
+                                                seconds=secs, gbs=gbs, read_fraction=gbs / read, tokens_per_s=1 / secs,
+                                                cpu_share=cpu, max_rel_error=check))
+                    target = DECODE_TARGET[wtype] if model["layers"] == MODEL["layers"] else float("nan")
+                    print(f"{path + '/' + wtype:<12}{pages:>6}{t:>4}{check:>10.1e}{secs * 1e3:>9.2f}{gbs:>8.1f}"
+                          f"{100 * gbs / read:>7.0f}%{1 / secs:>8.1f}{target:>8.0f}{100 * cpu:>5.0f}%")
 
     print(f"\nprefill: one layer's matrices on {prefill_tokens} tokens")
     print(f"{'variant':<12}{'thr':>4}{'ms/layer':>10}{'GFLOP/s':>9}{'model tok/s':>13}{'target':>8}{'cpu':>6}")

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <chrono>
 #include <ctime>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -16,6 +17,7 @@
 
 #include "error.h"
 #include "kernels.h"
+#include "page_buffer.h"
 #include "threadpool.h"
 
 namespace py = pybind11;
@@ -69,34 +71,33 @@ const KernelTable& table(const std::string& path) {
 // One weight matrix with its own storage, so a sequence of them streams from
 // memory the way a model's layers do (no matrix is still in cache when reused).
 struct OwnedWeight {
-  std::vector<float> f32;
-  std::vector<uint16_t> bf16;
-  std::vector<BlockQ8> q8;
+  shortrt::PageBuffer storage;
   shortrt::WeightMatrix view;
 };
 
-OwnedWeight make_weight(int64_t rows, int64_t cols, shortrt::WeightType type, uint64_t seed) {
-  OwnedWeight w;
+OwnedWeight make_weight(int64_t rows, int64_t cols, shortrt::WeightType type, uint64_t seed, bool huge_pages) {
   const size_t n = static_cast<size_t>(rows * cols);
-  w.f32.resize(n);
-  fill_random(w.f32.data(), n, seed);
-  w.view.type = type;
-  w.view.rows = rows;
-  w.view.cols = cols;
-  if (type == shortrt::WeightType::F32) {
-    w.view.f32 = w.f32.data();
-    return w;
+  std::vector<float> values(n);
+  fill_random(values.data(), n, seed);
+  shortrt::WeightMatrix view;
+  view.type = type;
+  view.rows = rows;
+  view.cols = cols;
+  OwnedWeight w{shortrt::PageBuffer(view.bytes(), huge_pages), view};
+  switch (type) {
+    case shortrt::WeightType::F32:
+      std::memcpy(w.storage.as<float>(), values.data(), n * sizeof(float));
+      w.view.f32 = w.storage.as<float>();
+      break;
+    case shortrt::WeightType::BF16:
+      shortrt::pack_bf16(values.data(), static_cast<int64_t>(n), w.storage.as<uint16_t>());
+      w.view.bf16 = w.storage.as<uint16_t>();
+      break;
+    case shortrt::WeightType::Q8:
+      shortrt::reference_kernels().quantize_row_q8(values.data(), static_cast<int64_t>(n), w.storage.as<BlockQ8>());
+      w.view.q8 = w.storage.as<BlockQ8>();
+      break;
   }
-  if (type == shortrt::WeightType::BF16) {
-    w.bf16.resize(n);
-    shortrt::pack_bf16(w.f32.data(), static_cast<int64_t>(n), w.bf16.data());
-    w.view.bf16 = w.bf16.data();
-  } else {
-    w.q8.resize(n / kQ8Block);
-    shortrt::reference_kernels().quantize_row_q8(w.f32.data(), static_cast<int64_t>(n), w.q8.data());
-    w.view.q8 = w.q8.data();
-  }
-  std::vector<float>().swap(w.f32);
   return w;
 }
 
@@ -108,14 +109,15 @@ shortrt::WeightType weight_type_from(const std::string& name) {
 }
 
 // Seconds per pass of summing a buffer of `mbytes` MB with the path's sum_f32,
-// split over the pool in 256 KB chunks.
-Timings bench_read_bandwidth(double mbytes, const std::string& path, int threads, int iters) {
+// split over the pool in 256 KB chunks (4 KB or transparent 2 MB pages).
+Timings bench_read_bandwidth(double mbytes, const std::string& path, int threads, int iters, bool huge_pages) {
   const KernelTable& k = table(path);
   const size_t n = static_cast<size_t>(mbytes * 1e6 / sizeof(float));
   if (n == 0 || iters <= 0) throw py::value_error("bench_read_bandwidth: need mbytes > 0 and iters > 0");
   py::gil_scoped_release release;
-  std::vector<float> buffer(n);
-  fill_random(buffer.data(), n, 7);
+  shortrt::PageBuffer storage(n * sizeof(float), huge_pages);
+  float* buffer = storage.as<float>();
+  fill_random(buffer, n, 7);
   constexpr int64_t kChunk = 65536;  // floats
   const int64_t n_chunks = static_cast<int64_t>((n + kChunk - 1) / kChunk);
   std::vector<float> sink(static_cast<size_t>(n_chunks));
@@ -127,7 +129,7 @@ Timings bench_read_bandwidth(double mbytes, const std::string& path, int threads
     pool.parallel_for(n_chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const int64_t first = c * kChunk, count = std::min<int64_t>(kChunk, static_cast<int64_t>(n) - first);
-        sink[c] = k.sum_f32(buffer.data() + first, count);
+        sink[c] = k.sum_f32(buffer + first, count);
       }
     });
     if (it >= 0) {
@@ -139,9 +141,10 @@ Timings bench_read_bandwidth(double mbytes, const std::string& path, int threads
 }
 
 // Seconds per iteration of running matmul on every shape once, in order, with
-// n_tokens activations (q8: including the activation quantization).
+// n_tokens activations (q8: including the activation quantization); weights in
+// 4 KB pages or, with huge_pages, in transparent 2 MB pages.
 Timings bench_matmuls(const std::vector<std::pair<int64_t, int64_t>>& shapes, const std::string& wtype,
-                                  const std::string& path, int threads, int64_t n_tokens, int iters) {
+                                  const std::string& path, int threads, int64_t n_tokens, int iters, bool huge_pages) {
   const KernelTable& k = table(path);
   const shortrt::WeightType type = weight_type_from(wtype);
   if (shapes.empty() || n_tokens <= 0 || iters <= 0)
@@ -157,7 +160,7 @@ Timings bench_matmuls(const std::vector<std::pair<int64_t, int64_t>>& shapes, co
   std::vector<OwnedWeight> weights;
   weights.reserve(shapes.size());
   for (size_t i = 0; i < shapes.size(); ++i)
-    weights.push_back(make_weight(shapes[i].first, shapes[i].second, type, 1000 + i));
+    weights.push_back(make_weight(shapes[i].first, shapes[i].second, type, 1000 + i, huge_pages));
   std::vector<float> x(static_cast<size_t>(n_tokens * max_cols)), y(static_cast<size_t>(n_tokens * max_rows));
   std::vector<BlockQ8> x_q8(static_cast<size_t>(n_tokens * max_cols / kQ8Block + 1));
   fill_random(x.data(), x.size(), 3);
@@ -212,15 +215,14 @@ Timings bench_parallel_for(int threads, int64_t n_items, int calls, int iters) {
 }  // namespace
 
 void register_kernel_bench(py::module_& m) {
-  m.def("bench_read_bandwidth", [](double mbytes, const std::string& path, int threads, int iters) {
-    return bench_read_bandwidth(mbytes, path, threads, iters).to_dict();
-  }, py::arg("mbytes"), py::arg("path"), py::arg("threads"),
-        py::arg("iters"), "Seconds per pass of summing an mbytes buffer (read bandwidth).");
+  m.def("bench_read_bandwidth", [](double mbytes, const std::string& path, int threads, int iters, bool huge_pages) {
+    return bench_read_bandwidth(mbytes, path, threads, iters, huge_pages).to_dict();
+  }, py::arg("mbytes"), py::arg("path"), py::arg("threads"), py::arg("iters"), py::arg("huge_pages") = false, "Seconds per pass of summing an mbytes buffer (read bandwidth).");
   m.def("bench_matmuls", [](const std::vector<std::pair<int64_t, int64_t>>& shapes, const std::string& wtype,
-                            const std::string& path, int threads, int64_t n_tokens, int iters) {
-    return bench_matmuls(shapes, wtype, path, threads, n_tokens, iters).to_dict();
+                            const std::string& path, int threads, int64_t n_tokens, int iters, bool huge_pages) {
+    return bench_matmuls(shapes, wtype, path, threads, n_tokens, iters, huge_pages).to_dict();
   }, py::arg("shapes"), py::arg("wtype"), py::arg("path"), py::arg("threads"),
-        py::arg("n_tokens"), py::arg("iters"),
+        py::arg("n_tokens"), py::arg("iters"), py::arg("huge_pages") = false,
         "Seconds per pass of matmul over every [rows, cols] shape once (each with its own random weights).");
   m.def("bench_parallel_for", [](int threads, int64_t n_items, int calls, int iters) {
     return bench_parallel_for(threads, n_items, calls, iters).to_dict();

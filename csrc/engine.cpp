@@ -112,6 +112,7 @@ std::vector<std::vector<int>> Engine::generate(const std::vector<std::vector<int
   std::vector<std::mt19937_64> rng(n_seq, std::mt19937_64(o.seed));  // one stream per sequence
   std::vector<int> next(n_seq), pos(n_seq);
   std::vector<bool> active(n_seq, true);
+  for (auto& o_b : out) o_b.reserve(o.max_new_tokens);  // no reallocation while decoding
   for (int b = 0; b < n_seq; ++b) {
     m.prefill(b, prompts[b], nullptr);
     pos[b] = static_cast<int>(prompts[b].size());

@@ -109,11 +109,14 @@ constexpr int kTileTokens = 4;
 
 template <class W>
 void gemm_dense(const W* w, int64_t n_rows, int64_t cols, const float* x, int64_t n_tok, float* y, int64_t ldy) {
-  if (n_tok == 1) {
-    // Decode is bound by memory bandwidth: stream one row at a time. Reading
-    // several rows side by side measured 2x slower here (the prefetchers
-    // follow one sequential stream per core far better than several short ones).
-    for (int64_t r = 0; r < n_rows; ++r) tile_dense<1, 1>(w + r * cols, cols, x, y + r, ldy);
+  if (n_tok <= 16) {
+    // Decode (and a batch of a few tokens) is bound by memory bandwidth: stream
+    // one row at a time. Reading several rows side by side measured 2x slower
+    // here (the prefetchers follow one sequential stream per core far better
+    // than several short ones).
+    for (int64_t r = 0; r < n_rows; ++r)
+      for (int64_t t = 0; t < n_tok; t += kTileTokens)
+        tile_dense_tokens<1>(min_i64(kTileTokens, n_tok - t), w + r * cols, cols, x + t * cols, y + t * ldy + r, ldy);
     return;
   }
   for (int64_t r = 0; r < n_rows; r += kTileRows) {
@@ -218,8 +221,11 @@ constexpr int kTileTokensQ8 = 3;
 
 void gemm_q8_avx2(const BlockQ8* w, int64_t n_rows, int64_t n_blocks, const BlockQ8* x, int64_t n_tok, float* y,
                   int64_t ldy) {
-  if (n_tok == 1) {
-    for (int64_t r = 0; r < n_rows; ++r) tile_q8<1, 1>(w + r * n_blocks, n_blocks, x, y + r, ldy);  // see gemm_dense
+  if (n_tok <= 16) {  // memory-bound: one row at a time, see gemm_dense
+    for (int64_t r = 0; r < n_rows; ++r)
+      for (int64_t t = 0; t < n_tok; t += kTileTokensQ8)
+        tile_q8_tokens<1>(min_i64(kTileTokensQ8, n_tok - t), w + r * n_blocks, n_blocks, x + t * n_blocks,
+                          y + t * ldy + r, ldy);
     return;
   }
   for (int64_t r = 0; r < n_rows; r += kTileRowsQ8) {

@@ -28,8 +28,13 @@ bool spin_until(Pred pred) {
   for (int i = 1;; ++i) {
     if (pred()) return true;
     cpu_relax();
-    // Reading the clock costs more than a pause, so only every 64 rounds.
-    if (i % 64 == 0 && std::chrono::steady_clock::now() - start > kSpinTime) return pred();
+    if (i % 64 == 0) {
+      // Reading the clock costs more than a pause, so only every 64 rounds.
+      if (std::chrono::steady_clock::now() - start > kSpinTime) return pred();
+      // On an oversubscribed machine the thread we wait for may be waiting for
+      // this core: let it run. With nothing else runnable this returns at once.
+      std::this_thread::yield();
+    }
   }
 }
 
@@ -95,9 +100,11 @@ void ThreadPool::run(int64_t n, int64_t grain, void* ctx, ChunkFn fn) {
   // joined it: they may still be running their last chunk, and they read the
   // job fields, which the next call overwrites.
   const uint32_t joined = entry_.fetch_or(kJobClosed, std::memory_order_acq_rel) & ~kJobClosed;
-  auto all_done = [this, joined] { return exits_.load(std::memory_order_acquire) == joined; };
+  // seq_cst load: with the store to caller_waiting_ below and the worker's
+  // fetch_add + load, either this sees the last exit or that worker sees us waiting.
+  auto all_done = [this, joined] { return exits_.load() == joined; };
   if (!spin_until(all_done)) {
-    caller_waiting_.store(true);  // seq_cst, paired with the exiting worker's check
+    caller_waiting_.store(true);
     std::unique_lock<std::mutex> lock(mutex_);
     done_.wait(lock, all_done);
     caller_waiting_.store(false, std::memory_order_relaxed);

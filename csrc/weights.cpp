@@ -37,10 +37,10 @@ float half_to_f32(uint16_t h) {
 // Drops the pages of a tensor that has been packed elsewhere from this
 // process's resident set (the file mapping is read-only, so they are simply
 // re-read if touched again). Keeps peak memory near the packed size.
-void release_pages(const TensorView& t) {
+void release_pages(const uint8_t* data, size_t nbytes) {
   static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data) + page - 1) / page * page;
-  uintptr_t end = (reinterpret_cast<uintptr_t>(t.data) + t.nbytes) / page * page;
+  uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + page - 1) / page * page;
+  uintptr_t end = (reinterpret_cast<uintptr_t>(data) + nbytes) / page * page;
   if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
 }
 
@@ -179,9 +179,11 @@ class Loader {
         if (f32) std::memcpy(f32 + out + begin, src, len * sizeof(float));
         if (bf16) pack_bf16(src, len, bf16 + out + begin);
         if (q8) quantize_q8(src, len, q8 + (out + begin) / kQ8Block);
+        const size_t elem = t->nbytes / n;
+        release_pages(t->data + begin * elem, len * elem);  // the whole pages inside this chunk
       }
       out += n;
-      release_pages(*t);
+      release_pages(t->data, t->nbytes);  // and the pages straddling chunk borders
     }
     return m;
   }

@@ -306,8 +306,8 @@ def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, m
     with torch.no_grad(), LayerStateHooks(decoder.layers, acc, sublayers=sublayers) as hooks, \
             tqdm(total=used_tokens, unit="tok", desc="calibrate", disable=not progress) as bar:
         for batch in _batches(sequences, batch_size):
-            hooks.reset()
             decoder(input_ids=batch, use_cache=False)
+            hooks.reset()  # drop this batch's states before the next forward allocates its own
             bar.update(batch.numel())
     seconds = time.perf_counter() - started
 

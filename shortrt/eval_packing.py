@@ -43,13 +43,13 @@ class Batch:
 
 
 def pack(segments: list[Segment], *, row_tokens: int, batch_tokens: int, pad_id: int = 0) -> list[Batch]:
-    """Batches covering every segment; a row holds up to max(row_tokens, longest segment) tokens."""
+    """Batches covering every segment: rows of up to `row_tokens` tokens (a longer segment gets
+    a row of its own), as many rows per batch as fit in `batch_tokens` (at least one)."""
     for i, s in enumerate(segments):
         if not s.context:
             raise ValueError(f"segment {i} has an empty context: nothing to predict the first token from")
         if any(len(b) == 0 for b in s.branches):
             raise ValueError(f"segment {i} has an empty choice")
-    capacity = max([row_tokens] + [len(s) for s in segments])
     # First-fit decreasing: long segments first, each into the first row with room.
     order = sorted(range(len(segments)), key=lambda i: -len(segments[i]))
     rows: list[list[int]] = []
@@ -63,9 +63,15 @@ def pack(segments: list[Segment], *, row_tokens: int, batch_tokens: int, pad_id:
                 break
         else:
             rows.append([i])
-            room.append(capacity - n)
-    per_batch = max(1, batch_tokens // capacity)
-    return [_build(segments, rows[b:b + per_batch], pad_id) for b in range(0, len(rows), per_batch)]
+            room.append(max(row_tokens - n, 0))
+    lengths = [sum(len(segments[i]) for i in row) for row in rows]
+    batches, start = [], 0
+    while start < len(rows):
+        # Rows holding one over-long segment come first; every other row is at most row_tokens.
+        per_batch = max(1, batch_tokens // max(lengths[start], row_tokens))
+        batches.append(_build(segments, rows[start:start + per_batch], pad_id))
+        start += per_batch
+    return batches
 
 
 def _build(segments: list[Segment], rows: list[list[int]], pad_id: int) -> Batch:

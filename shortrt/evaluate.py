@@ -61,11 +61,13 @@ def evaluate(model, tasks=("ppl",), *, n_samples: int = 200, n_tokens: int = 163
 def evaluate_layer_maps(model, layer_maps: dict, tasks=("ppl",), *, n_samples: int = 200,
                         n_tokens: int = 16384, seq_len: int = 512, stride: int = 256, seed: int = 0,
                         engine: str = "hf", batch_tokens: int = 2048, progress: bool = True,
-                        tokenizer=None, hf=None) -> dict:
+                        tokenizer=None, hf=None, per_item: bool = False) -> dict:
     """{name: evaluate-style result} for each layer map (None = the model as it is), in one pass.
 
     Every map sees the same questions and windows, so their differences are paired.
     hf: an already loaded transformers model of `model` (saves reloading it).
+    per_item: also return each question's correctness (and each ppl window's NLL and token
+    count) under "items", for paired comparisons between maps.
     """
     from .sources import load
 
@@ -100,15 +102,16 @@ def evaluate_layer_maps(model, layer_maps: dict, tasks=("ppl",), *, n_samples: i
     sums = [torch.zeros(len(segments), width, dtype=torch.float64) for _ in plans]
     counts = torch.zeros(len(segments), width, dtype=torch.long)
     bar = _progress(progress, sum(b.num_tokens for b in batches), f"eval {','.join(tasks)}")
-    for batch in batches:
-        hidden = forward_plans(hf, batch.input_ids, batch.position_ids, batch.mask, plans)
-        slot = batch.branch + 1
-        counts.index_put_((batch.segment, slot), torch.ones_like(slot), accumulate=True)
-        for p, h in enumerate(hidden):
-            logp = _token_logprobs(hf, h[batch.rows, batch.cols], batch.targets)
-            sums[p].index_put_((batch.segment, slot), logp.double(), accumulate=True)
-        if bar is not None:
-            bar.update(batch.num_tokens)
+    with torch.inference_mode():
+        for batch in batches:
+            hidden = forward_plans(hf, batch.input_ids, batch.position_ids, batch.mask, plans)
+            slot = batch.branch + 1
+            counts.index_put_((batch.segment, slot), torch.ones_like(slot), accumulate=True)
+            for p, h in enumerate(hidden):
+                logp = _token_logprobs(hf, h[batch.rows, batch.cols], batch.targets)
+                sums[p].index_put_((batch.segment, slot), logp.double(), accumulate=True)
+            if bar is not None:
+                bar.update(batch.num_tokens)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -121,9 +124,9 @@ def evaluate_layer_maps(model, layer_maps: dict, tasks=("ppl",), *, n_samples: i
         for task in tasks:
             idx = [i for i, (t, _) in enumerate(owners) if t == task]
             if task == "ppl":
-                metrics[task] = _ppl_metrics(total, counts, idx)
+                metrics[task] = _ppl_metrics(total, counts, idx, per_item)
             else:
-                metrics[task] = _mc_metrics(total, [owners[i][1] for i in idx], idx)
+                metrics[task] = _mc_metrics(total, [owners[i][1] for i in idx], idx, per_item)
         out[name] = {"model": m.name, "layers": len(plan),
                      "attention_layers": sum(1 for s in plan if s.attention),
                      "tasks": metrics, "seconds": seconds, "settings": settings}
@@ -188,23 +191,30 @@ def _token_logprobs(hf, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return torch.cat(out) if out else hidden.new_zeros(0)
 
 
-def _ppl_metrics(total, counts, idx) -> dict:
+def _ppl_metrics(total, counts, idx, per_item: bool = False) -> dict:
     logp = float(total[idx, 0].sum())
     n = int(counts[idx, 0].sum())
     nll = -logp / n
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": n}
+    out = {"ppl": math.exp(nll), "nll": nll, "tokens": n}
+    if per_item:
+        out["items"] = {"window_nll": [-float(total[i, 0]) for i in idx],
+                        "window_tokens": [int(counts[i, 0]) for i in idx]}
+    return out
 
 
-def _mc_metrics(total, questions, idx) -> dict:
-    correct = correct_norm = 0
+def _mc_metrics(total, questions, idx, per_item: bool = False) -> dict:
+    correct, correct_norm = [], []
     for q, i in zip(questions, idx):
         ll = total[i, 1:1 + len(q.choices)]
         per_byte = ll / torch.tensor([len(c.encode("utf-8")) for c in q.choices], dtype=ll.dtype)
-        correct += int(int(ll.argmax()) == q.gold)
-        correct_norm += int(int(per_byte.argmax()) == q.gold)
+        correct.append(int(int(ll.argmax()) == q.gold))
+        correct_norm.append(int(int(per_byte.argmax()) == q.gold))
     n = len(questions)
-    acc, acc_norm = correct / n, correct_norm / n
-    return {"acc": acc, "acc_se": _se(acc, n), "acc_norm": acc_norm, "acc_norm_se": _se(acc_norm, n), "n": n}
+    acc, acc_norm = sum(correct) / n, sum(correct_norm) / n
+    out = {"acc": acc, "acc_se": _se(acc, n), "acc_norm": acc_norm, "acc_norm_se": _se(acc_norm, n), "n": n}
+    if per_item:
+        out["items"] = {"correct": correct, "correct_norm": correct_norm}
+    return out
 
 
 def _se(p: float, n: int) -> float:

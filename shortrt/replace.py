@@ -1,204 +1,244 @@
-"""Replace a removed span of layers with one trained module (LLM-Streamline, Chen et al. 2024).
+"""Replace a removed span of layers with one trained module: `replace(model, layer_map, out_dir)`.
 
-The span [s, s+n) is cut out; a lightweight module learns to map the span's
-input hidden state to its output hidden state, on states captured from the
-dense model over calibration text:
+LLM-Streamline (Chen et al. 2024): `select(scores, remove=n, method="span")` picks the contiguous
+span whose input and output are most alike; instead of dropping it, one module is trained on
+calibration text to map the span's input to its output (shortrt.replace_training), and the
+checkpoint keeps the retained layers with that module at the span's position:
 
-- kind="layer": one decoder layer, initialised from the layer of the span that
-  already maps best; the checkpoint stays a standard Llama (transformers loads it).
-- kind="mlp":   a SwiGLU MLP with its RMSNorm and residual, h + mlp(norm(h)),
-  initialised from a span layer's MLP, so its parameter budget equals one
-  layer's MLP. It is stored as an attention-less layer (shortrt runs it).
+- kind="layer": a full decoder layer, entry kind "layer_replacement". The checkpoint stays a
+  standard Llama (transformers loads it and generates with its KV cache).
+- kind="mlp":   an attention-less layer (post_attention_layernorm + mlp only), entry kind
+  "mlp_replacement", no KV slot; shortrt's runtime, reference model and evaluate run it.
 
-Loss is MSE (optionally plus a cosine term) on the span output; Adam with a
-fixed seed; early stop on a held-out slice of the sequences, keeping the best
-weights.
+shortrt.json records the replacement: kind, span, the layer it started from, the training data
+and token count, steps, learning rate, final training loss, and the held-out loss of the trained
+module, of its initial weights and of plain removal (the identity).
+
+Defaults (measured on SmolLM2-135M, 2 CPU cores; see benchmarks/results/replace/summary.md):
+DEFAULT_TOKENS calibration tokens in sequences of DEFAULT_SEQ_LEN, at most DEFAULT_STEPS steps
+of DEFAULT_BATCH sequences. Capturing the states costs one partial forward pass.
 """
 from __future__ import annotations
 
-import copy
-import math
-import time
-from dataclasses import dataclass
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 
 from .errors import ShortrtError
+from .layermap import LayerEntry, LayerMap
+from .replace_training import KINDS, MLPBlock, TrainResult, train_replacement  # noqa: F401 (re-exported)
 
-KINDS = ("layer", "mlp")
-
-
-@dataclass
-class TrainResult:
-    module: torch.nn.Module
-    init_layer: int
-    steps: int
-    train_loss: float
-    heldout_loss: float
-    heldout_loss_at_init: float
-    heldout_loss_identity: float  # plain removal: predicting the span output by its input
-    seconds: float
+DEFAULT_TOKENS = 32768
+DEFAULT_SEQ_LEN = 512
+DEFAULT_STEPS = 300
+DEFAULT_BATCH = 4
+DEFAULT_LR = 3e-4
+_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-def _span_of(layer_map) -> list[int]:
+def span_of(layer_map: LayerMap) -> list[int]:
+    """The one contiguous span of original layers `layer_map` removes (clear errors otherwise)."""
+    if not isinstance(layer_map, LayerMap):
+        raise TypeError(f"layer_map must be a shortrt LayerMap, got {type(layer_map).__name__}")
+    odd = sorted({e.kind for e in layer_map.layers} - {"layer"})
+    if odd:
+        raise ShortrtError(f"the layer map already has {odd} entries; replace needs a map of plain layers "
+                           "from select(scores, remove=N, method='span')")
+    if any(not e.attention or not e.mlp for e in layer_map.layers):
+        raise ShortrtError("a replacement cannot be combined with attention or MLP sublayer pruning "
+                           "(this layer map drops sublayers); use select(..., method='span')")
     removed = sorted(layer_map.removed)
     if not removed:
         raise ShortrtError("the layer map removes no layers: there is no span to replace")
     if removed != list(range(removed[0], removed[-1] + 1)):
-        raise ShortrtError(
-            f"a replacement needs one contiguous removed span (select(..., method='span')); "
-            f"this layer map removes {removed}"
-        )
-    if any(not e.attention or not e.mlp for e in layer_map.layers):
-        raise ShortrtError("a replacement cannot be combined with attention or MLP sublayer pruning")
+        raise ShortrtError(f"a replacement needs one contiguous removed span (select(..., method='span')); "
+                           f"this layer map removes {removed}")
+    expected = [i for i in range(layer_map.source_num_layers) if i not in set(removed)]
+    if [e.source for e in layer_map.layers] != expected:
+        raise ShortrtError("the layer map must keep every other layer in its original order; "
+                           f"it keeps {[e.source for e in layer_map.layers]}")
     return removed
 
 
-class _MLPBlock(torch.nn.Module):
-    """h + mlp(rmsnorm(h)): an attention-less decoder layer."""
+def _training_batches(tokenizer, texts, n_tokens: int, seq_len: int, batch: int):
+    """([batch, seq_len] id tensors, tokens used): full-length calibration sequences only, so every
+    batch shares one causal mask and one set of rotary positions."""
+    from .calibrate import calibration_sequences
 
-    def __init__(self, layer):
-        super().__init__()
-        self.post_attention_layernorm = copy.deepcopy(layer.post_attention_layernorm)
-        self.mlp = copy.deepcopy(layer.mlp)
-
-    def forward(self, hidden, **_):
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
-
-
-class _Captured:
-    """Span inputs/targets of calibration sequences, plus what a decoder layer needs to run."""
-
-    def __init__(self, inputs, targets, layer_kwargs):
-        self.inputs = inputs  # [n_seq, seq_len, hidden]
-        self.targets = targets
-        self.layer_kwargs = layer_kwargs  # position embeddings etc., identical for every batch of seq_len
+    sequences = [s for s in calibration_sequences(tokenizer, texts, n_tokens, seq_len) if s.shape[0] == seq_len]
+    if len(sequences) < 2:
+        raise ShortrtError(f"training a replacement needs at least 2 calibration sequences of {seq_len} tokens; "
+                           f"the text gives {len(sequences)} (n_tokens={n_tokens}). Give more text or a smaller seq_len")
+    batches = [torch.stack(sequences[i:i + batch]) for i in range(0, len(sequences), batch)]
+    return batches, len(sequences) * seq_len
 
 
-def _capture(hf, token_batches, start, end, progress) -> _Captured:
-    from tqdm.auto import tqdm
-
-    layers = hf.model.layers
-    inputs, targets, kwargs_seen = [], [], {}
-
-    def pre_hook(_module, args, kwargs):
-        inputs.append(args[0].detach().clone() if args else kwargs["hidden_states"].detach().clone())
-        if not kwargs_seen:
-            kwargs_seen.update({k: v for k, v in kwargs.items() if k in ("attention_mask", "position_embeddings", "position_ids")})
-
-    def post_hook(_module, _args, output):
-        out = output[0] if isinstance(output, tuple) else output
-        targets.append(out.detach().clone())
-
-    h1 = layers[start].register_forward_pre_hook(pre_hook, with_kwargs=True)
-    h2 = layers[end - 1].register_forward_hook(post_hook)
-    try:
-        with torch.no_grad():
-            for ids in tqdm(token_batches, desc="capturing span states", disable=not progress, unit="batch"):
-                hf(input_ids=ids, use_cache=False)
-    finally:
-        h1.remove()
-        h2.remove()
-    return _Captured(torch.cat(inputs), torch.cat(targets), kwargs_seen)
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _loss(pred, target, cosine_weight):
-    loss = torch.nn.functional.mse_loss(pred, target)
-    if cosine_weight:
-        cos = torch.nn.functional.cosine_similarity(pred, target, dim=-1)
-        loss = loss + cosine_weight * (1 - cos).mean()
-    return loss
+def replace(model, layer_map: LayerMap, out_dir, *, kind: str = "layer", texts=None,
+            n_tokens: int = DEFAULT_TOKENS, seq_len: int = DEFAULT_SEQ_LEN, steps: int = DEFAULT_STEPS,
+            lr: float = DEFAULT_LR, batch: int = DEFAULT_BATCH, cosine_weight: float = 0.0, seed: int = 0,
+            overwrite: bool = False, progress: bool = True):
+    """Train a replacement for the span `layer_map` removes and write the checkpoint to `out_dir`.
 
-
-def _run(module, x, layer_kwargs):
-    kw = dict(layer_kwargs)
-    mask = kw.get("attention_mask")
-    if mask is not None and mask.shape[0] not in (1, x.shape[0]):
-        kw["attention_mask"] = mask[:1].expand(x.shape[0], *mask.shape[1:])
-    pe = kw.get("position_embeddings")
-    if pe is not None:
-        kw["position_embeddings"] = tuple(t[:1].expand(x.shape[0], *t.shape[1:]) for t in pe)
-    if "position_ids" in kw:
-        kw["position_ids"] = kw["position_ids"][:1].expand(x.shape[0], -1)
-    out = module(x, **kw)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _eval_loss(module, data: _Captured, idx, batch, cosine_weight):
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(idx), batch):
-            b = idx[i : i + batch]
-            pred = _run(module, data.inputs[b], data.layer_kwargs)
-            total += _loss(pred, data.targets[b], cosine_weight).item() * len(b)
-            count += len(b)
-    return total / max(count, 1)
-
-
-def train_replacement(hf, span, token_batches, *, kind="layer", steps=300, lr=3e-4, batch=4,
-                      cosine_weight=0.0, heldout_fraction=0.125, eval_every=25, patience=4,
-                      seed=0, progress=True) -> TrainResult:
-    """Train a module mapping the input of layers `span` to their output. See the module docstring."""
-    from tqdm.auto import tqdm
+    model: "default", a dense checkpoint directory, a .gguf file, or a Model.
+    layer_map: from select(scores, remove=n, method="span"): one contiguous removed span.
+    kind: "layer" (one decoder layer; a standard checkpoint) or "mlp" (an attention-less SwiGLU
+    block with one layer's MLP parameters). texts: calibration text (None = the packaged Austen
+    chapters; a .txt/.jsonl path or a list of strings). n_tokens, seq_len: calibration tokens and
+    tokens per sequence. steps, lr, batch: most Adam steps, peak learning rate, sequences per step.
+    cosine_weight: weight of a (1 - cos) term added to the MSE loss. Returns the written Model.
+    """
+    from . import data
+    from .prune import _check_out_dir
+    from .sources import load
 
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-    t0 = time.time()
-    start, end = span[0], span[-1] + 1
-    data = _capture(hf, token_batches, start, end, progress)
-    n_seq = data.inputs.shape[0]
-    if n_seq < 2:
-        raise ShortrtError("training a replacement needs at least 2 calibration sequences")
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n_seq, generator=gen)
-    n_held = max(1, int(round(n_seq * heldout_fraction)))
-    held, train = order[:n_held], order[n_held:]
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    for name, value in (("n_tokens", n_tokens), ("seq_len", seq_len), ("steps", steps), ("batch", batch)):
+        _check_positive(name, value)
+    src = load(model)
+    config = src.config()
+    num_layers = int(config["num_hidden_layers"])
+    span = span_of(layer_map)
+    if layer_map.source_num_layers != num_layers:
+        raise ValueError(f"the layer map is for a model with {layer_map.source_num_layers} layers but "
+                         f"{src} has {num_layers}")
+    meta = src.shortrt_json()
+    if meta is not None and not LayerMap.from_json(meta).is_dense:
+        raise ShortrtError(f"{src} is already pruned ({meta.get('method')!r}); train a replacement on the dense "
+                           "model it came from")
+    max_positions = config.get("max_position_embeddings")
+    if max_positions and seq_len > max_positions:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
+    out = _check_out_dir(Path(out_dir), src.path, overwrite)  # before minutes of training, not after
 
-    def make(layer_idx):
-        layer = hf.model.layers[layer_idx]
-        return copy.deepcopy(layer) if kind == "layer" else _MLPBlock(layer)
+    texts, description = data.calibration_texts("default" if texts is None else texts)
+    batches, used_tokens = _training_batches(src.tokenizer(), texts, n_tokens, seq_len, batch)
+    hf = src.load_hf(torch.float32)
+    result = train_replacement(hf, span, batches, kind=kind, steps=steps, lr=lr, batch=batch,
+                               cosine_weight=cosine_weight, seed=seed, progress=progress)
+    del hf
+    record = replacement_record(result, span, kind=kind, lr=lr, batch=batch, cosine_weight=cosine_weight,
+                                seed=seed, max_steps=steps,
+                                data={"source": description, "n_tokens": used_tokens, "seq_len": seq_len,
+                                      "n_sequences": result.n_train + result.n_heldout})
+    _write_checkpoint(src, config, layer_map, span, result, record, out)
+    return load(out)
 
-    # Start from whichever layer of the span already maps the span best.
-    candidates = [(_eval_loss(make(i), data, held, batch, cosine_weight), i) for i in span]
-    init_loss, init_layer = min(candidates)
-    identity = torch.nn.Identity()
-    identity_loss = _eval_loss(lambda x, **_: identity(x), data, held, batch, cosine_weight)
 
-    torch.manual_seed(seed)
-    module = make(init_layer).train()
-    for p in module.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(module.parameters(), lr=lr)
-    best_state, best_loss, bad_evals, step, last_train = copy.deepcopy(module.state_dict()), init_loss, 0, 0, math.nan
-    bar = tqdm(total=steps, desc=f"training {kind} replacement for layers {start}-{end - 1}", disable=not progress)
-    while step < steps:
-        perm = train[torch.randperm(len(train), generator=gen)]
-        for i in range(0, len(perm), batch):
-            b = perm[i : i + batch]
-            loss = _loss(_run(module, data.inputs[b], data.layer_kwargs), data.targets[b], cosine_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            last_train = loss.item()
-            step += 1
-            bar.update(1)
-            if step % eval_every == 0 or step == steps:
-                module.eval()
-                held_loss = _eval_loss(module, data, held, batch, cosine_weight)
-                module.train()
-                bar.set_postfix(train=f"{last_train:.4g}", heldout=f"{held_loss:.4g}")
-                if held_loss < best_loss:
-                    best_loss, bad_evals = held_loss, 0
-                    best_state = copy.deepcopy(module.state_dict())
-                else:
-                    bad_evals += 1
-            if step >= steps or bad_evals >= patience:
-                break
-        if bad_evals >= patience:
-            break
-    bar.close()
-    module.load_state_dict(best_state)
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return TrainResult(module, init_layer, step, last_train, best_loss, init_loss, identity_loss, time.time() - t0)
+def replacement_record(result: TrainResult, span: list[int], *, kind: str, lr: float, batch: int,
+                       cosine_weight: float, seed: int, max_steps: int, data: dict) -> dict:
+    """The "replacement" object of shortrt.json."""
+    return {
+        "kind": kind,
+        "span": list(span),
+        "init_layer": result.init_layer,
+        "parameters": sum(p.numel() for p in result.module.parameters()),
+        "loss": "mse" + (f" + {cosine_weight:g} * (1 - cos)" if cosine_weight else ""),
+        "data": {**data, "train_sequences": result.n_train, "heldout_sequences": result.n_heldout},
+        "steps": result.steps,
+        "max_steps": max_steps,
+        "best_step": result.best_step,
+        "batch": batch,
+        "lr": lr,
+        "seed": seed,
+        "train_loss": result.train_loss,
+        "heldout_loss": result.heldout_loss,
+        "heldout_loss_at_init": result.heldout_loss_at_init,
+        "heldout_loss_identity": result.heldout_loss_identity,
+        "init_candidates": {str(k): v for k, v in result.init_candidates.items()},
+        "history": [[step, train, held] for step, train, held in result.history],
+        "seconds": {"capture": round(result.capture_seconds, 2), "train": round(result.train_seconds, 2)},
+    }
+
+
+def _tensor_bytes(t: torch.Tensor, dtype: str) -> bytes:
+    t = t.detach().to(_TORCH_DTYPES[dtype]).contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _write_checkpoint(src, config: dict, layer_map: LayerMap, span: list[int], result: TrainResult,
+                      record: dict, out: Path) -> None:
+    """The retained layers' tensors, the trained module's at the span's position, config and shortrt.json."""
+    from .prune import _NOT_COPIED, MAX_SHARD_BYTES, _move_into_place, _pruned_config, _tensor_plan
+    from .safetensors_writer import TensorSource, write_sharded
+
+    kind = record["kind"]
+    position = sum(1 for e in layer_map.layers if e.source < span[0])
+    before, after = layer_map.layers[:position], layer_map.layers[position:]
+    # The plan of a checkpoint that keeps the init layer where the span was (without its
+    # attention for kind="mlp"): prune's machinery then gives every tensor name, dtype, shape
+    # and per-layer config value, and the init layer's tensors are swapped for the trained ones.
+    stand_in = LayerMap(layer_map.source_num_layers,
+                        [LayerEntry(e.source) for e in before] + [LayerEntry(result.init_layer, attention=kind == "layer")]
+                        + [LayerEntry(e.source) for e in after],
+                        "replace", [i for i in span if i != result.init_layer])
+    written = LayerMap(layer_map.source_num_layers,
+                       [LayerEntry(e.source) for e in before]
+                       + [LayerEntry(list(span), kind=f"{kind}_replacement", attention=kind == "layer", mlp=True)]
+                       + [LayerEntry(e.source) for e in after],
+                       layer_map.method, [], scores=layer_map.scores, calibration=layer_map.calibration,
+                       replacement=record, source=src.name)
+    prefix = f"model.layers.{position}."
+    trained = {prefix + name: t for name, t in result.module.state_dict().items()}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        with contextlib.ExitStack() as stack:
+            plan = _tensor_plan(src, stand_in, stack)
+            slot = [t.name for t in plan if t.name.startswith(prefix)]
+            if sorted(slot) != sorted(trained):
+                raise ShortrtError(f"the trained module's tensors {sorted(trained)} do not match the layer's "
+                                   f"tensors in {src.path}: {sorted(slot)}")
+            tensors = []
+            for t in plan:
+                if t.name in trained:
+                    value = trained[t.name]
+                    if list(value.shape) != list(t.shape):
+                        raise ShortrtError(f"trained tensor {t.name} has shape {list(value.shape)}, "
+                                           f"the checkpoint's has {t.shape}")
+                    t = TensorSource(t.name, t.dtype, t.shape, lambda v=value, d=t.dtype: _tensor_bytes(v, d))
+                tensors.append(t)
+            write_sharded(tmp, tensors, max_shard_bytes=MAX_SHARD_BYTES, metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(_pruned_config(config, stand_in), indent=2) + "\n")
+        (tmp / "shortrt.json").write_text(json.dumps(written.to_json(), indent=2) + "\n")
+        for f in sorted(src.path.iterdir()):
+            if f.is_file() and not f.name.startswith(".") and not _NOT_COPIED.search(f.name):
+                shutil.copy2(f, tmp / f.name)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is ordinary data
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replaced_checkpoint(model, scores, k: int, kind: str, **kw):
+    """The span+`kind` checkpoint with `k` layers replaced, made once and cached.
+
+    It lives in $SHORTRT_CACHE/bench/<model dir name>/span+<kind>-p<k> (where
+    benchmarks/latency.py looks) and is rebuilt only when its recorded span or kind differ
+    from what `select(scores, remove=k, method="span")` gives now. kw go to replace().
+    """
+    from .select import select
+    from .sources import cache_dir, load
+
+    src = load(model)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    lmap = select(scores, remove=k, method="span")
+    out = cache_dir() / "bench" / src.path.name / f"span+{kind}-p{k}"
+    if (out / "config.json").is_file() and (out / "shortrt.json").is_file():
+        cached = json.loads((out / "shortrt.json").read_text()).get("replacement") or {}
+        if cached.get("kind") == kind and cached.get("span") == sorted(lmap.removed):
+            return load(out)
+    return replace(src, lmap, out, kind=kind, overwrite=True, **kw)

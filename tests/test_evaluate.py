@@ -188,3 +188,20 @@ def test_masked_layer_maps_equal_their_pruned_checkpoints(tiny, tmp_path):
     hf, plan = load_for_plan(drop)
     assert [s.index for s in plan] == [0, 1, 2]
     assert ev.apply_layer_map(plan, LayerMap.from_removed(3, [1])) == (Step(0), Step(2))
+
+
+def test_eval_command_prints_a_table_and_writes_json(tiny, tmp_path, capsys):
+    import json
+
+    from shortrt.cli import main
+
+    path = tmp_path / "r.json"
+    code = main(["eval", str(tiny.path), "--tasks", "ppl", "--tokens", "64", "--seq-len", "32", "--stride", "16",
+                 "--skip-layers", "2", "--json", str(path), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    saved = json.loads(path.read_text())
+    assert saved["layers"] == 4 and saved["skipped_layers"] == [2] and saved["tasks"]["ppl"]["tokens"] == 64
+    assert f"ppl {saved['tasks']['ppl']['ppl']:.3f}" in printed
+    assert main(["eval", str(tiny.path), "--tasks", "ppl,bogus"]) == 1
+    assert "unknown task(s) ['bogus']" in capsys.readouterr().err

@@ -326,6 +326,12 @@ def test_parallel_for_covers_every_item_once_in_chunks_of_at_most_grain(threads,
     assert largest_chunk <= grain
 
 
+def test_parallel_for_survives_many_quick_jobs():
+    # Thousands of tiny jobs race workers that join late against the caller closing the job.
+    visits, _ = _C.threadpool_visits(8, 1, 3, repeats=3000)
+    np.testing.assert_array_equal(visits, np.full(8, 3000))
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_parallel_for_rethrows_and_stays_usable(threads):
     with pytest.raises(ValueError, match="item 37 failed; pool then covered 100 items"):

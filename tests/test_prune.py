@@ -206,3 +206,21 @@ def test_default_model_pruned_by_eight_layers(default_model, tmp_path):
     cached = hf.generate(ids, max_new_tokens=16, do_sample=False, use_cache=True)
     uncached = hf.generate(ids, max_new_tokens=16, do_sample=False, use_cache=False)
     assert cached.tolist() == uncached.tolist()
+
+
+def test_prune_command(tiny6, tmp_path, capsys):
+    from shortrt.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["prune", str(tiny6), "--layers", "1,2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "4 of 6 kept" in printed and "removed     1, 2" in printed
+    assert shortrt.load(out).shortrt_json()["removed"] == [1, 2]
+    assert main(["prune", str(tiny6), "--remove", "1", "--method", "last", "--out", str(out)]) == 1
+    assert "not empty; pass --force" in capsys.readouterr().err
+    assert main(["prune", str(tiny6), "--remove", "2", "--out", str(tmp_path / "y")]) == 1
+    assert "needs --scores" in capsys.readouterr().err
+    assert main(["prune", str(tiny6), "--layers", "1,x", "--out", str(tmp_path / "y")]) == 1
+    assert "comma-separated layer indices" in capsys.readouterr().err
+    assert main(["prune", str(tiny6), "--remove", "1", "--method", "last", "--out", str(out), "--force"]) == 0
+    assert shortrt.load(out).shortrt_json()["removed"] == [4]

@@ -1,7 +1,6 @@
 """The embedding example (examples/generate_ids.cpp, no Python) and the `shortrt generate` command."""
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -40,14 +39,18 @@ def test_generate_ids_example_reports_errors(tmp_path):
     assert proc.returncode == 1 and "outside the vocabulary" in proc.stderr
 
 
-def test_cli_generate(tmp_path):
+def test_cli_generate(tmp_path, capsys):
+    from shortrt.cli import main
+
     path, _ = make_tiny(tmp_path / "m", tokenizer=True)
-    base = [sys.executable, "-m", "shortrt.cli", "generate", str(path), "-p", "Once upon", "-n", "8"]
-    out = subprocess.run(base, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    base = ["generate", str(path), "-p", "Once upon", "-n", "8"]
+    assert main(base) == 0
     expected = Engine(path).generate("Once upon", max_new_tokens=8)
-    assert out.stdout == expected + "\n"
-    streamed = subprocess.run(base + ["--stream"], capture_output=True, text=True, timeout=120)
-    assert streamed.stdout == out.stdout
-    bad = subprocess.run(base + ["--top-p", "2"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "top_p must be in (0, 1]" in bad.stderr
+    assert capsys.readouterr().out == expected + "\n"
+    assert main(base + ["--stream", "--dtype", "fp32"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert main(base + ["-p", "The quick", "--skip", "1,2"]) == 0
+    assert capsys.readouterr().out.splitlines() == Engine(path, skip_layers=[1, 2], max_batch=2).generate(
+        ["Once upon", "The quick"], max_new_tokens=8)
+    assert main(base + ["--top-p", "2"]) == 1
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err

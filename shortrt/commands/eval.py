@@ -1,10 +1,51 @@
-"""`shortrt eval` (placeholder until its issue lands)."""
-HELP = "eval (not yet available)"
+"""`shortrt eval`: perplexity on held-out prose and multiple-choice accuracy, as a table (and JSON)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HELP = "measure perplexity and multiple-choice accuracy (ARC, HellaSwag, PIQA, MMLU)"
 
 
 def add_arguments(parser):
-    parser.add_argument("model", nargs="?", default="default")
+    parser.add_argument("model", nargs="?", default="default",
+                        help="checkpoint directory (pruned or not), .gguf file, or 'default' (default: %(default)s)")
+    parser.add_argument("--tasks", default="ppl",
+                        help="comma-separated: ppl, arc_easy, arc_challenge, hellaswag, piqa, mmlu, or 'all' "
+                             "(default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=200,
+                        help="questions per multiple-choice task, drawn with --seed (default: %(default)s)")
+    parser.add_argument("--tokens", type=int, default=16384,
+                        help="held-out tokens scored for ppl (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=512, help="ppl window length (default: %(default)s)")
+    parser.add_argument("--stride", type=int, default=256, help="ppl window step (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    parser.add_argument("--skip-layers", default=None,
+                        help="evaluate with these layers of MODEL skipped, in memory, e.g. 20,21,22")
+    parser.add_argument("--json", default=None, help="also write the result to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def run(args):
-    raise NotImplementedError("shortrt eval is not available yet")
+def run(args) -> int:
+    from shortrt.evaluate import evaluate, format_table
+    from shortrt.layermap import LayerMap
+    from shortrt.sources import load
+
+    from .prune import parse_layers
+
+    model = load(args.model)
+    layer_map = None
+    if args.skip_layers:
+        n = int(model.config()["num_hidden_layers"])
+        layer_map = LayerMap.from_removed(n, parse_layers(args.skip_layers), method="skip")
+    result = evaluate(model, args.tasks, n_samples=args.samples, n_tokens=args.tokens, seq_len=args.seq_len,
+                      stride=args.stride, seed=args.seed, layer_map=layer_map, progress=not args.no_progress)
+    if layer_map is not None:
+        result["skipped_layers"] = layer_map.removed
+    print(format_table(result))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0

@@ -1,10 +1,96 @@
-"""`shortrt prune` (placeholder until its issue lands)."""
-HELP = "prune (not yet available)"
+"""`shortrt prune`: choose layers to remove (from calibration scores or a list) and write the pruned checkpoint."""
+from __future__ import annotations
+
+HELP = "remove layers (or attention sublayers) and write a pruned checkpoint"
 
 
 def add_arguments(parser):
-    parser.add_argument("model", nargs="?", default="default")
+    parser.add_argument("model", nargs="?", default="default",
+                        help="checkpoint directory, .gguf file, or 'default' (default: %(default)s)")
+    parser.add_argument("--scores", help="scores JSON from `shortrt calibrate` (needed by shortgpt, span, attention)")
+    how = parser.add_mutually_exclusive_group(required=True)
+    how.add_argument("--remove", type=int, help="number of layers to remove")
+    how.add_argument("--ratio", type=float, help="fraction of the layers to remove, e.g. 0.25")
+    how.add_argument("--layers", help="remove exactly these layers, e.g. 3,4,5 (with --method attention: "
+                                      "remove these layers' attention)")
+    parser.add_argument("--method", default="shortgpt",
+                        choices=["shortgpt", "span", "attention", "last", "random"],
+                        help="how to choose the layers (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random method (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="directory to write the pruned checkpoint to")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
 
 
-def run(args):
-    raise NotImplementedError("shortrt prune is not available yet")
+def parse_layers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--layers must be comma-separated layer indices like 3,4,5, got {text!r}") from None
+
+
+def build_layer_map(args, num_layers: int):
+    from shortrt.layermap import LayerMap
+    from shortrt.select import select
+
+    if args.layers is not None:
+        layers = parse_layers(args.layers)
+        if args.method == "attention":
+            return LayerMap.from_removed_attention(num_layers, layers, method="manual-attention")
+        return LayerMap.from_removed(num_layers, layers, method="manual")
+    if args.scores is None:
+        if args.method in ("shortgpt", "span", "attention"):
+            raise ValueError(f"--method {args.method} needs --scores (run `shortrt calibrate` first)")
+        scores = {"num_layers": num_layers}
+    else:
+        scores = args.scores
+    lmap = select(scores, remove=args.remove, ratio=args.ratio, method=args.method, seed=args.seed)
+    if lmap.source_num_layers != num_layers:
+        raise ValueError(f"{args.scores} is for a model with {lmap.source_num_layers} layers, "
+                         f"but the model has {num_layers}")
+    return lmap
+
+
+def format_summary(lmap, out) -> str:
+    kept = len(lmap.layers)
+    lines = [f"method      {lmap.method}",
+             f"layers      {kept} of {lmap.source_num_layers} kept, {lmap.num_attention} with attention (KV slots)"]
+    if lmap.removed:
+        lines.append(f"removed     {', '.join(map(str, lmap.removed))}")
+    if lmap.removed_attention:
+        lines.append(f"attention   removed in layers {', '.join(map(str, lmap.removed_attention))}")
+    scores = lmap.scores or {}
+    metric = scores.get("metric")
+    if metric in scores:
+        gone = lmap.removed or lmap.removed_attention
+        values = ", ".join(f"{i}: {scores[metric][i]:.4f}" for i in gone)
+        lines.append(f"{metric:<11} {values}")
+    if "span" in scores:
+        lines.append(f"span        layers {scores['span']['start']}..{scores['span']['start'] + scores['span']['length'] - 1}, "
+                     f"angular distance {scores['span']['angular']:.4f}")
+    lines.append(f"written to  {out}")
+    if not lmap.transformers_compatible:
+        lines.append("note        layers without attention: runs in shortrt (Engine, evaluate), not plain transformers")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from shortrt.prune import prune
+    from shortrt.sources import load
+
+    model = load(args.model)
+    num_layers = int(model.config()["num_hidden_layers"])
+    lmap = build_layer_map(args, num_layers)
+    from shortrt.errors import ShortrtError
+
+    try:
+        pruned = prune(model, lmap, args.out, overwrite=args.force, progress=True)
+    except FileExistsError as exc:
+        raise ShortrtError(str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")) from None
+    print(format_summary(pruned_map(pruned), pruned.path))
+    return 0
+
+
+def pruned_map(pruned):
+    from shortrt.layermap import layer_map_of
+
+    return layer_map_of(pruned)

@@ -1,10 +1,57 @@
-"""`shortrt replace` (placeholder until the replacement lands)."""
-HELP = "replace a pruned span with a trained layer or MLP (not yet available)"
+"""`shortrt replace`: remove the most redundant span of layers and train one module in its place."""
+from __future__ import annotations
+
+HELP = "replace the most redundant span of N layers with one trained layer or MLP (LLM-Streamline)"
 
 
 def add_arguments(parser):
-    parser.add_argument("model", nargs="?", default="default")
+    from shortrt.replace import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_SEQ_LEN, DEFAULT_STEPS, DEFAULT_TOKENS
+
+    parser.add_argument("model", nargs="?", default="default",
+                        help="dense checkpoint directory, .gguf file, or 'default' (default: %(default)s)")
+    parser.add_argument("--scores", required=True, help="scores JSON written by `shortrt calibrate`")
+    parser.add_argument("--remove", type=int, required=True, help="length of the span to replace, in layers")
+    parser.add_argument("--kind", choices=["layer", "mlp"], default="layer",
+                        help="layer: one decoder layer (a standard checkpoint transformers loads); "
+                             "mlp: an attention-less MLP block, no KV cache (shortrt runs it) (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument("--data", default="default",
+                        help="training text: a .txt or .jsonl file (with a 'text' field), or 'default' "
+                             "(chapters of five Jane Austen novels)")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="training tokens (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per sequence (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help="most optimizer steps; training stops earlier when the held-out loss stalls "
+                             "(default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="sequences per step (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (default: %(default)s)")
+    parser.add_argument("--cosine-weight", type=float, default=0.0,
+                        help="weight of a (1 - cosine) term added to the MSE loss (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
-def run(args):
-    raise NotImplementedError("shortrt replace is not available yet")
+def run(args) -> int:
+    from shortrt.errors import ShortrtError
+    from shortrt.replace import replace
+    from shortrt.select import select
+
+    layer_map = select(args.scores, remove=args.remove, method="span")
+    try:
+        model = replace(args.model, layer_map, args.out, kind=args.kind, texts=args.data, n_tokens=args.tokens,
+                        seq_len=args.seq_len, steps=args.steps, lr=args.lr, batch=args.batch,
+                        cosine_weight=args.cosine_weight, seed=args.seed, overwrite=args.force,
+                        progress=not args.no_progress)
+    except FileExistsError as exc:
+        raise ShortrtError(str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")) from None
+    rec = model.shortrt_json()["replacement"]
+    span, data = rec["span"], rec["data"]
+    print(f"replaced layers {span[0]}-{span[-1]} of {layer_map.source_num_layers} with one {rec['kind']} "
+          f"({rec['parameters']:,} parameters, started from layer {rec['init_layer']})")
+    print(f"trained {rec['steps']} steps on {data['n_tokens']} tokens in "
+          f"{rec['seconds']['capture'] + rec['seconds']['train']:.0f} s; held-out MSE "
+          f"{rec['heldout_loss']:.4g} (at init {rec['heldout_loss_at_init']:.4g}, "
+          f"plain removal {rec['heldout_loss_identity']:.4g})")
+    print(f"checkpoint: {model.path}")
+    return 0

@@ -1,0 +1,317 @@
+"""Quality after layer removal: methods x layers removed x metrics on the default model.
+
+ShortGPT's central comparison, reproduced: for each selection method (shortgpt, span, last,
+random, attention) and each number of layers removed, perplexity on held-out prose and
+multiple-choice accuracy (ARC-Easy, ARC-Challenge, HellaSwag, PIQA, MMLU), each accuracy with
+its standard error. Every cell sees the same questions and windows, so differences between
+methods are paired; the "at 8 removed" section gives paired standard errors of the gaps.
+
+The cells are the dense model with layers masked in memory (shortrt.layer_plan): all layer
+maps run in one pass over each batch and share the layers they have in common. One cell
+(shortgpt at 8) is checked against its written checkpoint, evaluated from disk.
+
+    python benchmarks/quality.py                 # the full table (~30 min on 2 cores)
+    python benchmarks/quality.py --quick         # a small smoke run (~2 min)
+
+Writes quality.md, quality.json and quality.png to --out (default benchmarks/results/).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+METHODS = ("shortgpt", "span", "last", "random", "attention")
+TASKS = ("ppl", "arc_easy", "arc_challenge", "hellaswag", "piqa", "mmlu")
+# The accuracy shown per task: length-normalised where the choices differ much in length
+# (lm-evaluation-harness reports acc_norm for these), the raw sum otherwise.
+PRIMARY = {"arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "piqa": "acc_norm", "mmlu": "acc"}
+LABEL = {"ppl": "perplexity (held-out prose, lower is better)", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge",
+         "hellaswag": "HellaSwag", "piqa": "PIQA", "mmlu": "MMLU", "avg": "mean accuracy of the five tasks"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--scores", default=str(HERE / "results" / "calibration" / "scores.json"),
+                   help="calibration scores; calibrated here (and saved beside the results) if missing")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--removed", default="0,2,4,6,8,10")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--samples", type=int, default=150, help="questions per task")
+    p.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored for perplexity")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verify", default="shortgpt-8", help="cell checked against its written checkpoint ('' = none)")
+    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--name", default="quality", help="file stem of the outputs")
+    p.add_argument("--quick", action="store_true", help="tiny sample sizes: a smoke run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.samples, args.tokens, args.removed, args.name = 10, 1024, "0,4,8", args.name + "_quick"
+    return args
+
+
+def load_scores(args, model):
+    from shortrt.calibrate import Scores, calibrate
+
+    path = Path(args.scores)
+    if path.is_file():
+        return Scores.load(path), str(path)
+    print(f"{path} not found: calibrating (32768 tokens)", flush=True)
+    scores = calibrate(model, n_tokens=32768)
+    path = Path(args.out) / f"{args.name}_scores.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scores.save(path)
+    return scores, str(path)
+
+
+def build_maps(scores, methods, counts, seed):
+    from shortrt.select import select
+
+    maps = {"dense": None}
+    for method in methods:
+        for n in counts:
+            if n > 0:
+                maps[f"{method}-{n}"] = select(scores, remove=n, method=method, seed=seed)
+    return maps
+
+
+def cell(results, name, task):
+    return results[name]["tasks"][task]
+
+
+def accuracy_avg(results, name, tasks):
+    mc = [t for t in tasks if t != "ppl"]
+    if not mc:
+        return None
+    vals = [cell(results, name, t)[PRIMARY[t]] for t in mc]
+    ses = [cell(results, name, t)[PRIMARY[t] + "_se"] for t in mc]
+    return sum(vals) / len(vals), math.sqrt(sum(s * s for s in ses)) / len(ses)
+
+
+def paired_gap(results, a, b, task):
+    """(a - b, its paired standard error): accuracy points, or log-perplexity for ppl."""
+    if task == "ppl":
+        ia, ib = cell(results, a, task)["items"], cell(results, b, task)["items"]
+        n = ia["window_tokens"]
+        d = [x - y for x, y in zip(ia["window_nll"], ib["window_nll"])]
+        total = sum(n)
+        mean = sum(d) / total
+        w = len(d)
+        var = sum((di - mean * ni) ** 2 for di, ni in zip(d, n)) * w / max(w - 1, 1) / total ** 2
+        return mean, math.sqrt(var)
+    key = "correct" if PRIMARY[task] == "acc" else "correct_norm"
+    ca, cb = cell(results, a, task)["items"][key], cell(results, b, task)["items"][key]
+    d = [x - y for x, y in zip(ca, cb)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1) / len(d)
+    return mean, math.sqrt(var)
+
+
+def fmt(results, name, task, tasks):
+    if task == "avg":
+        v, se = accuracy_avg(results, name, tasks)
+        return f"{100 * v:.1f} ± {100 * se:.1f}"
+    m = cell(results, name, task)
+    if task == "ppl":
+        return f"{m['ppl']:.2f}"
+    k = PRIMARY[task]
+    return f"{100 * m[k]:.1f} ± {100 * m[k + '_se']:.1f}"
+
+
+def markdown(args, meta, maps, results, methods, counts, tasks) -> str:
+    lines = [f"# Quality after layer removal: {meta['model_name']}", "",
+             f"Measured {meta['date']} on {meta['machine']} in {meta['seconds'] / 60:.1f} min "
+             f"(`python benchmarks/quality.py`).", "",
+             f"- Model: {meta['model_name']} ({meta['num_layers']} layers), fp32, layers masked in memory "
+             "(shortrt.layer_plan); the shortgpt-8 cell was also evaluated from its written checkpoint "
+             f"({meta['verification']}).",
+             f"- Calibration (for shortgpt, span, attention): {meta['calibration']}.",
+             f"- Perplexity: the first {args.tokens} tokens of held-out prose (Persuasion, never used for "
+             f"calibration), windows of {args.seq_len} tokens advancing by {args.stride}.",
+             f"- Accuracy: {args.samples} questions per task (seed {args.seed}; the same questions in every cell), "
+             "scored by log-likelihood of each choice's text; shown as accuracy ± standard error in points. "
+             "Metric per task: " + ", ".join(f"{LABEL[t]} {PRIMARY[t]}" for t in tasks if t != "ppl") +
+             " (acc_norm = per-byte log-likelihood). Both are in the JSON.",
+             "- `attention` removes N attention sublayers and keeps every MLP (KV cache shrinks by N/L, "
+             "weights by less); the other methods remove whole layers.", ""]
+    header = "| method | " + " | ".join(str(n) for n in counts) + " |"
+    rule = "|---|" + "---:|" * len(counts)
+    for task in list(tasks) + (["avg"] if len(tasks) > 1 and any(t != "ppl" for t in tasks) else []):
+        lines += [f"## {LABEL[task]}" + ("" if task in ("ppl", "avg") else f" ({PRIMARY[task]}, %)"), "",
+                  "Layers removed →", "", header, rule]
+        for method in methods:
+            row = [fmt(results, "dense" if n == 0 else f"{method}-{n}", task, tasks) for n in counts]
+            lines.append(f"| {method} | " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ["## Layers each method removes", "", header, rule]
+    for method in methods:
+        row = []
+        for n in counts:
+            lm = maps.get(f"{method}-{n}")
+            row.append("–" if lm is None else ",".join(map(str, lm.removed or lm.removed_attention)))
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    lines.append("")
+    lines += summary_at(results, methods, tasks, 8 if 8 in counts else max(counts))
+    return "\n".join(lines) + "\n"
+
+
+def summary_at(results, methods, tasks, n) -> list[str]:
+    names = [f"{m}-{n}" for m in methods if f"{m}-{n}" in results]
+    if not names:
+        return []
+    lines = [f"## At {n} removed: which method wins", "",
+             "Gaps are paired (same questions and windows); ± is the paired standard error.", ""]
+    for task in tasks:
+        if task == "ppl":
+            ranked = sorted(names, key=lambda k: cell(results, k, task)["ppl"])
+        else:
+            ranked = sorted(names, key=lambda k: -cell(results, k, task)[PRIMARY[task]])
+        best = ranked[0]
+        gaps = []
+        for other in ranked[1:]:
+            g, se = paired_gap(results, best, other, task)
+            if task == "ppl":
+                ratio = math.exp(-g)
+                gaps.append(f"{other} ppl ×{ratio:.2f} (log-ppl +{-g:.3f} ± {se:.3f})")
+            else:
+                gaps.append(f"{other} {-100 * g:+.1f} ± {100 * se:.1f} points")
+        lines.append(f"- **{LABEL[task]}**: {best} best ({fmt(results, best, task, tasks)}); vs " + "; ".join(gaps))
+    lines.append("")
+    return lines
+
+
+def plot(path, results, methods, counts, tasks):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(tasks) + (["avg"] if len(tasks) > 1 and any(t != "ppl" for t in tasks) else [])
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, task in zip(axes.flat, panels):
+        for method in methods:
+            names = ["dense" if n == 0 else f"{method}-{n}" for n in counts]
+            if task == "ppl":
+                ys = [cell(results, k, task)["ppl"] for k in names]
+                ax.plot(counts, ys, marker="o", label=method)
+            else:
+                if task == "avg":
+                    vs = [accuracy_avg(results, k, tasks) for k in names]
+                else:
+                    vs = [(cell(results, k, task)[PRIMARY[task]], cell(results, k, task)[PRIMARY[task] + "_se"])
+                          for k in names]
+                ax.errorbar(counts, [100 * v for v, _ in vs], yerr=[100 * s for _, s in vs], marker="o",
+                            capsize=2, label=method)
+        if task == "ppl":
+            ax.set_yscale("log")
+            ax.set_ylabel("perplexity")
+        else:
+            ax.set_ylabel("accuracy (%)")
+        ax.set_title(LABEL[task] if task in ("ppl", "avg") else f"{LABEL[task]} ({PRIMARY[task]})", fontsize=9)
+        ax.set_xlabel("layers removed")
+        ax.set_xticks(counts)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def verify(model, maps, results, name, settings, tasks) -> str:
+    """Evaluate `name` from its pruned checkpoint and compare with the masked cell."""
+    from shortrt.evaluate import evaluate
+    from shortrt.prune import prune
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = prune(model, maps[name], Path(tmp) / name)
+        disk = evaluate(ckpt, tasks, progress=False, **settings)
+    worst = 0.0
+    for task in tasks:
+        a, b = disk["tasks"][task], cell(results, name, task)
+        if task == "ppl":
+            worst = max(worst, abs(a["ppl"] / b["ppl"] - 1))
+        elif (a["acc"], a["acc_norm"]) != (b["acc"], b["acc_norm"]):
+            return f"MISMATCH on {task}: checkpoint {a['acc']}/{a['acc_norm']} vs masked {b['acc']}/{b['acc_norm']}"
+    return f"checkpoint equals masked: identical accuracies, perplexity within {worst:.1e} relative"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(HERE.parent))
+    import torch
+
+    import shortrt
+    from shortrt.evaluate import evaluate_layer_maps, parse_tasks
+
+    methods = [m for m in args.methods.split(",") if m]
+    counts = sorted({int(n) for n in args.removed.split(",")} | {0})
+    tasks = parse_tasks(args.tasks)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    model = shortrt.load(args.model)
+    scores, scores_path = load_scores(args, model)
+    maps = build_maps(scores, methods, counts, args.seed)
+    hf = model.load_hf()
+    tok = model.tokenizer()
+    settings = dict(n_samples=args.samples, n_tokens=args.tokens, seq_len=args.seq_len, stride=args.stride,
+                    seed=args.seed)
+    print(f"{len(maps)} layer maps x {len(tasks)} tasks; {torch.get_num_threads()} threads", flush=True)
+
+    results: dict = {}
+    for task in tasks:
+        t = time.time()
+        part = evaluate_layer_maps(model, maps, [task], hf=hf, tokenizer=tok, per_item=True, **settings)
+        for name, r in part.items():
+            results.setdefault(name, {"layers": r["layers"], "attention_layers": r["attention_layers"], "tasks": {}})
+            results[name]["tasks"][task] = r["tasks"][task]
+        print(f"{task}: {time.time() - t:.0f} s ({part['dense']['settings']['tokens_run']} tokens per pass)",
+              flush=True)
+        (out / f"{args.name}.partial.json").write_text(json.dumps({"results": results}) + "\n")
+
+    verification = "not run"
+    if args.verify and args.verify in maps:
+        t = time.time()
+        verification = verify(model, maps, results, args.verify, settings, tasks)
+        print(f"verify {args.verify}: {verification} ({time.time() - t:.0f} s)", flush=True)
+
+    calib = scores.data or {}
+    meta = {
+        "model_name": "SmolLM2-135M-Instruct" if args.model == "default" else args.model,
+        "num_layers": scores.num_layers,
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+        "seconds": time.time() - t0,
+        "calibration": f"{calib.get('n_tokens', '?')} tokens of {calib.get('source', '?')} ({scores_path})",
+        "verification": verification,
+    }
+    doc = {"meta": meta, "settings": {**settings, "methods": methods, "removed": counts, "tasks": tasks,
+                                      "primary_metric": PRIMARY},
+           "layer_maps": {k: (None if v is None else v.to_json()) for k, v in maps.items()},
+           "results": results}
+    (out / f"{args.name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    md = markdown(args, meta, maps, results, methods, counts, tasks)
+    (out / f"{args.name}.md").write_text(md)
+    plot(out / f"{args.name}.png", results, methods, counts, tasks)
+    (out / f"{args.name}.partial.json").unlink(missing_ok=True)
+    print(md)
+    print(f"wrote {out / args.name}.md/.json/.png in {meta['seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
