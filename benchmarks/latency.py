@@ -76,7 +76,7 @@ def worker_shortrt(args) -> dict:
         stamps = []
         t0 = time.perf_counter()
         eng.generate_ids(ids, max_new_tokens=n_new, stop=[],
-                         on_token=lambda _seq, _tok: stamps.append(time.perf_counter()) or True)
+                         callback=lambda _seq, _tok: stamps.append(time.perf_counter()) or True)
         return t0, stamps
 
     t0, stamps = run(prompt, 1)

@@ -188,8 +188,6 @@ def train_replacement(hf, span, token_batches, *, kind: str = "layer", steps: in
     steps: most optimizer steps (each on `batch` sequences); eval_every: steps between
     held-out evaluations; patience: evaluations without a gain of 0.1 % before stopping.
     """
-    from tqdm.auto import tqdm
-
     _check_settings(kind, steps, lr, batch, cosine_weight, heldout_fraction, eval_every, patience)
     span = [int(i) for i in span]
     n_layers = len(hf.model.layers)

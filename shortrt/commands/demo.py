@@ -35,7 +35,7 @@ def _decode_speed(engine, prompt_ids, n_new, reps=3):
     for _ in range(reps):
         stamps = []
         engine.generate_ids(prompt_ids, max_new_tokens=n_new, stop=[],
-                            on_token=lambda _s, _t: stamps.append(time.perf_counter()) or True)
+                            callback=lambda _s, _t: stamps.append(time.perf_counter()) or True)
         speeds.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     return statistics.median(speeds)
 
@@ -83,11 +83,11 @@ def run(args) -> int:
     print()
 
     print("4. Measuring decode speed and perplexity ...")
-    prompt_ids = dense_eng.tokenize(PROMPTS[1])
+    prompt_ids = dense_eng.encode(PROMPTS[1])
     stats = []
     for name, eng, ckpt in (("dense", dense_eng, model), (f"pruned -{len(removed)}", pruned_eng, pruned)):
         tok_s = _decode_speed(eng, prompt_ids, 64)
-        ppl = shortrt.evaluate(ckpt, tasks=["ppl"], n_tokens=args.ppl_tokens, progress=False)["ppl"]["ppl"]
+        ppl = shortrt.evaluate(ckpt, tasks=["ppl"], n_tokens=args.ppl_tokens, progress=False)["tasks"]["ppl"]["ppl"]
         stats.append((name, eng.num_layers, tok_s, eng.kv_cache_bytes, eng.weight_bytes, ppl))
     print()
     header = f"   {'model':<12} {'layers':>6} {'decode tok/s':>12} {'KV cache':>10} {'weights':>10} {'perplexity':>10}"
