@@ -64,11 +64,12 @@ struct Activation {
 struct KernelTable;
 
 // y[t*ldy + r] = sum_c W[r, c] * x[t, c]   for t < n_tokens, r < rows; x is
-// [n_tokens, cols] contiguous. Decode (n_tokens == 1) hands out chunks of rows;
-// prefill hands out (row block x token block) tiles so a weight block stays in
-// cache while it is used by many tokens. Each output element is computed by the
-// same sequence of operations whatever the thread count, and (on one path) the
-// same for one token as for many, so decode and prefill agree bit for bit.
+// [n_tokens, cols] contiguous. Decode (n_tokens == 1) hands out chunks of rows,
+// each streamed from memory one row at a time; prefill hands out (row block x
+// token block) tiles so a weight block stays in cache while it is used by many
+// tokens. Each output element is computed by the same sequence of operations
+// whatever the thread count, and (on one path) the same for one token as for
+// many, so decode, batched decode and prefill agree bit for bit.
 // Throws shortrt::Error on inconsistent arguments.
 void matmul(const WeightMatrix& W, const Activation& x, int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool);
 // The same on an explicit kernel path (tests, benchmarks).

@@ -106,14 +106,18 @@ inline void tile_dense_tokens(int64_t n_tok, const W* w, int64_t cols, const flo
 
 constexpr int kTileRows = 3;  // 3 x 4 accumulators leave 4 of the 16 ymm registers for operands
 constexpr int kTileTokens = 4;
+// Up to this many tokens a matmul is bound by memory bandwidth and streams one
+// weight row at a time; beyond, 3-row tiles reuse each loaded x more (measured
+// crossover: 4-6 tokens for f32).
+constexpr int64_t kStreamTokens = 4;
 
 template <class W>
 void gemm_dense(const W* w, int64_t n_rows, int64_t cols, const float* x, int64_t n_tok, float* y, int64_t ldy) {
-  if (n_tok <= 16) {
+  if (n_tok <= kStreamTokens) {
     // Decode (and a batch of a few tokens) is bound by memory bandwidth: stream
-    // one row at a time. Reading several rows side by side measured 2x slower
-    // here (the prefetchers follow one sequential stream per core far better
-    // than several short ones).
+    // one row at a time. Reading several rows side by side measured 1.5-2x
+    // slower here (the prefetchers follow one sequential stream per core far
+    // better than several short ones).
     for (int64_t r = 0; r < n_rows; ++r)
       for (int64_t t = 0; t < n_tok; t += kTileTokens)
         tile_dense_tokens<1>(min_i64(kTileTokens, n_tok - t), w + r * cols, cols, x + t * cols, y + t * ldy + r, ldy);
@@ -218,10 +222,13 @@ inline void tile_q8_tokens(int64_t n_tok, const BlockQ8* w, int64_t n_blocks, co
 // 4 x 3 accumulators + 3 |x| vectors: measured the fastest int8 tile here.
 constexpr int kTileRowsQ8 = 4;
 constexpr int kTileTokensQ8 = 3;
+// int8 rows are 3.6x smaller, so streaming single rows pays up to more tokens
+// (measured crossover: 12-16 tokens).
+constexpr int64_t kStreamTokensQ8 = 12;
 
 void gemm_q8_avx2(const BlockQ8* w, int64_t n_rows, int64_t n_blocks, const BlockQ8* x, int64_t n_tok, float* y,
                   int64_t ldy) {
-  if (n_tok <= 16) {  // memory-bound: one row at a time, see gemm_dense
+  if (n_tok <= kStreamTokensQ8) {  // memory-bound: one row at a time, see gemm_dense
     for (int64_t r = 0; r < n_rows; ++r)
       for (int64_t t = 0; t < n_tok; t += kTileTokensQ8)
         tile_q8_tokens<1>(min_i64(kTileTokensQ8, n_tok - t), w + r * n_blocks, n_blocks, x + t * n_blocks,

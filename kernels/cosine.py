@@ -30,6 +30,8 @@ import math
 
 import torch
 
+from shortrt.errors import ShortrtError
+
 try:
     import triton
     import triton.language as tl
@@ -38,6 +40,12 @@ except ImportError:  # triton is optional: the torch path needs nothing else
     tl = None
 
 BACKENDS = ("auto", "triton", "torch")
+
+
+class KernelUnavailableError(ShortrtError, RuntimeError):
+    """The Triton backend was asked for where it cannot run."""
+
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Few, large programs: the interpreter runs programs one after another at ~7 ms each. On a GPU
@@ -133,11 +141,12 @@ def triton_interpreted() -> bool:
     return isinstance(_cosine_stats_kernel, InterpretedFunction) and isinstance(tl.sum, InterpretedFunction)
 
 
-def _require_triton(device: torch.device) -> None:
+def require_triton(device: torch.device) -> None:
+    """Raise KernelUnavailableError, saying what to do, unless the Triton kernel can run on `device`."""
     if triton is None:
-        raise RuntimeError("backend='triton' needs the triton package: pip install 'triton==3.9.*'")
+        raise KernelUnavailableError("backend='triton' needs the triton package: pip install 'triton==3.9.*'")
     if device.type == "cpu" and not triton_interpreted():
-        raise RuntimeError(
+        raise KernelUnavailableError(
             "backend='triton' on CPU tensors runs only in Triton's interpreter: set "
             "TRITON_INTERPRET=1 before triton is first imported (transformers imports it too), "
             "or use backend='torch'"
@@ -176,7 +185,7 @@ def cosine_stats_torch(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, 
 
 def cosine_stats_triton(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused Triton kernel: same outputs as cosine_stats_torch."""
-    _require_triton(x.device)
+    require_triton(x.device)
     # The kernel walks columns with unit stride; rows may be strided (views of [batch, seq, hidden]).
     x = x if x.stride(1) == 1 else x.contiguous()
     y = y if y.stride(1) == 1 else y.contiguous()
@@ -194,7 +203,7 @@ def cosine_stats_triton(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
 
 def arccos_over_pi_triton(c: torch.Tensor) -> torch.Tensor:
     """arccos(c)/pi by the kernel's polynomial (for testing it); c fp32 in [-1, 1]."""
-    _require_triton(c.device)
+    require_triton(c.device)
     c = c.contiguous().float()
     out = torch.empty_like(c)
     block = 1024

@@ -13,26 +13,15 @@ from .sources import Model, load
 __version__ = "0.1.0"
 
 
-def __getattr__(name):
-    # Heavy modules (torch, transformers) load on first use, so `import shortrt` stays fast.
-    lazy = {
-        "calibrate": ("calibrate", "calibrate"),
-        "Scores": ("calibrate", "Scores"),
-        "select": ("select", "select"),
-        "LayerMap": ("layermap", "LayerMap"),
-        "LayerEntry": ("layermap", "LayerEntry"),
-        "prune": ("prune", "prune"),
-        "evaluate": ("evaluate", "evaluate"),
-        "Engine": ("engine", "Engine"),
-        "generate": ("engine", "generate"),
-        "replace": ("replace", "replace"),
-    }
-    if name in lazy:
-        import importlib
-
-        module, attr = lazy[name]
-        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
-    raise AttributeError(f"module 'shortrt' has no attribute {name!r}")
+# Function names equal to their module names (shortrt.calibrate, shortrt.select, ...): import
+# them eagerly so the function, not the submodule, is what `shortrt.<name>` means.
+from .calibrate import Scores, calibrate  # noqa: E402
+from .layermap import LayerEntry, LayerMap  # noqa: E402
+from .select import select  # noqa: E402
+from .prune import prune  # noqa: E402
+from .replace import replace  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+from .engine import Engine, generate  # noqa: E402
 
 
 __all__ = [

@@ -22,10 +22,15 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ShortrtError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that use it, so that `import shortrt.calibrate` (and
+# `from shortrt import calibrate, Scores`) stays fast for code that only reads scores files.
 
 SCORES_FORMAT = "shortrt.scores/1"
 # Architectures whose decoder layer computes m = h + attn(norm(h)); h' = m + mlp(post_attention_layernorm(m)),
@@ -107,6 +112,8 @@ class SimilarityAccumulator:
     BLOCK, ATTENTION, MLP = 0, 1, 2
 
     def __init__(self, num_layers: int, max_span: int, backend: str = "auto"):
+        import torch
+
         from .kernels.cosine import cosine_stats
 
         self._cosine_stats = cosine_stats
@@ -135,6 +142,8 @@ class SimilarityAccumulator:
 
     def means(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(layer means [3, L, 2], span means [L, max_span, 2]); NaN where nothing was added."""
+        import torch
+
         nan = torch.tensor(math.nan, dtype=torch.float64)
         layer = torch.where(self.layer_counts[..., None] > 0,
                             self.layer_sums / self.layer_counts.clamp_min(1)[..., None], nan)
@@ -230,6 +239,8 @@ def calibration_sequences(tokenizer, texts: list[str], n_tokens: int, seq_len: i
     The last sequence is shorter when the tokens run out; fewer than n_tokens are used only
     when the texts hold fewer.
     """
+    import torch
+
     eos = getattr(tokenizer, "eos_token_id", None)
     ids: list[int] = []
     for text in texts:
@@ -246,6 +257,8 @@ def calibration_sequences(tokenizer, texts: list[str], n_tokens: int, seq_len: i
 
 def _batches(sequences: list[torch.Tensor], batch_size: int):
     """Consecutive sequences of equal length stacked into [batch, seq] tensors."""
+    import torch
+
     batch: list[torch.Tensor] = []
     for seq in sequences:
         if batch and (len(batch) == batch_size or seq.shape[0] != batch[0].shape[0]):
@@ -271,16 +284,19 @@ def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, m
     max_span: longest span in the depth x depth table (default: all depths); batch_size: sequences
     per forward pass; backend: the cosine kernel's ("auto", "triton", "torch").
     """
+    import torch
     from tqdm.auto import tqdm
 
     from . import data
-    from .kernels.cosine import BACKENDS
+    from .kernels.cosine import BACKENDS, require_triton
     from .sources import load
 
     for name, value in (("n_tokens", n_tokens), ("seq_len", seq_len), ("batch_size", batch_size)):
         _check_positive(name, value)
     if backend not in BACKENDS:
         raise ValueError(f"unknown cosine backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "triton":
+        require_triton(torch.device("cpu"))  # fail before loading anything: the model runs on the CPU
 
     ckpt = load(model)
     config = ckpt.config()

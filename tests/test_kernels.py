@@ -284,11 +284,12 @@ def test_matmul_is_identical_for_1_2_3_threads(rng, path, wtype):
             np.testing.assert_array_equal(_C.kernel_matmul(w, tokens, wtype, path, threads=threads), one)
 
 
+@pytest.mark.parametrize("n_tokens", [3, 11, 40])  # row streaming for few tokens, tiles for many
 @pytest.mark.parametrize("wtype", WEIGHT_TYPES)
 @pytest.mark.parametrize("path", ALL_PATHS)
-def test_matmul_of_many_tokens_equals_one_token_at_a_time(rng, path, wtype):
+def test_matmul_of_many_tokens_equals_one_token_at_a_time(rng, path, wtype, n_tokens):
     # Batched decode and prefill must give the same bits as single-token decode.
-    w, x = random_problem(rng, 53, 160, 11)
+    w, x = random_problem(rng, 53, 160, n_tokens)
     together = _C.kernel_matmul(w, x, wtype, path, threads=2)
     for t in range(x.shape[0]):
         np.testing.assert_array_equal(together[t], _C.kernel_matmul(w, x[t : t + 1], wtype, path)[0])
