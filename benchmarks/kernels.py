@@ -19,7 +19,8 @@ Medians over iterations; the machine may be shared, so compare ratios within
 one run rather than absolute numbers across runs. The cpu column is the share
 of the requested cores the process actually got (process CPU time / wall time
 / threads): well below 100% means other work competed and the row understates
-the kernel.
+the kernel; the per-cpu-second rate beside it is what the kernel did on the
+cores it had (spinning threads count as busy, so it is a lower bound).
 
     python benchmarks/kernels.py                    # about a minute
     python benchmarks/kernels.py --quick            # a few seconds (fewer layers, iterations)
@@ -82,10 +83,13 @@ def median(xs):
 
 
 def timed(fn, *args, threads):
-    """(median wall seconds per iteration, cpu share): the share of `threads` cores the process
-    got while it ran, below 100% when other work competes for the machine."""
+    """(median wall seconds per iteration, cpu share, median cpu seconds per iteration).
+
+    cpu share is the part of `threads` cores the process got while it ran, below
+    100% when other work competes for the machine; rates per cpu-second then
+    tell what the kernel does on the cores it actually had."""
     t = fn(*args)
-    return median(t["wall"]), sum(t["cpu"]) / (sum(t["wall"]) * threads)
+    return median(t["wall"]), sum(t["cpu"]) / (sum(t["wall"]) * threads), median(t["cpu"])
 
 
 def main(argv=None) -> int:
@@ -120,47 +124,55 @@ def main(argv=None) -> int:
     read_gbs = {}
     for pages in page_modes:
         for t in threads:
-            secs, cpu = timed(_C.bench_read_bandwidth, 512.0, paths[0], t, iters, pages == "2M", threads=t)
+            secs, cpu, cpu_secs = timed(_C.bench_read_bandwidth, 512.0, paths[0], t, iters, pages == "2M", threads=t)
             read_gbs[(pages, t)] = 512e6 / secs / 1e9
-            print(f"read bandwidth  {pages:>2} pages {t} thread(s): {read_gbs[(pages, t)]:6.1f} GB/s   (cpu {100 * cpu:.0f}%)")
+            print(f"read bandwidth  {pages:>2} pages {t} thread(s): {read_gbs[(pages, t)]:6.1f} GB/s"
+                  f"   ({512e6 / cpu_secs / 1e9:.1f} GB per cpu-s, cpu {100 * cpu:.0f}%)")
     results["read_gbs"] = {f"{p}/{t}": v for (p, t), v in read_gbs.items()}
     for t in threads:
-        secs, cpu = timed(_C.bench_parallel_for, t, 2 * t, 1000, iters, threads=t)
+        secs, cpu, _ = timed(_C.bench_parallel_for, t, 2 * t, 1000, iters, threads=t)
         results.setdefault("parallel_for_us", {})[t] = secs / 1000 * 1e6
         print(f"parallel_for   {t} thread(s): {secs / 1000 * 1e6:6.2f} us per call of {2 * t} items   (cpu {100 * cpu:.0f}%)")
 
     print(f"\ndecode: {model['layers']} layers x {len(layer)} matrices + lm_head, 1 token")
     print(f"{'variant':<12}{'pages':>6}{'thr':>4}{'check':>10}{'ms/tok':>9}{'GB/s':>8}{'% read':>8}{'tok/s':>8}"
-          f"{'target':>8}{'cpu':>6}")
+          f"{'target':>8}{'cpu':>6}{'GB/cpu-s':>10}")
     for path in paths:
         for wtype in wtypes:
             check = check_against_reference(path, wtype, layer + [(1000, model["hidden"])], rng)
             nbytes = weights_bytes(decode_shapes, wtype)
             for pages in page_modes:
                 for t in threads:
-                    secs, cpu = timed(_C.bench_matmuls, decode_shapes, wtype, path, t, 1, iters, pages == "2M", threads=t)
+                    secs, cpu, cpu_secs = timed(_C.bench_matmuls, decode_shapes, wtype, path, t, 1, iters, pages == "2M",
+                                                threads=t)
                     gbs = nbytes / secs / 1e9
                     read = read_gbs[(pages, t)]
                     results["rows"].append(dict(kind="decode", path=path, wtype=wtype, pages=pages, threads=t,
                                                 seconds=secs, gbs=gbs, read_fraction=gbs / read, tokens_per_s=1 / secs,
-                                                cpu_share=cpu, max_rel_error=check))
+                                                cpu_share=cpu, gb_per_cpu_s=nbytes / cpu_secs / 1e9,
+                                                max_rel_error=check))
                     target = DECODE_TARGET[wtype] if model["layers"] == MODEL["layers"] else float("nan")
                     print(f"{path + '/' + wtype:<12}{pages:>6}{t:>4}{check:>10.1e}{secs * 1e3:>9.2f}{gbs:>8.1f}"
-                          f"{100 * gbs / read:>7.0f}%{1 / secs:>8.1f}{target:>8.0f}{100 * cpu:>5.0f}%")
+                          f"{100 * gbs / read:>7.0f}%{1 / secs:>8.1f}{target:>8.0f}{100 * cpu:>5.0f}%"
+                          f"{nbytes / cpu_secs / 1e9:>10.1f}")
 
     print(f"\nprefill: one layer's matrices on {prefill_tokens} tokens")
-    print(f"{'variant':<12}{'thr':>4}{'ms/layer':>10}{'GFLOP/s':>9}{'model tok/s':>13}{'target':>8}{'cpu':>6}")
+    print(f"{'variant':<12}{'thr':>4}{'ms/layer':>10}{'GFLOP/s':>9}{'model tok/s':>13}{'target':>8}{'cpu':>6}"
+          f"{'GFLOP/cpu-s':>13}")
     for path in paths:
         for wtype in wtypes:
             for t in threads:
-                secs, cpu = timed(_C.bench_matmuls, layer, wtype, path, t, prefill_tokens, max(3, iters // 2), threads=t)
+                secs, cpu, cpu_secs = timed(_C.bench_matmuls, layer, wtype, path, t, prefill_tokens, max(3, iters // 2),
+                                            threads=t)
                 gflops = layer_flops * prefill_tokens / secs / 1e9
                 tok_s = prefill_tokens / (secs * model["layers"])
-                row = dict(kind="prefill", path=path, wtype=wtype, threads=t, tokens=prefill_tokens, seconds=secs, cpu_share=cpu,
-                           gflops=gflops, model_tokens_per_s=tok_s)
+                row = dict(kind="prefill", path=path, wtype=wtype, threads=t, tokens=prefill_tokens, seconds=secs,
+                           cpu_share=cpu, gflops=gflops, gflop_per_cpu_s=layer_flops * prefill_tokens / cpu_secs / 1e9,
+                           model_tokens_per_s=tok_s)
                 results["rows"].append(row)
                 target = f"{PREFILL_TARGET:.0f}" if wtype == "f32" else ""
-                print(f"{path + '/' + wtype:<12}{t:>4}{secs * 1e3:>10.2f}{gflops:>9.1f}{tok_s:>13.0f}{target:>8}{100 * cpu:>5.0f}%")
+                print(f"{path + '/' + wtype:<12}{t:>4}{secs * 1e3:>10.2f}{gflops:>9.1f}{tok_s:>13.0f}{target:>8}"
+                      f"{100 * cpu:>5.0f}%{layer_flops * prefill_tokens / cpu_secs / 1e9:>13.1f}")
 
     if args.json:
         with open(args.json, "w") as f:
