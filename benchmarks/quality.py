@@ -46,10 +46,13 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--removed", default="0,2,4,6,8,10")
     p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--samples", type=int, default=150, help="questions per task")
+    p.add_argument("--samples", type=int, default=60, help="questions per task")
     p.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored for perplexity")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--stride", type=int, default=512, help="ppl window step (= seq-len: disjoint windows)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 by default because on a machine shared with other jobs two "
+                        "threads ran slower than one (each waits for the other at every op)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verify", default="shortgpt-8", help="cell checked against its written checkpoint ('' = none)")
     p.add_argument("--out", default=str(HERE / "results"))
@@ -256,6 +259,8 @@ def main(argv=None) -> int:
 
     import shortrt
     from shortrt.evaluate import evaluate_layer_maps, parse_tasks
+
+    torch.set_num_threads(args.threads)
 
     methods = [m for m in args.methods.split(",") if m]
     counts = sorted({int(n) for n in args.removed.split(",")} | {0})

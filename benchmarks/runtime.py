@@ -203,6 +203,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every configuration this many times, interleaved, and take medians (drift hits all alike)")
     p.add_argument("--quick", action="store_true", help="3 reps, shortrt only")
     p.add_argument("--no-llamacpp", action="store_true")
     p.add_argument("--no-transformers", action="store_true")
@@ -234,15 +236,23 @@ def main() -> None:
 
     bandwidth = measure_bandwidth(a.threads)
     print(f"read bandwidth ({a.threads} threads): {bandwidth / 1e9:.1f} GB/s; batch 1, {a.threads} threads, "
-          f"{reps} reps, decode {a.new_tokens} tokens, prefill {a.prompt_tokens} tokens, context {CONTEXT}")
+          f"{reps} reps x {a.rounds} rounds, decode {a.new_tokens} tokens, prefill {a.prompt_tokens} tokens, context {CONTEXT}")
     if llama_missing:
         print(llama_missing)
     rows = []
     header = (f"{'engine':<26}{'layers':>7}{'decode':>9}{'bound':>8}{'%bound':>8}{'prefill':>9}"
               f"{'weights':>9}{'read/tok':>10}{'KV':>8}{'peakRSS':>9}{'budget':>9}")
     print(header + "\n" + " " * 33 + "tok/s   tok/s            tok/s      MiB       MiB     MiB      MiB      MiB")
+    results: dict[str, list[dict]] = {job["label"]: [] for job in jobs}
+    for i in range(a.rounds):
+        for job in jobs:
+            print(f"  round {i + 1}/{a.rounds}: {job['label']} ...", file=sys.stderr, flush=True)
+            results[job["label"]].append(run_worker(job, common))
     for job in jobs:
-        r = run_worker(job, common)
+        runs = results[job["label"]]
+        r = dict(runs[0])
+        for key in ("decode", "prefill", "peak_rss"):
+            r[key] = statistics.median(run[key] for run in runs)
         r["bound"] = bandwidth / r["bytes_per_token"]
         # The memory budget: weights + KV cache + 64 MiB (shortrt rows only).
         r["budget"] = r["weight_bytes"] + r["kv_bytes"] + 64 * 2**20 if r["kv_bytes"] is not None else None

@@ -100,6 +100,7 @@ class Engine:
             raise CheckpointError(f"{self.checkpoint_dir}: {exc}") from None
         self.dtype = dtype
         self._tokenizer = None
+        self._chat_tokenizer = None
 
     def __repr__(self) -> str:
         return (f"Engine({str(self.checkpoint_dir)!r}, dtype={self.dtype!r}, threads={self.threads}, "
@@ -165,10 +166,11 @@ class Engine:
         if not isinstance(text, str):
             raise TypeError(f"a prompt must be a str, got {type(text).__name__}")
         if chat:
-            from transformers import AutoTokenizer
+            if self._chat_tokenizer is None:  # transformers renders the checkpoint's chat template
+                from transformers import AutoTokenizer
 
-            hf = AutoTokenizer.from_pretrained(self.checkpoint_dir)
-            text = hf.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                self._chat_tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_dir)
+            text = self._chat_tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                           add_generation_prompt=True)
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         return self.tokenizer.encode(text).ids

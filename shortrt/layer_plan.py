@@ -114,18 +114,10 @@ def _run_steps(hf, h, steps, pe, mask):
     return h
 
 
-def _common_prefix(a: tuple[Step, ...], b: tuple[Step, ...]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 @torch.inference_mode()
 def forward_plans(hf, input_ids, position_ids, mask, plans: list[tuple[Step, ...]]) -> list[torch.Tensor]:
-    """Final-norm hidden states [rows, T, hidden] for each plan, sharing common leading steps.
+    """Final-norm hidden states [rows, T, hidden] for each plan; steps that several plans
+    take in the same order from the start are computed once (a walk over the plans' prefix tree).
 
     mask: [rows, 1, T, T] bool (True = may attend).
     """
@@ -137,17 +129,19 @@ def forward_plans(hf, input_ids, position_ids, mask, plans: list[tuple[Step, ...
     h0 = hf.model.embed_tokens(input_ids)
     pe = hf.model.rotary_emb(h0, position_ids=position_ids)
     additive = attention_mask(mask, h0.dtype)
-    # Every plan shares as many leading steps as it can with the dense model's plan.
-    trunk = dense_plan(n_layers)
-    stops = sorted({_common_prefix(p, trunk) for p in plans})
-    saved, h, done = {0: h0}, h0, 0
-    for stop in stops:
-        h = _run_steps(hf, h, trunk[done:stop], pe, additive)
-        saved[stop], done = h, stop
-    outs = []
-    for plan in plans:
-        k = _common_prefix(plan, trunk)
-        outs.append(hf.model.norm(_run_steps(hf, saved[k], plan[k:], pe, additive)))
+    outs: list[torch.Tensor | None] = [None] * len(plans)
+
+    def walk(h, depth: int, members: list[int]) -> None:
+        groups: dict[Step, list[int]] = {}
+        for p in members:
+            if len(plans[p]) == depth:
+                outs[p] = hf.model.norm(h)
+            else:
+                groups.setdefault(plans[p][depth], []).append(p)
+        for step, group in groups.items():
+            walk(_run_steps(hf, h, (step,), pe, additive), depth + 1, group)
+
+    walk(h0, 0, list(range(len(plans))))
     return outs
 
 

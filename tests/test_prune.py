@@ -1,4 +1,5 @@
 """Pruned checkpoints (shortrt.prune): layout, config, provenance, and equality with the masked dense model."""
+import importlib
 import json
 import os
 
@@ -131,7 +132,7 @@ def test_bad_maps_are_rejected_before_writing(tiny6, tmp_path):
 
 
 def test_failure_mid_write_leaves_nothing(tiny6, tmp_path, monkeypatch):
-    import shortrt.prune as prune_module
+    prune_module = importlib.import_module("shortrt.prune")
 
     def broken(*args, **kwargs):
         raise OSError("disk full")

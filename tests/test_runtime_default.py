@@ -79,3 +79,11 @@ def test_packed_dtypes_close_to_fp32_and_sensible(default_model, fp32, prompt_id
     # KV cache is fp32 in every dtype; weights shrink
     assert eng.kv_cache_bytes == fp32.kv_cache_bytes
     assert eng.weight_bytes < fp32.weight_bytes * (0.51 if dtype == "bf16" else 0.3)
+
+
+def test_chat_generation_and_streaming(fp32):
+    text = fp32.generate("What is the capital of France?", max_new_tokens=16, chat=True)
+    assert "Paris" in text
+    assert "".join(fp32.stream("What is the capital of France?", max_new_tokens=16, chat=True)) == text
+    # The chat template ends with the assistant header; the model stops at <|im_end|> (config eos).
+    assert "<|im_end|>" not in text and len(fp32.generate_ids(fp32.encode("Hi!", chat=True), max_new_tokens=200)) < 200
