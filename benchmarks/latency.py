@@ -2,8 +2,8 @@
 
 For a model and a list of removal counts (pruned checkpoints made with
 `shortgpt` on the fly and cached), and for each engine available — shortrt
-fp32/bf16/int8, transformers fp32/bf16, llama.cpp (dense F32/F16/Q8_0, when
-llama-cpp-python is installed) — it measures, each engine in its own process:
+fp32/bf16/int8, transformers fp32/bf16, llama.cpp (F32/F16/Q8_0 GGUFs made by its quantize API,
+pruned by shortrt.gguf_prune, when llama-cpp-python is installed) — it measures, each engine in its own process:
 
   time to first token and prefill tokens/s for a 512-token prompt,
   decode tokens/s and per-token latency p50/p90 for 128 new tokens,
@@ -275,6 +275,20 @@ def llamacpp_ggufs(dense_dir: str, types: list[str]) -> dict:
     return out
 
 
+def pruned_gguf(dense_gguf: str, ckpt_dir: str) -> str | None:
+    """The dense GGUF with the layers the pruned checkpoint removed taken out (cached), or None."""
+    from shortrt.gguf_prune import prune_gguf
+
+    meta = json.loads((Path(ckpt_dir) / "shortrt.json").read_text())
+    layers = meta["layers"]
+    if any(e.get("kind", "layer") != "layer" or not e.get("attention", True) or not e.get("mlp", True) for e in layers):
+        return None
+    dst = Path(ckpt_dir) / (Path(dense_gguf).stem + ".gguf")
+    if not dst.exists():
+        prune_gguf(dense_gguf, [e["source"] for e in layers], dst)
+    return str(dst)
+
+
 def run_worker(job: dict, common: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--engine", job["engine"], "--model", job["path"],
            "--dtype", job["dtype"], *common]
@@ -340,8 +354,14 @@ def main() -> None:
                       "(pip install llama-cpp-python, ~18 min source build)", file=sys.stderr)
                 continue
             for t, path in llamacpp_ggufs(str(dense.path), ["F32", "F16", "Q8_0"]).items():
-                jobs.append({"label": f"llama.cpp {t}", "engine": "llama.cpp", "dtype": t, "path": path,
-                             "tokenizer": str(dense.path), "variant": "dense", "removed": 0})
+                for (variant, k), ckpt in sorted(ckpts.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+                    if k == 0 and variant != variants[0]:
+                        continue
+                    gguf_path = pruned_gguf(path, ckpt) if k else path
+                    if gguf_path is None:
+                        continue  # attention-less or replaced layers have no GGUF form
+                    jobs.append({"label": f"llama.cpp {t}", "engine": "llama.cpp", "dtype": t, "path": gguf_path,
+                                 "tokenizer": str(dense.path), "variant": variant if k else "dense", "removed": k})
             continue
         name, _, dtype = engine.partition("-")
         for (variant, k), path in sorted(ckpts.items(), key=lambda kv: (kv[0][1], kv[0][0])):

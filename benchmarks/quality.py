@@ -46,8 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--removed", default="0,2,4,6,8,10")
     p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--samples", type=int, default=60, help="questions per task")
-    p.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored for perplexity")
+    p.add_argument("--samples", type=int, default=50, help="questions per task")
+    p.add_argument("--tokens", type=int, default=4096, help="held-out tokens scored for perplexity")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--stride", type=int, default=512, help="ppl window step (= seq-len: disjoint windows)")
     p.add_argument("--threads", type=int, default=1,

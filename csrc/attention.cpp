@@ -42,45 +42,62 @@ AttentionScratch::AttentionScratch(int max_seq, int n_heads, int n_kv_heads, int
   out = p += sizes[3];
 }
 
+namespace detail {
+void attend_head_avx2(const float* q, const float* keys, const float* values, int64_t stride, int64_t n_keys,
+                      int hd, float scale, float* out);  // attention_avx2.cpp
+}  // namespace detail
+
+// One query head over n_keys cached keys/values (rows `stride` floats apart):
+// out = softmax(scale * K q) V, as an online softmax over blocks of keys so no
+// score buffer is needed. The scalar reference of attend_head_avx2.
+void attend_head_ref(const float* q, const float* keys, const float* values, int64_t stride, int64_t n_keys, int hd,
+                     float scale, float* out) {
+  float acc[kMaxHeadDim];
+  float scores[kKeyBlock];
+  std::fill(acc, acc + hd, 0.0f);
+  float running_max = -std::numeric_limits<float>::infinity(), denom = 0.0f;
+  for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyBlock) {
+    const int nb = static_cast<int>(std::min<int64_t>(kKeyBlock, n_keys - j0));
+    float block_max = -std::numeric_limits<float>::infinity();
+    for (int j = 0; j < nb; ++j) {
+      const float* k = keys + (j0 + j) * stride;
+      float dot = 0.0f;
+      for (int i = 0; i < hd; ++i) dot += q[i] * k[i];
+      scores[j] = dot * scale;
+      block_max = std::max(block_max, scores[j]);
+    }
+    if (block_max > running_max) {  // rescale what was accumulated under the old maximum
+      const float factor = std::exp(running_max - block_max);
+      denom *= factor;
+      for (int i = 0; i < hd; ++i) acc[i] *= factor;
+      running_max = block_max;
+    }
+    for (int j = 0; j < nb; ++j) {
+      const float p = std::exp(scores[j] - running_max);
+      denom += p;
+      const float* v = values + (j0 + j) * stride;
+      for (int i = 0; i < hd; ++i) acc[i] += p * v[i];
+    }
+  }
+  const float inv = 1.0f / denom;
+  for (int i = 0; i < hd; ++i) out[i] = acc[i] * inv;
+}
+
 void attention_online(const AttentionArgs& a, ThreadPool& pool) {
-  const KernelTable& k = kernels();
+  using AttendFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, int, float, float*);
+  // The AVX2 twin follows the kernel path choice (SHORTRT_KERNELS=ref forces the scalar one).
+  const bool avx2 = std::string(kernels().name) == "avx2" && a.head_dim % 8 == 0;
+  const AttendFn attend = avx2 ? detail::attend_head_avx2 : attend_head_ref;
   const int hd = a.head_dim, nh = a.n_heads, group = a.n_heads / a.n_kv_heads;
   const int64_t kv_width = static_cast<int64_t>(a.n_kv_heads) * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   pool.parallel_for(static_cast<int64_t>(a.n) * nh, 1, [&](int64_t b, int64_t e) {
-    float acc[kMaxHeadDim];
-    float scores[kKeyBlock];
     for (int64_t u = b; u < e; ++u) {
       const int64_t t = u / nh;
       const int h = static_cast<int>(u % nh);
-      const float* q = a.qkv + t * a.qkv_dim + h * hd;
-      const float* keys = a.keys + (h / group) * hd;
-      const float* values = a.values + (h / group) * hd;
-      const int64_t n_keys = a.pos + t + 1;  // causal: this token and everything before it
-      float running_max = -std::numeric_limits<float>::infinity(), denom = 0.0f;
-      std::fill(acc, acc + hd, 0.0f);
-      for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyBlock) {
-        const int nb = static_cast<int>(std::min<int64_t>(kKeyBlock, n_keys - j0));
-        float block_max = -std::numeric_limits<float>::infinity();
-        for (int j = 0; j < nb; ++j) {
-          scores[j] = k.dot_f32(q, keys + (j0 + j) * kv_width, hd) * scale;
-          block_max = std::max(block_max, scores[j]);
-        }
-        if (block_max > running_max) {  // rescale what was accumulated under the old maximum
-          const float factor = std::exp(running_max - block_max);
-          denom *= factor;
-          for (int i = 0; i < hd; ++i) acc[i] *= factor;
-          running_max = block_max;
-        }
-        for (int j = 0; j < nb; ++j) {
-          const float p = std::exp(scores[j] - running_max);
-          denom += p;
-          k.axpy_f32(p, values + (j0 + j) * kv_width, acc, hd);
-        }
-      }
-      float* out = a.out + t * nh * hd + h * hd;
-      const float inv = 1.0f / denom;
-      for (int i = 0; i < hd; ++i) out[i] = acc[i] * inv;
+      // causal: token t sees positions 0..pos+t
+      attend(a.qkv + t * a.qkv_dim + h * hd, a.keys + (h / group) * hd, a.values + (h / group) * hd, kv_width,
+             a.pos + t + 1, hd, scale, a.out + t * nh * hd + h * hd);
     }
   });
 }

@@ -33,7 +33,8 @@ struct AttentionScratch {
 };
 
 // One (token, head) pair per work item with an online softmax over blocks of
-// keys: no scratch, reads each key once per head. Used for decoding.
+// keys: no scratch, reads each key once per head. Used for decoding. Runs the
+// AVX2 head kernel (attention_avx2.cpp) when kernels() is on the avx2 path.
 void attention_online(const AttentionArgs& a, ThreadPool& pool);
 
 // Blocks of tokens at a time as two matmuls per kv head (scores = K q, out =
