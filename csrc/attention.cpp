@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <string>
 
@@ -86,7 +87,7 @@ void attend_head_ref(const float* q, const float* keys, const float* values, int
 void attention_online(const AttentionArgs& a, ThreadPool& pool) {
   using AttendFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, int, float, float*);
   // The AVX2 twin follows the kernel path choice (SHORTRT_KERNELS=ref forces the scalar one).
-  const bool avx2 = std::string(kernels().name) == "avx2" && a.head_dim % 8 == 0;
+  const bool avx2 = std::strcmp(kernels().name, "avx2") == 0 && a.head_dim % 8 == 0;
   const AttendFn attend = avx2 ? detail::attend_head_avx2 : attend_head_ref;
   const int hd = a.head_dim, nh = a.n_heads, group = a.n_heads / a.n_kv_heads;
   const int64_t kv_width = static_cast<int64_t>(a.n_kv_heads) * hd;

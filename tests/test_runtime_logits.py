@@ -143,9 +143,9 @@ def test_ref_kernel_path_gives_the_same_logits(tmp_path):
     import sys
 
     path, _ = make_tiny(tmp_path / "m")
-    script = ("import json,sys; from shortrt.engine import Engine; "
-              "print(json.dumps({d: Engine(sys.argv[1], dtype=d).logits(json.loads(sys.argv[2])).tolist() "
-              "for d in ('fp32','bf16','int8')}))")
+    script = ("import json,sys; from shortrt.engine import Engine; ids = json.loads(sys.argv[2]); "
+              "print(json.dumps({f'{d}/{c}': Engine(sys.argv[1], dtype=d).logits(ids, chunk=c).tolist() "
+              "for d in ('fp32','bf16','int8') for c in (0, 1)}))")
     results = {}
     for mode in ("ref", "auto"):
         env = dict(__import__("os").environ, SHORTRT_KERNELS=mode)
@@ -153,5 +153,5 @@ def test_ref_kernel_path_gives_the_same_logits(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         results[mode] = {k: np.array(v) for k, v in json.loads(proc.stdout).items()}
-    for dtype in ("fp32", "bf16", "int8"):
-        assert rel_err(results["auto"][dtype], results["ref"][dtype]) <= 1e-4, dtype
+    for key in results["ref"]:  # prefill (chunk 0) and decode (chunk 1) paths of every dtype
+        assert rel_err(results["auto"][key], results["ref"][key]) <= 1e-4, key
