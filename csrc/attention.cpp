@@ -43,14 +43,6 @@ AttentionScratch::AttentionScratch(int max_seq, int n_heads, int n_kv_heads, int
   out = p += sizes[3];
 }
 
-namespace detail {
-void attend_head_avx2(const float* q, const float* keys, const float* values, int64_t stride, int64_t n_keys,
-                      int hd, float scale, float* out);  // attention_avx2.cpp
-}  // namespace detail
-
-// One query head over n_keys cached keys/values (rows `stride` floats apart):
-// out = softmax(scale * K q) V, as an online softmax over blocks of keys so no
-// score buffer is needed. The scalar reference of attend_head_avx2.
 void attend_head_ref(const float* q, const float* keys, const float* values, int64_t stride, int64_t n_keys, int hd,
                      float scale, float* out) {
   float acc[kMaxHeadDim];

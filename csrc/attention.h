@@ -32,6 +32,17 @@ struct AttentionScratch {
   std::unique_ptr<float, Free> storage;
 };
 
+// One query head over n_keys cached keys / values whose rows are `stride`
+// floats apart: out[head_dim] = softmax(scale * K q) V, an online softmax over
+// blocks of keys (no score buffer). attend_head_ref is the scalar reference;
+// attend_head_avx2 (attention_avx2.cpp) needs head_dim % 8 == 0 and AVX2+FMA.
+void attend_head_ref(const float* q, const float* keys, const float* values, int64_t stride, int64_t n_keys,
+                     int head_dim, float scale, float* out);
+namespace detail {
+void attend_head_avx2(const float* q, const float* keys, const float* values, int64_t stride, int64_t n_keys,
+                      int head_dim, float scale, float* out);
+}  // namespace detail
+
 // One (token, head) pair per work item with an online softmax over blocks of
 // keys: no scratch, reads each key once per head. Used for decoding. Runs the
 // AVX2 head kernel (attention_avx2.cpp) when kernels() is on the avx2 path.

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "attention.h"
+
 namespace shortrt {
 namespace detail {
 namespace {

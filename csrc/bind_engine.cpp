@@ -10,6 +10,8 @@
 #include <cstring>
 #include <optional>
 
+#include "attention.h"
+#include "kernels.h"
 #include "shortrt/engine.h"
 
 namespace py = pybind11;
@@ -85,6 +87,31 @@ py::array_t<float> logits(Engine& e, const std::vector<int>& tokens, int chunk) 
   return out;
 }
 
+// Test hook: one attention head on the "ref" or "avx2" path.
+py::array_t<float> attend_head(py::array_t<float, py::array::c_style | py::array::forcecast> q,
+                               py::array_t<float, py::array::c_style | py::array::forcecast> keys,
+                               py::array_t<float, py::array::c_style | py::array::forcecast> values, float scale,
+                               const std::string& path) {
+  if (q.ndim() != 1 || keys.ndim() != 2 || values.ndim() != 2 || keys.shape(0) != values.shape(0) ||
+      keys.shape(1) != values.shape(1) || keys.shape(1) < q.shape(0) || keys.shape(0) < 1)
+    throw std::invalid_argument("attend_head: q [hd], keys and values [n, stride >= hd], n >= 1");
+  const int hd = static_cast<int>(q.shape(0));
+  if (hd > 512) throw std::invalid_argument("attend_head: head_dim > 512");
+  py::array_t<float> out(hd);
+  if (path == "avx2") {
+    if (!shortrt::avx2_kernels()) throw std::invalid_argument("attend_head: this CPU has no AVX2/FMA");
+    if (hd % 8 != 0) throw std::invalid_argument("attend_head: the avx2 path needs head_dim % 8 == 0");
+    shortrt::detail::attend_head_avx2(q.data(), keys.data(), values.data(), keys.shape(1), keys.shape(0), hd, scale,
+                                      out.mutable_data());
+  } else if (path == "ref") {
+    shortrt::attend_head_ref(q.data(), keys.data(), values.data(), keys.shape(1), keys.shape(0), hd, scale,
+                             out.mutable_data());
+  } else {
+    throw std::invalid_argument("attend_head: path must be 'ref' or 'avx2'");
+  }
+  return out;
+}
+
 }  // namespace
 
 void register_engine(py::module_& m) {
@@ -110,4 +137,6 @@ void register_engine(py::module_& m) {
       .def_property_readonly("max_batch", &Engine::max_batch)
       .def_property_readonly("threads", &Engine::threads)
       .def_property_readonly("dtype", &Engine::dtype);
+  m.def("attend_head", &attend_head, py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("scale"),
+        py::arg("path"), "Test hook: softmax(scale * keys @ q) @ values on the 'ref' or 'avx2' attention kernel.");
 }

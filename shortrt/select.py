@@ -115,7 +115,8 @@ def select(scores, *, remove=None, ratio=None, method: str = "shortgpt", seed: i
     """A LayerMap removing `remove` layers (or round(ratio * L)) chosen by `method`.
 
     scores: a shortrt.calibrate.Scores, its JSON as a dict, or the path of a saved scores file.
-    With method="attention" the layers stay and only their attention sublayers go.
+    With method="attention" the layers stay and only their attention sublayers go. "last" keeps
+    the final layer and removes the N before it (see the module docstring for why).
     """
     scores = _as_scores(scores)
     if method not in METHODS:

@@ -245,8 +245,9 @@ def _span_scores(n=6, best_start=2, max_span=4):
 
 
 def test_replaced_checkpoint_is_made_once_and_reused(dense, monkeypatch, tmp_path):
-    import shortrt.replace as replace_module
+    import importlib
 
+    replace_module = importlib.import_module("shortrt.replace")  # the module (shortrt.replace is the function)
     monkeypatch.setenv("SHORTRT_CACHE", str(tmp_path / "cache"))
     texts = prose()
     first = replaced_checkpoint(dense, _span_scores(), 3, "mlp", texts=texts, **FAST)
@@ -283,3 +284,26 @@ def test_replace_command(dense, tmp_path, capsys):
     scores.write_text(json.dumps({**_span_scores(), "span_angular": [[None] * 4] * 6}))
     assert main(["replace", *argv, "--force"]) == 1
     assert "no finite span distance" in capsys.readouterr().err
+
+
+# ---- end to end on the real default model ---------------------------------------------------
+
+@pytest.mark.slow
+def test_default_model_span_replaced_by_a_layer_runs_in_transformers_and_engine(default_model, tmp_path):
+    """A short training run on SmolLM2-135M: the trained layer maps the span better than removal on
+    held-out sequences, and the standard checkpoint it writes generates the same greedy tokens in
+    transformers (with its KV cache) and in the C++ engine."""
+    lmap = LayerMap.from_removed(30, [14, 15], method="span")
+    ckpt = replace(default_model, lmap, tmp_path / "p2", kind="layer", n_tokens=2048, seq_len=256, steps=8,
+                   progress=False)
+    rec = ckpt.shortrt_json()["replacement"]
+    assert rec["span"] == [14, 15] and rec["data"]["n_tokens"] == 2048
+    assert rec["heldout_loss"] < rec["heldout_loss_identity"]
+    eng = Engine(ckpt, threads=2, max_seq=128)
+    assert eng.num_layers == 29 and eng.num_attention_layers == 29
+    prompt = eng.encode("The capital of France is Paris. The capital of Italy is")
+    hf = ckpt.load_hf()
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                               pad_token_id=0, use_cache=True)[0, len(prompt):].tolist()
+    assert eng.generate_ids(prompt, max_new_tokens=12, stop=[]) == expected
