@@ -50,10 +50,11 @@ def run(args) -> int:
     work = Path(args.out) if args.out else cache_dir() / "demo" / model.path.name
     work.mkdir(parents=True, exist_ok=True)
     n_layers = model.config()["num_hidden_layers"]
+    seq_len = min(512, int(model.config().get("max_position_embeddings") or 512))
     print(f"== shortrt demo: {model} ({n_layers} layers)\n")
 
     print(f"1. Calibrating on {args.tokens} tokens of held-in prose ...")
-    scores = shortrt.calibrate(model, n_tokens=args.tokens)
+    scores = shortrt.calibrate(model, n_tokens=args.tokens, seq_len=seq_len)
     scores.save(work / "scores.json")
     plot_layer_scores(scores, work / "layer_scores.png")
     plot_similarity_heatmap(scores, work / "similarity.png")
@@ -65,7 +66,8 @@ def run(args) -> int:
     lmap = shortrt.select(scores, ratio=args.ratio, method=args.method)
     removed = sorted(lmap.removed)
     print(f"2. Pruning {len(removed)} of {n_layers} layers ({args.method}): removing {removed}")
-    print(f"   (the {len(removed)} lowest-BI layers are {sorted(order[:len(removed)])})")
+    if args.method != "shortgpt":
+        print(f"   (the {len(removed)} lowest-BI layers are {sorted(order[:len(removed)])})")
     pruned = shortrt.prune(model, lmap, work / f"{args.method}-p{len(removed)}", overwrite=True)
     print(f"   pruned checkpoint: {pruned.path}\n")
 
@@ -87,7 +89,8 @@ def run(args) -> int:
     stats = []
     for name, eng, ckpt in (("dense", dense_eng, model), (f"pruned -{len(removed)}", pruned_eng, pruned)):
         tok_s = _decode_speed(eng, prompt_ids, 64)
-        ppl = shortrt.evaluate(ckpt, tasks=["ppl"], n_tokens=args.ppl_tokens, progress=False)["tasks"]["ppl"]["ppl"]
+        ppl = shortrt.evaluate(ckpt, tasks=["ppl"], n_tokens=args.ppl_tokens, seq_len=seq_len,
+                                stride=seq_len // 2, progress=False)["tasks"]["ppl"]["ppl"]
         stats.append((name, eng.num_layers, tok_s, eng.kv_cache_bytes, eng.weight_bytes, ppl))
     print()
     header = f"   {'model':<12} {'layers':>6} {'decode tok/s':>12} {'KV cache':>10} {'weights':>10} {'perplexity':>10}"
