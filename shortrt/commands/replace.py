@@ -13,7 +13,7 @@ def add_arguments(parser):
     parser.add_argument("--remove", type=int, required=True, help="length of the span to replace, in layers")
     parser.add_argument("--kind", choices=["layer", "mlp"], default="layer",
                         help="layer: one decoder layer (a standard checkpoint transformers loads); "
-                             "mlp: an attention-less MLP block, no KV cache (shortrt runs it) (default: %(default)s)")
+                             "mlp: an attention-less MLP block with no KV-cache slot (shortrt runs it) (default: %(default)s)")
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
     parser.add_argument("--data", default="default",
                         help="training text: a .txt or .jsonl file (with a 'text' field), or 'default' "
