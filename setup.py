@@ -25,10 +25,14 @@ class CMakeBuild(build_ext):
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
         config = "Debug" if self.debug else "Release"
+        # Example programs go beside the package: in the source tree for an editable install
+        # (setuptools copies only the extension itself out of its temporary build dir).
+        editable = getattr(self, "editable_mode", False) or self.inplace
+        examples_dir = (ROOT / "shortrt" / "bin") if editable else (ext_dir / "bin")
         cmake_args = [
             f"-DCMAKE_BUILD_TYPE={config}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={ext_dir}",
-            f"-DSHORTRT_EXAMPLES_DIR={ext_dir / 'bin'}",
+            f"-DSHORTRT_EXAMPLES_DIR={examples_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             "-DSHORTRT_PYTHON=ON",
