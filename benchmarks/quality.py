@@ -10,8 +10,9 @@ The cells are the dense model with layers masked in memory (shortrt.layer_plan):
 maps run in one pass over each batch and share the layers they have in common. One cell
 (shortgpt at 8) is checked against its written checkpoint, evaluated from disk.
 
-    python benchmarks/quality.py                 # the full table (~30 min on 2 cores)
-    python benchmarks/quality.py --quick         # a small smoke run (~2 min)
+    python benchmarks/quality.py                 # the full table (~40 min on 1 busy core)
+    python benchmarks/quality.py --quick         # a small smoke run
+    python benchmarks/quality.py --render benchmarks/results/quality.json   # redo .md/.png only
 
 Writes quality.md, quality.json and quality.png to --out (default benchmarks/results/).
 """
@@ -57,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--verify", default="shortgpt-8", help="cell checked against its written checkpoint ('' = none)")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--name", default="quality", help="file stem of the outputs")
-    p.add_argument("--quick", action="store_true", help="tiny sample sizes: a smoke run")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 10 questions, 1024 tokens, removed 0,4,8")
+    p.add_argument("--render", default=None, help="only rewrite the .md and .png from this saved results JSON")
     args = p.parse_args(argv)
     if args.quick:
         args.samples, args.tokens, args.removed, args.name = 10, 1024, "0,4,8", args.name + "_quick"
@@ -69,13 +71,21 @@ def load_scores(args, model):
 
     path = Path(args.scores)
     if path.is_file():
-        return Scores.load(path), str(path)
+        return Scores.load(path), _shown(path)
     print(f"{path} not found: calibrating (32768 tokens)", flush=True)
     scores = calibrate(model, n_tokens=32768)
     path = Path(args.out) / f"{args.name}_scores.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     scores.save(path)
-    return scores, str(path)
+    return scores, _shown(path)
+
+
+def _shown(path: Path) -> str:
+    """A path as written in the results: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(HERE.parent))
+    except ValueError:
+        return str(path)
 
 
 def build_maps(scores, methods, counts, seed):
@@ -147,7 +157,9 @@ def markdown(args, meta, maps, results, methods, counts, tasks) -> str:
              "Metric per task: " + ", ".join(f"{LABEL[t]} {PRIMARY[t]}" for t in tasks if t != "ppl") +
              " (acc_norm = per-byte log-likelihood). Both are in the JSON.",
              "- `attention` removes N attention sublayers and keeps every MLP (KV cache shrinks by N/L, "
-             "weights by less); the other methods remove whole layers.", ""]
+             "weights by less); the other methods remove whole layers.",
+             "- Chance level: ARC, HellaSwag and MMLU 25 %, PIQA 50 %. A task whose dense score is within a "
+             "standard error or two of chance cannot rank the methods at this sample size.", ""]
     header = "| method | " + " | ".join(str(n) for n in counts) + " |"
     rule = "|---|" + "---:|" * len(counts)
     for task in list(tasks) + (["avg"] if len(tasks) > 1 and any(t != "ppl" for t in tasks) else []):
@@ -175,6 +187,17 @@ def summary_at(results, methods, tasks, n) -> list[str]:
         return []
     lines = [f"## At {n} removed: which method wins", "",
              "Gaps are paired (same questions and windows); ± is the paired standard error.", ""]
+    lines += ranking(results, names, tasks)
+    whole = [k for k in names if not k.startswith("attention-")]
+    if len(whole) < len(names) and len(whole) > 1:
+        lines += ["", f"Whole layers removed (without the attention-only method):", ""]
+        lines += ranking(results, whole, tasks)
+    lines.append("")
+    return lines
+
+
+def ranking(results, names, tasks) -> list[str]:
+    lines = []
     for task in tasks:
         if task == "ppl":
             ranked = sorted(names, key=lambda k: cell(results, k, task)["ppl"])
@@ -185,12 +208,10 @@ def summary_at(results, methods, tasks, n) -> list[str]:
         for other in ranked[1:]:
             g, se = paired_gap(results, best, other, task)
             if task == "ppl":
-                ratio = math.exp(-g)
-                gaps.append(f"{other} ppl ×{ratio:.2f} (log-ppl +{-g:.3f} ± {se:.3f})")
+                gaps.append(f"{other} ppl ×{math.exp(-g):.2f} (log-ppl {-g:+.3f} ± {se:.3f})")
             else:
-                gaps.append(f"{other} {-100 * g:+.1f} ± {100 * se:.1f} points")
+                gaps.append(f"{other} {-100 * g + 0.0:+.1f} ± {100 * se:.1f} points")
         lines.append(f"- **{LABEL[task]}**: {best} best ({fmt(results, best, task, tasks)}); vs " + "; ".join(gaps))
-    lines.append("")
     return lines
 
 
@@ -252,9 +273,28 @@ def verify(model, maps, results, name, settings, tasks) -> str:
     return f"checkpoint equals masked: identical accuracies, perplexity within {worst:.1e} relative"
 
 
+def render(args) -> int:
+    """Rewrite the markdown and the plot from a saved results JSON (no model runs)."""
+    from shortrt.layermap import LayerMap
+
+    doc = json.loads(Path(args.render).read_text())
+    st = doc["settings"]
+    for key in ("n_samples", "n_tokens", "seq_len", "stride", "seed"):
+        setattr(args, {"n_samples": "samples", "n_tokens": "tokens", "seq_len": "seq_len"}.get(key, key), st[key])
+    maps = {k: (None if v is None else LayerMap.from_json(v)) for k, v in doc["layer_maps"].items()}
+    out = Path(args.out)
+    md = markdown(args, doc["meta"], maps, doc["results"], st["methods"], st["removed"], st["tasks"])
+    (out / f"{args.name}.md").write_text(md)
+    plot(out / f"{args.name}.png", doc["results"], st["methods"], st["removed"], st["tasks"])
+    print(md)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(HERE.parent))
+    if args.render:
+        return render(args)
     import torch
 
     import shortrt

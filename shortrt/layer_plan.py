@@ -32,13 +32,6 @@ def dense_plan(num_layers: int) -> tuple[Step, ...]:
     return tuple(Step(i) for i in range(num_layers))
 
 
-def masked_plan(layer_map: LayerMap) -> tuple[Step, ...]:
-    """The plan that runs `layer_map` on the dense model it was selected from."""
-    if any(e.kind != "layer" for e in layer_map.layers):
-        raise ShortrtError("a replacement entry has no weights in the dense model; evaluate its checkpoint")
-    return tuple(Step(e.source, e.attention, e.mlp) for e in layer_map.layers)
-
-
 def checkpoint_plan(layer_map: LayerMap) -> tuple[Step, ...]:
     """The plan of a checkpoint that stores `layer_map`'s entries as its layers 0..k-1."""
     return tuple(Step(i, e.attention, e.mlp) for i, e in enumerate(layer_map.layers))

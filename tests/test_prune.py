@@ -1,7 +1,6 @@
 """Pruned checkpoints (shortrt.prune): layout, config, provenance, and equality with the masked dense model."""
 import importlib
 import json
-import os
 
 import pytest
 import torch

@@ -65,8 +65,9 @@ def format_summary(lmap, out) -> str:
         values = ", ".join(f"{i}: {scores[metric][i]:.4f}" for i in gone)
         lines.append(f"{metric:<11} {values}")
     if "span" in scores:
-        lines.append(f"span        layers {scores['span']['start']}..{scores['span']['start'] + scores['span']['length'] - 1}, "
-                     f"angular distance {scores['span']['angular']:.4f}")
+        span = scores["span"]
+        lines.append(f"span        layers {span['start']}..{span['start'] + span['length'] - 1}, "
+                     f"angular distance {span['angular']:.4f}")
     lines.append(f"written to  {out}")
     if not lmap.transformers_compatible:
         lines.append("note        layers without attention: runs in shortrt (Engine, evaluate), not plain transformers")
@@ -85,7 +86,8 @@ def run(args) -> int:
     try:
         pruned = prune(model, lmap, args.out, overwrite=args.force, progress=True)
     except FileExistsError as exc:
-        raise ShortrtError(str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")) from None
+        message = str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")
+        raise ShortrtError(message) from None
     print(format_summary(pruned_map(pruned), pruned.path))
     return 0
 
