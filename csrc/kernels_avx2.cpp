@@ -72,15 +72,26 @@ inline void store_tile(const __m256 (&acc)[R][T], float* y, int64_t ldy, Tail ta
 
 // ---- f32 / bf16 weights x f32 activations ---------------------------------
 
-// R rows of w times T tokens of x, one 8-wide accumulator per (row, token):
-// each step loads R + T vectors for R * T FMAs.
+// The summation order of one matmul output element, shared by every tile shape
+// so decode, batched decode and prefill agree bit for bit. The columns' 8-wide
+// vectors are split into kParts contiguous ranges (when a row has at least
+// kSplitVectors of them), each summed by its own FMA chain from zero; the
+// chains combine as (p0 + p1) + (p2 + p3), then reduce4 sums the 8 lanes, then
+// the scalar tail columns follow. Independent chains let one streamed row keep
+// several FMAs in flight: a single chain is bound by FMA latency, not memory.
+constexpr int kParts = 4;
+constexpr int64_t kSplitVectors = 32;  // shorter rows (attention's head_dim 64) keep one chain
+
+inline int parts_for(int64_t n_vectors) { return n_vectors >= kSplitVectors ? kParts : 1; }
+// First column of range p of n_parts over n_vectors vectors.
+inline int64_t part_begin(int64_t n_vectors, int n_parts, int p) { return (n_vectors * p / n_parts) * 8; }
+
+// acc[r][t] = sum over columns [c0, c1) of w[r] * x[t], one chain per (row, token).
 template <int R, int T, class W>
-inline void tile_dense(const W* w, int64_t cols, const float* x, float* y, int64_t ldy) {
-  __m256 acc[R][T];
+inline void accumulate_range(const W* w, int64_t cols, const float* x, int64_t c0, int64_t c1, __m256 (&acc)[R][T]) {
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-  const int64_t cols8 = cols & ~int64_t{7};
-  for (int64_t c = 0; c < cols8; c += 8) {
+  for (int64_t c = c0; c < c1; c += 8) {
     __m256 xv[T];
     for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + t * cols + c);
     for (int r = 0; r < R; ++r) {
@@ -88,8 +99,73 @@ inline void tile_dense(const W* w, int64_t cols, const float* x, float* y, int64
       for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
     }
   }
+}
+
+template <int R, int T>
+inline void add_tiles(__m256 (&into)[R][T], const __m256 (&other)[R][T]) {
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) into[r][t] = _mm256_add_ps(into[r][t], other[r][t]);
+}
+
+// R rows of w times T tokens of x, one 8-wide accumulator per (row, token):
+// each step loads R + T vectors for R * T FMAs. The ranges run one after the
+// other (a tile already has R * T chains in flight).
+template <int R, int T, class W>
+inline void tile_dense(const W* w, int64_t cols, const float* x, float* y, int64_t ldy) {
+  const int64_t n_vectors = cols / 8, cols8 = n_vectors * 8;
+  __m256 acc[R][T];
+  if (parts_for(n_vectors) == 1) {
+    accumulate_range<R, T>(w, cols, x, 0, cols8, acc);
+  } else {
+    __m256 p01[R][T], p23[R][T];
+    accumulate_range<R, T>(w, cols, x, 0, part_begin(n_vectors, kParts, 1), p01);
+    accumulate_range<R, T>(w, cols, x, part_begin(n_vectors, kParts, 1), part_begin(n_vectors, kParts, 2), acc);
+    add_tiles<R, T>(p01, acc);
+    accumulate_range<R, T>(w, cols, x, part_begin(n_vectors, kParts, 2), part_begin(n_vectors, kParts, 3), p23);
+    accumulate_range<R, T>(w, cols, x, part_begin(n_vectors, kParts, 3), cols8, acc);
+    add_tiles<R, T>(p23, acc);
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_add_ps(p01[r][t], p23[r][t]);
+  }
   store_tile<R, T>(acc, y, ldy, [&](int r, int t, float s) {
     for (int64_t c = cols8; c < cols; ++c) s = __builtin_fmaf(value(w[r * cols + c]), x[t * cols + c], s);
+    return s;
+  });
+}
+
+// One row times one token (decode): the same operations as tile_dense<1, 1>,
+// but the four range chains advance side by side so their FMAs overlap.
+template <class W>
+inline void row_dot(const W* w, int64_t cols, const float* x, float* y) {
+  const int64_t n_vectors = cols / 8, cols8 = n_vectors * 8;
+  if (parts_for(n_vectors) == 1) {
+    tile_dense<1, 1>(w, cols, x, y, 1);
+    return;
+  }
+  int64_t begin[kParts], len[kParts];
+  for (int p = 0; p < kParts; ++p) {
+    begin[p] = part_begin(n_vectors, kParts, p);
+    len[p] = (p + 1 < kParts ? part_begin(n_vectors, kParts, p + 1) : cols8) - begin[p];
+  }
+  // Ranges differ by at most one vector; the common length runs interleaved.
+  const int64_t common = min_i64(min_i64(len[0], len[1]), min_i64(len[2], len[3]));
+  const W *w0 = w + begin[0], *w1 = w + begin[1], *w2 = w + begin[2], *w3 = w + begin[3];
+  const float *x0 = x + begin[0], *x1 = x + begin[1], *x2 = x + begin[2], *x3 = x + begin[3];
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t c = 0;
+  for (; c < common; c += 8) {
+    a0 = _mm256_fmadd_ps(load8(w0 + c), _mm256_loadu_ps(x0 + c), a0);
+    a1 = _mm256_fmadd_ps(load8(w1 + c), _mm256_loadu_ps(x1 + c), a1);
+    a2 = _mm256_fmadd_ps(load8(w2 + c), _mm256_loadu_ps(x2 + c), a2);
+    a3 = _mm256_fmadd_ps(load8(w3 + c), _mm256_loadu_ps(x3 + c), a3);
+  }
+  if (c < len[0]) a0 = _mm256_fmadd_ps(load8(w0 + c), _mm256_loadu_ps(x0 + c), a0);
+  if (c < len[1]) a1 = _mm256_fmadd_ps(load8(w1 + c), _mm256_loadu_ps(x1 + c), a1);
+  if (c < len[2]) a2 = _mm256_fmadd_ps(load8(w2 + c), _mm256_loadu_ps(x2 + c), a2);
+  if (c < len[3]) a3 = _mm256_fmadd_ps(load8(w3 + c), _mm256_loadu_ps(x3 + c), a3);
+  const __m256 acc[1][1] = {{_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))}};
+  store_tile<1, 1>(acc, y, 1, [&](int, int, float s) {
+    for (int64_t cc = cols8; cc < cols; ++cc) s = __builtin_fmaf(value(w[cc]), x[cc], s);
     return s;
   });
 }
@@ -97,7 +173,13 @@ inline void tile_dense(const W* w, int64_t cols, const float* x, float* y, int64
 template <int R, class W>
 inline void tile_dense_tokens(int64_t n_tok, const W* w, int64_t cols, const float* x, float* y, int64_t ldy) {
   switch (n_tok) {
-    case 1: tile_dense<R, 1>(w, cols, x, y, ldy); break;
+    case 1:
+      if constexpr (R == 1) {
+        row_dot(w, cols, x, y);
+      } else {
+        tile_dense<R, 1>(w, cols, x, y, ldy);
+      }
+      break;
     case 2: tile_dense<R, 2>(w, cols, x, y, ldy); break;
     case 3: tile_dense<R, 3>(w, cols, x, y, ldy); break;
     default: tile_dense<R, 4>(w, cols, x, y, ldy); break;

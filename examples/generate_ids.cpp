@@ -24,8 +24,13 @@ int usage() {
 
 int to_int(const std::string& s, const std::string& what) {
   size_t used = 0;
-  int v = std::stoi(s, &used);
-  if (used != s.size()) throw std::invalid_argument(what + ": not an integer: " + s);
+  int v = 0;
+  try {
+    v = std::stoi(s, &used);
+  } catch (const std::exception&) {
+    used = 0;  // std::stoi's own message is just "stoi"
+  }
+  if (used == 0 || used != s.size()) throw std::invalid_argument(what + ": not an integer: '" + s + "'");
   return v;
 }
 
