@@ -194,28 +194,39 @@ def worker_main(argv) -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     args = p.parse_args(argv)
     result = WORKERS[args.engine](args)
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_rss_bytes"] = peak_rss_bytes()
     print("RESULT " + json.dumps(result), flush=True)
 
 
 # ----------------------------------------------------------------------------- driver
 
-def measure_bandwidth(threads: int, size_mib: int = 1024, reps: int = 7) -> float:
-    """Read bandwidth in bytes/s: median time of torch.sum over a buffer much larger than the caches."""
-    import torch
+def measure_bandwidth(threads: int, size_mib: int = 512, reps: int = 9) -> float:
+    """Read bandwidth in bytes/s: the best of shortrt's AVX2 sum over a buffer far larger than the
+    caches (with 4 KiB and with 2 MiB pages), median time over `reps` passes each. The fastest
+    way this machine can stream memory is what bounds decode."""
+    import statistics as st
 
-    torch.set_num_threads(threads)
-    buf = torch.ones(size_mib * 2**20 // 4, dtype=torch.float32)
-    buf.sum()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - t0)
-    return buf.numel() * 4 / statistics.median(times)
+    from shortrt import _C
+
+    best = 0.0
+    for huge in (False, True):
+        times = _C.bench_read_bandwidth(size_mib, "avx2" if "avx2" in _C.kernel_paths() else "ref",
+                                        threads, reps, huge)["wall"]
+        best = max(best, size_mib * 2**20 / st.median(times))
+    return best
 
 
-def pruned_checkpoints(model_name: str, counts: list[int], variants: list[str], calib_tokens: int) -> dict:
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Unlike getrusage's ru_maxrss it is not
+    inherited from the parent across fork/exec, so each worker reports only its own."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def pruned_checkpoints(model_name: str, needed: list[tuple[str, int]], scores_file: str | None,
+                       calib_tokens: int) -> dict:
     """{(variant, k): checkpoint dir}; made once with the given method and cached under $SHORTRT_CACHE."""
     import shortrt
     from shortrt.sources import cache_dir
@@ -223,9 +234,10 @@ def pruned_checkpoints(model_name: str, counts: list[int], variants: list[str], 
     model = shortrt.load(model_name)
     base = cache_dir() / "bench" / model.path.name
     base.mkdir(parents=True, exist_ok=True)
-    scores_path = base / f"scores-{calib_tokens}.json"
+    scores_path = Path(scores_file) if scores_file else base / f"scores-{calib_tokens}.json"
     out = {}
-    needed = [(v, k) for v in variants for k in counts if k > 0]
+    variants = sorted({v for v, _ in needed})
+    needed = [(v, k) for v, k in needed if k > 0]
     if any(not (base / f"{v}-p{k}" / "config.json").exists() for v, k in needed):
         if scores_path.exists():
             scores = shortrt.Scores.load(scores_path)
@@ -315,7 +327,14 @@ def main() -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--remove", default="0,4,8,12", help="layer counts to remove (default %(default)s)")
     p.add_argument("--variants", default="shortgpt",
-                   help="pruning variants: shortgpt, span, attention, span+layer, span+mlp (default %(default)s)")
+                   help="pruning variants run at every --remove count: shortgpt, span, attention, "
+                        "span+layer, span+mlp (default %(default)s)")
+    p.add_argument("--extra-variants", default="",
+                   help="variants run only at --extra-remove, e.g. attention,span+layer,span+mlp")
+    p.add_argument("--extra-remove", default="8", help="counts for --extra-variants (default %(default)s)")
+    p.add_argument("--scores", default=str(HERE / "results" / "calibration" / "scores.json"),
+                   help="calibration scores to select layers with (default: the committed ones; "
+                        "calibrated on the fly when the file is missing)")
     p.add_argument("--engines", default="shortrt-fp32,shortrt-bf16,shortrt-int8,transformers-fp32,transformers-bf16,llama.cpp",
                    help="comma list (default %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
@@ -330,9 +349,13 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.remove, args.rounds, args.new_tokens, args.prompt_tokens = "0,8", 1, 32, 128
-        args.engines = "shortrt-fp32,shortrt-int8,transformers-fp32"
+        if args.engines == p.get_default("engines"):
+            args.engines = "shortrt-fp32,shortrt-int8,transformers-fp32"
     counts = sorted({int(x) for x in args.remove.split(",")})
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    extra = [v.strip() for v in args.extra_variants.split(",") if v.strip()]
+    needed = [(v, k) for v in variants for k in counts]
+    needed += [(v, int(k)) for v in extra for k in args.extra_remove.split(",") if int(k) > 0]
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
 
     from tqdm.auto import tqdm
@@ -342,7 +365,7 @@ def main() -> None:
     dense = shortrt.load(args.model)
     print(f"model {dense} — measuring memory bandwidth ({args.threads} threads)...", file=sys.stderr)
     bandwidth = measure_bandwidth(args.threads)
-    ckpts = pruned_checkpoints(args.model, counts, variants, args.calib_tokens)
+    ckpts = pruned_checkpoints(args.model, needed, args.scores, args.calib_tokens)
 
     jobs = []
     for engine in engines:

@@ -73,25 +73,23 @@ inline void store_tile(const __m256 (&acc)[R][T], float* y, int64_t ldy, Tail ta
 // ---- f32 / bf16 weights x f32 activations ---------------------------------
 
 // The summation order of one matmul output element, shared by every tile shape
-// so decode, batched decode and prefill agree bit for bit. The columns' 8-wide
-// vectors are split into kParts contiguous ranges (when a row has at least
-// kSplitVectors of them), each summed by its own FMA chain from zero; the
-// chains combine as (p0 + p1) + (p2 + p3), then reduce4 sums the 8 lanes, then
-// the scalar tail columns follow. Independent chains let one streamed row keep
-// several FMAs in flight: a single chain is bound by FMA latency, not memory.
-constexpr int kParts = 4;
-constexpr int64_t kSplitVectors = 32;  // shorter rows (attention's head_dim 64) keep one chain
+// so decode, batched decode and prefill agree bit for bit. When a row has at
+// least kSplitVectors 8-wide column vectors, the even-numbered vectors and the
+// odd-numbered ones are summed by two separate FMA chains from zero, each in
+// increasing column order, and combined as even + odd; then reduce4 sums the 8
+// lanes and the scalar tail columns follow. The second chain is what lets a
+// streamed bf16 row keep up with memory: one chain is bound by FMA latency.
+// (Splitting a row into contiguous ranges instead measured 2x slower for decode:
+// four short streams per row defeat the prefetcher.)
+constexpr int64_t kSplitVectors = 16;  // shorter rows (attention's head_dim 64) keep one chain
 
-inline int parts_for(int64_t n_vectors) { return n_vectors >= kSplitVectors ? kParts : 1; }
-// First column of range p of n_parts over n_vectors vectors.
-inline int64_t part_begin(int64_t n_vectors, int n_parts, int p) { return (n_vectors * p / n_parts) * 8; }
-
-// acc[r][t] = sum over columns [c0, c1) of w[r] * x[t], one chain per (row, token).
+// acc[r][t] = sum over columns c0, c0 + step, ... < c1 of the 8-vectors w[r] * x[t].
 template <int R, int T, class W>
-inline void accumulate_range(const W* w, int64_t cols, const float* x, int64_t c0, int64_t c1, __m256 (&acc)[R][T]) {
+inline void accumulate_columns(const W* w, int64_t cols, const float* x, int64_t c0, int64_t c1, int64_t step,
+                               __m256 (&acc)[R][T]) {
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
-  for (int64_t c = c0; c < c1; c += 8) {
+  for (int64_t c = c0; c < c1; c += step) {
     __m256 xv[T];
     for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + t * cols + c);
     for (int r = 0; r < R; ++r) {
@@ -101,31 +99,55 @@ inline void accumulate_range(const W* w, int64_t cols, const float* x, int64_t c
   }
 }
 
-template <int R, int T>
-inline void add_tiles(__m256 (&into)[R][T], const __m256 (&other)[R][T]) {
+// Both chains of an R x T tile at once, 2 * R * T accumulators: each 16-column
+// step loads 2 * (R + T) vectors for 2 * R * T FMAs. R * T <= 6 leaves
+// registers for the T activation vectors and one weight vector.
+template <int R, int T, class W>
+inline void accumulate_even_odd(const W* w, int64_t cols, const float* x, int64_t cols8, __m256 (&acc)[R][T]) {
+  __m256 even[R][T], odd[R][T];
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) into[r][t] = _mm256_add_ps(into[r][t], other[r][t]);
+    for (int t = 0; t < T; ++t) even[r][t] = odd[r][t] = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= cols8; c += 16) {
+    __m256 xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + t * cols + c);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = load8(w + r * cols + c);
+      for (int t = 0; t < T; ++t) even[r][t] = _mm256_fmadd_ps(wv, xv[t], even[r][t]);
+    }
+    for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + t * cols + c + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = load8(w + r * cols + c + 8);
+      for (int t = 0; t < T; ++t) odd[r][t] = _mm256_fmadd_ps(wv, xv[t], odd[r][t]);
+    }
+  }
+  if (c < cols8) {  // an odd number of vectors: the last one is even
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = load8(w + r * cols + c);
+      for (int t = 0; t < T; ++t) even[r][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * cols + c), even[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_add_ps(even[r][t], odd[r][t]);
 }
 
-// R rows of w times T tokens of x, one 8-wide accumulator per (row, token):
-// each step loads R + T vectors for R * T FMAs. The ranges run one after the
-// other (a tile already has R * T chains in flight).
+// R rows of w times T tokens of x, one 8-wide accumulator per (row, token and
+// chain). Small tiles hold both chains in registers; larger ones (only the
+// batched-decode 1 x 4) run the chains as two passes.
 template <int R, int T, class W>
 inline void tile_dense(const W* w, int64_t cols, const float* x, float* y, int64_t ldy) {
   const int64_t n_vectors = cols / 8, cols8 = n_vectors * 8;
   __m256 acc[R][T];
-  if (parts_for(n_vectors) == 1) {
-    accumulate_range<R, T>(w, cols, x, 0, cols8, acc);
+  if (n_vectors < kSplitVectors) {
+    accumulate_columns<R, T>(w, cols, x, 0, cols8, 8, acc);
+  } else if constexpr (R * T <= 6) {
+    accumulate_even_odd<R, T>(w, cols, x, cols8, acc);
   } else {
-    __m256 p01[R][T], p23[R][T];
-    accumulate_range<R, T>(w, cols, x, 0, part_begin(n_vectors, kParts, 1), p01);
-    accumulate_range<R, T>(w, cols, x, part_begin(n_vectors, kParts, 1), part_begin(n_vectors, kParts, 2), acc);
-    add_tiles<R, T>(p01, acc);
-    accumulate_range<R, T>(w, cols, x, part_begin(n_vectors, kParts, 2), part_begin(n_vectors, kParts, 3), p23);
-    accumulate_range<R, T>(w, cols, x, part_begin(n_vectors, kParts, 3), cols8, acc);
-    add_tiles<R, T>(p23, acc);
+    __m256 odd[R][T];
+    accumulate_columns<R, T>(w, cols, x, 0, cols8, 16, acc);
+    accumulate_columns<R, T>(w, cols, x, 8, cols8, 16, odd);
     for (int r = 0; r < R; ++r)
-      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_add_ps(p01[r][t], p23[r][t]);
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_add_ps(acc[r][t], odd[r][t]);
   }
   store_tile<R, T>(acc, y, ldy, [&](int r, int t, float s) {
     for (int64_t c = cols8; c < cols; ++c) s = __builtin_fmaf(value(w[r * cols + c]), x[t * cols + c], s);
@@ -134,36 +156,22 @@ inline void tile_dense(const W* w, int64_t cols, const float* x, float* y, int64
 }
 
 // One row times one token (decode): the same operations as tile_dense<1, 1>,
-// but the four range chains advance side by side so their FMAs overlap.
+// but the even and odd chains advance side by side so their FMAs overlap.
 template <class W>
 inline void row_dot(const W* w, int64_t cols, const float* x, float* y) {
   const int64_t n_vectors = cols / 8, cols8 = n_vectors * 8;
-  if (parts_for(n_vectors) == 1) {
+  if (n_vectors < kSplitVectors) {
     tile_dense<1, 1>(w, cols, x, y, 1);
     return;
   }
-  int64_t begin[kParts], len[kParts];
-  for (int p = 0; p < kParts; ++p) {
-    begin[p] = part_begin(n_vectors, kParts, p);
-    len[p] = (p + 1 < kParts ? part_begin(n_vectors, kParts, p + 1) : cols8) - begin[p];
-  }
-  // Ranges differ by at most one vector; the common length runs interleaved.
-  const int64_t common = min_i64(min_i64(len[0], len[1]), min_i64(len[2], len[3]));
-  const W *w0 = w + begin[0], *w1 = w + begin[1], *w2 = w + begin[2], *w3 = w + begin[3];
-  const float *x0 = x + begin[0], *x1 = x + begin[1], *x2 = x + begin[2], *x3 = x + begin[3];
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
   int64_t c = 0;
-  for (; c < common; c += 8) {
-    a0 = _mm256_fmadd_ps(load8(w0 + c), _mm256_loadu_ps(x0 + c), a0);
-    a1 = _mm256_fmadd_ps(load8(w1 + c), _mm256_loadu_ps(x1 + c), a1);
-    a2 = _mm256_fmadd_ps(load8(w2 + c), _mm256_loadu_ps(x2 + c), a2);
-    a3 = _mm256_fmadd_ps(load8(w3 + c), _mm256_loadu_ps(x3 + c), a3);
+  for (; c + 16 <= cols8; c += 16) {
+    even = _mm256_fmadd_ps(load8(w + c), _mm256_loadu_ps(x + c), even);
+    odd = _mm256_fmadd_ps(load8(w + c + 8), _mm256_loadu_ps(x + c + 8), odd);
   }
-  if (c < len[0]) a0 = _mm256_fmadd_ps(load8(w0 + c), _mm256_loadu_ps(x0 + c), a0);
-  if (c < len[1]) a1 = _mm256_fmadd_ps(load8(w1 + c), _mm256_loadu_ps(x1 + c), a1);
-  if (c < len[2]) a2 = _mm256_fmadd_ps(load8(w2 + c), _mm256_loadu_ps(x2 + c), a2);
-  if (c < len[3]) a3 = _mm256_fmadd_ps(load8(w3 + c), _mm256_loadu_ps(x3 + c), a3);
-  const __m256 acc[1][1] = {{_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))}};
+  if (c < cols8) even = _mm256_fmadd_ps(load8(w + c), _mm256_loadu_ps(x + c), even);
+  const __m256 acc[1][1] = {{_mm256_add_ps(even, odd)}};
   store_tile<1, 1>(acc, y, 1, [&](int, int, float s) {
     for (int64_t cc = cols8; cc < cols; ++cc) s = __builtin_fmaf(value(w[cc]), x[cc], s);
     return s;
@@ -193,6 +201,39 @@ constexpr int kTileTokens = 4;
 // crossover: 4-6 tokens for f32).
 constexpr int64_t kStreamTokens = 4;
 
+// Rows long enough for two chains per output: tiles of kSplitRows x
+// kSplitTokens, both chains in registers.
+constexpr int kSplitRows = SPLIT_R;
+constexpr int kSplitTokens = SPLIT_T;
+
+template <int R, class W>
+inline void tile_split_tokens(int64_t n_tok, const W* w, int64_t cols, const float* x, float* y, int64_t ldy) {
+  switch (n_tok) {
+    case 1: tile_dense<R, 1>(w, cols, x, y, ldy); break;
+    case 2: tile_dense<R, 2>(w, cols, x, y, ldy); break;
+    default: tile_dense<R, (kSplitTokens > 2 ? 3 : 2)>(w, cols, x, y, ldy); break;
+  }
+}
+
+template <class W>
+void gemm_dense_split(const W* w, int64_t n_rows, int64_t cols, const float* x, int64_t n_tok, float* y,
+                      int64_t ldy) {
+  for (int64_t r = 0; r < n_rows; r += kSplitRows) {
+    const W* wr = w + r * cols;
+    const int64_t rows = min_i64(kSplitRows, n_rows - r);
+    for (int64_t t = 0; t < n_tok; t += kSplitTokens) {
+      const int64_t toks = min_i64(kSplitTokens, n_tok - t);
+      float* yt = y + t * ldy + r;
+      const float* xt = x + t * cols;
+      switch (rows) {
+        case 1: tile_split_tokens<1>(toks, wr, cols, xt, yt, ldy); break;
+        case 2: tile_split_tokens<2>(toks, wr, cols, xt, yt, ldy); break;
+        default: tile_split_tokens<(kSplitRows > 2 ? 3 : 2)>(toks, wr, cols, xt, yt, ldy); break;
+      }
+    }
+  }
+}
+
 template <class W>
 void gemm_dense(const W* w, int64_t n_rows, int64_t cols, const float* x, int64_t n_tok, float* y, int64_t ldy) {
   if (n_tok <= kStreamTokens) {
@@ -203,6 +244,10 @@ void gemm_dense(const W* w, int64_t n_rows, int64_t cols, const float* x, int64_
     for (int64_t r = 0; r < n_rows; ++r)
       for (int64_t t = 0; t < n_tok; t += kTileTokens)
         tile_dense_tokens<1>(min_i64(kTileTokens, n_tok - t), w + r * cols, cols, x + t * cols, y + t * ldy + r, ldy);
+    return;
+  }
+  if (cols / 8 >= kSplitVectors) {
+    gemm_dense_split(w, n_rows, cols, x, n_tok, y, ldy);
     return;
   }
   for (int64_t r = 0; r < n_rows; r += kTileRows) {

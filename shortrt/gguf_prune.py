@@ -58,9 +58,9 @@ def prune_gguf(src, retained: list[int], dst, *, overwrite: bool = False) -> Pat
                 name = f"blk.{new_index[old]}.{m.group(2)}"
             else:
                 name = t.name
-            # t.shape is in GGML order (fastest dimension first); the writer wants numpy order.
-            writer.add_tensor(name, t.data, raw_shape=list(reversed([int(d) for d in t.shape])),
-                              raw_dtype=t.tensor_type)
+            # t.data is already in numpy order: elements for float types, bytes per row for
+            # quantized blocks (the writer converts a byte shape back to elements itself).
+            writer.add_tensor(name, t.data, raw_dtype=t.tensor_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
