@@ -72,23 +72,33 @@ inline void store_tile(const __m256 (&acc)[R][T], float* y, int64_t ldy, Tail ta
 
 // ---- f32 / bf16 weights x f32 activations ---------------------------------
 
-// The summation order of one matmul output element, shared by every tile shape
-// so decode, batched decode and prefill agree bit for bit. When a row has at
-// least kSplitVectors 8-wide column vectors, the even-numbered vectors and the
-// odd-numbered ones are summed by two separate FMA chains from zero, each in
-// increasing column order, and combined as even + odd; then reduce4 sums the 8
-// lanes and the scalar tail columns follow. The second chain is what lets a
-// streamed bf16 row keep up with memory: one chain is bound by FMA latency.
-// (Splitting a row into contiguous ranges instead measured 2x slower for decode:
-// four short streams per row defeat the prefetcher.)
-constexpr int64_t kSplitVectors = 16;  // shorter rows (attention's head_dim 64) keep one chain
+// The summation order of one matmul output element is shared by every tile
+// shape, so decode, batched decode and prefill agree bit for bit. f32 weights:
+// one FMA chain over the 8-wide column vectors in order. bf16 weights (rows of
+// at least kTwoChainVectors vectors): two chains from zero, one over the even-
+// numbered vectors and one over the odd ones, each in column order, combined
+// as even + odd. Either way reduce4 then sums the 8 lanes and the scalar tail
+// columns follow. A single chain is bound by FMA latency; an f32 row delivers
+// 32 bytes per FMA, enough to saturate memory, a bf16 row only 16, so decode
+// needs the second chain there. (Keeping f32 on one chain spares its prefill
+// tiles the second pass, which measured 10-15% slower.)
+constexpr int64_t kTwoChainVectors = 16;  // shorter rows keep one chain
+// Columns per block in which the two chains take turns inside a tile; small
+// enough that the second pass finds the block's rows in L1. A multiple of 16,
+// so every block starts with an even vector.
+constexpr int64_t kChainBlock = 128;
 
-// acc[r][t] = sum over columns c0, c0 + step, ... < c1 of the 8-vectors w[r] * x[t].
+constexpr bool two_chains(const float*, int64_t) { return false; }
+constexpr bool two_chains(const uint16_t*, int64_t n_vectors) { return n_vectors >= kTwoChainVectors; }
+
+// sums[r][t] += the 8-vectors w[r] * x[t] at columns c0, c0 + step, ... < c1
+// (kept in registers for the loop).
 template <int R, int T, class W>
 inline void accumulate_columns(const W* w, int64_t cols, const float* x, int64_t c0, int64_t c1, int64_t step,
-                               __m256 (&acc)[R][T]) {
+                               __m256 (&sums)[R][T]) {
+  __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+    for (int t = 0; t < T; ++t) acc[r][t] = sums[r][t];
   for (int64_t c = c0; c < c1; c += step) {
     __m256 xv[T];
     for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + t * cols + c);
@@ -97,55 +107,38 @@ inline void accumulate_columns(const W* w, int64_t cols, const float* x, int64_t
       for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
     }
   }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) sums[r][t] = acc[r][t];
 }
 
-// Both chains of an R x T tile at once, 2 * R * T accumulators: each 16-column
-// step loads 2 * (R + T) vectors for 2 * R * T FMAs. R * T <= 6 leaves
-// registers for the T activation vectors and one weight vector.
-template <int R, int T, class W>
-inline void accumulate_even_odd(const W* w, int64_t cols, const float* x, int64_t cols8, __m256 (&acc)[R][T]) {
-  __m256 even[R][T], odd[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) even[r][t] = odd[r][t] = _mm256_setzero_ps();
-  int64_t c = 0;
-  for (; c + 16 <= cols8; c += 16) {
-    __m256 xv[T];
-    for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + t * cols + c);
-    for (int r = 0; r < R; ++r) {
-      const __m256 wv = load8(w + r * cols + c);
-      for (int t = 0; t < T; ++t) even[r][t] = _mm256_fmadd_ps(wv, xv[t], even[r][t]);
-    }
-    for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + t * cols + c + 8);
-    for (int r = 0; r < R; ++r) {
-      const __m256 wv = load8(w + r * cols + c + 8);
-      for (int t = 0; t < T; ++t) odd[r][t] = _mm256_fmadd_ps(wv, xv[t], odd[r][t]);
-    }
-  }
-  if (c < cols8) {  // an odd number of vectors: the last one is even
-    for (int r = 0; r < R; ++r) {
-      const __m256 wv = load8(w + r * cols + c);
-      for (int t = 0; t < T; ++t) even[r][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * cols + c), even[r][t]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_add_ps(even[r][t], odd[r][t]);
-}
-
-// R rows of w times T tokens of x, one 8-wide accumulator per (row, token and
-// chain). Small tiles hold both chains in registers; larger ones (only the
-// batched-decode 1 x 4) run the chains as two passes.
+// R rows of w times T tokens of x, one 8-wide accumulator per (row, token):
+// each step loads R + T vectors for R * T FMAs. With two chains, the tile's
+// R * T accumulators already hide FMA latency, so the chains run as
+// alternating passes over column blocks rather than side by side.
 template <int R, int T, class W>
 inline void tile_dense(const W* w, int64_t cols, const float* x, float* y, int64_t ldy) {
   const int64_t n_vectors = cols / 8, cols8 = n_vectors * 8;
   __m256 acc[R][T];
-  if (n_vectors < kSplitVectors) {
-    accumulate_columns<R, T>(w, cols, x, 0, cols8, 8, acc);
-  } else if constexpr (R * T <= 6) {
-    accumulate_even_odd<R, T>(w, cols, x, cols8, acc);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  if (!two_chains(w, n_vectors)) {
+    for (int64_t c = 0; c < cols8; c += 8) {
+      __m256 xv[T];
+      for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(x + t * cols + c);
+      for (int r = 0; r < R; ++r) {
+        const __m256 wv = load8(w + r * cols + c);
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+      }
+    }
   } else {
     __m256 odd[R][T];
-    accumulate_columns<R, T>(w, cols, x, 0, cols8, 16, acc);
-    accumulate_columns<R, T>(w, cols, x, 8, cols8, 16, odd);
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) odd[r][t] = _mm256_setzero_ps();
+    for (int64_t kb = 0; kb < cols8; kb += kChainBlock) {
+      const int64_t kend = min_i64(kb + kChainBlock, cols8);
+      accumulate_columns<R, T>(w, cols, x, kb, kend, 16, acc);
+      accumulate_columns<R, T>(w, cols, x, kb + 8, kend, 16, odd);
+    }
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) acc[r][t] = _mm256_add_ps(acc[r][t], odd[r][t]);
   }
@@ -156,11 +149,13 @@ inline void tile_dense(const W* w, int64_t cols, const float* x, float* y, int64
 }
 
 // One row times one token (decode): the same operations as tile_dense<1, 1>,
-// but the even and odd chains advance side by side so their FMAs overlap.
+// but the two chains advance side by side so their FMAs overlap. (Reading
+// several rows, or several ranges of one row, side by side measured 2x slower:
+// decode needs one sequential stream per core.)
 template <class W>
 inline void row_dot(const W* w, int64_t cols, const float* x, float* y) {
   const int64_t n_vectors = cols / 8, cols8 = n_vectors * 8;
-  if (n_vectors < kSplitVectors) {
+  if (!two_chains(w, n_vectors)) {
     tile_dense<1, 1>(w, cols, x, y, 1);
     return;
   }
@@ -170,7 +165,7 @@ inline void row_dot(const W* w, int64_t cols, const float* x, float* y) {
     even = _mm256_fmadd_ps(load8(w + c), _mm256_loadu_ps(x + c), even);
     odd = _mm256_fmadd_ps(load8(w + c + 8), _mm256_loadu_ps(x + c + 8), odd);
   }
-  if (c < cols8) even = _mm256_fmadd_ps(load8(w + c), _mm256_loadu_ps(x + c), even);
+  if (c < cols8) even = _mm256_fmadd_ps(load8(w + c), _mm256_loadu_ps(x + c), even);  // odd count: last is even
   const __m256 acc[1][1] = {{_mm256_add_ps(even, odd)}};
   store_tile<1, 1>(acc, y, 1, [&](int, int, float s) {
     for (int64_t cc = cols8; cc < cols; ++cc) s = __builtin_fmaf(value(w[cc]), x[cc], s);
@@ -201,39 +196,6 @@ constexpr int kTileTokens = 4;
 // crossover: 4-6 tokens for f32).
 constexpr int64_t kStreamTokens = 4;
 
-// Rows long enough for two chains per output: tiles of kSplitRows x
-// kSplitTokens, both chains in registers.
-constexpr int kSplitRows = SPLIT_R;
-constexpr int kSplitTokens = SPLIT_T;
-
-template <int R, class W>
-inline void tile_split_tokens(int64_t n_tok, const W* w, int64_t cols, const float* x, float* y, int64_t ldy) {
-  switch (n_tok) {
-    case 1: tile_dense<R, 1>(w, cols, x, y, ldy); break;
-    case 2: tile_dense<R, 2>(w, cols, x, y, ldy); break;
-    default: tile_dense<R, (kSplitTokens > 2 ? 3 : 2)>(w, cols, x, y, ldy); break;
-  }
-}
-
-template <class W>
-void gemm_dense_split(const W* w, int64_t n_rows, int64_t cols, const float* x, int64_t n_tok, float* y,
-                      int64_t ldy) {
-  for (int64_t r = 0; r < n_rows; r += kSplitRows) {
-    const W* wr = w + r * cols;
-    const int64_t rows = min_i64(kSplitRows, n_rows - r);
-    for (int64_t t = 0; t < n_tok; t += kSplitTokens) {
-      const int64_t toks = min_i64(kSplitTokens, n_tok - t);
-      float* yt = y + t * ldy + r;
-      const float* xt = x + t * cols;
-      switch (rows) {
-        case 1: tile_split_tokens<1>(toks, wr, cols, xt, yt, ldy); break;
-        case 2: tile_split_tokens<2>(toks, wr, cols, xt, yt, ldy); break;
-        default: tile_split_tokens<(kSplitRows > 2 ? 3 : 2)>(toks, wr, cols, xt, yt, ldy); break;
-      }
-    }
-  }
-}
-
 template <class W>
 void gemm_dense(const W* w, int64_t n_rows, int64_t cols, const float* x, int64_t n_tok, float* y, int64_t ldy) {
   if (n_tok <= kStreamTokens) {
@@ -244,10 +206,6 @@ void gemm_dense(const W* w, int64_t n_rows, int64_t cols, const float* x, int64_
     for (int64_t r = 0; r < n_rows; ++r)
       for (int64_t t = 0; t < n_tok; t += kTileTokens)
         tile_dense_tokens<1>(min_i64(kTileTokens, n_tok - t), w + r * cols, cols, x + t * cols, y + t * ldy + r, ldy);
-    return;
-  }
-  if (cols / 8 >= kSplitVectors) {
-    gemm_dense_split(w, n_rows, cols, x, n_tok, y, ldy);
     return;
   }
   for (int64_t r = 0; r < n_rows; r += kTileRows) {

@@ -153,6 +153,17 @@ def span_loss(pred: torch.Tensor, target: torch.Tensor, cosine_weight: float = 0
     return loss
 
 
+def lr_factor(step: int, steps: int) -> float:
+    """Learning-rate multiplier: linear warm-up over the first 5 % of the steps (Adam's first
+    updates on a pretrained layer are the largest and, at a high rate, overshoot), then cosine
+    decay to 10 % so the last steps settle."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(step - warmup, steps - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def _heldout_loss(run, module, states: SpanStates, idx: torch.Tensor, batch: int, cosine_weight: float) -> float:
     total = 0.0
     with torch.no_grad():
@@ -234,8 +245,7 @@ def fit_replacement(hf, span: list[int], states: SpanStates, *, kind: str = "lay
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
-    # Cosine decay to 10 % of lr over the step budget: large early steps, a settled end.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
     best_state, best_loss, best_step = copy.deepcopy(module.state_dict()), init_loss, 0
     gate_loss, bad_evals, step = init_loss, 0, 0
     interval: list[float] = []
