@@ -17,7 +17,7 @@ from shortrt.engine import Engine
 from shortrt.errors import CheckpointError, ShortrtError
 from shortrt.layermap import LayerMap
 from shortrt.reference import ReferenceModel
-from shortrt.replace import replace, replaced_checkpoint, span_of
+from shortrt.replace import DEFAULT_LR, replace, replaced_checkpoint, span_of
 from shortrt.replace_training import train_replacement
 
 TOL = 1e-4
@@ -151,7 +151,7 @@ def test_layer_replacement_checkpoint_layout_and_record(replaced, dense):
     rec = meta["replacement"]
     assert rec["kind"] == "layer" and rec["span"] == SPAN and rec["init_layer"] in SPAN
     assert rec["data"]["n_tokens"] == rec["data"]["seq_len"] * rec["data"]["n_sequences"] <= 2048
-    assert 1 <= rec["steps"] <= 30 and rec["lr"] == 3e-4
+    assert 1 <= rec["steps"] <= 30 and rec["lr"] == DEFAULT_LR
     # Training kept weights that map the span better than plain removal, on held-out sequences.
     assert rec["heldout_loss"] <= rec["heldout_loss_at_init"]
     assert rec["heldout_loss"] < rec["heldout_loss_identity"]
