@@ -74,7 +74,8 @@ def _training_batches(tokenizer, texts, n_tokens: int, seq_len: int, batch: int)
     sequences = [s for s in calibration_sequences(tokenizer, texts, n_tokens, seq_len) if s.shape[0] == seq_len]
     if len(sequences) < 2:
         raise ShortrtError(f"training a replacement needs at least 2 calibration sequences of {seq_len} tokens; "
-                           f"the text gives {len(sequences)} (n_tokens={n_tokens}). Give more text or a smaller seq_len")
+                           f"the text gives {len(sequences)} (n_tokens={n_tokens}). Give more text or a smaller "
+                           "seq_len")
     batches = [torch.stack(sequences[i:i + batch]) for i in range(0, len(sequences), batch)]
     return batches, len(sequences) * seq_len
 
@@ -180,7 +181,8 @@ def _write_checkpoint(src, config: dict, layer_map: LayerMap, span: list[int], r
     # attention for kind="mlp"): prune's machinery then gives every tensor name, dtype, shape
     # and per-layer config value, and the init layer's tensors are swapped for the trained ones.
     stand_in = LayerMap(layer_map.source_num_layers,
-                        [LayerEntry(e.source) for e in before] + [LayerEntry(result.init_layer, attention=kind == "layer")]
+                        [LayerEntry(e.source) for e in before]
+                        + [LayerEntry(result.init_layer, attention=kind == "layer")]
                         + [LayerEntry(e.source) for e in after],
                         "replace", [i for i in span if i != result.init_layer])
     written = LayerMap(layer_map.source_num_layers,

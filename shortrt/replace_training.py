@@ -247,7 +247,6 @@ def fit_replacement(hf, span: list[int], states: SpanStates, *, kind: str = "lay
     init_loss = candidates[init_layer]
     identity_loss = _heldout_loss(run, None, states, held, batch, cosine_weight)
 
-    torch.manual_seed(seed)
     module = make_module(hf, init_layer, kind).train()
     params = list(module.parameters())
     for p in params:
@@ -260,7 +259,9 @@ def fit_replacement(hf, span: list[int], states: SpanStates, *, kind: str = "lay
     history: list[tuple[int, float, float]] = []
     train_loss = math.nan
     bar = tqdm(total=steps, desc=f"train {kind} for layers {span[0]}-{span[-1]}", disable=not progress)
-    with torch.enable_grad():
+    # The seed drives dropout, if the model has any, without touching the caller's random state.
+    with torch.enable_grad(), torch.random.fork_rng():
+        torch.manual_seed(seed)
         while step < steps and bad_evals < patience:
             perm = train[torch.randperm(len(train), generator=gen)]
             for i in range(0, len(perm), batch):
@@ -298,6 +299,6 @@ def fit_replacement(hf, span: list[int], states: SpanStates, *, kind: str = "lay
         p.requires_grad_(False)
     return TrainResult(module=module, kind=kind, init_layer=init_layer, steps=step, best_step=best_step,
                        train_loss=train_loss, heldout_loss=best_loss, heldout_loss_at_init=init_loss,
-                       heldout_loss_identity=identity_loss, init_candidates=candidates, history=history, n_train=len(train),
-                       n_heldout=n_held, capture_seconds=states.seconds,
+                       heldout_loss_identity=identity_loss, init_candidates=candidates, history=history,
+                       n_train=len(train), n_heldout=n_held, capture_seconds=states.seconds,
                        train_seconds=time.perf_counter() - t0)

@@ -196,8 +196,8 @@ def test_mlp_replacement_checkpoint_layout(replaced, dense):
         "model.layers.2.mlp.up_proj.weight", "model.layers.2.post_attention_layernorm.weight"]
     # Parameter budget: exactly one layer's MLP (and its norm).
     src = tensors_of(dense)
-    budget = sum(src[f"model.layers.0.{n}"].numel() for n in
-                 ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "post_attention_layernorm.weight"))
+    names = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "post_attention_layernorm.weight")
+    budget = sum(src[f"model.layers.0.{n}"].numel() for n in names)
     assert ckpt.shortrt_json()["replacement"]["parameters"] == budget
     with pytest.raises(CheckpointError, match="transformers cannot run it"):
         ckpt.load_hf()

@@ -13,13 +13,15 @@ def add_arguments(parser):
     parser.add_argument("--remove", type=int, required=True, help="length of the span to replace, in layers")
     parser.add_argument("--kind", choices=["layer", "mlp"], default="layer",
                         help="layer: one decoder layer (a standard checkpoint transformers loads); "
-                             "mlp: an attention-less MLP block with no KV-cache slot (shortrt runs it) (default: %(default)s)")
+                             "mlp: an attention-less MLP block with no KV-cache slot (shortrt runs it) "
+                             "(default: %(default)s)")
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
     parser.add_argument("--data", default="default",
                         help="training text: a .txt or .jsonl file (with a 'text' field), or 'default' "
                              "(chapters of five Jane Austen novels)")
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="training tokens (default: %(default)s)")
-    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per sequence (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                        help="tokens per sequence (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                         help="most optimizer steps; training stops earlier when the held-out loss stalls "
                              "(default: %(default)s)")
@@ -44,7 +46,8 @@ def run(args) -> int:
                         cosine_weight=args.cosine_weight, seed=args.seed, overwrite=args.force,
                         progress=not args.no_progress)
     except FileExistsError as exc:
-        raise ShortrtError(str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")) from None
+        message = str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")
+        raise ShortrtError(message) from None
     rec = model.shortrt_json()["replacement"]
     span, data = rec["span"], rec["data"]
     print(f"replaced layers {span[0]}-{span[-1]} of {layer_map.source_num_layers} with one {rec['kind']} "
