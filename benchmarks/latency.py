@@ -64,13 +64,23 @@ def _timings(stamps: list[float], t_start: float) -> dict:
     }
 
 
+def _measure(run, prompt: list[int], short: list[int], new_tokens: int) -> dict:
+    """The protocol every engine follows. run(ids, n_new) -> (t0, per-token timestamps).
+    A warm-up, then one new token after the long prompt (prefill), then new_tokens after the
+    short prompt (decode)."""
+    run(short[:8], 8)
+    t0, stamps = run(prompt, 1)
+    prefill_s = stamps[0] - t0
+    t0, stamps = run(short, new_tokens)
+    return {**_timings(stamps, t0), "prefill_tok_s": len(prompt) / prefill_s}
+
+
 def worker_shortrt(args) -> dict:
     import shortrt
 
     eng = shortrt.Engine(args.model, dtype=args.dtype, threads=args.threads, max_seq=CONTEXT)
     prompt = _prompt_ids(args.model, args.prompt_tokens)
     short = prompt[: args.decode_prompt_tokens]
-    eng.generate_ids(short[:8], max_new_tokens=8, stop=[])  # warm-up: page in weights, spin up the pool
 
     def run(ids, n_new):
         stamps = []
@@ -79,12 +89,8 @@ def worker_shortrt(args) -> dict:
                          callback=lambda _seq, _tok: stamps.append(time.perf_counter()) or True)
         return t0, stamps
 
-    t0, stamps = run(prompt, 1)
-    prefill_s = stamps[0] - t0
-    t0, stamps = run(short, args.new_tokens)
-    out = _timings(stamps, t0)
+    out = _measure(run, prompt, short, args.new_tokens)  # its warm-up pages in weights, spins up the pool
     out.update(
-        prefill_tok_s=len(prompt) / prefill_s,
         weight_bytes=eng.weight_bytes,
         bytes_per_token=eng.weight_bytes_per_token,
         kv_bytes=eng.kv_cache_bytes,  # allocated for max_seq = CONTEXT tokens
@@ -118,18 +124,13 @@ def worker_hf(args) -> dict:
             stamps.append(time.perf_counter())
         return t0, stamps
 
-    run(short[:8], 8)
-    t0, stamps = run(prompt, 1)
-    prefill_s = stamps[0] - t0
-    t0, stamps = run(short, args.new_tokens)
-    out = _timings(stamps, t0)
+    out = _measure(run, prompt, short, args.new_tokens)
     cfg = model.config
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     elem = torch.tensor([], dtype=dtype).element_size()
     out.update(
-        prefill_tok_s=len(prompt) / prefill_s,
         weight_bytes=n_bytes,
         bytes_per_token=n_bytes,
         kv_bytes=2 * cfg.num_hidden_layers * CONTEXT * kv_heads * head_dim * elem,
@@ -156,11 +157,7 @@ def worker_llamacpp(args) -> dict:
                 break
         return t0, stamps
 
-    run(short[:8], 8)
-    t0, stamps = run(prompt, 1)
-    prefill_s = stamps[0] - t0
-    t0, stamps = run(short, args.new_tokens)
-    out = _timings(stamps, t0)
+    out = _measure(run, prompt, short, args.new_tokens)
     from gguf import GGUFReader
 
     reader = GGUFReader(args.model)
@@ -170,7 +167,6 @@ def worker_llamacpp(args) -> dict:
     emb = int(llm.metadata.get("llama.embedding_length", 0))
     heads = int(llm.metadata.get("llama.attention.head_count", 1))
     out.update(
-        prefill_tok_s=len(prompt) / prefill_s,
         weight_bytes=n_bytes,
         bytes_per_token=n_bytes,
         kv_bytes=2 * (n_layers or 0) * CONTEXT * kv_heads * (emb // heads) * 2,  # f16 cache

@@ -74,17 +74,23 @@ def prune(model, layer_map: LayerMap, out_dir, *, overwrite: bool = False, progr
             if progress:
                 tensors = _with_progress(tensors)
             write_sharded(tmp, tensors, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(_pruned_config(config, layer_map), indent=2) + "\n")
-        (tmp / "shortrt.json").write_text(json.dumps(written.to_json(), indent=2) + "\n")
-        for f in sorted(src.path.iterdir()):
-            if f.is_file() and not f.name.startswith(".") and not _NOT_COPIED.search(f.name):
-                shutil.copy2(f, tmp / f.name)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is ordinary data
-        _move_into_place(tmp, out)
+        _finish_checkpoint(tmp, out, src, _pruned_config(config, layer_map), written)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return load(out)
+
+
+def _finish_checkpoint(tmp: Path, out: Path, src, config: dict, written: LayerMap) -> None:
+    """Beside the weights already in `tmp`: config.json, shortrt.json, the source's tokenizer and
+    other files; then move `tmp` into place at `out`."""
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / "shortrt.json").write_text(json.dumps(written.to_json(), indent=2) + "\n")
+    for f in sorted(src.path.iterdir()):
+        if f.is_file() and not f.name.startswith(".") and not _NOT_COPIED.search(f.name):
+            shutil.copy2(f, tmp / f.name)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is ordinary data
+    _move_into_place(tmp, out)
 
 
 def _check_out_dir(out: Path, source: Path, overwrite: bool) -> Path:

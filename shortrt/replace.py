@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -171,7 +170,7 @@ def _tensor_bytes(t: torch.Tensor, dtype: str) -> bytes:
 def _write_checkpoint(src, config: dict, layer_map: LayerMap, span: list[int], result: TrainResult,
                       record: dict, out: Path) -> None:
     """The retained layers' tensors, the trained module's at the span's position, config and shortrt.json."""
-    from .prune import _NOT_COPIED, MAX_SHARD_BYTES, _move_into_place, _pruned_config, _tensor_plan
+    from .prune import MAX_SHARD_BYTES, _finish_checkpoint, _pruned_config, _tensor_plan
     from .safetensors_writer import TensorSource, write_sharded
 
     kind = record["kind"]
@@ -213,13 +212,7 @@ def _write_checkpoint(src, config: dict, layer_map: LayerMap, span: list[int], r
                     t = TensorSource(t.name, t.dtype, t.shape, lambda v=value, d=t.dtype: _tensor_bytes(v, d))
                 tensors.append(t)
             write_sharded(tmp, tensors, max_shard_bytes=MAX_SHARD_BYTES, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(_pruned_config(config, stand_in), indent=2) + "\n")
-        (tmp / "shortrt.json").write_text(json.dumps(written.to_json(), indent=2) + "\n")
-        for f in sorted(src.path.iterdir()):
-            if f.is_file() and not f.name.startswith(".") and not _NOT_COPIED.search(f.name):
-                shutil.copy2(f, tmp / f.name)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is ordinary data
-        _move_into_place(tmp, out)
+        _finish_checkpoint(tmp, out, src, _pruned_config(config, stand_in), written)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
