@@ -481,30 +481,43 @@ def render_markdown(rows, bandwidth, args, dense) -> str:
     return "\n".join(lines)
 
 
+VARIANT_MARKERS = {"attention": "s", "span": "v", "span+layer": "^", "span+mlp": "D"}
+
+
 def plot(rows, path) -> None:
+    """Decode speed and peak memory against layers removed: one colour per engine, a line through
+    its dense and shortgpt rows, and one marker shape per other variant."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    series = {}
-    for r in rows:
-        key = r["label"] if r["variant"] in ("dense", "shortgpt") else f"{r['label']} {r['variant']}"
-        series.setdefault(key, []).append(r)
-    for key, rs in series.items():
-        rs = sorted(rs, key=lambda r: r["removed"])
-        xs = [r["removed"] for r in rs]
-        marker = "o" if len(xs) > 1 else "s"
-        ax1.plot(xs, [r["decode_tok_s"] for r in rs], marker=marker, label=key)
-        ax2.plot(xs, [r["peak_rss_bytes"] / 2**20 for r in rs], marker=marker, label=key)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    colors = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
+    for label in labels:
+        mine = [r for r in rows if r["label"] == label]
+        line = sorted((r for r in mine if r["variant"] in ("dense", "shortgpt")), key=lambda r: r["removed"])
+        for ax, key, scale in ((ax1, "decode_tok_s", 1), (ax2, "peak_rss_bytes", 2**-20)):
+            ax.plot([r["removed"] for r in line], [r[key] * scale for r in line], marker="o", color=colors[label])
+            for r in mine:
+                if r["variant"] not in ("dense", "shortgpt"):
+                    ax.plot([r["removed"]], [r[key] * scale], linestyle="none", color=colors[label],
+                             marker=VARIANT_MARKERS.get(r["variant"], "x"), markersize=7, markeredgecolor="black",
+                             markeredgewidth=0.5)
     ax1.set(xlabel="layers removed", ylabel="decode tokens/s (batch 1)", title="Decode speed")
     ax2.set(xlabel="layers removed", ylabel="peak resident memory (MiB)", title="Memory")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-    ax1.legend(fontsize=7)
+    variants = list(dict.fromkeys(r["variant"] for r in rows if r["variant"] not in ("dense", "shortgpt")))
+    handles = [Line2D([], [], color=colors[label], marker="o", label=label) for label in labels]
+    handles += [Line2D([], [], color="grey", linestyle="none", marker=VARIANT_MARKERS.get(v, "x"),
+                       markeredgecolor="black", markeredgewidth=0.5, label=v) for v in variants]
+    ax1.legend(handles=handles, fontsize=7, title="engine (line: shortgpt) / variant", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

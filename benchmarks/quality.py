@@ -1,18 +1,24 @@
 """Quality after layer removal: methods x layers removed x metrics on the default model.
 
 ShortGPT's central comparison, reproduced: for each selection method (shortgpt, span, last,
-random, attention) and each number of layers removed, perplexity on held-out prose and
+random, attention, and the span replaced by a trained layer or MLP: span+layer, span+mlp) and
+each number of layers removed, perplexity on held-out prose and
 multiple-choice accuracy (ARC-Easy, ARC-Challenge, HellaSwag, PIQA, MMLU), each accuracy with
 its standard error. Every cell sees the same questions and windows, so differences between
 methods are paired; the "at 8 removed" section gives paired standard errors of the gaps.
 
 The cells are the dense model with layers masked in memory (shortrt.layer_plan): all layer
 maps run in one pass over each batch and share the layers they have in common. One cell
-(shortgpt at 8) is checked against its written checkpoint, evaluated from disk.
+(shortgpt at 8) is checked against its written checkpoint, evaluated from disk. The span+layer
+and span+mlp cells need trained weights: each is a checkpoint written by shortrt.replace (made
+once, cached under $SHORTRT_CACHE/bench like benchmarks/latency.py's) and evaluated from disk on
+the same questions and windows.
 
-    python benchmarks/quality.py                 # the full table (~40 min on 1 busy core)
+    python benchmarks/quality.py                 # the full table (~1.5 h on 2 cores, most of it training)
     python benchmarks/quality.py --quick         # a small smoke run
     python benchmarks/quality.py --render benchmarks/results/quality.json   # redo .md/.png only
+    python benchmarks/quality.py --extend benchmarks/results/quality.json --methods span+layer,span+mlp
+                                                 # add methods to a saved table (its settings, its cells kept)
 
 Writes quality.md, quality.json and quality.png to --out (default benchmarks/results/).
 """
@@ -30,7 +36,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("shortgpt", "span", "last", "random", "attention")
+METHODS = ("shortgpt", "span", "last", "random", "attention", "span+layer", "span+mlp")
+# Methods whose cells are trained checkpoints (shortrt.replace) rather than masked layer maps.
+REPLACED = {"span+layer": "layer", "span+mlp": "mlp"}
 TASKS = ("ppl", "arc_easy", "arc_challenge", "hellaswag", "piqa", "mmlu")
 # The accuracy shown per task: length-normalised where the choices differ much in length
 # (lm-evaluation-harness reports acc_norm for these), the raw sum otherwise.
@@ -60,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--name", default="quality", help="file stem of the outputs")
     p.add_argument("--quick", action="store_true", help="a smoke run: 10 questions, 1024 tokens, removed 0,4,8")
     p.add_argument("--render", default=None, help="only rewrite the .md and .png from this saved results JSON")
+    p.add_argument("--extend", default=None,
+                   help="a saved results JSON: keep its cells and settings, compute only the cells of --methods "
+                        "and --removed it lacks, and rewrite it (with .md/.png) under --out/--name")
     args = p.parse_args(argv)
     if args.quick:
         args.samples, args.tokens, args.removed, args.name = 10, 1024, "0,4,8", args.name + "_quick"
@@ -89,14 +100,48 @@ def _shown(path: Path) -> str:
 
 
 def build_maps(scores, methods, counts, seed):
+    """{cell name: layer map}; a replaced method's map is the span its trained module stands in for."""
     from shortrt.select import select
 
     maps = {"dense": None}
     for method in methods:
         for n in counts:
             if n > 0:
-                maps[f"{method}-{n}"] = select(scores, remove=n, method=method, seed=seed)
+                how = "span" if method in REPLACED else method
+                maps[f"{method}-{n}"] = select(scores, remove=n, method=how, seed=seed)
     return maps
+
+
+def method_of(name: str) -> str:
+    return name.rsplit("-", 1)[0]
+
+
+def evaluate_replaced(model, scores, names, tasks, settings, threads) -> dict:
+    """{cell: result} for span+layer / span+mlp cells: train (or reuse) each checkpoint, evaluate it from disk."""
+    import torch
+
+    from shortrt.evaluate import evaluate_layer_maps
+    from shortrt.replace import replaced_checkpoint
+
+    out = {}
+    for name in names:
+        kind, n = REPLACED[method_of(name)], int(name.rsplit("-", 1)[1])
+        t = time.time()
+        torch.set_num_threads(os.cpu_count() or 1)  # training is the slow part: give it every core
+        try:
+            ckpt = replaced_checkpoint(model, scores, n, kind)
+        finally:
+            torch.set_num_threads(threads)
+        made = time.time() - t
+        r = evaluate_layer_maps(ckpt, {"model": None}, tasks, per_item=True, progress=False, **settings)["model"]
+        rec = ckpt.shortrt_json()["replacement"]
+        r["replacement"] = {k: rec[k] for k in ("kind", "span", "init_layer", "parameters", "steps", "best_step",
+                                                 "heldout_loss", "heldout_loss_identity", "seconds")}
+        r["checkpoint"] = str(ckpt.path)
+        out[name] = r
+        print(f"{name}: checkpoint {made:.0f} s, evaluated {time.time() - t - made:.0f} s "
+              f"(ppl {r['tasks']['ppl']['ppl']:.2f})" if "ppl" in tasks else f"{name}: done", flush=True)
+    return out
 
 
 def cell(results, name, task):
@@ -158,6 +203,10 @@ def markdown(args, meta, maps, results, methods, counts, tasks) -> str:
              " (acc_norm = per-byte log-likelihood). Both are in the JSON.",
              "- `attention` removes N attention sublayers and keeps every MLP (KV cache shrinks by N/L, "
              "weights by less); the other methods remove whole layers.",
+             "- `span+layer` and `span+mlp` remove the same N layers as `span` and put one trained module in "
+             "their place (LLM-Streamline; `shortrt replace`, default settings: 32768 calibration tokens, at "
+             "most 300 steps): a decoder layer, or an attention-less SwiGLU MLP of one layer's MLP size. "
+             "Their cells are evaluated from the written checkpoints; training details are at the end.",
              "- Chance level: ARC, HellaSwag and MMLU 25 %, PIQA 50 %. A task whose dense score is within a "
              "standard error or two of chance cannot rank the methods at this sample size.", ""]
     header = "| method | " + " | ".join(str(n) for n in counts) + " |"
@@ -178,7 +227,35 @@ def markdown(args, meta, maps, results, methods, counts, tasks) -> str:
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     lines.append("")
     lines += summary_at(results, methods, tasks, 8 if 8 in counts else max(counts))
+    lines += training_table(results, methods, counts)
     return "\n".join(lines) + "\n"
+
+
+def training_table(results, methods, counts) -> list[str]:
+    """How each replacement cell was trained: span, steps, held-out MSE against plain removal's."""
+    rows = []
+    for method in (m for m in methods if m in REPLACED):
+        for n in counts:
+            r = results.get(f"{method}-{n}", {}).get("replacement")
+            if n and r:
+                secs = r["seconds"]
+                share = "–"
+                if "ppl" in results["dense"]["tasks"] and f"span-{n}" in results:
+                    dense, cut = (math.log(results[k]["tasks"]["ppl"]["ppl"]) for k in ("dense", f"span-{n}"))
+                    mine = math.log(results[f"{method}-{n}"]["tasks"]["ppl"]["ppl"])
+                    share = f"{100 * (cut - mine) / (cut - dense):.0f} %" if cut > dense else "–"
+                rows.append(f"| {method} | {n} | {r['span'][0]}-{r['span'][-1]} | {r['init_layer']} | "
+                            f"{r['parameters'] / 1e6:.2f} M | {r['steps']} (best {r['best_step']}) | "
+                            f"{r['heldout_loss']:.4g} | {r['heldout_loss_identity']:.4g} | "
+                            f"{secs['capture']:.0f} + {secs['train']:.0f} s | {share} |")
+    if not rows:
+        return []
+    return ["## Replacement training", "",
+            "Held-out MSE of the span's output hidden state: the trained module vs plain removal (identity). "
+            "Recovered: the share of the log-perplexity that removing the span (`span`) lost which the "
+            "replacement wins back, (log ppl(span) - log ppl(replaced)) / (log ppl(span) - log ppl(dense)).", "",
+            "| method | removed | span | init layer | parameters | steps | held-out MSE | removal MSE | "
+            "capture + train | recovered |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"] + rows + [""]
 
 
 def summary_at(results, methods, tasks, n) -> list[str]:
@@ -188,9 +265,10 @@ def summary_at(results, methods, tasks, n) -> list[str]:
     lines = [f"## At {n} removed: which method wins", "",
              "Gaps are paired (same questions and windows); ± is the paired standard error.", ""]
     lines += ranking(results, names, tasks)
-    whole = [k for k in names if not k.startswith("attention-")]
+    whole = [k for k in names if method_of(k) not in REPLACED and not k.startswith("attention-")]
     if len(whole) < len(names) and len(whole) > 1:
-        lines += ["", f"Whole layers removed (without the attention-only method):", ""]
+        lines += ["", "Whole layers removed, nothing trained (without the attention-only and replacement "
+                  "methods):", ""]
         lines += ranking(results, whole, tasks)
     lines.append("")
     return lines
@@ -299,37 +377,76 @@ def main(argv=None) -> int:
 
     import shortrt
     from shortrt.evaluate import evaluate_layer_maps, parse_tasks
+    from shortrt.layermap import LayerMap
 
     torch.set_num_threads(args.threads)
 
     methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     counts = sorted({int(n) for n in args.removed.split(",")} | {0})
     tasks = parse_tasks(args.tasks)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    saved_maps: dict = {}
+    spent = 0.0
+    if args.extend:
+        # The saved table's settings win, so every old and new cell is paired on the same items.
+        saved = json.loads(Path(args.extend).read_text())
+        st = saved["settings"]
+        args.samples, args.tokens, args.seq_len, args.stride, args.seed = (
+            st["n_samples"], st["n_tokens"], st["seq_len"], st["stride"], st["seed"])
+        methods = list(dict.fromkeys(st["methods"] + methods))
+        counts = sorted(set(st["removed"]) | set(counts))
+        tasks = st["tasks"]
+        results = saved["results"]
+        saved_maps = {k: (None if v is None else LayerMap.from_json(v)) for k, v in saved["layer_maps"].items()}
+        spent = saved["meta"]["seconds"]
     t0 = time.time()
     model = shortrt.load(args.model)
     scores, scores_path = load_scores(args, model)
     maps = build_maps(scores, methods, counts, args.seed)
-    hf = model.load_hf()
-    tok = model.tokenizer()
+    for name, saved_map in saved_maps.items():
+        if name in results and saved_map is not None and name in maps and method_of(name) not in REPLACED:
+            if saved_map.to_json()["layers"] != maps[name].to_json()["layers"]:
+                raise SystemExit(f"{args.extend}: cell {name} was measured with another layer map than the "
+                                 f"scores give now ({args.scores}); rerun the whole table instead of extending it")
+    todo = [name for name in maps if name not in results]
+    masked = {name: maps[name] for name in todo if method_of(name) not in REPLACED}
+    replaced = [name for name in todo if method_of(name) in REPLACED]
     settings = dict(n_samples=args.samples, n_tokens=args.tokens, seq_len=args.seq_len, stride=args.stride,
                     seed=args.seed)
-    print(f"{len(maps)} layer maps x {len(tasks)} tasks; {torch.get_num_threads()} threads", flush=True)
+    print(f"{len(masked)} masked layer maps + {len(replaced)} replacement checkpoints x {len(tasks)} tasks "
+          f"({len(maps) - len(todo)} cells kept from {args.extend}); {torch.get_num_threads()} threads"
+          if args.extend else
+          f"{len(masked)} masked layer maps + {len(replaced)} replacement checkpoints x {len(tasks)} tasks; "
+          f"{torch.get_num_threads()} threads", flush=True)
 
-    results: dict = {}
-    for task in tasks:
-        t = time.time()
-        part = evaluate_layer_maps(model, maps, [task], hf=hf, tokenizer=tok, per_item=True, **settings)
-        for name, r in part.items():
-            results.setdefault(name, {"layers": r["layers"], "attention_layers": r["attention_layers"], "tasks": {}})
-            results[name]["tasks"][task] = r["tasks"][task]
-        print(f"{task}: {time.time() - t:.0f} s ({part['dense']['settings']['tokens_run']} tokens per pass)",
-              flush=True)
+    if masked:
+        hf = model.load_hf()
+        tok = model.tokenizer()
+        for task in tasks:
+            t = time.time()
+            part = evaluate_layer_maps(model, masked, [task], hf=hf, tokenizer=tok, per_item=True, **settings)
+            for name, r in part.items():
+                results.setdefault(name, {"layers": r["layers"], "attention_layers": r["attention_layers"],
+                                          "tasks": {}})
+                results[name]["tasks"][task] = r["tasks"][task]
+            first = next(iter(part.values()))
+            print(f"{task}: {time.time() - t:.0f} s ({first['settings']['tokens_run']} tokens per pass)", flush=True)
+            (out / f"{args.name}.partial.json").write_text(json.dumps({"results": results}) + "\n")
+        del hf
+    for name, r in evaluate_replaced(model, scores, replaced, tasks, settings, args.threads).items():
+        results[name] = {"layers": r["layers"], "attention_layers": r["attention_layers"], "tasks": r["tasks"],
+                         "replacement": r["replacement"], "checkpoint": r["checkpoint"]}
         (out / f"{args.name}.partial.json").write_text(json.dumps({"results": results}) + "\n")
 
     verification = "not run"
-    if args.verify and args.verify in maps:
+    if args.extend:
+        verification = saved["meta"]["verification"]
+    elif args.verify and args.verify in maps:
         t = time.time()
         verification = verify(model, maps, results, args.verify, settings, tasks)
         print(f"verify {args.verify}: {verification} ({time.time() - t:.0f} s)", flush=True)
@@ -340,7 +457,7 @@ def main(argv=None) -> int:
         "num_layers": scores.num_layers,
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-        "seconds": time.time() - t0,
+        "seconds": spent + time.time() - t0,
         "calibration": f"{calib.get('n_tokens', '?')} tokens of {calib.get('source', '?')} ({scores_path})",
         "verification": verification,
     }
