@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "error.h"
 #include "kernels.h"
@@ -13,7 +14,7 @@
 namespace shortrt {
 namespace {
 
-constexpr int kMaxHeadDim = 512;    // the online path keeps one output accumulator on the stack
+constexpr int kMaxHeadDim = 512;    // the largest head_dim the attention paths accept
 constexpr int kKeyBlock = 64;       // keys scored per step of the online softmax
 constexpr int kTokenBlock = 64;     // query tokens per step of the matmul path
 
@@ -43,69 +44,128 @@ AttentionScratch::AttentionScratch(int max_seq, int n_heads, int n_kv_heads, int
   out = p += sizes[3];
 }
 
-void attend_head_ref(const float* q, const float* keys, const float* values, int64_t stride, int64_t n_keys, int hd,
-                     float scale, float* out) {
-  float acc[kMaxHeadDim];
+void attend_partial_ref(const float* q, int group, const float* keys, const float* values, int64_t stride,
+                        int64_t n_keys, int hd, float scale, float* acc, float* m, float* l) {
   float scores[kKeyBlock];
-  std::fill(acc, acc + hd, 0.0f);
-  float running_max = -std::numeric_limits<float>::infinity(), denom = 0.0f;
-  for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyBlock) {
-    const int nb = static_cast<int>(std::min<int64_t>(kKeyBlock, n_keys - j0));
-    float block_max = -std::numeric_limits<float>::infinity();
-    for (int j = 0; j < nb; ++j) {
-      const float* k = keys + (j0 + j) * stride;
-      float dot = 0.0f;
-      for (int i = 0; i < hd; ++i) dot += q[i] * k[i];
-      scores[j] = dot * scale;
-      block_max = std::max(block_max, scores[j]);
+  for (int g = 0; g < group; ++g) {
+    const float* qg = q + g * hd;
+    float* a = acc + g * hd;
+    std::fill(a, a + hd, 0.0f);
+    float running_max = -std::numeric_limits<float>::infinity(), denom = 0.0f;
+    for (int64_t j0 = 0; j0 < n_keys; j0 += kKeyBlock) {
+      const int nb = static_cast<int>(std::min<int64_t>(kKeyBlock, n_keys - j0));
+      float block_max = -std::numeric_limits<float>::infinity();
+      for (int j = 0; j < nb; ++j) {
+        const float* k = keys + (j0 + j) * stride;
+        float dot = 0.0f;
+        for (int i = 0; i < hd; ++i) dot += qg[i] * k[i];
+        scores[j] = dot * scale;
+        block_max = std::max(block_max, scores[j]);
+      }
+      if (block_max > running_max) {  // rescale what was accumulated under the old maximum
+        const float factor = std::exp(running_max - block_max);
+        denom *= factor;
+        for (int i = 0; i < hd; ++i) a[i] *= factor;
+        running_max = block_max;
+      }
+      for (int j = 0; j < nb; ++j) {
+        const float p = std::exp(scores[j] - running_max);
+        denom += p;
+        const float* v = values + (j0 + j) * stride;
+        for (int i = 0; i < hd; ++i) a[i] += p * v[i];
+      }
     }
-    if (block_max > running_max) {  // rescale what was accumulated under the old maximum
-      const float factor = std::exp(running_max - block_max);
-      denom *= factor;
-      for (int i = 0; i < hd; ++i) acc[i] *= factor;
-      running_max = block_max;
+    m[g] = running_max;
+    l[g] = denom;
+  }
+}
+
+void attention_decode(const AttentionArgs& a, ThreadPool& pool, bool avx2) {
+  using PartialFn = void (*)(const float*, int, const float*, const float*, int64_t, int64_t, int, float, float*,
+                             float*, float*);
+  const PartialFn partial = avx2 ? detail::attend_partial_avx2 : attend_partial_ref;
+  const int hd = a.head_dim, nh = a.n_heads, group = a.n_heads / a.n_kv_heads;
+  const int sub = std::min(group, kMaxAttendGroup), n_sub = (group + sub - 1) / sub;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+
+  // Work items: (token, kv head, sub-group of its q heads, range of keys); token t sees keys 0..pos+t.
+  struct Item { int t, kv, s; int64_t begin, end; };
+  std::vector<Item> items;
+  std::vector<int64_t> first(a.n + 1);  // items of token t: first[t] .. first[t + 1]
+  for (int t = 0; t < a.n; ++t) {
+    first[t] = static_cast<int64_t>(items.size());
+    const int64_t n_keys = a.pos + t + 1;
+    for (int kv = 0; kv < a.n_kv_heads; ++kv)
+      for (int s = 0; s < n_sub; ++s)
+        for (int64_t b = 0; b < n_keys; b += kAttendChunk) items.push_back({t, kv, s, b, std::min(n_keys, b + kAttendChunk)});
+  }
+  first[a.n] = static_cast<int64_t>(items.size());
+  const int64_t per_item = static_cast<int64_t>(sub) * (hd + 2);  // acc, then m, then l
+  std::vector<float> state(items.size() * per_item);
+
+  pool.parallel_for(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t u = b; u < e; ++u) {
+      const Item& it = items[u];
+      const int heads = std::min(sub, group - it.s * sub);
+      const int h0 = it.kv * group + it.s * sub;
+      float* st = state.data() + u * per_item;
+      const int64_t at = it.kv * a.kv_head_stride + it.begin * a.kv_row_stride;
+      partial(a.qkv + it.t * a.qkv_dim + h0 * hd, heads, a.keys + at, a.values + at, a.kv_row_stride,
+              it.end - it.begin, hd, scale, st, st + sub * hd, st + sub * hd + sub);
     }
-    for (int j = 0; j < nb; ++j) {
-      const float p = std::exp(scores[j] - running_max);
-      denom += p;
-      const float* v = values + (j0 + j) * stride;
-      for (int i = 0; i < hd; ++i) acc[i] += p * v[i];
+  });
+
+  // Merge each head's ranges in key order: out = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M).
+  for (int t = 0; t < a.n; ++t) {
+    const int64_t n_chunks = (a.pos + t + 1 + kAttendChunk - 1) / kAttendChunk;
+    for (int h = 0; h < nh; ++h) {
+      const int kv = h / group, s = (h % group) / sub, g = (h % group) % sub;
+      const int64_t u0 = first[t] + (static_cast<int64_t>(kv) * n_sub + s) * n_chunks;
+      float* out = a.out + static_cast<int64_t>(t) * nh * hd + static_cast<int64_t>(h) * hd;
+      auto acc_of = [&](int64_t c) { return state.data() + (u0 + c) * per_item + g * hd; };
+      auto m_of = [&](int64_t c) { return state[(u0 + c) * per_item + sub * hd + g]; };
+      auto l_of = [&](int64_t c) { return state[(u0 + c) * per_item + sub * hd + sub + g]; };
+      if (n_chunks == 1) {
+        const float inv = 1.0f / l_of(0);
+        for (int i = 0; i < hd; ++i) out[i] = acc_of(0)[i] * inv;
+        continue;
+      }
+      float top = m_of(0);
+      for (int64_t c = 1; c < n_chunks; ++c) top = std::max(top, m_of(c));
+      float denom = 0.0f;
+      std::fill(out, out + hd, 0.0f);
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const float w = std::exp(m_of(c) - top);
+        denom += l_of(c) * w;
+        const float* acc = acc_of(c);
+        for (int i = 0; i < hd; ++i) out[i] += acc[i] * w;
+      }
+      const float inv = 1.0f / denom;
+      for (int i = 0; i < hd; ++i) out[i] *= inv;
     }
   }
-  const float inv = 1.0f / denom;
-  for (int i = 0; i < hd; ++i) out[i] = acc[i] * inv;
 }
 
 void attention_online(const AttentionArgs& a, ThreadPool& pool) {
-  using AttendFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, int, float, float*);
   // The AVX2 twin follows the kernel path choice (SHORTRT_KERNELS=ref forces the scalar one).
-  const bool avx2 = std::strcmp(kernels().name, "avx2") == 0 && a.head_dim % 8 == 0;
-  const AttendFn attend = avx2 ? detail::attend_head_avx2 : attend_head_ref;
-  const int hd = a.head_dim, nh = a.n_heads, group = a.n_heads / a.n_kv_heads;
-  const int64_t kv_width = static_cast<int64_t>(a.n_kv_heads) * hd;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  pool.parallel_for(static_cast<int64_t>(a.n) * nh, 1, [&](int64_t b, int64_t e) {
-    for (int64_t u = b; u < e; ++u) {
-      const int64_t t = u / nh;
-      const int h = static_cast<int>(u % nh);
-      // causal: token t sees positions 0..pos+t
-      attend(a.qkv + t * a.qkv_dim + h * hd, a.keys + (h / group) * hd, a.values + (h / group) * hd, kv_width,
-             a.pos + t + 1, hd, scale, a.out + t * nh * hd + h * hd);
-    }
-  });
+  attention_decode(a, pool, std::strcmp(kernels().name, "avx2") == 0 && a.head_dim % 8 == 0);
 }
 
 void attention_matmul(const AttentionArgs& a, AttentionScratch& s, ThreadPool& pool) {
   const KernelTable& k = kernels();
   const int hd = a.head_dim, group = a.n_heads / a.n_kv_heads;
-  const int64_t kv_width = static_cast<int64_t>(a.n_kv_heads) * hd;
   const int64_t total_keys = a.pos + a.n;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
   for (int g = 0; g < a.n_kv_heads; ++g) {
-    // This kv head's keys as a contiguous [keys][head_dim] matrix (a prefix serves every block).
-    for (int64_t j = 0; j < total_keys; ++j)
-      std::copy(a.keys + j * kv_width + g * hd, a.keys + j * kv_width + (g + 1) * hd, s.keys + j * hd);
+    // This kv head's keys as a contiguous [keys][head_dim] matrix (a prefix serves every block):
+    // the cache's own rows when they are contiguous, else a copy.
+    const float* keys = a.keys + g * a.kv_head_stride;
+    if (a.kv_row_stride != hd) {
+      for (int64_t j = 0; j < total_keys; ++j)
+        std::copy(keys + j * a.kv_row_stride, keys + j * a.kv_row_stride + hd, s.keys + j * hd);
+      keys = s.keys;
+    }
 
     for (int t0 = 0; t0 < a.n; t0 += kTokenBlock) {
       const int nt = std::min(kTokenBlock, a.n - t0);
@@ -117,7 +177,7 @@ void attention_matmul(const AttentionArgs& a, AttentionScratch& s, ThreadPool& p
       }
       // V^T with row stride n_keys, as the second matmul's weight.
       for (int64_t j = 0; j < n_keys; ++j) {
-        const float* v = a.values + j * kv_width + g * hd;
+        const float* v = a.values + g * a.kv_head_stride + j * a.kv_row_stride;
         for (int i = 0; i < hd; ++i) s.values_t[i * n_keys + j] = v[i];
       }
 
@@ -125,7 +185,7 @@ void attention_matmul(const AttentionArgs& a, AttentionScratch& s, ThreadPool& p
       K.type = WeightType::F32;
       K.rows = n_keys;
       K.cols = hd;
-      K.f32 = s.keys;
+      K.f32 = keys;
       matmul(K, Activation{s.queries, nullptr}, rows, s.scores, n_keys, pool);
 
       pool.parallel_for(rows, 8, [&](int64_t b, int64_t e) {

@@ -13,8 +13,11 @@ namespace shortrt {
 struct AttentionArgs {
   const float* qkv = nullptr;      // [n][qkv_dim]; the q heads come first in each row (rotated)
   int64_t qkv_dim = 0;
-  const float* keys = nullptr;     // [pos + n][n_kv_heads][head_dim]
-  const float* values = nullptr;   // [pos + n][n_kv_heads][head_dim]
+  // Key (value) of position j for kv head h at keys[h * kv_head_stride + j * kv_row_stride]
+  // (values likewise), positions 0..pos+n-1; the engine's cache is [kv_head][position][head_dim].
+  const float* keys = nullptr;
+  const float* values = nullptr;
+  int64_t kv_row_stride = 0, kv_head_stride = 0;
   int n = 0, pos = 0;
   int n_heads = 0, n_kv_heads = 0, head_dim = 0;
   float* out = nullptr;            // [n][n_heads * head_dim]
@@ -32,20 +35,31 @@ struct AttentionScratch {
   std::unique_ptr<float, Free> storage;
 };
 
-// One query head over n_keys cached keys / values whose rows are `stride`
-// floats apart: out[head_dim] = softmax(scale * K q) V, an online softmax over
-// blocks of keys (no score buffer). attend_head_ref is the scalar reference;
-// attend_head_avx2 (attention_avx2.cpp) needs head_dim % 8 == 0 and AVX2+FMA.
-void attend_head_ref(const float* q, const float* keys, const float* values, int64_t stride, int64_t n_keys,
-                     int head_dim, float scale, float* out);
+// Up to this many query heads that share one kv head run through the decode
+// kernel together (more are split into groups of this size).
+constexpr int kMaxAttendGroup = 8;
+
+// The decode kernel: `group` query heads (q + g * head_dim) that share one kv
+// head, over n_keys cached keys / values whose rows are `stride` floats apart,
+// as an online softmax over blocks of keys. It leaves each head's partial
+// state: m[g] the largest scaled score, l[g] = sum_j exp(s_j - m[g]) and
+// acc[g * head_dim ..] = sum_j exp(s_j - m[g]) v_j, so ranges of keys done
+// separately can be merged. attend_partial_ref is the scalar reference;
+// attend_partial_avx2 (attention_avx2.cpp) needs head_dim % 8 == 0 and AVX2+FMA.
+void attend_partial_ref(const float* q, int group, const float* keys, const float* values, int64_t stride,
+                        int64_t n_keys, int head_dim, float scale, float* acc, float* m, float* l);
 namespace detail {
-void attend_head_avx2(const float* q, const float* keys, const float* values, int64_t stride, int64_t n_keys,
-                      int head_dim, float scale, float* out);
+void attend_partial_avx2(const float* q, int group, const float* keys, const float* values, int64_t stride,
+                         int64_t n_keys, int head_dim, float scale, float* acc, float* m, float* l);
 }  // namespace detail
 
-// One (token, head) pair per work item with an online softmax over blocks of
-// keys: no scratch, reads each key once per head. Used for decoding. Runs the
-// AVX2 head kernel (attention_avx2.cpp) when kernels() is on the avx2 path.
+// Decode attention: for each new token and kv head, the query heads sharing it
+// in one pass over each range of kAttendChunk keys (one work item each, so a
+// long context spreads over the threads), then the ranges merged in order.
+// Reads each cached key and value once per kv head. `avx2` picks the kernel
+// (attention_online uses the kernels() path).
+constexpr int64_t kAttendChunk = 128;
+void attention_decode(const AttentionArgs& a, ThreadPool& pool, bool avx2);
 void attention_online(const AttentionArgs& a, ThreadPool& pool);
 
 // Blocks of tokens at a time as two matmuls per kv head (scores = K q, out =

@@ -9,6 +9,8 @@
 
 #include <cstring>
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "attention.h"
 #include "kernels.h"
@@ -87,28 +89,76 @@ py::array_t<float> logits(Engine& e, const std::vector<int>& tokens, int chunk) 
   return out;
 }
 
-// Test hook: one attention head on the "ref" or "avx2" path.
+bool attention_path(const std::string& path, int hd, const char* who) {
+  if (path == "avx2") {
+    if (!shortrt::avx2_kernels()) throw std::invalid_argument(std::string(who) + ": this CPU has no AVX2/FMA");
+    if (hd % 8 != 0) throw std::invalid_argument(std::string(who) + ": the avx2 path needs head_dim % 8 == 0");
+    return true;
+  }
+  if (path == "ref") return false;
+  throw std::invalid_argument(std::string(who) + ": path must be 'ref' or 'avx2'");
+}
+
+// Test hook: the decode kernel on the "ref" or "avx2" path for one group of
+// query heads q [group, hd] (or one head [hd]) sharing keys / values
+// [n, stride >= hd]: softmax(scale * keys @ q_g) @ values for each head.
 py::array_t<float> attend_head(py::array_t<float, py::array::c_style | py::array::forcecast> q,
                                py::array_t<float, py::array::c_style | py::array::forcecast> keys,
                                py::array_t<float, py::array::c_style | py::array::forcecast> values, float scale,
                                const std::string& path) {
-  if (q.ndim() != 1 || keys.ndim() != 2 || values.ndim() != 2 || keys.shape(0) != values.shape(0) ||
-      keys.shape(1) != values.shape(1) || keys.shape(1) < q.shape(0) || keys.shape(0) < 1)
-    throw std::invalid_argument("attend_head: q [hd], keys and values [n, stride >= hd], n >= 1");
-  const int hd = static_cast<int>(q.shape(0));
+  if (q.ndim() < 1 || q.ndim() > 2 || keys.ndim() != 2 || values.ndim() != 2 || keys.shape(0) != values.shape(0) ||
+      keys.shape(1) != values.shape(1) || keys.shape(1) < q.shape(q.ndim() - 1) || keys.shape(0) < 1)
+    throw std::invalid_argument("attend_head: q [hd] or [group, hd], keys and values [n, stride >= hd], n >= 1");
+  const int hd = static_cast<int>(q.shape(q.ndim() - 1));
+  const int group = q.ndim() == 2 ? static_cast<int>(q.shape(0)) : 1;
   if (hd > 512) throw std::invalid_argument("attend_head: head_dim > 512");
-  py::array_t<float> out(hd);
-  if (path == "avx2") {
-    if (!shortrt::avx2_kernels()) throw std::invalid_argument("attend_head: this CPU has no AVX2/FMA");
-    if (hd % 8 != 0) throw std::invalid_argument("attend_head: the avx2 path needs head_dim % 8 == 0");
-    shortrt::detail::attend_head_avx2(q.data(), keys.data(), values.data(), keys.shape(1), keys.shape(0), hd, scale,
-                                      out.mutable_data());
-  } else if (path == "ref") {
-    shortrt::attend_head_ref(q.data(), keys.data(), values.data(), keys.shape(1), keys.shape(0), hd, scale,
-                             out.mutable_data());
-  } else {
-    throw std::invalid_argument("attend_head: path must be 'ref' or 'avx2'");
+  if (group < 1 || group > shortrt::kMaxAttendGroup)
+    throw std::invalid_argument("attend_head: group must be 1.." + std::to_string(shortrt::kMaxAttendGroup));
+  const bool avx2 = attention_path(path, hd, "attend_head");
+  std::vector<float> acc(static_cast<size_t>(group) * hd), m(group), l(group);
+  (avx2 ? shortrt::detail::attend_partial_avx2 : shortrt::attend_partial_ref)(
+      q.data(), group, keys.data(), values.data(), keys.shape(1), keys.shape(0), hd, scale, acc.data(), m.data(),
+      l.data());
+  py::array_t<float> out(q.request().shape);
+  float* o = out.mutable_data();
+  for (int g = 0; g < group; ++g) {
+    const float inv = 1.0f / l[g];
+    for (int i = 0; i < hd; ++i) o[g * hd + i] = acc[g * hd + i] * inv;
   }
+  return out;
+}
+
+// Test hook: decode attention of one new token over the whole cache, as the
+// engine runs it (key ranges as parallel work items, merged): q [n_heads, hd],
+// keys / values [n_keys, n_kv_heads * hd] -> [n_heads, hd].
+py::array_t<float> attention_decode(py::array_t<float, py::array::c_style | py::array::forcecast> q,
+                                    py::array_t<float, py::array::c_style | py::array::forcecast> keys,
+                                    py::array_t<float, py::array::c_style | py::array::forcecast> values,
+                                    int n_kv_heads, const std::string& path, int threads) {
+  if (q.ndim() != 2 || keys.ndim() != 2 || values.ndim() != 2 || keys.shape(0) != values.shape(0) ||
+      keys.shape(1) != values.shape(1) || keys.shape(0) < 1 || n_kv_heads < 1 || q.shape(0) % n_kv_heads != 0 ||
+      keys.shape(1) != n_kv_heads * q.shape(1))
+    throw std::invalid_argument("attention_decode: q [n_heads, hd], keys and values [n, n_kv_heads * hd], "
+                                "n_heads a multiple of n_kv_heads, n >= 1");
+  const int hd = static_cast<int>(q.shape(1));
+  if (hd > 512) throw std::invalid_argument("attention_decode: head_dim > 512");
+  shortrt::AttentionArgs args;
+  args.qkv = q.data();
+  args.qkv_dim = q.shape(0) * hd;
+  args.keys = keys.data();
+  args.values = values.data();
+  args.kv_row_stride = keys.shape(1);  // this hook takes [position][kv_head][head_dim]
+  args.kv_head_stride = hd;
+  args.n = 1;
+  args.pos = static_cast<int>(keys.shape(0)) - 1;
+  args.n_heads = static_cast<int>(q.shape(0));
+  args.n_kv_heads = n_kv_heads;
+  args.head_dim = hd;
+  py::array_t<float> out({q.shape(0), q.shape(1)});
+  args.out = out.mutable_data();
+  const bool avx2 = attention_path(path, hd, "attention_decode");
+  shortrt::ThreadPool pool(threads);
+  shortrt::attention_decode(args, pool, avx2);
   return out;
 }
 
@@ -138,5 +188,10 @@ void register_engine(py::module_& m) {
       .def_property_readonly("threads", &Engine::threads)
       .def_property_readonly("dtype", &Engine::dtype);
   m.def("attend_head", &attend_head, py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("scale"),
-        py::arg("path"), "Test hook: softmax(scale * keys @ q) @ values on the 'ref' or 'avx2' attention kernel.");
+        py::arg("path"),
+        "Test hook: softmax(scale * keys @ q_g) @ values for each head g of q ([hd] or [group, hd]) on the "
+        "'ref' or 'avx2' decode attention kernel.");
+  m.def("attention_decode", &attention_decode, py::arg("q"), py::arg("keys"), py::arg("values"),
+        py::arg("n_kv_heads"), py::arg("path"), py::arg("threads") = 2,
+        "Test hook: the engine's decode attention of one token over keys/values [n, n_kv_heads * hd].");
 }

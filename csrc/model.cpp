@@ -142,7 +142,9 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
   });
   project(s, pool, lw.qkv, xn, n, qkv, qkv_dim);
 
-  // This sequence's region of this layer's KV slot: [pos][kv_head][head_dim].
+  // This sequence's region of this layer's KV slot: [kv_head][pos][head_dim], so
+  // attention reads each kv head's keys (and values) as one sequential stream.
+  const int64_t head_stride = static_cast<int64_t>(s.max_seq) * hd;
   const size_t region = (static_cast<size_t>(lw.plan.kv_slot) * s.max_batch + seq) * s.max_seq * kv_width;
   float* key_cache = s.key_cache.data() + region;
   float* value_cache = s.value_cache.data() + region;
@@ -153,8 +155,11 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
       const float* cos = rope_cos_.data() + static_cast<size_t>(pos + t) * half;
       const float* sin = rope_sin_.data() + static_cast<size_t>(pos + t) * half;
       rope_heads(row, nh + nkv, hd, cos, sin);  // q heads and k heads are adjacent
-      std::memcpy(key_cache + (pos + t) * kv_width, row + nh * hd, kv_width * sizeof(float));
-      std::memcpy(value_cache + (pos + t) * kv_width, row + nh * hd + kv_width, kv_width * sizeof(float));
+      for (int h = 0; h < nkv; ++h) {
+        std::memcpy(key_cache + h * head_stride + (pos + t) * hd, row + (nh + h) * hd, hd * sizeof(float));
+        std::memcpy(value_cache + h * head_stride + (pos + t) * hd, row + nh * hd + kv_width + h * hd,
+                    hd * sizeof(float));
+      }
     }
   });
 
@@ -163,6 +168,8 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
   args.qkv_dim = qkv_dim;
   args.keys = key_cache;
   args.values = value_cache;
+  args.kv_row_stride = hd;
+  args.kv_head_stride = head_stride;
   args.n = n;
   args.pos = pos;
   args.n_heads = nh;
