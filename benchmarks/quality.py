@@ -66,7 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--verify", default="shortgpt-8", help="cell checked against its written checkpoint ('' = none)")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--name", default="quality", help="file stem of the outputs")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 10 questions, 1024 tokens, removed 0,4,8")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 10 questions, 1024 tokens, removed 0,4,8, and no replacement training "
+                        "unless --methods names span+layer/span+mlp")
     p.add_argument("--render", default=None, help="only rewrite the .md and .png from this saved results JSON")
     p.add_argument("--extend", default=None,
                    help="a saved results JSON: keep its cells and settings, compute only the cells of --methods "
@@ -74,6 +76,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.samples, args.tokens, args.removed, args.name = 10, 1024, "0,4,8", args.name + "_quick"
+        if args.methods == p.get_default("methods"):
+            args.methods = ",".join(m for m in METHODS if m not in REPLACED)
     return args
 
 
@@ -190,7 +194,7 @@ def fmt(results, name, task, tasks):
 def markdown(args, meta, maps, results, methods, counts, tasks) -> str:
     lines = [f"# Quality after layer removal: {meta['model_name']}", "",
              f"Measured {meta['date']} on {meta['machine']} in {meta['seconds'] / 60:.1f} min "
-             f"(`python benchmarks/quality.py`).", "",
+             f"({meta.get('command', '`python benchmarks/quality.py`')}).", "",
              f"- Model: {meta['model_name']} ({meta['num_layers']} layers), fp32, layers masked in memory "
              "(shortrt.layer_plan); the shortgpt-8 cell was also evaluated from its written checkpoint "
              f"({meta['verification']}).",
@@ -460,7 +464,12 @@ def main(argv=None) -> int:
         "seconds": spent + time.time() - t0,
         "calibration": f"{calib.get('n_tokens', '?')} tokens of {calib.get('source', '?')} ({scores_path})",
         "verification": verification,
+        "command": "`python benchmarks/quality.py`",
     }
+    if args.extend:
+        added = [m for m in methods if m not in saved["settings"]["methods"]] or ["missing cells"]
+        meta["command"] = (saved["meta"].get("command", "`python benchmarks/quality.py`")
+                           + f", then `--extend` with {', '.join(added)}")
     doc = {"meta": meta, "settings": {**settings, "methods": methods, "removed": counts, "tasks": tasks,
                                       "primary_metric": PRIMARY},
            "layer_maps": {k: (None if v is None else v.to_json()) for k, v in maps.items()},
