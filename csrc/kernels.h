@@ -32,7 +32,7 @@ const char* weight_type_name(WeightType type);  // "f32" | "bf16" | "q8"
 struct WeightMatrix {
   WeightType type = WeightType::F32;
   int64_t rows = 0, cols = 0;
-  const float* f32 = nullptr;      // rows*cols floats (may point straight into an mmap)
+  const float* f32 = nullptr;      // rows*cols floats
   const uint16_t* bf16 = nullptr;  // rows*cols bf16 bit patterns
   const BlockQ8* q8 = nullptr;     // rows*(cols/32) blocks; cols % 32 == 0 required
   size_t bytes() const;            // bytes one pass over the matrix reads

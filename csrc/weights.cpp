@@ -106,50 +106,36 @@ class Loader {
   // Several [rows_i, cols] tensors stacked by rows, in the engine's weight type.
   StackedMatrix stacked(const std::vector<std::string>& names, const std::vector<int64_t>& rows, int64_t cols) {
     std::vector<const TensorView*> views;
-    bool all_zero_copy = true;
-    for (size_t i = 0; i < names.size(); ++i) {
-      views.push_back(&tensor(names[i], {rows[i], cols}));
-      all_zero_copy &= zero_copy(*views.back());
-    }
+    for (size_t i = 0; i < names.size(); ++i) views.push_back(&tensor(names[i], {rows[i], cols}));
     StackedMatrix m;
     m.cols = cols;
     for (int64_t r : rows) m.rows += r;
-    if (all_zero_copy) {
-      for (const TensorView* v : views) m.parts.push_back(view(*v));
-    } else {
-      m.parts.push_back(pack(views, m.rows, cols));
-    }
+    m.parts.push_back(pack(views, m.rows, cols));
     return m;
   }
 
+  // Even an f32 matrix of an f32 checkpoint is copied rather than used in place:
+  // the file mapping is in 4 KB pages, and decode streams every weight once per
+  // token, which the arena's 2 MB pages serve faster (see page_buffer.h).
   WeightMatrix matrix(const std::string& name, int64_t rows, int64_t cols) {
-    const TensorView& t = tensor(name, {rows, cols});
-    return zero_copy(t) ? view(t) : pack({&t}, rows, cols);
+    return pack({&tensor(name, {rows, cols})}, rows, cols);
   }
-
-  std::shared_ptr<Checkpoint> mapping_if_used() const { return views_used_ ? ckpt_ : nullptr; }
 
  private:
+  // Arenas are this large unless one tensor needs more; the untouched tail of
+  // the last one costs address space, not memory.
+  static constexpr size_t kArenaBytes = size_t{64} << 20;
+
   template <class T>
   T* alloc(int64_t n) {
-    w_.owned.emplace_back(new uint8_t[n * sizeof(T) + 64]);
-    uintptr_t p = reinterpret_cast<uintptr_t>(w_.owned.back().get());
-    return reinterpret_cast<T*>((p + 63) / 64 * 64);  // 64-byte aligned for the SIMD kernels
-  }
-
-  bool zero_copy(const TensorView& t) const {
-    return type_ == WeightType::F32 && t.dtype == DType::F32 &&
-           reinterpret_cast<uintptr_t>(t.data) % alignof(float) == 0;
-  }
-
-  WeightMatrix view(const TensorView& t) {
-    views_used_ = true;
-    WeightMatrix m;
-    m.type = WeightType::F32;
-    m.rows = t.shape[0];
-    m.cols = t.shape[1];
-    m.f32 = reinterpret_cast<const float*>(t.data);
-    return m;
+    const size_t bytes = (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64;  // keep 64-byte alignment
+    if (w_.arenas.empty() || w_.arena_used + bytes > w_.arenas.back().size()) {
+      w_.arenas.emplace_back(std::max(bytes, kArenaBytes));
+      w_.arena_used = 0;
+    }
+    T* p = reinterpret_cast<T*>(w_.arenas.back().as<uint8_t>() + w_.arena_used);
+    w_.arena_used += bytes;
+    return p;
   }
 
   // Converts the tensors chunk by chunk into one packed matrix, so no second
@@ -191,7 +177,6 @@ class Loader {
   std::shared_ptr<Checkpoint> ckpt_;
   WeightType type_;
   Weights& w_;
-  bool views_used_ = false;
 };
 
 std::string layer_prefix(int i) { return "model.layers." + std::to_string(i) + "."; }
@@ -250,7 +235,6 @@ Weights load_weights(const std::string& dir, const ModelConfig& c, const LayerPl
     w.bytes += w.lm_head.bytes();
     w.bytes_per_token += w.lm_head.bytes();
   }
-  w.mapping = load.mapping_if_used();
   return w;
 }
 

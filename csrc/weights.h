@@ -1,5 +1,6 @@
-// Weights of the layers a plan runs: views into the checkpoint's mmap (fp32
-// on disk, run as fp32) or copies packed at load (bf16, int8, or converted).
+// Weights of the layers a plan runs, copied at load into huge-page arenas in the
+// engine's type (fp32, bf16 or int8), each source tensor's file pages dropped
+// as soon as it is copied, so peak memory stays near one copy.
 #pragma once
 
 #include <cstddef>
@@ -8,16 +9,14 @@
 #include <vector>
 
 #include "kernels.h"
+#include "page_buffer.h"
 #include "plan.h"
 #include "shortrt/engine.h"
 
 namespace shortrt {
 
-class Checkpoint;
-
-// A matrix stored as one or more row blocks stacked vertically: q|k|v and
-// gate|up are one packed block in bf16/int8, but three (two) zero-copy views
-// into the mmap in fp32, so that fp32 needs no second copy of the weights.
+// A matrix stored as one or more row blocks stacked vertically (the loader packs
+// q|k|v and gate|up as one block each; the matmul also takes several).
 struct StackedMatrix {
   std::vector<WeightMatrix> parts;  // parts[i] covers the next parts[i].rows output rows
   int64_t rows = 0, cols = 0;
@@ -47,9 +46,11 @@ struct Weights {
   size_t bytes = 0;           // every weight held for the plan (embedding counted once when tied)
   size_t bytes_per_token = 0; // weights read per decoded token (all but the untied embedding table)
 
-  // Storage: packed copies, and the checkpoint mapping while views point into it.
-  std::vector<std::unique_ptr<uint8_t[]>> owned;
-  std::shared_ptr<Checkpoint> mapping;
+  // Storage: every weight copied into 2 MB-aligned arenas advised for transparent
+  // huge pages (see page_buffer.h), filled front to back; `arena_used` bytes of the
+  // last one are taken.
+  std::vector<PageBuffer> arenas;
+  size_t arena_used = 0;
 };
 
 // Reads exactly the tensors the plan needs (shapes checked against the
