@@ -12,9 +12,12 @@ pruned by shortrt.gguf_prune, when llama-cpp-python is installed) — it measure
 Rounds interleave the engines so drift hits all alike; medians over rounds are
 reported; every row carries the memory-bandwidth bound (bytes read per decoded
 token / bandwidth measured here), and pruned rows compare their measured
-speedup with the ideal ratio of bytes read per token.
+speedup with the ideal ratio of bytes read per token. At 8 removed it also runs
+the variants that keep more of the model: `attention` (8 attention sublayers
+removed), `span+layer` and `span+mlp` (the span replaced by a module trained by
+shortrt.replace; trained once and cached, ~3 min each on 2 cores).
 
-    python benchmarks/latency.py --quick              # a couple of minutes
+    python benchmarks/latency.py --quick              # a couple of minutes (no replacement training)
     python benchmarks/latency.py --json benchmarks/results/latency.json --png benchmarks/results/latency.png
 """
 from __future__ import annotations
@@ -325,8 +328,9 @@ def main() -> None:
     p.add_argument("--variants", default="shortgpt",
                    help="pruning variants run at every --remove count: shortgpt, span, attention, "
                         "span+layer, span+mlp (default %(default)s)")
-    p.add_argument("--extra-variants", default="",
-                   help="variants run only at --extra-remove, e.g. attention,span+layer,span+mlp")
+    p.add_argument("--extra-variants", default="attention,span+layer,span+mlp",
+                   help="variants run only at --extra-remove (default %(default)s; the span+ ones train a "
+                        "replacement, ~3 min each, the first time; '' for none)")
     p.add_argument("--extra-remove", default="8", help="counts for --extra-variants (default %(default)s)")
     p.add_argument("--scores", default=str(HERE / "results" / "calibration" / "scores.json"),
                    help="calibration scores to select layers with (default: the committed ones; "
@@ -347,6 +351,8 @@ def main() -> None:
         args.remove, args.rounds, args.new_tokens, args.prompt_tokens = "0,8", 1, 32, 128
         if args.engines == p.get_default("engines"):
             args.engines = "shortrt-fp32,shortrt-int8,transformers-fp32"
+        if args.extra_variants == p.get_default("extra_variants"):
+            args.extra_variants = ""  # no replacement training in a smoke run
     counts = sorted({int(x) for x in args.remove.split(",")})
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     extra = [v.strip() for v in args.extra_variants.split(",") if v.strip()]
