@@ -14,8 +14,7 @@ namespace shortrt {
 namespace detail {
 namespace {
 
-constexpr int kKeyBlock = 64;      // keys scored per step of the online softmax
-constexpr int64_t kPrefetchKeys = 8;  // how far ahead the key loop prefetches
+constexpr int kKeyBlock = 64;  // keys scored per step of the online softmax
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -44,15 +43,6 @@ void attend(const float* q, int group, const float* keys, const float* values, i
     for (int g = 0; g < group; ++g) block_max[g] = -std::numeric_limits<float>::infinity();
     for (int j = 0; j < nb; ++j) {
       const float* k = keys + (j0 + j) * stride;
-      // The cache is read in rows of head_dim floats, `stride` apart: too short a
-      // stream for the hardware prefetcher. Ask for the key kPrefetchKeys ahead
-      // and for this key's value row, which the value loop below reads.
-      const float* kn = k + kPrefetchKeys * stride;
-      const float* vj = values + (j0 + j) * stride;
-      for (int c = 0; c < n8; c += 2) {
-        if (j0 + j + kPrefetchKeys < n_keys) _mm_prefetch(reinterpret_cast<const char*>(kn + 8 * c), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(vj + 8 * c), _MM_HINT_T0);
-      }
       for (int g = 0; g < group; ++g) {
         const float* qg = q + g * hd;
         __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();

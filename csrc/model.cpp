@@ -113,20 +113,6 @@ void Model::project(State& s, ThreadPool& pool, const WeightMatrix& W, const flo
   matmul(W, a, n, y, ldy, pool);
 }
 
-void Model::project(State& s, ThreadPool& pool, const StackedMatrix& W, const float* x, int n, float* y,
-                    int64_t ldy) const {
-  Activation a{x, nullptr};
-  if (W.parts[0].type == WeightType::Q8) {  // one quantization serves every stacked part
-    quantize_activation_q8(x, n, W.cols, s.xq.data(), pool);
-    a.q8 = s.xq.data();
-  }
-  int64_t row = 0;
-  for (const WeightMatrix& part : W.parts) {
-    matmul(part, a, n, y + row, ldy, pool);
-    row += part.rows;
-  }
-}
-
 void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, int seq, int n, int pos) const {
   const KernelTable& k = kernels();
   const ModelConfig& c = config_;

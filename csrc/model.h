@@ -73,7 +73,6 @@ class Model {
   void attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, int seq, int n, int pos) const;
   void mlp_block(State& s, ThreadPool& pool, const LayerWeights& lw, int n) const;
   // y = W x for n tokens; quantizes x first when W is int8.
-  void project(State& s, ThreadPool& pool, const StackedMatrix& W, const float* x, int n, float* y, int64_t ldy) const;
   void project(State& s, ThreadPool& pool, const WeightMatrix& W, const float* x, int n, float* y, int64_t ldy) const;
 
   ModelConfig config_;

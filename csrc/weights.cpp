@@ -103,15 +103,16 @@ class Loader {
     return dst;
   }
 
-  // Several [rows_i, cols] tensors stacked by rows, in the engine's weight type.
-  StackedMatrix stacked(const std::vector<std::string>& names, const std::vector<int64_t>& rows, int64_t cols) {
+  // Several [rows_i, cols] tensors stacked by rows into one matrix (q|k|v, gate|up),
+  // in the engine's weight type.
+  WeightMatrix stacked(const std::vector<std::string>& names, const std::vector<int64_t>& rows, int64_t cols) {
     std::vector<const TensorView*> views;
-    for (size_t i = 0; i < names.size(); ++i) views.push_back(&tensor(names[i], {rows[i], cols}));
-    StackedMatrix m;
-    m.cols = cols;
-    for (int64_t r : rows) m.rows += r;
-    m.parts.push_back(pack(views, m.rows, cols));
-    return m;
+    int64_t total = 0;
+    for (size_t i = 0; i < names.size(); ++i) {
+      views.push_back(&tensor(names[i], {rows[i], cols}));
+      total += rows[i];
+    }
+    return pack(views, total, cols);
   }
 
   // Even an f32 matrix of an f32 checkpoint is copied rather than used in place:
@@ -182,12 +183,6 @@ class Loader {
 std::string layer_prefix(int i) { return "model.layers." + std::to_string(i) + "."; }
 
 }  // namespace
-
-size_t StackedMatrix::bytes() const {
-  size_t b = 0;
-  for (const WeightMatrix& p : parts) b += p.bytes();
-  return b;
-}
 
 Weights load_weights(const std::string& dir, const ModelConfig& c, const LayerPlan& plan, WeightType type) {
   Weights w;

@@ -15,24 +15,17 @@
 
 namespace shortrt {
 
-// A matrix stored as one or more row blocks stacked vertically (the loader packs
-// q|k|v and gate|up as one block each; the matmul also takes several).
-struct StackedMatrix {
-  std::vector<WeightMatrix> parts;  // parts[i] covers the next parts[i].rows output rows
-  int64_t rows = 0, cols = 0;
-  size_t bytes() const;
-};
 
 struct LayerWeights {
   PlannedLayer plan;
   // attention (plan.attention)
   const float* attn_norm = nullptr;  // [hidden]
-  StackedMatrix qkv;                 // [(n_heads + 2 n_kv_heads) * head_dim, hidden]
+  WeightMatrix qkv;                  // [(n_heads + 2 n_kv_heads) * head_dim, hidden]
   const float* qkv_bias = nullptr;   // [(n_heads + 2 n_kv_heads) * head_dim] (Qwen2) or null
   WeightMatrix o;                    // [hidden, n_heads * head_dim]
   // mlp (plan.mlp)
   const float* mlp_norm = nullptr;   // [hidden]
-  StackedMatrix gate_up;             // [2 * intermediate, hidden]
+  WeightMatrix gate_up;              // [2 * intermediate, hidden]
   WeightMatrix down;                 // [hidden, intermediate]
 };
 
