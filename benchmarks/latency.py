@@ -228,7 +228,7 @@ def pruned_checkpoints(model_name: str, needed: list[tuple[str, int]], scores_fi
                        calib_tokens: int) -> dict:
     """{(variant, k): checkpoint dir}; made once with the given method and cached under $SHORTRT_CACHE."""
     import shortrt
-    from shortrt.sources import cache_dir
+    from shortrt.checkpoint import cache_dir
 
     model = shortrt.load(model_name)
     base = cache_dir() / "bench" / model.path.name
@@ -264,7 +264,7 @@ def llamacpp_ggufs(dense_dir: str, types: list[str]) -> dict:
 
     import llama_cpp
 
-    from shortrt.sources import cache_dir, default_gguf_path
+    from shortrt.checkpoint import cache_dir, default_gguf_path
 
     src = default_gguf_path()
     base = cache_dir() / "bench" / "gguf"

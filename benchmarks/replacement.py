@@ -87,7 +87,7 @@ def measure(model, scores, k: int, kinds, n_tokens: int, decode_tokens: int, rou
     from shortrt.prune import prune
     from shortrt.replace import replaced_checkpoint
     from shortrt.select import select
-    from shortrt.sources import cache_dir
+    from shortrt.checkpoint import cache_dir
 
     lmap = select(scores, remove=k, method="span")
     rows = {}

@@ -186,7 +186,7 @@ def llamacpp_ggufs() -> dict[str, Path]:
 
     import llama_cpp
 
-    from shortrt.sources import cache_dir, default_gguf_path
+    from shortrt.checkpoint import cache_dir, default_gguf_path
 
     src = default_gguf_path()
     out = {}

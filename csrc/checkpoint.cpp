@@ -6,6 +6,7 @@
 #include <map>
 #include <set>
 
+#include "error.h"
 #include "json.h"
 #include "safetensors.h"
 
@@ -13,6 +14,41 @@ namespace shortrt {
 
 namespace fs = std::filesystem;
 
+namespace {
+
+// A regular file, or Error: a FIFO would block the reader forever, a directory confuses it.
+void check_regular(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) throw os_error("cannot open", path);
+  if (S_ISDIR(st.st_mode)) throw Error(path + " is a directory; expected a regular file");
+  if (!S_ISREG(st.st_mode)) throw Error(path + " is not a regular file; expected a regular file");
+}
+
+std::string join(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out;
+}
+
+void check_stray(const std::string& dir, const std::set<std::string>& used) {
+  std::error_code ec;
+  std::vector<std::string> stray;
+  for (fs::directory_iterator it(fs::path(dir), ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (it->path().extension() == ".safetensors" && !used.count(name)) stray.push_back(name);
+  }
+  if (ec) throw Error("cannot list checkpoint directory " + dir + ": " + ec.message());
+  if (stray.empty()) return;
+  std::sort(stray.begin(), stray.end());
+  throw Error(dir + ": stray weights file '" + stray[0] +
+              "' is neither model.safetensors nor a shard the index names; move or delete it");
+}
+
+}  // namespace
+
+// The file-set rule (shortrt.checkpoint.weight_files is its twin): the shards the
+// index names, else model.safetensors; any other *.safetensors beside them is an
+// error, so no reader merges a stray file that another ignores.
 Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
   struct stat st;
   if (::stat(dir.c_str(), &st) != 0) throw os_error("cannot open checkpoint", dir);
@@ -26,12 +62,13 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
   const fs::path index_path = root / "model.safetensors.index.json";
   const fs::path single_path = root / "model.safetensors";
   std::error_code ec;
-  if (fs::exists(index_path, ec)) {
+  if (fs::exists(fs::symlink_status(index_path, ec))) {
     const std::string index_name = index_path.string();
+    check_regular(index_name);
     json::Value index = json::parse_file(index_name);
-    const json::Value* weight_map = index.find("weight_map");
-    if (!weight_map || !weight_map->is_object())
-      throw Error(index_name + ": missing the 'weight_map' object");
+    const json::Value* weight_map = index.is_object() ? index.find("weight_map") : nullptr;
+    if (!weight_map || !weight_map->is_object() || weight_map->as_object().empty())
+      throw Error(index_name + ": missing the 'weight_map' object (or it is empty)");
     std::map<std::string, std::string> tensor_to_shard;
     std::set<std::string> shards;
     for (const auto& [tensor, shard] : weight_map->as_object()) {
@@ -44,27 +81,30 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
       tensor_to_shard[tensor] = file;
       shards.insert(file);
     }
-    if (shards.empty()) throw Error(index_name + ": weight_map is empty");
     for (const std::string& shard : shards) {
       const fs::path shard_path = root / shard;
-      if (!fs::exists(shard_path, ec)) throw Error(index_name + " names missing shard '" + shard + "'");
-      add_file(shard_path.string());
+      if (!fs::exists(fs::symlink_status(shard_path, ec))) throw Error(index_name + " names missing shard '" + shard + "'");
+      check_regular(shard_path.string());
     }
+    check_stray(dir, shards);
+    for (const std::string& shard : shards) add_file((root / shard).string());
     check_index(index_name, tensor_to_shard);
     return;
   }
-  if (fs::exists(single_path, ec)) {
+  if (fs::exists(fs::symlink_status(single_path, ec))) {
+    check_regular(single_path.string());
+    check_stray(dir, {"model.safetensors"});
     add_file(single_path.string());
     return;
   }
   std::vector<std::string> found;
   for (fs::directory_iterator it(root, ec), end; !ec && it != end; it.increment(ec))
-    if (it->path().extension() == ".safetensors") found.push_back(it->path().string());
+    if (it->path().extension() == ".safetensors") found.push_back(it->path().filename().string());
   if (ec) throw Error("cannot list checkpoint directory " + dir + ": " + ec.message());
-  if (found.empty())
-    throw Error("no safetensors file in " + dir + " (expected model.safetensors or model.safetensors.index.json)");
   std::sort(found.begin(), found.end());
-  for (const auto& path : found) add_file(path);
+  std::string hint;
+  if (!found.empty()) hint = " (found " + join(found) + ": rename it to model.safetensors)";
+  throw Error(dir + " has no weights: expected model.safetensors or model.safetensors.index.json" + hint);
 }
 
 void Checkpoint::add_file(const std::string& path) {
@@ -86,6 +126,11 @@ void Checkpoint::check_index(const std::string& index_path,
     if (!in_named_shard)
       throw Error(index_path + " lists tensor '" + tensor + "' in shard '" + shard + "', which does not hold it");
   }
+  for (const auto& file : files_)
+    for (const TensorView& t : file->tensors())
+      if (!weight_map.count(t.name))
+        throw Error(index_path + " does not list tensor '" + t.name + "' of " +
+                    fs::path(file->path()).filename().string());
 }
 
 const TensorView* Checkpoint::find(const std::string& name) const {

@@ -4,10 +4,9 @@
 #include <random>
 #include <string>
 
-#include "config.h"
 #include "error.h"
 #include "model.h"
-#include "plan.h"
+#include "contract.h"
 #include "sampler.h"
 #include "shortrt/engine.h"
 #include "threadpool.h"
@@ -39,7 +38,7 @@ struct Engine::Impl {
     if (config.sliding_window > 0 && max_seq > config.sliding_window)
       throw Error("max_seq " + std::to_string(max_seq) + " exceeds the sliding window of " +
                   std::to_string(config.sliding_window) + " (sliding-window attention is not implemented)");
-    plan = build_plan(dir, config.n_layers, o.skip_layers);
+    plan = build_plan(dir, config, o.skip_layers);
     model = std::make_unique<Model>(config, load_weights(dir, config, plan, type), plan.n_kv_slots, max_seq);
     state = std::make_unique<State>(config, plan.n_kv_slots, max_seq, o.max_batch, std::min(kMaxChunk, max_seq));
   }

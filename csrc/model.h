@@ -11,7 +11,7 @@
 
 #include "attention.h"
 #include "kernels.h"
-#include "plan.h"
+#include "contract.h"
 #include "shortrt/engine.h"
 #include "threadpool.h"
 #include "weights.h"

@@ -10,7 +10,7 @@
 
 #include "kernels.h"
 #include "page_buffer.h"
-#include "plan.h"
+#include "contract.h"
 #include "shortrt/engine.h"
 
 namespace shortrt {

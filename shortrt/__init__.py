@@ -12,7 +12,7 @@ import sys as _sys
 import types as _types
 
 from .errors import CheckpointError, MissingDependencyError, ShortrtError
-from .sources import Model, load
+from .checkpoint import Model, load
 
 __version__ = "0.1.0"
 

@@ -289,7 +289,7 @@ def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, m
 
     from . import data
     from .kernels.cosine import BACKENDS, require_triton
-    from .sources import load
+    from .checkpoint import load
 
     for name, value in (("n_tokens", n_tokens), ("seq_len", seq_len), ("batch_size", batch_size)):
         _check_positive(name, value)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import sources
+from . import checkpoint
 from .errors import CheckpointError
 
 DTYPES = ("fp32", "bf16", "int8")
@@ -91,7 +91,7 @@ class Engine:
             raise ValueError(f"max_seq must be a positive integer, got {max_seq!r}")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
-        self.model = sources.load(model)
+        self.model = checkpoint.load(model)
         self.checkpoint_dir: Path = self.model.path
         try:
             self._engine = _C.Engine(str(self.checkpoint_dir), dtype, threads or 0, max_seq or 0, max_batch,
@@ -304,7 +304,7 @@ def generate(model, prompt_or_prompts, max_new_tokens: int = 64, temperature: fl
     if isinstance(model, Engine):
         engine = model
     else:
-        path = sources.load(model).path
+        path = checkpoint.load(model).path
         key = (str(path), dtype, threads)
         engine = _ENGINES.get(key)
         if engine is None:

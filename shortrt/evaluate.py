@@ -22,8 +22,9 @@ import torch
 
 from .eval_packing import Segment, pack
 from .eval_tasks import TASKS, sample_task
-from .layer_plan import Step, checkpoint_plan, forward_plans, load_for_plan
-from .layermap import LayerMap, layer_map_of
+from .checkpoint import Step, load
+from .layer_plan import forward_plans, load_for_plan
+from .layermap import LayerMap
 
 ALL_TASKS = ("ppl",) + TASKS
 ENGINES = ("hf",)
@@ -69,8 +70,6 @@ def evaluate_layer_maps(model, layer_maps: dict, tasks=("ppl",), *, n_samples: i
     per_item: also return each question's correctness (and each ppl window's NLL and token
     count) under "items", for paired comparisons between maps.
     """
-    from .sources import load
-
     if engine not in ENGINES:
         raise ValueError(f"unknown evaluation engine {engine!r}; choose from {', '.join(ENGINES)}")
     tasks = parse_tasks(tasks)
@@ -79,7 +78,7 @@ def evaluate_layer_maps(model, layer_maps: dict, tasks=("ppl",), *, n_samples: i
     if hf is None:
         hf, base = load_for_plan(m)
     else:
-        base = checkpoint_plan(layer_map_of(m))
+        base = m.plan()
     tokenizer = tokenizer if tokenizer is not None else m.tokenizer()
     names = list(layer_maps)
     plans = [base if layer_maps[n] is None else apply_layer_map(base, layer_maps[n]) for n in names]

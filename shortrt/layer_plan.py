@@ -1,6 +1,6 @@
 """Run a transformers decoder following a layer plan: which layers, with which sublayers.
 
-A plan is a tuple of Steps, each naming a decoder layer of the loaded model and whether its
+A plan is a tuple of shortrt.checkpoint.Steps, each naming a decoder layer of the loaded model and whether its
 attention and MLP run. The same dense model in memory then stands for any pruned variant
 (skipped layers are never touched; an attention-less step computes h + mlp(norm(h)) only),
 which is how the quality benchmark scores many layer maps without writing checkpoints, and
@@ -11,79 +11,43 @@ prefix once and branches from the saved hidden state.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from .checkpoint import Model, Step, load
 from .errors import CheckpointError, ShortrtError
-from .layermap import LayerMap
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-@dataclass(frozen=True)
-class Step:
-    index: int          # into the loaded model's model.layers
-    attention: bool = True
-    mlp: bool = True
+__all__ = ["Step", "dense_plan", "load_for_plan", "forward_plans", "plan_logits", "attention_mask"]
 
 
 def dense_plan(num_layers: int) -> tuple[Step, ...]:
     return tuple(Step(i) for i in range(num_layers))
 
 
-def checkpoint_plan(layer_map: LayerMap) -> tuple[Step, ...]:
-    """The plan of a checkpoint that stores `layer_map`'s entries as its layers 0..k-1."""
-    return tuple(Step(i, e.attention, e.mlp) for i, e in enumerate(layer_map.layers))
-
-
-def load_for_plan(model):
+def load_for_plan(model, skip_layers=()):
     """(transformers model, plan) for any shortrt checkpoint, including attention-less layers."""
-    from .layermap import layer_map_of
-    from .sources import load
-
     m = load(model)
-    lmap = layer_map_of(m)
-    _check_model_type(m.config())
-    if lmap.transformers_compatible:
-        return m.load_hf(), checkpoint_plan(lmap)
-    return _load_partial(m, lmap), checkpoint_plan(lmap)
+    plan = m.plan(skip_layers)
+    if m.layer_map.transformers_compatible:
+        return m.load_hf(), plan
+    return _load_partial(m), plan
 
 
-def _check_model_type(config: dict) -> None:
-    if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise ShortrtError(f"layer plans run Llama-style decoders ({', '.join(SUPPORTED_MODEL_TYPES)}); "
-                           f"this model is {config.get('model_type')!r}")
-
-
-def _load_partial(m, lmap: LayerMap):
+def _load_partial(m: Model):
     """Build the architecture from config.json and load the tensors that exist.
 
-    Attention-less layers have no self_attn/input_layernorm tensors; their modules keep random
-    init but the plan never runs them. Any other missing tensor is an error.
+    Attention-less layers have no self_attn/input_layernorm tensors (the contract checked that
+    the tensor set is exactly what shortrt.json says); their modules keep random init but the
+    plan never runs them.
     """
-    from safetensors.torch import load_file
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(m.path)
     hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    state = {}
-    for f in m.safetensors_files():
-        state.update(load_file(str(f)))
-    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing, unexpected = hf.load_state_dict(m.read_tensors(), strict=False)
     if unexpected:
         raise CheckpointError(f"{m.path} has tensors the architecture does not: {unexpected[:5]}")
-    allowed = set()
-    if getattr(config, "tie_word_embeddings", False):
-        allowed.add("lm_head.weight")
-    for i, e in enumerate(lmap.layers):
-        prefixes = ([] if e.attention else ["input_layernorm.", "self_attn."]) + \
-                   ([] if e.mlp else ["post_attention_layernorm.", "mlp."])
-        allowed.update(k for k in missing if any(k.startswith(f"model.layers.{i}.{p}") for p in prefixes))
-    really_missing = [k for k in missing if k not in allowed]
-    if really_missing:
-        raise CheckpointError(f"{m.path} lacks tensors its shortrt.json says it has: {really_missing[:5]}")
-    if getattr(config, "tie_word_embeddings", False):
+    if m.model_config.tie_embeddings:
         hf.lm_head.weight = hf.model.embed_tokens.weight
     return hf
 

@@ -1,6 +1,7 @@
 """The layer map: which original layers a checkpoint runs, in what order, with which sublayers.
 
-It is the Python side of `shortrt.json` (format "shortrt.layermap/1", see docs/internals.md).
+It is the data of `shortrt.json` (format "shortrt.layermap/1", see docs/internals.md); reading
+and writing the file is shortrt.checkpoint's job.
 Entry i describes the checkpoint's `model.layers.{i}.*`; `source` is the original layer index
 it came from (a list for a replacement standing in for a span). An attention-less entry has no
 KV slot, so `num_attention` is the number of KV slots the runtime allocates.
@@ -8,11 +9,8 @@ KV slot, so `num_attention` is the number of KV slots the runtime allocates.
 from __future__ import annotations
 
 import copy
-import json
 import operator
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 FORMAT = "shortrt.layermap/1"
 KINDS = ("layer", "layer_replacement", "mlp_replacement")
@@ -38,18 +36,6 @@ class LayerEntry:
     def to_json(self) -> dict:
         source = list(self.source) if isinstance(self.source, (list, tuple)) else self.source
         return {"source": source, "kind": self.kind, "attention": self.attention, "mlp": self.mlp}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "LayerEntry":
-        if not isinstance(d, dict) or "source" not in d:
-            raise ValueError(f"a layer entry must be an object with a 'source', got {d!r}")
-        source = d["source"]
-        if isinstance(source, list):
-            source = [_index(s, "layer entry source") for s in source]
-        else:
-            source = _index(source, "layer entry source")
-        return cls(source=source, kind=d.get("kind", "layer"),
-                   attention=bool(d.get("attention", True)), mlp=bool(d.get("mlp", True)))
 
     @property
     def sources(self) -> list[int]:
@@ -167,6 +153,9 @@ class LayerMap:
         _check_indices(removed, n, "removed layer")
         if seen.intersection(removed):
             raise ValueError(f"layers {sorted(seen.intersection(removed))} are both kept and removed")
+        lost = sorted(set(range(n)) - seen - set(removed))
+        if lost:
+            raise ValueError(f"original layers {lost} are neither kept nor listed in 'removed'")
 
     # ---- JSON ---------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -186,35 +175,10 @@ class LayerMap:
 
     @classmethod
     def from_json(cls, d: dict) -> "LayerMap":
-        if not isinstance(d, dict):
-            raise ValueError(f"a layer map must be a JSON object, got {type(d).__name__}")
-        fmt = d.get("format", FORMAT)
-        if fmt != FORMAT:
-            raise ValueError(f"unsupported layer map format {fmt!r}; this shortrt reads {FORMAT!r}")
-        for key in ("source_num_layers", "layers"):
-            if key not in d:
-                raise ValueError(f"layer map is missing {key!r}")
-        if not isinstance(d["layers"], list):
-            raise ValueError("layer map 'layers' must be a list")
-        return cls(
-            source_num_layers=_index(d["source_num_layers"], "source_num_layers"),
-            layers=[LayerEntry.from_json(e) for e in d["layers"]],
-            method=str(d.get("method", "unknown")),
-            removed=list(d.get("removed", [])),
-            scores=d.get("scores"), calibration=d.get("calibration"),
-            replacement=d.get("replacement"), source=d.get("source"),
-        )
+        """Parse the JSON form with the checkpoint contract's rules (shortrt.checkpoint.parse_layer_map)."""
+        from .checkpoint import parse_layer_map
 
-    def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "LayerMap":
-        try:
-            d = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from None
-        return cls.from_json(d)
+        return parse_layer_map(d)
 
     # ---- composition --------------------------------------------------------------------
     def then(self, inner: "LayerMap") -> "LayerMap":
@@ -255,17 +219,6 @@ def _check_indices(indices: list[int], num_layers: int, what: str) -> None:
 
 def layer_map_of(model) -> LayerMap:
     """The layer map a checkpoint runs: its shortrt.json, or every layer when it has none."""
-    from .sources import load
+    from .checkpoint import load
 
-    m = load(model)
-    meta = m.shortrt_json()
-    n = int(m.config()["num_hidden_layers"])
-    if meta is None:
-        return LayerMap.dense(n, source=m.name)
-    lmap = LayerMap.from_json(meta)
-    if len(lmap.layers) != n:
-        from .errors import CheckpointError
-
-        raise CheckpointError(f"{m.path}/shortrt.json lists {len(lmap.layers)} layers but config.json "
-                              f"has num_hidden_layers={n}")
-    return lmap
+    return load(model).layer_map

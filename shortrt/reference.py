@@ -10,74 +10,30 @@ computed over the whole sequence at once (no KV cache), gpt-fast style.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError
+from .checkpoint import ModelConfig, Step, load
 
-SUPPORTED = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-
-
-@dataclass
-class RefConfig:
-    architecture: str
-    hidden: int
-    intermediate: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    vocab: int
-    rms_eps: float
-    rope_theta: float
-    rope: dict  # rope_parameters / rope_scaling, or {}
-    tie_embeddings: bool
-    qkv_bias: bool
-
-    @classmethod
-    def from_json(cls, c: dict) -> "RefConfig":
-        arch = (c.get("architectures") or [MODEL_TYPES.get(c.get("model_type"), str(c.get("model_type")))])[0]
-        if arch not in SUPPORTED:
-            raise CheckpointError(f"unsupported architecture {arch!r}")
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
-        heads = c["num_attention_heads"]
-        return cls(
-            architecture=arch, hidden=c["hidden_size"], intermediate=c["intermediate_size"],
-            n_layers=c["num_hidden_layers"], n_heads=heads,
-            n_kv_heads=c.get("num_key_value_heads") or heads,
-            head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab=c["vocab_size"],
-            rms_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope=rope,
-            tie_embeddings=c.get("tie_word_embeddings", False), qkv_bias=arch == "Qwen2ForCausalLM",
-        )
-
-
-def rope_inv_freq(cfg: RefConfig) -> torch.Tensor:
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse RoPE frequencies, with transformers' linear and llama3 rescaling."""
     dim = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    kind = cfg.rope.get("rope_type", cfg.rope.get("type", "default"))
-    if kind == "linear":
-        inv = inv / cfg.rope["factor"]
-    elif kind == "llama3":
-        factor, lo, hi = cfg.rope["factor"], cfg.rope["low_freq_factor"], cfg.rope["high_freq_factor"]
-        old = cfg.rope["original_max_position_embeddings"]
+    if cfg.rope_type == "linear":
+        inv = inv / cfg.rope_factor
+    elif cfg.rope_type == "llama3":
+        factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old = cfg.rope_original_max_position
         wavelen = 2 * math.pi / inv
         scaled = torch.where(wavelen > old / lo, inv / factor, inv)
         smooth = (old / wavelen - lo) / (hi - lo)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
         inv = torch.where(medium, smoothed, scaled)
-    elif kind != "default":
-        raise CheckpointError(f"unsupported rope type {kind!r}")
     return inv
 
 
@@ -96,7 +52,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: RefConfig, w: dict, prefix: str):
+    def __init__(self, cfg: ModelConfig, w: dict, prefix: str):
         super().__init__()
         self.cfg = cfg
         # q|k|v fused into one weight, as the runtime does.
@@ -136,7 +92,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One decoder layer; attention and/or MLP may be absent (shortrt.json flags)."""
 
-    def __init__(self, cfg: RefConfig, w: dict, i: int, attention: bool, mlp: bool):
+    def __init__(self, cfg: ModelConfig, w: dict, i: int, attention: bool, mlp: bool):
         super().__init__()
         p = f"model.layers.{i}."
         self.index = i
@@ -153,48 +109,20 @@ class Block(nn.Module):
         return h
 
 
-def read_plan(path: Path, n_layers: int, skip_layers=()) -> list[tuple[int, bool, bool]]:
-    """(checkpoint layer, attention, mlp) for each executed layer, as the runtime plans it."""
-    flags = [(True, True)] * n_layers
-    meta_path = path / "shortrt.json"
-    if meta_path.is_file():
-        layers = json.loads(meta_path.read_text())["layers"]
-        if len(layers) != n_layers:
-            raise CheckpointError(f"shortrt.json lists {len(layers)} layers but config.json has {n_layers}")
-        flags = [(e.get("attention", True), e.get("mlp", True)) for e in layers]
-    skip = set(skip_layers)
-    bad = [i for i in skip if not 0 <= i < n_layers]
-    if bad:
-        raise CheckpointError(f"skip_layers: layer {bad[0]} is out of range for a checkpoint of {n_layers} layers")
-    return [(i, a, m) for i, (a, m) in enumerate(flags) if i not in skip]
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for f in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return {k: v.float() for k, v in tensors.items()}
-
-
 class ReferenceModel(nn.Module):
-    def __init__(self, cfg: RefConfig, tensors: dict, plan: list[tuple[int, bool, bool]]):
+    def __init__(self, cfg: ModelConfig, tensors: dict, plan: tuple[Step, ...]):
         super().__init__()
         self.cfg = cfg
         self.embed = tensors["model.embed_tokens.weight"]
         self.lm_head = self.embed if cfg.tie_embeddings else tensors["lm_head.weight"]
         self.norm = RMSNorm(tensors["model.norm.weight"], cfg.rms_eps)
-        self.blocks = nn.ModuleList(Block(cfg, tensors, i, a, m) for i, a, m in plan)
+        self.blocks = nn.ModuleList(Block(cfg, tensors, s.index, s.attention, s.mlp) for s in plan)
         self.inv_freq = rope_inv_freq(cfg)
 
     @classmethod
     def load(cls, path: "str | os.PathLike", skip_layers=()) -> "ReferenceModel":
-        from .sources import load as load_source
-
-        path = load_source(path).path
-        cfg = RefConfig.from_json(json.loads((path / "config.json").read_text()))
-        return cls(cfg, read_tensors(path), read_plan(path, cfg.n_layers, skip_layers))
+        m = load(path)
+        return cls(m.model_config, m.read_tensors(), m.plan(skip_layers))
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -24,14 +24,12 @@ takes about 0.3 s for the MLP and 0.9 s for the layer, so training takes about 2
 from __future__ import annotations
 
 import contextlib
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .errors import ShortrtError
+from .checkpoint import Model, cache_dir, check_out_dir, load, write_checkpoint
+from .errors import CheckpointError, ShortrtError
 from .layermap import LayerEntry, LayerMap
 from .replace_training import (DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, KINDS, MLPBlock,  # noqa: F401 (re-exported)
                                 TrainResult, train_replacement)
@@ -99,8 +97,6 @@ def replace(model, layer_map: LayerMap, out_dir, *, kind: str = "layer", texts=N
     cosine_weight: weight of a (1 - cos) term added to the MSE loss. Returns the written Model.
     """
     from . import data
-    from .prune import _check_out_dir
-    from .sources import load
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -108,19 +104,18 @@ def replace(model, layer_map: LayerMap, out_dir, *, kind: str = "layer", texts=N
         _check_positive(name, value)
     src = load(model)
     config = src.config()
-    num_layers = int(config["num_hidden_layers"])
+    num_layers = src.model_config.n_layers
     span = span_of(layer_map)
     if layer_map.source_num_layers != num_layers:
         raise ValueError(f"the layer map is for a model with {layer_map.source_num_layers} layers but "
                          f"{src} has {num_layers}")
-    meta = src.shortrt_json()
-    if meta is not None and not LayerMap.from_json(meta).is_dense:
-        raise ShortrtError(f"{src} is already pruned ({meta.get('method')!r}); train a replacement on the dense "
+    if not src.layer_map.is_dense:
+        raise ShortrtError(f"{src} is already pruned ({src.layer_map.method!r}); train a replacement on the dense "
                            "model it came from")
-    max_positions = config.get("max_position_embeddings")
-    if max_positions and seq_len > max_positions:
+    max_positions = src.model_config.max_position
+    if seq_len > max_positions:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
-    out = _check_out_dir(Path(out_dir), src.path, overwrite)  # before minutes of training, not after
+    out = check_out_dir(out_dir, src.path, overwrite)  # before minutes of training, not after
 
     texts, description = data.calibration_texts("default" if texts is None else texts)
     batches, used_tokens = _training_batches(src.tokenizer(), texts, n_tokens, seq_len, batch)
@@ -132,8 +127,7 @@ def replace(model, layer_map: LayerMap, out_dir, *, kind: str = "layer", texts=N
                                 seed=seed, max_steps=steps,
                                 data={"source": description, "n_tokens": used_tokens, "seq_len": seq_len,
                                       "n_sequences": result.n_train + result.n_heldout})
-    _write_checkpoint(src, config, layer_map, span, result, record, out)
-    return load(out)
+    return _write_checkpoint(src, config, layer_map, span, result, record, out, overwrite)
 
 
 def replacement_record(result: TrainResult, span: list[int], *, kind: str, lr: float, batch: int,
@@ -167,11 +161,11 @@ def _tensor_bytes(t: torch.Tensor, dtype: str) -> bytes:
     return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _write_checkpoint(src, config: dict, layer_map: LayerMap, span: list[int], result: TrainResult,
-                      record: dict, out: Path) -> None:
+def _write_checkpoint(src: Model, config: dict, layer_map: LayerMap, span: list[int], result: TrainResult,
+                      record: dict, out: Path, overwrite: bool) -> Model:
     """The retained layers' tensors, the trained module's at the span's position, config and shortrt.json."""
-    from .prune import MAX_SHARD_BYTES, _finish_checkpoint, _pruned_config, _tensor_plan
-    from .safetensors_writer import TensorSource, write_sharded
+    from .prune import _tensor_plan, pruned_config
+    from .safetensors_writer import TensorSource
 
     kind = record["kind"]
     position = sum(1 for e in layer_map.layers if e.source < span[0])
@@ -189,33 +183,26 @@ def _write_checkpoint(src, config: dict, layer_map: LayerMap, span: list[int], r
                        + [LayerEntry(list(span), kind=f"{kind}_replacement", attention=kind == "layer", mlp=True)]
                        + [LayerEntry(e.source) for e in after],
                        layer_map.method, [], scores=layer_map.scores, calibration=layer_map.calibration,
-                       replacement=record, source=src.name)
+                       replacement=record, source=src.origin)
     prefix = f"model.layers.{position}."
     trained = {prefix + name: t for name, t in result.module.state_dict().items()}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        with contextlib.ExitStack() as stack:
-            plan = _tensor_plan(src, stand_in, stack)
-            slot = [t.name for t in plan if t.name.startswith(prefix)]
-            if sorted(slot) != sorted(trained):
-                raise ShortrtError(f"the trained module's tensors {sorted(trained)} do not match the layer's "
-                                   f"tensors in {src.path}: {sorted(slot)}")
-            tensors = []
-            for t in plan:
-                if t.name in trained:
-                    value = trained[t.name]
-                    if list(value.shape) != list(t.shape):
-                        raise ShortrtError(f"trained tensor {t.name} has shape {list(value.shape)}, "
-                                           f"the checkpoint's has {t.shape}")
-                    t = TensorSource(t.name, t.dtype, t.shape, lambda v=value, d=t.dtype: _tensor_bytes(v, d))
-                tensors.append(t)
-            write_sharded(tmp, tensors, max_shard_bytes=MAX_SHARD_BYTES, metadata={"format": "pt"})
-        _finish_checkpoint(tmp, out, src, _pruned_config(config, stand_in), written)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with contextlib.ExitStack() as stack:
+        plan = _tensor_plan(src, stand_in, stack)
+        slot = [t.name for t in plan if t.name.startswith(prefix)]
+        if sorted(slot) != sorted(trained):
+            raise ShortrtError(f"the trained module's tensors {sorted(trained)} do not match the layer's "
+                               f"tensors in {src.path}: {sorted(slot)}")
+        tensors = []
+        for t in plan:
+            if t.name in trained:
+                value = trained[t.name]
+                if list(value.shape) != list(t.shape):
+                    raise ShortrtError(f"trained tensor {t.name} has shape {list(value.shape)}, "
+                                       f"the checkpoint's has {t.shape}")
+                t = TensorSource(t.name, t.dtype, t.shape, lambda v=value, d=t.dtype: _tensor_bytes(v, d))
+            tensors.append(t)
+        return write_checkpoint(out, src, pruned_config(config, stand_in), written, tensors, overwrite=overwrite)
 
 
 def replaced_checkpoint(model, scores, k: int, kind: str, **kw):
@@ -226,7 +213,6 @@ def replaced_checkpoint(model, scores, k: int, kind: str, **kw):
     from what `select(scores, remove=k, method="span")` gives now. kw go to replace().
     """
     from .select import select
-    from .sources import cache_dir, load
 
     src = load(model)
     if kind not in KINDS:
@@ -234,7 +220,11 @@ def replaced_checkpoint(model, scores, k: int, kind: str, **kw):
     lmap = select(scores, remove=k, method="span")
     out = cache_dir() / "bench" / src.path.name / f"span+{kind}-p{k}"
     if (out / "config.json").is_file() and (out / "shortrt.json").is_file():
-        cached = json.loads((out / "shortrt.json").read_text()).get("replacement") or {}
-        if cached.get("kind") == kind and cached.get("span") == sorted(lmap.removed):
-            return load(out)
+        try:
+            cached = load(out)
+        except CheckpointError:
+            cached = None  # made by an older shortrt or damaged: train it again
+        record = (cached.layer_map.replacement or {}) if cached else {}
+        if record.get("kind") == kind and record.get("span") == sorted(lmap.removed):
+            return cached
     return replace(src, lmap, out, kind=kind, overwrite=True, **kw)

@@ -14,6 +14,11 @@ from shortrt.layermap import LayerMap
 from shortrt.prune import prune
 
 
+def read_meta(model) -> dict:
+    """The shortrt.json a writer left, as raw JSON."""
+    return json.loads((shortrt.load(model).path / "shortrt.json").read_text())
+
+
 class PassThrough(nn.Module):
     """Stands in for a removed decoder layer: returns its input unchanged."""
 
@@ -51,7 +56,7 @@ def test_pruned_checkpoint_layout_and_provenance(tiny6, tmp_path):
     assert isinstance(out, shortrt.Model) and out.path == (tmp_path / "p2").resolve()
     config = out.config()
     assert config["num_hidden_layers"] == 4
-    meta = out.shortrt_json()
+    meta = read_meta(out)
     assert meta["format"] == "shortrt.layermap/1" and meta["source_num_layers"] == 6
     assert [e["source"] for e in meta["layers"]] == [0, 2, 3, 5] and meta["removed"] == [1, 4]
     assert meta["method"] == "shortgpt" and meta["calibration"] == {"n_tokens": 1000}
@@ -89,20 +94,36 @@ def test_per_layer_config_lists_are_trimmed(tmp_path):
 
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
-                      sliding_window=8, max_window_layers=2, max_position_embeddings=64)
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen")
-    assert json.loads((tmp_path / "qwen" / "config.json").read_text())["layer_types"] == \
-        ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]
+    config_path = tmp_path / "qwen" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["layer_types"] == ["full_attention"] * 4
+    config["per_layer_note"] = ["a", "b", "c", "d"]  # any list of num_hidden_layers items is per layer
+    config_path.write_text(json.dumps(config))
     out = prune(tmp_path / "qwen", LayerMap.from_removed(4, [0, 3]), tmp_path / "qwen-p")
     config = out.config()
-    assert config["layer_types"] == ["full_attention", "sliding_attention"]
+    assert config["layer_types"] == ["full_attention"] * 2
+    assert config["per_layer_note"] == ["b", "c"]
     assert config["num_hidden_layers"] == 2
     hf = out.load_hf()  # transformers checks len(layer_types) == num_hidden_layers
-    assert hf.config.layer_types == ["full_attention", "sliding_attention"]
+    assert hf.config.layer_types == ["full_attention"] * 2
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]])
     assert hf.generate(ids, max_new_tokens=6, do_sample=False).tolist() == \
         hf.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False).tolist()
+
+
+def test_sliding_window_layers_are_refused(tmp_path):
+    """A Qwen2 with sliding-window layers would run as full attention: refused, not silently wrong."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                      sliding_window=8, max_window_layers=2, max_position_embeddings=64)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen")
+    with pytest.raises(shortrt.CheckpointError, match="use_sliding_window=true is not supported"):
+        prune(tmp_path / "qwen", LayerMap.from_removed(4, [0, 3]), tmp_path / "qwen-p")
+    assert not (tmp_path / "qwen-p").exists()
 
 
 def test_refuses_to_overwrite_unless_asked(tiny6, tmp_path):
@@ -131,12 +152,12 @@ def test_bad_maps_are_rejected_before_writing(tiny6, tmp_path):
 
 
 def test_failure_mid_write_leaves_nothing(tiny6, tmp_path, monkeypatch):
-    prune_module = importlib.import_module("shortrt.prune")
+    writer = importlib.import_module("shortrt.safetensors_writer")
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(prune_module, "write_sharded", broken)
+    monkeypatch.setattr(writer, "write_sharded", broken)
     with pytest.raises(OSError, match="disk full"):
         prune(tiny6, LayerMap.from_removed(6, [1]), tmp_path / "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
@@ -180,7 +201,7 @@ def test_attention_pruned_checkpoint_drops_tensors_and_runs(tiny6, tmp_path):
 def test_pruning_a_pruned_checkpoint_composes_the_map(tiny6, tmp_path):
     first = prune(tiny6, LayerMap.from_removed(6, [1]), tmp_path / "p1")      # keeps 0 2 3 4 5
     second = prune(first, LayerMap.from_removed(5, [3]), tmp_path / "p2")     # drops entry 3 = layer 4
-    meta = second.shortrt_json()
+    meta = read_meta(second)
     assert [e["source"] for e in meta["layers"]] == [0, 2, 3, 5] and meta["removed"] == [1, 4]
     assert meta["source_num_layers"] == 6 and meta["method"] == "manual+manual"
     ids = torch.tensor([[3, 9, 27, 81, 243]])
@@ -215,7 +236,7 @@ def test_prune_command(tiny6, tmp_path, capsys):
     assert main(["prune", str(tiny6), "--layers", "1,2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "4 of 6 kept" in printed and "removed     1, 2" in printed
-    assert shortrt.load(out).shortrt_json()["removed"] == [1, 2]
+    assert read_meta(out)["removed"] == [1, 2]
     assert main(["prune", str(tiny6), "--remove", "1", "--method", "last", "--out", str(out)]) == 1
     assert "not empty; pass --force" in capsys.readouterr().err
     assert main(["prune", str(tiny6), "--remove", "2", "--out", str(tmp_path / "y")]) == 1
@@ -223,4 +244,4 @@ def test_prune_command(tiny6, tmp_path, capsys):
     assert main(["prune", str(tiny6), "--layers", "1,x", "--out", str(tmp_path / "y")]) == 1
     assert "comma-separated layer indices" in capsys.readouterr().err
     assert main(["prune", str(tiny6), "--remove", "1", "--method", "last", "--out", str(out), "--force"]) == 0
-    assert shortrt.load(out).shortrt_json()["removed"] == [4]
+    assert read_meta(out)["removed"] == [4]

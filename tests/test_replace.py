@@ -26,6 +26,11 @@ SPAN = [2, 3, 4]
 FAST = dict(n_tokens=2048, seq_len=64, steps=30, progress=False)
 
 
+def read_meta(model) -> dict:
+    """The shortrt.json a writer left, as raw JSON."""
+    return json.loads((shortrt.load(model).path / "shortrt.json").read_text())
+
+
 def prose(n_words=3000, seed=0):
     rng = random.Random(seed)
     words = "the a model ran on lean runtime once upon time little fox quick brown lazy dog over".split()
@@ -142,7 +147,7 @@ def test_early_stop_keeps_the_initial_weights_when_training_only_hurts(dense):
 
 def test_layer_replacement_checkpoint_layout_and_record(replaced, dense):
     ckpt = replaced["layer"]
-    meta = ckpt.shortrt_json()
+    meta = read_meta(ckpt)
     lmap = LayerMap.from_json(meta)  # validates
     assert [e.source for e in lmap.layers] == [0, 1, SPAN, 5] and lmap.removed == []
     entry = lmap.layers[2]
@@ -186,7 +191,7 @@ def test_layer_replacement_loads_in_transformers_and_engine(replaced):
 
 def test_mlp_replacement_checkpoint_layout(replaced, dense):
     ckpt = replaced["mlp"]
-    lmap = LayerMap.from_json(ckpt.shortrt_json())
+    lmap = LayerMap.from_json(read_meta(ckpt))
     entry = lmap.layers[2]
     assert (entry.source, entry.kind, entry.attention, entry.mlp) == (SPAN, "mlp_replacement", False, True)
     assert lmap.num_attention == 3
@@ -198,7 +203,7 @@ def test_mlp_replacement_checkpoint_layout(replaced, dense):
     src = tensors_of(dense)
     names = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "post_attention_layernorm.weight")
     budget = sum(src[f"model.layers.0.{n}"].numel() for n in names)
-    assert ckpt.shortrt_json()["replacement"]["parameters"] == budget
+    assert read_meta(ckpt)["replacement"]["parameters"] == budget
     with pytest.raises(CheckpointError, match="transformers cannot run it"):
         ckpt.load_hf()
 
@@ -252,7 +257,7 @@ def test_replaced_checkpoint_is_made_once_and_reused(dense, monkeypatch, tmp_pat
     texts = prose()
     first = replaced_checkpoint(dense, _span_scores(), 3, "mlp", texts=texts, **FAST)
     assert first.path == (tmp_path / "cache" / "bench" / dense.name / "span+mlp-p3").resolve()
-    assert first.shortrt_json()["replacement"]["span"] == SPAN
+    assert read_meta(first)["replacement"]["span"] == SPAN
 
     def no_training(*args, **kw):
         raise AssertionError("the cached checkpoint should have been reused")
@@ -296,7 +301,7 @@ def test_default_model_span_replaced_by_a_layer_runs_in_transformers_and_engine(
     lmap = LayerMap.from_removed(30, [14, 15], method="span")
     ckpt = replace(default_model, lmap, tmp_path / "p2", kind="layer", n_tokens=2048, seq_len=256, steps=8,
                    progress=False)
-    rec = ckpt.shortrt_json()["replacement"]
+    rec = read_meta(ckpt)["replacement"]
     assert rec["span"] == [14, 15] and rec["data"]["n_tokens"] == 2048
     assert rec["heldout_loss"] < rec["heldout_loss_identity"]
     eng = Engine(ckpt, threads=2, max_seq=128)

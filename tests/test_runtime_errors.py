@@ -112,7 +112,7 @@ def test_missing_model_path(tmp_path):
     (dict(vocab_size=512), r"embed_tokens.weight.*expected shape \[512, 64\]"),
     (dict(num_hidden_layers=5), r"model.layers.4.* not found"),
     (dict(architectures=["GPT2LMHeadModel"]), "unsupported architecture 'GPT2LMHeadModel'"),
-    (dict(hidden_act="gelu"), "unsupported hidden_act 'gelu'"),
+    (dict(hidden_act="gelu"), 'unsupported hidden_act "gelu"'),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}),
      "unsupported rope scaling type 'yarn'"),
     (dict(num_attention_heads=3), "not a multiple of num_key_value_heads|not divisible"),

@@ -151,10 +151,10 @@ def test_layer_map_json_round_trip_and_format():
                                                           "mlp": True}
     again = LayerMap.from_json(d)
     assert again == lmap
-    with pytest.raises(ValueError, match="unsupported layer map format"):
+    with pytest.raises(ValueError, match='unsupported format "other/2"'):
         LayerMap.from_json({**d, "format": "other/2"})
     with pytest.raises(ValueError, match="missing 'layers'"):
-        LayerMap.from_json({"source_num_layers": 4})
+        LayerMap.from_json({"format": FORMAT, "source_num_layers": 4})
     with pytest.raises(ValueError, match="appears in more than one entry"):
         LayerMap(4, [LayerEntry(0), LayerEntry(0)], "manual")
     with pytest.raises(ValueError, match="both kept and removed"):

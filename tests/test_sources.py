@@ -27,7 +27,7 @@ def test_dir_without_config(tmp_path):
 
 def test_dir_without_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+    with pytest.raises(CheckpointError, match="has no weights: expected model.safetensors"):
         shortrt.load(tmp_path)
 
 

@@ -43,7 +43,7 @@ def _decode_speed(engine, prompt_ids, n_new, reps=3):
 def run(args) -> int:
     import shortrt
     from shortrt.plots import plot_layer_scores, plot_similarity_heatmap
-    from shortrt.sources import cache_dir
+    from shortrt.checkpoint import cache_dir
 
     t_start = time.time()
     model = shortrt.load(args.model)

@@ -17,7 +17,7 @@ def describe(model) -> dict:
     from shortrt import _C
     from shortrt.errors import CheckpointError
 
-    cfg = model.config()
+    cfg = model.model_config
     try:
         ckpt = _C.Checkpoint(str(model.path))
     except _C.FormatError as exc:
@@ -25,25 +25,24 @@ def describe(model) -> dict:
     tensors = {name: ckpt.info(name) for name in ckpt.names()}
     n_params = sum(math.prod(shape) for _, shape, _ in tensors.values())
     dtypes = sorted({dtype for dtype, _, _ in tensors.values()})
-    meta = model.shortrt_json()
     return {
         "path": str(model.path),
-        "architecture": (cfg.get("architectures") or [cfg.get("model_type", "?")])[0],
-        "num_layers": cfg.get("num_hidden_layers"),
-        "hidden_size": cfg.get("hidden_size"),
-        "intermediate_size": cfg.get("intermediate_size"),
-        "num_attention_heads": cfg.get("num_attention_heads"),
-        "num_key_value_heads": cfg.get("num_key_value_heads", cfg.get("num_attention_heads")),
-        "head_dim": cfg.get("head_dim") or (cfg["hidden_size"] // cfg["num_attention_heads"]),
-        "vocab_size": cfg.get("vocab_size"),
-        "max_position_embeddings": cfg.get("max_position_embeddings"),
-        "tie_word_embeddings": cfg.get("tie_word_embeddings", False),
+        "architecture": cfg.architecture,
+        "num_layers": cfg.n_layers,
+        "hidden_size": cfg.hidden,
+        "intermediate_size": cfg.intermediate,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab,
+        "max_position_embeddings": cfg.max_position,
+        "tie_word_embeddings": cfg.tie_embeddings,
         "num_parameters": n_params,
         "weight_bytes": ckpt.total_bytes,
         "dtypes": dtypes,
         "num_tensors": len(tensors),
         "tensors": tensors,
-        "shortrt": meta,
+        "layer_map": model.layer_map if model.is_pruned else None,
     }
 
 
@@ -68,15 +67,13 @@ def run(args) -> int:
         ("weight bytes", f"{info['weight_bytes']:,} ({info['weight_bytes'] / 2**20:.1f} MiB, {', '.join(info['dtypes'])})"),
         ("tensors", info["num_tensors"]),
     ]
-    meta = info["shortrt"]
-    if meta:
-        layers = meta.get("layers", [])
-        kept = [e["source"] for e in layers]
-        no_attn = [e["source"] for e in layers if not e.get("attention", True)]
+    lmap = info["layer_map"]
+    if lmap is not None:
+        no_attn = [e.source for e in lmap.layers if not e.attention]
         rows += [
-            ("pruned from", f"{meta.get('source')} ({meta.get('source_num_layers')} layers, method {meta.get('method')})"),
-            ("retained layers", ", ".join(map(str, kept))),
-            ("removed layers", ", ".join(map(str, meta.get("removed", []))) or "-"),
+            ("pruned from", f"{lmap.source} ({lmap.source_num_layers} layers, method {lmap.method})"),
+            ("retained layers", ", ".join(str(e.source) for e in lmap.layers)),
+            ("removed layers", ", ".join(map(str, lmap.removed)) or "-"),
         ]
         if no_attn:
             rows.append(("layers without attention", ", ".join(map(str, no_attn))))

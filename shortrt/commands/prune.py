@@ -76,7 +76,7 @@ def format_summary(lmap, out) -> str:
 
 def run(args) -> int:
     from shortrt.prune import prune
-    from shortrt.sources import load
+    from shortrt.checkpoint import load
 
     model = load(args.model)
     num_layers = int(model.config()["num_hidden_layers"])

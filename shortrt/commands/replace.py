@@ -48,7 +48,7 @@ def run(args) -> int:
     except FileExistsError as exc:
         message = str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")
         raise ShortrtError(message) from None
-    rec = model.shortrt_json()["replacement"]
+    rec = model.layer_map.replacement
     span, data = rec["span"], rec["data"]
     print(f"replaced layers {span[0]}-{span[-1]} of {layer_map.source_num_layers} with one {rec['kind']} "
           f"({rec['parameters']:,} parameters, started from layer {rec['init_layer']})")

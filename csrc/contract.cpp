@@ -1,0 +1,539 @@
+// The checkpoint contract (C++ twin of shortrt/checkpoint.py): config.json,
+// shortrt.json, the tensor set and the plan. Messages match the Python reader's.
+#include "contract.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <set>
+#include <string>
+#include <tuple>
+
+#include "error.h"
+#include "json.h"
+#include "safetensors.h"
+
+namespace shortrt {
+namespace {
+
+const char* const kFormat = "shortrt.layermap/1";
+
+// A short rendering of a JSON value for messages (as Python's json.dumps writes scalars).
+std::string render(const json::Value& v) {
+  switch (v.type()) {
+    case json::Value::Type::Null: return "null";
+    case json::Value::Type::Bool: return v.as_bool() ? "true" : "false";
+    case json::Value::Type::String: return "\"" + v.as_string() + "\"";
+    case json::Value::Type::Array: return "[...]";
+    case json::Value::Type::Object: return "{...}";
+    case json::Value::Type::Number: {
+      if (v.is_integer_literal()) return std::to_string(v.as_int());
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "%.17g", v.as_number());
+      return buf;
+    }
+  }
+  return "?";
+}
+
+// ---------------------------------------------------------------- config.json
+
+const json::Value* field(const json::Value& obj, const char* key) {
+  const json::Value* v = obj.find(key);
+  return (v && !v->is_null()) ? v : nullptr;  // transformers writes null for unset options
+}
+
+int positive_int(const json::Value& obj, const char* key) {
+  const json::Value* v = field(obj, key);
+  if (!v) throw Error(std::string("config.json: missing required field '") + key + "'");
+  if (!v->is_integer_literal() || v->as_int() < 1 || v->as_int() > 1000000000)
+    throw Error(std::string("config.json: '") + key + "' must be a positive integer, got " + render(*v));
+  return static_cast<int>(v->as_int());
+}
+
+int optional_int(const json::Value& obj, const char* key, int fallback) {
+  return field(obj, key) ? positive_int(obj, key) : fallback;
+}
+
+double number_or(const json::Value& obj, const char* key, double fallback, const std::string& where = "") {
+  const json::Value* v = field(obj, key);
+  if (!v) return fallback;
+  if (!v->is_number()) throw Error("config.json: '" + where + key + "' must be a number, got " + render(*v));
+  return v->as_number();
+}
+
+bool bool_or(const json::Value& obj, const char* key, bool fallback) {
+  const json::Value* v = field(obj, key);
+  if (!v) return fallback;
+  if (!v->is_bool()) throw Error(std::string("config.json: '") + key + "' must be true or false, got " + render(*v));
+  return v->as_bool();
+}
+
+// (architecture, model_type) pairs: the one list.
+const std::vector<std::pair<std::string, std::string>>& architecture_table() {
+  static const std::vector<std::pair<std::string, std::string>> table = {
+      {"LlamaForCausalLM", "llama"}, {"MistralForCausalLM", "mistral"}, {"Qwen2ForCausalLM", "qwen2"}};
+  return table;
+}
+
+std::string architecture_of(const json::Value& root) {
+  std::string arch;
+  if (const json::Value* archs = field(root, "architectures")) {
+    if (!archs->is_array() || archs->as_array().empty() || !archs->as_array()[0].is_string())
+      throw Error("config.json: 'architectures' must be a non-empty list of names");
+    arch = archs->as_array()[0].as_string();
+  } else {
+    // Some converters (GGUF -> transformers) omit 'architectures'; model_type names the family.
+    const json::Value* type = field(root, "model_type");
+    if (!type || !type->is_string()) throw Error("config.json: neither 'architectures' nor 'model_type' is present");
+    std::vector<std::string> types;
+    for (const auto& [a, t] : architecture_table()) {
+      if (t == type->as_string()) arch = a;
+      types.push_back(t);
+    }
+    std::sort(types.begin(), types.end());
+    if (arch.empty()) {
+      std::string list;
+      for (const auto& t : types) list += (list.empty() ? "" : ", ") + t;
+      throw Error("config.json: unsupported model_type '" + type->as_string() + "' (shortrt runs " + list + ")");
+    }
+  }
+  const auto& names = supported_architectures();
+  if (std::find(names.begin(), names.end(), arch) == names.end()) {
+    std::string list;
+    for (const auto& a : names) list += (list.empty() ? "" : ", ") + a;
+    throw Error("config.json: unsupported architecture '" + arch + "' (shortrt runs " + list + ")");
+  }
+  return arch;
+}
+
+// transformers 5 keeps theta and scaling in 'rope_parameters'; older configs use
+// 'rope_theta' + 'rope_scaling'. Both are accepted.
+void parse_rope(const json::Value& root, ModelConfig& c) {
+  const json::Value* params = field(root, "rope_parameters");
+  const json::Value* scaling = field(root, "rope_scaling");
+  if (params && !params->is_object()) throw Error("config.json: 'rope_parameters' must be an object");
+  if (scaling && !scaling->is_object()) throw Error("config.json: 'rope_scaling' must be an object");
+  double theta = number_or(root, "rope_theta", 10000.0);
+  if (params) theta = number_or(*params, "rope_theta", theta, "rope_parameters.");
+  if (!(theta > 0) || !std::isfinite(theta)) throw Error("config.json: rope_theta must be positive");
+  c.rope_theta = static_cast<float>(theta);
+  const json::Value* spec = params ? params : scaling;
+  if (!spec) return;
+  std::string type = "default";
+  for (const char* key : {"rope_type", "type"}) {
+    if (const json::Value* t = field(*spec, key)) {
+      if (!t->is_string()) throw Error(std::string("config.json: rope '") + key + "' must be a string");
+      type = t->as_string();
+      break;
+    }
+  }
+  if (number_or(*spec, "partial_rotary_factor", 1.0, "rope.") != 1.0)
+    throw Error("config.json: partial_rotary_factor != 1 is not supported");
+  if (type != "default" && type != "linear" && type != "llama3")
+    throw Error("config.json: unsupported rope scaling type '" + type + "' (shortrt supports default, linear, llama3)");
+  c.rope_type = type;
+  if (type == "default") return;
+  c.rope_factor = static_cast<float>(number_or(*spec, "factor", 0.0, "rope."));
+  if (!(c.rope_factor > 0)) throw Error("config.json: rope scaling '" + type + "' needs a positive 'factor'");
+  if (type == "llama3") {
+    c.rope_low_freq_factor = static_cast<float>(number_or(*spec, "low_freq_factor", 1.0, "rope."));
+    c.rope_high_freq_factor = static_cast<float>(number_or(*spec, "high_freq_factor", 4.0, "rope."));
+    c.rope_original_max_position = optional_int(*spec, "original_max_position_embeddings", 8192);
+    if (!(c.rope_high_freq_factor > c.rope_low_freq_factor))
+      throw Error("config.json: llama3 rope needs high_freq_factor > low_freq_factor");
+  }
+}
+
+// ---------------------------------------------------------------- shortrt.json
+
+struct MapError : Error {
+  explicit MapError(const std::string& what) : Error("shortrt.json: " + what) {}
+};
+
+bool is_regular_file(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+bool path_exists(const std::string& path) {
+  struct stat st;
+  return ::lstat(path.c_str(), &st) == 0;
+}
+
+std::vector<int64_t> index_list(const json::Value& v, bool* ok) {
+  std::vector<int64_t> out;
+  *ok = v.is_array();
+  if (!*ok) return out;
+  for (const json::Value& e : v.as_array()) {
+    if (!e.is_integer_literal()) {
+      *ok = false;
+      return out;
+    }
+    out.push_back(e.as_int());
+  }
+  return out;
+}
+
+std::string index_string(const std::vector<int64_t>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
+
+// Range and repetition checks, worded as LayerMap.validate words them.
+void check_indices(const std::vector<int64_t>& indices, int64_t n, const std::string& what) {
+  for (int64_t i : indices)
+    if (i < 0 || i >= n)
+      throw MapError(what + " index " + std::to_string(i) + " is out of range for a model with " + std::to_string(n) +
+                     " layers (valid: 0.." + std::to_string(n - 1) + ")");
+  std::set<int64_t> seen, dup;
+  for (int64_t i : indices)
+    if (!seen.insert(i).second) dup.insert(i);
+  if (!dup.empty())
+    throw MapError(what + " indices are repeated: " + index_string(std::vector<int64_t>(dup.begin(), dup.end())));
+}
+
+struct Entry {
+  LayerFlags flags;
+  std::vector<int64_t> sources;
+};
+
+// Types first (every entry), then the semantic checks (LayerMap.validate's order).
+Entry parse_entry(const json::Value& e, size_t i) {
+  const std::string where = "layers[" + std::to_string(i) + "]";
+  if (!e.is_object()) throw MapError(where + " must be an object");
+  std::vector<std::string> keys;
+  for (const auto& [k, v] : e.as_object()) keys.push_back(k);
+  std::sort(keys.begin(), keys.end());
+  for (const std::string& k : keys)
+    if (k != "source" && k != "kind" && k != "attention" && k != "mlp")
+      throw MapError(where + " has unknown key '" + k + "'");
+  for (const char* k : {"source", "kind", "attention", "mlp"})
+    if (!e.has(k)) throw MapError(where + " is missing '" + k + "'");
+  const json::Value& kind = e.at("kind");
+  const std::string k = kind.is_string() ? kind.as_string() : "";
+  if (k != "layer" && k != "layer_replacement" && k != "mlp_replacement")
+    throw MapError(where + ".kind " + render(kind) + " is not one of layer, layer_replacement, mlp_replacement");
+  LayerFlags flags;
+  for (const char* key : {"attention", "mlp"}) {
+    const json::Value& v = e.at(key);
+    if (!v.is_bool()) throw MapError(where + "." + key + " must be true or false, got " + render(v));
+  }
+  flags.attention = e.at("attention").as_bool();
+  flags.mlp = e.at("mlp").as_bool();
+  const json::Value& source = e.at("source");
+  std::vector<int64_t> sources;
+  if (k == "layer") {
+    if (!source.is_integer_literal()) throw MapError(where + ".source must be a layer index, got " + render(source));
+    sources.push_back(source.as_int());
+  } else {
+    bool ok = false;
+    sources = index_list(source, &ok);
+    if (!ok || sources.empty()) throw MapError(where + ".source of a " + k + " must be a non-empty list of layer indices");
+  }
+  if (k == "layer_replacement" && !(flags.attention && flags.mlp))
+    throw MapError(where + " is a layer_replacement, which has attention and MLP");
+  if (k == "mlp_replacement" && (flags.attention || !flags.mlp))
+    throw MapError(where + " is an mlp_replacement: attention false, mlp true");
+  return {flags, sources};
+}
+
+std::vector<LayerFlags> parse_layer_map(const json::Value& root, int n_layers) {
+  if (!root.is_object()) throw MapError("top level must be an object");
+  static const std::set<std::string> known = {"format", "source", "source_num_layers", "method", "layers",
+                                              "removed", "scores", "calibration", "replacement"};
+  std::vector<std::string> keys;
+  for (const auto& [k, v] : root.as_object()) keys.push_back(k);
+  std::sort(keys.begin(), keys.end());
+  for (const std::string& k : keys)
+    if (!known.count(k)) throw MapError("unknown key '" + k + "'");
+  const json::Value* fmt = root.find("format");
+  if (!fmt || !fmt->is_string() || fmt->as_string() != kFormat)
+    throw MapError("unsupported format " + (fmt ? render(*fmt) : std::string("null")) + " (expected \"" + kFormat +
+                   "\")");
+  for (const char* key : {"source_num_layers", "layers", "method", "removed"})
+    if (!root.has(key)) throw MapError(std::string("missing '") + key + "'");
+  const json::Value& nv = root.at("source_num_layers");
+  if (!nv.is_integer_literal() || nv.as_int() < 1)
+    throw MapError("'source_num_layers' must be a positive integer, got " + render(nv));
+  const int64_t n = nv.as_int();
+  if (!root.at("method").is_string()) throw MapError("'method' must be a string");
+  const json::Value* source = root.find("source");
+  if (source && !source->is_null()) {
+    if (!source->is_string()) throw MapError("'source' must be a string");
+    const std::string& s = source->as_string();
+    if (s != "default" && (s.empty() || s[0] != '/'))
+      throw MapError("'source' must be \"default\" or an absolute path, got " + render(*source));
+  } else {
+    throw MapError("'source' must be \"default\" or an absolute path, got null");
+  }
+  for (const char* key : {"scores", "calibration", "replacement"}) {
+    const json::Value* v = root.find(key);
+    if (v && !v->is_null() && !v->is_object()) throw MapError(std::string("'") + key + "' must be an object");
+  }
+  const json::Value& layers = root.at("layers");
+  if (!layers.is_array()) throw MapError("'layers' must be a list");
+  const auto& entries = layers.as_array();
+  if (entries.empty()) throw MapError("'layers' is empty: a checkpoint keeps at least one layer");
+  if (static_cast<int>(entries.size()) != n_layers)
+    throw Error("shortrt.json lists " + std::to_string(entries.size()) +
+                " layers but config.json has num_hidden_layers = " + std::to_string(n_layers));
+  std::vector<Entry> parsed;
+  for (size_t i = 0; i < entries.size(); ++i) parsed.push_back(parse_entry(entries[i], i));
+  bool ok = false;
+  std::vector<int64_t> removed = index_list(root.at("removed"), &ok);
+  if (!ok) throw MapError("'removed' must be a list of layer indices");
+  std::set<int64_t> seen;
+  std::vector<LayerFlags> out;
+  for (size_t i = 0; i < parsed.size(); ++i) {
+    const Entry& e = parsed[i];
+    if (!e.flags.attention && !e.flags.mlp)
+      throw MapError("layer entry " + std::to_string(i) + " has neither attention nor MLP: remove it instead");
+    check_indices(e.sources, n, "layer entry " + std::to_string(i) + " source");
+    for (int64_t s : e.sources)
+      if (seen.count(s)) throw MapError("original layer " + std::to_string(s) + " appears in more than one entry");
+    for (int64_t s : e.sources) seen.insert(s);
+    out.push_back(e.flags);
+  }
+  check_indices(removed, n, "removed layer");
+  std::vector<int64_t> both, lost;
+  for (int64_t r : removed)
+    if (seen.count(r)) both.push_back(r);
+  if (!both.empty()) {
+    std::sort(both.begin(), both.end());
+    throw MapError("layers " + index_string(both) + " are both kept and removed");
+  }
+  std::set<int64_t> removed_set(removed.begin(), removed.end());
+  for (int64_t i = 0; i < n; ++i)
+    if (!seen.count(i) && !removed_set.count(i)) lost.push_back(i);
+  if (!lost.empty()) throw MapError("original layers " + index_string(lost) + " are neither kept nor listed in 'removed'");
+  return out;
+}
+
+// ---------------------------------------------------------------- tensors
+
+struct Expected {
+  std::string name;
+  std::vector<int64_t> shape;
+};
+
+std::vector<Expected> expected_tensors(const ModelConfig& c, const std::vector<LayerFlags>& layers) {
+  const int64_t h = c.hidden, q = static_cast<int64_t>(c.n_heads) * c.head_dim,
+                kv = static_cast<int64_t>(c.n_kv_heads) * c.head_dim, inter = c.intermediate, vocab = c.vocab;
+  std::vector<Expected> out = {{"model.embed_tokens.weight", {vocab, h}}, {"model.norm.weight", {h}}};
+  if (!c.tie_embeddings) out.push_back({"lm_head.weight", {vocab, h}});
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    if (layers[i].attention) {
+      out.push_back({p + "input_layernorm.weight", {h}});
+      out.push_back({p + "self_attn.q_proj.weight", {q, h}});
+      out.push_back({p + "self_attn.k_proj.weight", {kv, h}});
+      out.push_back({p + "self_attn.v_proj.weight", {kv, h}});
+      out.push_back({p + "self_attn.o_proj.weight", {h, q}});
+      if (c.qkv_bias) {
+        out.push_back({p + "self_attn.q_proj.bias", {q}});
+        out.push_back({p + "self_attn.k_proj.bias", {kv}});
+        out.push_back({p + "self_attn.v_proj.bias", {kv}});
+      }
+    }
+    if (layers[i].mlp) {
+      out.push_back({p + "post_attention_layernorm.weight", {h}});
+      out.push_back({p + "mlp.gate_proj.weight", {inter, h}});
+      out.push_back({p + "mlp.up_proj.weight", {inter, h}});
+      out.push_back({p + "mlp.down_proj.weight", {h, inter}});
+    }
+  }
+  return out;
+}
+
+// "model.layers.<digits>.<rest>" -> (index, rest); false for other names.
+bool layer_key(const std::string& name, long long* index, std::string* rest) {
+  static const std::string prefix = "model.layers.";
+  if (name.compare(0, prefix.size(), prefix) != 0) return false;
+  size_t i = prefix.size(), j = i;
+  while (j < name.size() && name[j] >= '0' && name[j] <= '9') ++j;
+  if (j == i || j >= name.size() || name[j] != '.' || j + 1 >= name.size() || j - i > 9) return false;
+  *index = std::stoll(name.substr(i, j - i));
+  *rest = name.substr(j + 1);
+  return true;
+}
+
+bool starts_with(const std::string& s, const char* prefix) { return s.rfind(prefix, 0) == 0; }
+
+bool ignored_tensor(const std::string& name) {  // a buffer some exporters save; nobody reads it
+  static const std::string tail = "rotary_emb.inv_freq";
+  return name.size() >= tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0 &&
+         (name.size() == tail.size() || name[name.size() - tail.size() - 1] == '.');
+}
+
+}  // namespace
+
+const std::vector<std::string>& supported_architectures() {
+  static const std::vector<std::string> names = [] {
+    std::vector<std::string> v;
+    for (const auto& [a, t] : architecture_table()) v.push_back(a);
+    return v;
+  }();
+  return names;
+}
+
+ModelConfig parse_config(const json::Value& root) {
+  if (!root.is_object()) throw Error("config.json: top level must be an object");
+  ModelConfig c;
+  c.architecture = architecture_of(root);
+  c.hidden = positive_int(root, "hidden_size");
+  c.intermediate = positive_int(root, "intermediate_size");
+  c.n_layers = positive_int(root, "num_hidden_layers");
+  c.n_heads = positive_int(root, "num_attention_heads");
+  c.n_kv_heads = optional_int(root, "num_key_value_heads", c.n_heads);
+  c.vocab = positive_int(root, "vocab_size");
+  c.max_position = optional_int(root, "max_position_embeddings", 2048);
+  if (field(root, "head_dim")) {
+    c.head_dim = positive_int(root, "head_dim");
+  } else {
+    if (c.hidden % c.n_heads != 0)
+      throw Error("config.json: hidden_size " + std::to_string(c.hidden) + " is not divisible by num_attention_heads " +
+                  std::to_string(c.n_heads));
+    c.head_dim = c.hidden / c.n_heads;
+  }
+  if (c.head_dim % 2 != 0) throw Error("config.json: head_dim must be even for RoPE");
+  if (c.n_heads % c.n_kv_heads != 0)
+    throw Error("config.json: num_attention_heads " + std::to_string(c.n_heads) +
+                " is not a multiple of num_key_value_heads " + std::to_string(c.n_kv_heads));
+  double eps = number_or(root, "rms_norm_eps", 1e-6);
+  if (!(eps > 0)) throw Error("config.json: rms_norm_eps must be positive");
+  c.rms_eps = static_cast<float>(eps);
+  if (const json::Value* act = field(root, "hidden_act")) {
+    if (!act->is_string() || act->as_string() != "silu")
+      throw Error("config.json: unsupported hidden_act " + render(*act) + " (shortrt implements SwiGLU with silu)");
+  }
+  if (bool_or(root, "mlp_bias", false)) throw Error("config.json: mlp_bias=true is not supported");
+  const bool attention_bias = bool_or(root, "attention_bias", false);
+  if (c.architecture == "Qwen2ForCausalLM") {
+    c.qkv_bias = true;
+    if (bool_or(root, "use_sliding_window", false)) throw Error("config.json: use_sliding_window=true is not supported");
+  } else if (c.architecture == "MistralForCausalLM") {
+    c.sliding_window = optional_int(root, "sliding_window", 0);
+  }
+  if (attention_bias && c.architecture != "Qwen2ForCausalLM")
+    throw Error("config.json: attention_bias=true is not supported for " + c.architecture);
+  if (const json::Value* types = field(root, "layer_types")) {
+    if (!types->is_array() || static_cast<int>(types->as_array().size()) != c.n_layers)
+      throw Error("config.json: 'layer_types' must list num_hidden_layers = " + std::to_string(c.n_layers) +
+                  " entries");
+    for (const json::Value& t : types->as_array())
+      if (!t.is_string() || t.as_string() != "full_attention")
+        throw Error("config.json: layer_types " + render(t) + " is not supported (shortrt runs full_attention layers only)");
+  }
+  parse_rope(root, c);
+  c.tie_embeddings = bool_or(root, "tie_word_embeddings", false);
+  if (const json::Value* eos = field(root, "eos_token_id")) {
+    bool ok = eos->is_integer_literal() || eos->is_array();
+    if (eos->is_array())
+      for (const json::Value& e : eos->as_array()) ok = ok && e.is_integer_literal();
+    if (!ok) throw Error("config.json: eos_token_id must be an integer or a list of integers");
+    if (eos->is_array()) {
+      for (const json::Value& e : eos->as_array()) c.eos_token_ids.push_back(static_cast<int>(e.as_int()));
+    } else {
+      c.eos_token_ids.push_back(static_cast<int>(eos->as_int()));
+    }
+  }
+  return c;
+}
+
+ModelConfig load_config(const std::string& checkpoint_dir) {
+  const std::string path = checkpoint_dir + "/config.json";
+  if (!path_exists(path)) throw Error(checkpoint_dir + " is not a checkpoint directory: config.json is missing");
+  if (!is_regular_file(path)) throw Error(path + " is not a regular file");
+  return parse_config(json::parse_file(path));
+}
+
+std::vector<LayerFlags> load_layer_map(const std::string& checkpoint_dir, int n_layers) {
+  const std::string path = checkpoint_dir + "/shortrt.json";
+  if (!path_exists(path)) return std::vector<LayerFlags>(n_layers);
+  if (!is_regular_file(path)) throw Error(path + " is not a regular file");
+  return parse_layer_map(json::parse_file(path), n_layers);
+}
+
+void check_tensors(const Checkpoint& ckpt, const ModelConfig& c, const std::vector<LayerFlags>& layers) {
+  const std::vector<Expected> expected = expected_tensors(c, layers);
+  std::set<std::string> wanted;
+  for (const Expected& e : expected) wanted.insert(e.name);
+  const long long k = static_cast<long long>(layers.size());
+  // The Python reader's order: non-layer names, then by layer index, then by name.
+  std::vector<std::tuple<int, long long, std::string, std::string>> found;
+  for (const std::string& name : ckpt.names()) {
+    long long index = 0;
+    std::string rest;
+    if (layer_key(name, &index, &rest))
+      found.emplace_back(1, index, rest, name);
+    else
+      found.emplace_back(0, 0, name, name);
+  }
+  std::sort(found.begin(), found.end());
+  const std::string where = ckpt.dir() + ": ";
+  for (const auto& [group, index, rest, name] : found) {
+    if (wanted.count(name) || ignored_tensor(name)) continue;
+    if (name == "lm_head.weight" && c.tie_embeddings) continue;
+    if (group == 1) {
+      const std::string layer = std::to_string(index);
+      if (index >= k)
+        throw Error(where + "tensor '" + name + "' is for layer " + layer + " but config.json has num_hidden_layers = " +
+                    std::to_string(k));
+      if (starts_with(rest, "input_layernorm.") || starts_with(rest, "self_attn."))
+        throw Error(where + "tensor '" + name + "' exists but shortrt.json says layer " + layer + " has no attention");
+      if (starts_with(rest, "post_attention_layernorm.") || starts_with(rest, "mlp."))
+        throw Error(where + "tensor '" + name + "' exists but shortrt.json says layer " + layer + " has no MLP");
+    }
+    throw Error(where + "unexpected tensor '" + name + "' (not part of a " + c.architecture + ")");
+  }
+  for (const Expected& e : expected) {
+    const TensorView* t = ckpt.find(e.name);
+    if (!t) throw Error(where + "tensor '" + e.name + "' not found in the checkpoint");
+    if (t->shape != e.shape)
+      throw Error(where + "tensor '" + e.name + "': expected shape " + shape_string(e.shape) + ", found " +
+                  shape_string(t->shape));
+    if (t->dtype != DType::F32 && t->dtype != DType::F16 && t->dtype != DType::BF16)
+      throw Error(where + "tensor '" + e.name + "' has dtype " + dtype_name(t->dtype) +
+                  "; weights must be F32, F16, BF16");
+  }
+}
+
+LayerPlan make_plan(const std::vector<LayerFlags>& layers, const std::vector<int>& skip_layers) {
+  const int n = static_cast<int>(layers.size());
+  std::vector<bool> skipped(n, false);
+  for (int s : skip_layers) {
+    if (s < 0 || s >= n)
+      throw Error("skip_layers: layer " + std::to_string(s) + " is out of range for a checkpoint of " +
+                  std::to_string(n) + " layers");
+    if (skipped[s]) throw Error("skip_layers: layer " + std::to_string(s) + " is listed twice");
+    skipped[s] = true;
+  }
+  LayerPlan plan;
+  for (int i = 0; i < n; ++i) {
+    if (skipped[i]) continue;
+    PlannedLayer layer;
+    layer.index = i;
+    layer.attention = layers[i].attention;
+    layer.mlp = layers[i].mlp;
+    if (layer.attention) layer.kv_slot = plan.n_kv_slots++;
+    plan.layers.push_back(layer);
+  }
+  if (plan.layers.empty())
+    throw Error("skip_layers leaves no layer to run (the checkpoint has " + std::to_string(n) + ")");
+  return plan;
+}
+
+LayerPlan build_plan(const std::string& checkpoint_dir, const ModelConfig& config,
+                     const std::vector<int>& skip_layers) {
+  std::vector<LayerFlags> layers = load_layer_map(checkpoint_dir, config.n_layers);
+  Checkpoint ckpt(checkpoint_dir);
+  check_tensors(ckpt, config, layers);
+  return make_plan(layers, skip_layers);
+}
+
+}  // namespace shortrt

