@@ -3,7 +3,8 @@
 For a model and a list of removal counts (pruned checkpoints made with
 `shortgpt` on the fly and cached), and for each engine available — shortrt
 fp32/bf16/int8, transformers fp32/bf16, llama.cpp (F32/F16/Q8_0 GGUFs made by its quantize API,
-pruned by shortrt.gguf_prune, when llama-cpp-python is installed) — it measures, each engine in its own process:
+pruned by shortrt.gguf_prune, when llama-cpp-python is installed) — it measures, each engine in its own process
+(benchmarks/harness.py; a worker that crashes or hangs becomes a failed row and the run goes on):
 
   time to first token and prefill tokens/s for a 512-token prompt,
   decode tokens/s and per-token latency p50/p90 for 128 new tokens,
@@ -24,204 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+import harness
+from harness import CONTEXT, fmt_mib, shown_path
+
 HERE = Path(__file__).resolve().parent
-CONTEXT = 2048
-
-
-# ----------------------------------------------------------------------------- workers
-# A worker runs one engine configuration in a fresh process and prints one JSON line.
-
-def _prompt_ids(tokenizer_dir: str, n: int) -> list[int]:
-    from tokenizers import Tokenizer
-
-    from shortrt.data import heldout_texts
-
-    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
-    ids: list[int] = []
-    for text in heldout_texts():
-        ids += tok.encode(text).ids
-        if len(ids) >= n:
-            break
-    if len(ids) < n:
-        raise SystemExit(f"held-out text gives only {len(ids)} tokens, {n} needed")
-    return ids[:n]
-
-
-def _timings(stamps: list[float], t_start: float) -> dict:
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    gaps_sorted = sorted(gaps)
-    return {
-        "ttft_s": stamps[0] - t_start,
-        "decode_tok_s": len(gaps) / (stamps[-1] - stamps[0]),
-        "token_ms_p50": 1e3 * statistics.median(gaps),
-        "token_ms_p90": 1e3 * gaps_sorted[int(0.9 * (len(gaps_sorted) - 1))],
-    }
-
-
-def _measure(run, prompt: list[int], short: list[int], new_tokens: int) -> dict:
-    """The protocol every engine follows. run(ids, n_new) -> (t0, per-token timestamps).
-    A warm-up, then one new token after the long prompt (prefill), then new_tokens after the
-    short prompt (decode)."""
-    run(short[:8], 8)
-    t0, stamps = run(prompt, 1)
-    prefill_s = stamps[0] - t0
-    t0, stamps = run(short, new_tokens)
-    return {**_timings(stamps, t0), "prefill_tok_s": len(prompt) / prefill_s}
-
-
-def worker_shortrt(args) -> dict:
-    import shortrt
-
-    eng = shortrt.Engine(args.model, dtype=args.dtype, threads=args.threads, max_seq=CONTEXT)
-    prompt = _prompt_ids(args.model, args.prompt_tokens)
-    short = prompt[: args.decode_prompt_tokens]
-
-    def run(ids, n_new):
-        stamps = []
-        t0 = time.perf_counter()
-        eng.generate_ids(ids, max_new_tokens=n_new, stop=[],
-                         callback=lambda _seq, _tok: stamps.append(time.perf_counter()) or True)
-        return t0, stamps
-
-    out = _measure(run, prompt, short, args.new_tokens)  # its warm-up pages in weights, spins up the pool
-    out.update(
-        weight_bytes=eng.weight_bytes,
-        bytes_per_token=eng.weight_bytes_per_token,
-        kv_bytes=eng.kv_cache_bytes,  # allocated for max_seq = CONTEXT tokens
-        layers_run=eng.num_layers,
-    )
-    return out
-
-
-def worker_hf(args) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
-    prompt = _prompt_ids(args.model, args.prompt_tokens)
-    short = prompt[: args.decode_prompt_tokens]
-
-    @torch.inference_mode()
-    def run(ids, n_new):
-        stamps = []
-        t0 = time.perf_counter()
-        out = model(input_ids=torch.tensor([ids]), use_cache=True)
-        past = out.past_key_values
-        tok = int(out.logits[0, -1].argmax())
-        stamps.append(time.perf_counter())
-        for _ in range(n_new - 1):
-            out = model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            tok = int(out.logits[0, -1].argmax())
-            stamps.append(time.perf_counter())
-        return t0, stamps
-
-    out = _measure(run, prompt, short, args.new_tokens)
-    cfg = model.config
-    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    elem = torch.tensor([], dtype=dtype).element_size()
-    out.update(
-        weight_bytes=n_bytes,
-        bytes_per_token=n_bytes,
-        kv_bytes=2 * cfg.num_hidden_layers * CONTEXT * kv_heads * head_dim * elem,
-        layers_run=cfg.num_hidden_layers,
-    )
-    return out
-
-
-def worker_llamacpp(args) -> dict:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=args.model, n_ctx=CONTEXT, n_threads=args.threads,
-                          n_threads_batch=args.threads, n_batch=512, verbose=False)
-    prompt = _prompt_ids(args.tokenizer, args.prompt_tokens)
-    short = prompt[: args.decode_prompt_tokens]
-
-    def run(ids, n_new):
-        llm.reset()
-        stamps = []
-        t0 = time.perf_counter()
-        for i, _tok in enumerate(llm.generate(ids, temp=0.0, top_k=1, reset=True)):
-            stamps.append(time.perf_counter())
-            if i + 1 >= n_new:
-                break
-        return t0, stamps
-
-    out = _measure(run, prompt, short, args.new_tokens)
-    from gguf import GGUFReader
-
-    reader = GGUFReader(args.model)
-    n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
-    n_layers = int(llm.metadata.get("llama.block_count", 0)) or None
-    kv_heads = int(llm.metadata.get("llama.attention.head_count_kv", 0))
-    emb = int(llm.metadata.get("llama.embedding_length", 0))
-    heads = int(llm.metadata.get("llama.attention.head_count", 1))
-    out.update(
-        weight_bytes=n_bytes,
-        bytes_per_token=n_bytes,
-        kv_bytes=2 * (n_layers or 0) * CONTEXT * kv_heads * (emb // heads) * 2,  # f16 cache
-        layers_run=n_layers,
-    )
-    return out
-
-
-WORKERS = {"shortrt": worker_shortrt, "transformers": worker_hf, "llama.cpp": worker_llamacpp}
-
-
-def worker_main(argv) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--engine", required=True, choices=WORKERS)
-    p.add_argument("--model", required=True)
-    p.add_argument("--tokenizer")
-    p.add_argument("--dtype", default="fp32")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--decode-prompt-tokens", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=128)
-    args = p.parse_args(argv)
-    result = WORKERS[args.engine](args)
-    result["peak_rss_bytes"] = peak_rss_bytes()
-    print("RESULT " + json.dumps(result), flush=True)
-
-
-# ----------------------------------------------------------------------------- driver
-
-def measure_bandwidth(threads: int, size_mib: int = 512, reps: int = 9) -> float:
-    """Read bandwidth in bytes/s: the best of shortrt's AVX2 sum over a buffer far larger than the
-    caches (with 4 KiB and with 2 MiB pages), median time over `reps` passes each. The fastest
-    way this machine can stream memory is what bounds decode."""
-    import statistics as st
-
-    from shortrt import _C
-
-    best = 0.0
-    for huge in (False, True):
-        times = _C.bench_read_bandwidth(size_mib, "avx2" if "avx2" in _C.kernel_paths() else "ref",
-                                        threads, reps, huge)["wall"]
-        best = max(best, size_mib * 2**20 / st.median(times))
-    return best
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set (VmHWM). Unlike getrusage's ru_maxrss it is not
-    inherited from the parent across fork/exec, so each worker reports only its own."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+DEFAULT_ENGINES = "shortrt-fp32,shortrt-bf16,shortrt-int8,transformers-fp32,transformers-bf16,llama.cpp"
 
 
 def pruned_checkpoints(model_name: str, needed: list[tuple[str, int]], scores_file: str | None,
@@ -258,70 +69,7 @@ def pruned_checkpoints(model_name: str, needed: list[tuple[str, int]], scores_fi
     return out
 
 
-def llamacpp_ggufs(dense_dir: str, types: list[str]) -> dict:
-    """F32/F16/Q8_0 GGUFs of the default model, made with llama.cpp's quantize API (cached)."""
-    import ctypes
-
-    import llama_cpp
-
-    from shortrt.checkpoint import cache_dir, default_gguf_path
-
-    src = default_gguf_path()
-    base = cache_dir() / "bench" / "gguf"
-    base.mkdir(parents=True, exist_ok=True)
-    ftypes = {"F32": llama_cpp.LLAMA_FTYPE_ALL_F32, "F16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
-              "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
-    out = {}
-    for t in types:
-        dst = base / f"{src.stem.split('.')[0]}-{t}.gguf"
-        if not dst.exists():
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = ftypes[t]
-            params.allow_requantize = True  # the source is Q4_1: every format holds exactly its dequantized values
-            params.nthread = 2
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-            if rc != 0:
-                raise RuntimeError(f"llama_model_quantize to {t} failed ({rc})")
-        out[t] = str(dst)
-    return out
-
-
-def pruned_gguf(dense_gguf: str, ckpt_dir: str) -> str | None:
-    """The dense GGUF with the layers the pruned checkpoint removed taken out (cached), or None."""
-    from shortrt.gguf_prune import prune_gguf
-
-    meta = json.loads((Path(ckpt_dir) / "shortrt.json").read_text())
-    layers = meta["layers"]
-    if any(e.get("kind", "layer") != "layer" or not e.get("attention", True) or not e.get("mlp", True) for e in layers):
-        return None
-    dst = Path(ckpt_dir) / (Path(dense_gguf).stem + ".gguf")
-    if not dst.exists():
-        prune_gguf(dense_gguf, [e["source"] for e in layers], dst)
-    return str(dst)
-
-
-def run_worker(job: dict, common: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--engine", job["engine"], "--model", job["path"],
-           "--dtype", job["dtype"], *common]
-    if job.get("tokenizer"):
-        cmd += ["--tokenizer", job["tokenizer"]]
-    env = dict(os.environ, OMP_NUM_THREADS=common[common.index("--threads") + 1])
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    for line in res.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"worker {job['label']} failed:\n{res.stderr[-3000:]}")
-
-
-def fmt_bytes(n) -> str:
-    return f"{n / 2**20:,.0f} MiB" if n is not None else "-"
-
-
-def main() -> None:
-    if "--worker" in sys.argv:
-        argv = [a for a in sys.argv[1:] if a != "--worker"]
-        return worker_main(argv)
-
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--remove", default="0,4,8,12", help="layer counts to remove (default %(default)s)")
@@ -335,24 +83,56 @@ def main() -> None:
     p.add_argument("--scores", default=str(HERE / "results" / "calibration" / "scores.json"),
                    help="calibration scores to select layers with (default: the committed ones; "
                         "calibrated on the fly when the file is missing)")
-    p.add_argument("--engines", default="shortrt-fp32,shortrt-bf16,shortrt-int8,transformers-fp32,transformers-bf16,llama.cpp",
-                   help="comma list (default %(default)s)")
+    p.add_argument("--engines", default=DEFAULT_ENGINES, help="comma list (default %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=128)
+    harness.add_run_options(p)
     p.add_argument("--calib-tokens", type=int, default=16384)
     p.add_argument("--quick", action="store_true", help="0 and 8 removed, fewer engines and tokens, one round")
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--md", help="write the markdown table here")
     p.add_argument("--png", help="write the chart here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.quick:
         args.remove, args.rounds, args.new_tokens, args.prompt_tokens = "0,8", 1, 32, 128
         if args.engines == p.get_default("engines"):
             args.engines = "shortrt-fp32,shortrt-int8,transformers-fp32"
         if args.extra_variants == p.get_default("extra_variants"):
             args.extra_variants = ""  # no replacement training in a smoke run
+    return args
+
+
+def make_jobs(engines: list[str], ckpts: dict, dense_variant: str) -> list[dict]:
+    """One job per engine configuration and checkpoint, dense first."""
+    ordered = [(vk, path) for vk, path in sorted(ckpts.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+               if vk[1] or vk[0] == dense_variant]  # the dense checkpoint once, not once per variant
+    jobs = []
+    for engine in engines:
+        if engine == "llama.cpp":
+            try:
+                import llama_cpp  # noqa: F401
+            except ImportError:
+                print("llama.cpp: llama-cpp-python is not installed; its rows are skipped "
+                      "(pip install llama-cpp-python, ~18 min source build)", file=sys.stderr)
+                continue
+            for t, gguf in harness.llamacpp_ggufs().items():
+                for (variant, k), ckpt in ordered:
+                    path = harness.pruned_gguf(gguf, ckpt) if k else gguf
+                    if path is None:
+                        continue  # attention-less or replaced layers have no GGUF form
+                    jobs.append({"label": f"llama.cpp {t}", "engine": "llama.cpp", "dtype": t, "path": str(path),
+                                 "variant": variant if k else "dense", "removed": k})
+            continue
+        name, _, dtype = engine.partition("-")
+        for (variant, k), path in ordered:
+            if name == "transformers" and any(x in variant for x in ("attention", "mlp")) and k:
+                continue  # transformers cannot load attention-less layers
+            jobs.append({"label": f"{name} {dtype}", "engine": name, "dtype": dtype, "path": path,
+                         "variant": variant if k else "dense", "removed": k})
+    return jobs
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     counts = sorted({int(x) for x in args.remove.split(",")})
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     extra = [v.strip() for v in args.extra_variants.split(",") if v.strip()]
@@ -363,87 +143,50 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     import shortrt
+    from shortrt.data import heldout_texts
 
     dense = shortrt.load(args.model)
     print(f"model {dense} — measuring memory bandwidth ({args.threads} threads)...", file=sys.stderr)
-    bandwidth = measure_bandwidth(args.threads)
+    bandwidth = harness.measure_bandwidth(args.threads)
     ckpts = pruned_checkpoints(args.model, needed, args.scores, args.calib_tokens)
+    jobs = make_jobs(engines, ckpts, variants[0])
 
-    jobs = []
-    for engine in engines:
-        if engine == "llama.cpp":
-            try:
-                import llama_cpp  # noqa: F401
-            except ImportError:
-                print("llama.cpp: llama-cpp-python is not installed; its rows are skipped "
-                      "(pip install llama-cpp-python, ~18 min source build)", file=sys.stderr)
-                continue
-            for t, path in llamacpp_ggufs(str(dense.path), ["F32", "F16", "Q8_0"]).items():
-                for (variant, k), ckpt in sorted(ckpts.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-                    if k == 0 and variant != variants[0]:
-                        continue
-                    gguf_path = pruned_gguf(path, ckpt) if k else path
-                    if gguf_path is None:
-                        continue  # attention-less or replaced layers have no GGUF form
-                    jobs.append({"label": f"llama.cpp {t}", "engine": "llama.cpp", "dtype": t, "path": gguf_path,
-                                 "tokenizer": str(dense.path), "variant": variant if k else "dense", "removed": k})
-            continue
-        name, _, dtype = engine.partition("-")
-        for (variant, k), path in sorted(ckpts.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            if k == 0 and variant != variants[0]:
-                continue
-            if name == "transformers" and any(x in variant for x in ("attention", "mlp")) and k:
-                continue  # transformers cannot load attention-less layers
-            jobs.append({"label": f"{name} {dtype}", "engine": name, "dtype": dtype, "path": path,
-                         "variant": variant if k else "dense", "removed": k})
-
-    common = ["--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
-              "--new-tokens", str(args.new_tokens)]
-    samples: dict[int, list[dict]] = {i: [] for i in range(len(jobs))}
+    common = {"threads": args.threads, "context": CONTEXT, "reps": 1, "new_tokens": args.new_tokens,
+              "decode_prompt_tokens": 16, "prompt": harness.prompt_ids(dense.path, args.prompt_tokens, heldout_texts())}
     with tqdm(total=len(jobs) * args.rounds, desc="benchmark", unit="run", file=sys.stderr) as bar:
-        for _ in range(args.rounds):
-            for i, job in enumerate(jobs):
-                bar.set_postfix_str(f"{job['label']} {job['variant']} -{job['removed']}")
-                samples[i].append(run_worker(job, common))
+        def progress(i, job, result):
+            if "failed" in result:
+                tqdm.write(f"{job['label']} {job['variant']} -{job['removed']}: FAILED ({result['failed']})",
+                           file=sys.stderr)
+                bar.update(args.rounds - i)  # its later rounds are not run
+            else:
                 bar.update(1)
 
-    rows = []
-    for i, job in enumerate(jobs):
-        runs = samples[i]
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
-        row = {**job, **med, "rounds": len(runs)}
-        row["bound_tok_s"] = bandwidth / row["bytes_per_token"]
-        rows.append(row)
+        samples = harness.run_jobs(jobs, common, args.rounds, args.worker_timeout, progress)
+
+    rows = [harness.merge_rounds(job, runs) for job, runs in zip(jobs, samples)]
+    for row in rows:
+        if "failed" not in row:
+            row["bound_tok_s"] = bandwidth / row["bytes_per_token"]
     # Pruned vs dense of the same engine: measured speedup against the ideal ratio of bytes per token.
     for row in rows:
-        base = next((r for r in rows if r["label"] == row["label"] and r["removed"] == 0), None)
-        if base and row["removed"]:
+        base = next((r for r in rows if r["label"] == row["label"] and r["removed"] == 0 and "failed" not in r), None)
+        if base and row["removed"] and "failed" not in row:
             row["speedup"] = row["decode_tok_s"] / base["decode_tok_s"]
             row["ideal_speedup"] = base["bytes_per_token"] / row["bytes_per_token"]
             row["kv_ratio"] = row["kv_bytes"] / base["kv_bytes"]
+        row["path"] = shown_path(row["path"])
 
     md = render_markdown(rows, bandwidth, args, dense)
     print(md)
-    result = {"machine": machine(), "bandwidth_bytes_s": bandwidth, "args": vars(args), "rows": rows}
+    shown_args = {k: shown_path(v) if k in ("scores", "json", "md", "png") else v for k, v in vars(args).items()}
+    result = {"machine": harness.machine(), "bandwidth_bytes_s": bandwidth, "args": shown_args, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if args.md:
         Path(args.md).write_text(md + "\n")
     if args.png:
-        plot(rows, args.png)
-
-
-def machine() -> dict:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "date": time.strftime("%Y-%m-%d")}
+        plot([r for r in rows if "failed" not in r], args.png)
 
 
 def render_markdown(rows, bandwidth, args, dense) -> str:
@@ -456,15 +199,22 @@ def render_markdown(rows, bandwidth, args, dense) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['label']} | {r['variant']} | {r['removed']} | - | FAILED: {r['failed']} |"
+                         + " - |" * 10)
+            continue
         sp = f"{r['speedup']:.2f}× ({r['ideal_speedup']:.2f}×)" if "speedup" in r else "-"
         lines.append(
             f"| {r['label']} | {r['variant']} | {r['removed']} | {r.get('layers_run') or '-'} | "
             f"{r['decode_tok_s']:.1f} | {r['bound_tok_s']:.1f} | {r['decode_tok_s'] / r['bound_tok_s']:.0%} | "
             f"{r['token_ms_p50']:.1f} | {r['token_ms_p90']:.1f} | {1e3 * r['ttft_s']:.0f} | {r['prefill_tok_s']:.0f} | "
-            f"{fmt_bytes(r['weight_bytes'])} | {fmt_bytes(r['kv_bytes'])} | {fmt_bytes(r['peak_rss_bytes'])} | {sp} |"
+            f"{fmt_mib(r['weight_bytes'], 0, ' MiB')} | {fmt_mib(r['kv_bytes'], 0, ' MiB')} | {fmt_mib(r['peak_rss_bytes'], 0, ' MiB')} | {sp} |"
         )
+    failed = harness.failures(rows)
+    if failed:
+        lines += ["", "Failed workers (their rows above hold no numbers):", "", "```", *failed, "```"]
     lines += ["", "Ratios measured in this run:"]
-    by = {(r["label"], r["variant"], r["removed"]): r for r in rows}
+    by = {(r["label"], r["variant"], r["removed"]): r for r in rows if "failed" not in r}
 
     def ratio(a, b, what="decode_tok_s"):
         ra, rb = by.get(a), by.get(b)

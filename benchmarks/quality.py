@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import shown_path
+
 HERE = Path(__file__).resolve().parent
 METHODS = ("shortgpt", "span", "last", "random", "attention", "span+layer", "span+mlp")
 # Methods whose cells are trained checkpoints (shortrt.replace) rather than masked layer maps.
@@ -86,21 +88,13 @@ def load_scores(args, model):
 
     path = Path(args.scores)
     if path.is_file():
-        return Scores.load(path), _shown(path)
+        return Scores.load(path), shown_path(path)
     print(f"{path} not found: calibrating (32768 tokens)", flush=True)
     scores = calibrate(model, n_tokens=32768)
     path = Path(args.out) / f"{args.name}_scores.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     scores.save(path)
-    return scores, _shown(path)
-
-
-def _shown(path: Path) -> str:
-    """A path as written in the results: relative to the repository when inside it."""
-    try:
-        return str(path.resolve().relative_to(HERE.parent))
-    except ValueError:
-        return str(path)
+    return scores, shown_path(path)
 
 
 def build_maps(scores, methods, counts, seed):
@@ -126,6 +120,7 @@ def evaluate_replaced(model, scores, names, tasks, settings, threads) -> dict:
 
     from shortrt.evaluate import evaluate_layer_maps
     from shortrt.replace import replaced_checkpoint
+    from shortrt.layermap import layer_map_of
 
     out = {}
     for name in names:
@@ -138,10 +133,10 @@ def evaluate_replaced(model, scores, names, tasks, settings, threads) -> dict:
             torch.set_num_threads(threads)
         made = time.time() - t
         r = evaluate_layer_maps(ckpt, {"model": None}, tasks, per_item=True, progress=False, **settings)["model"]
-        rec = ckpt.shortrt_json()["replacement"]
+        rec = layer_map_of(ckpt).replacement
         r["replacement"] = {k: rec[k] for k in ("kind", "span", "init_layer", "parameters", "steps", "best_step",
                                                  "heldout_loss", "heldout_loss_identity", "seconds")}
-        r["checkpoint"] = str(ckpt.path)
+        r["checkpoint"] = shown_path(ckpt.path)
         out[name] = r
         print(f"{name}: checkpoint {made:.0f} s, evaluated {time.time() - t - made:.0f} s "
               f"(ppl {r['tasks']['ppl']['ppl']:.2f})" if "ppl" in tasks else f"{name}: done", flush=True)

@@ -22,14 +22,15 @@ import datetime
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
+import harness
+from harness import CONTEXT, shown_path  # KV cache reported for CONTEXT tokens
+
 HERE = Path(__file__).resolve().parent
 KINDS = ("layer", "mlp")
-CONTEXT = 2048  # KV cache reported for this many tokens
 PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be"
 
 
@@ -52,7 +53,7 @@ def load_scores(path: Path, model):
     from shortrt.calibrate import Scores, calibrate
 
     if path.is_file():
-        return Scores.load(path), str(path)
+        return Scores.load(path), shown_path(path)
     print(f"{path} not found: calibrating (32768 tokens)", file=sys.stderr, flush=True)
     scores = calibrate(model, n_tokens=32768)
     return scores, "calibrated by this run (32768 tokens)"
@@ -64,26 +65,10 @@ def runtime_footprint(eng) -> dict:
             "bytes_per_token": eng.weight_bytes_per_token}
 
 
-def decode_speeds(engines: dict, prompt: list[int], new_tokens: int, rounds: int) -> dict:
-    """{name: median decode tokens/s} over `rounds` interleaved runs (so load spikes hit all alike).
-
-    Decode rate = tokens after the first / time from the first token to the last (prefill excluded).
-    """
-    rates = {name: [] for name in engines}
-    for eng in engines.values():  # warm-up: page in the weights, start the thread pool
-        eng.generate_ids(prompt[:8], max_new_tokens=4, stop=[])
-    for _ in range(rounds):
-        for name, eng in engines.items():
-            stamps = []
-            eng.generate_ids(prompt, max_new_tokens=new_tokens, stop=[],
-                             callback=lambda _seq, _tok: stamps.append(time.perf_counter()) or True)
-            rates[name].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return {name: statistics.median(r) for name, r in rates.items()}
-
-
 def measure(model, scores, k: int, kinds, n_tokens: int, decode_tokens: int, rounds: int, threads: int) -> dict:
     from shortrt.engine import Engine
     from shortrt.evaluate import evaluate, evaluate_layer_maps
+    from shortrt.layermap import layer_map_of
     from shortrt.prune import prune
     from shortrt.replace import replaced_checkpoint
     from shortrt.select import select
@@ -106,17 +91,17 @@ def measure(model, scores, k: int, kinds, n_tokens: int, decode_tokens: int, rou
         t0 = time.perf_counter()
         ckpt = replaced_checkpoint(model, scores, k, kind)
         made = time.perf_counter() - t0
-        rec = ckpt.shortrt_json()["replacement"]
+        rec = layer_map_of(ckpt).replacement
         training[kind] = {key: rec[key] for key in (
             "init_layer", "parameters", "loss", "data", "steps", "max_steps", "best_step", "batch", "lr", "seed",
             "train_loss", "heldout_loss", "heldout_loss_at_init", "heldout_loss_identity", "seconds", "history")}
-        training[kind]["checkpoint"] = str(ckpt.path)
+        training[kind]["checkpoint"] = shown_path(ckpt.path)
         training[kind]["reused_from_cache"] = made < 0.5 * sum(rec["seconds"].values())
         name = f"span+{kind}"
         rows[name] = dict(evaluate(ckpt, ["ppl"], n_tokens=n_tokens)["tasks"]["ppl"])
         engines[name] = Engine(ckpt.path, threads=threads, max_seq=CONTEXT)
     prompt = engines["dense"].encode(PROMPT)
-    speeds = decode_speeds(engines, prompt, decode_tokens, rounds) if decode_tokens else {}
+    speeds = harness.alternating_decode(engines, prompt, decode_tokens, rounds) if decode_tokens else {}
     for name, eng in engines.items():
         rows[name].update(runtime_footprint(eng))
         if speeds:
