@@ -103,7 +103,7 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
   if (ec) throw Error("cannot list checkpoint directory " + dir + ": " + ec.message());
   std::sort(found.begin(), found.end());
   std::string hint;
-  if (!found.empty()) hint = " (found " + join(found) + ": rename it to model.safetensors)";
+  if (!found.empty()) hint = " (found " + join(found) + ")";
   throw Error(dir + " has no weights: expected model.safetensors or model.safetensors.index.json" + hint);
 }
 

@@ -5,8 +5,8 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
-#include <cstdio>
 #include <map>
 #include <set>
 #include <string>
@@ -31,9 +31,12 @@ std::string render(const json::Value& v) {
     case json::Value::Type::Object: return "{...}";
     case json::Value::Type::Number: {
       if (v.is_integer_literal()) return std::to_string(v.as_int());
-      char buf[32];
-      std::snprintf(buf, sizeof buf, "%.17g", v.as_number());
-      return buf;
+      // Python's repr of a float: the shortest round-trip digits, ".0" on whole numbers.
+      char buf[64];
+      auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v.as_number());
+      std::string s(buf, ec == std::errc() ? end : buf);
+      if (s.find_first_of(".en") == std::string::npos) s += ".0";
+      return s;
     }
   }
   return "?";

@@ -502,7 +502,7 @@ def weight_files(path: Path) -> list[Path]:
         files = [path / SINGLE_FILE]
     else:
         others = sorted(p.name for p in path.glob("*.safetensors"))
-        hint = f" (found {', '.join(others)}: rename it to {SINGLE_FILE})" if others else ""
+        hint = f" (found {', '.join(others)})" if others else ""
         bins = list(path.glob("*.bin"))
         if bins and not others:
             hint = " (it has PyTorch .bin weights; re-save them with safe_serialization=True)"
@@ -568,6 +568,8 @@ class Model:
 
     @cached_property
     def _config_doc(self) -> dict:
+        if not (self.path / "config.json").exists():
+            raise CheckpointError(f"{self.path} is not a checkpoint directory: config.json is missing")
         d = _read_json(self.path / "config.json", "config.json")
         if not isinstance(d, dict):
             raise CheckpointError(f"{self.path / 'config.json'}: top level must be an object")

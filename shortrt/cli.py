@@ -10,8 +10,15 @@ import sys
 COMMANDS = ["info", "calibrate", "prune", "replace", "generate", "eval", "demo"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage stays one `--help` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="shortrt",
         description="Measure layer redundancy in an LLM, remove it, and run the pruned model "
         "on shortrt's C++ runtime. MODEL is a checkpoint directory, a .gguf file, or "
@@ -28,17 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shortrt.checkpoint import Interrupted
     from shortrt.errors import ShortrtError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ShortrtError, FileNotFoundError, ValueError) as exc:
-        print(f"shortrt {args.command}: error: {exc}", file=sys.stderr)
+    except (ShortrtError, OSError, ValueError) as exc:
+        text = str(exc).replace("\n", " ")
+        print(f"shortrt {args.command}: error: {text}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"shortrt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Interrupted as exc:  # SIGTERM / SIGHUP while writing a checkpoint (nothing was left behind)
+        print(f"shortrt {args.command}: {exc}", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

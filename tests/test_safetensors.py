@@ -198,7 +198,8 @@ def test_index_naming_a_missing_shard(tmp_path):
 
 
 def test_index_listing_a_tensor_its_shard_lacks(tmp_path):
-    d = write_sharded(tmp_path, {"x.weight": "model-00002-of-00002.safetensors"})
+    d = write_sharded(tmp_path, {"x.weight": "model-00002-of-00002.safetensors",
+                                 "y.weight": "model-00001-of-00002.safetensors"})
     with pytest.raises(FormatError, match=r"lists tensor 'x.weight' in shard 'model-00002-of-00002"):
         _C.Checkpoint(str(d))
 
@@ -222,12 +223,16 @@ def test_same_tensor_in_two_files(tmp_path):
     d = tmp_path / "dup"
     d.mkdir()
     save_file({"w": np.zeros(2, np.float32)}, str(d / "a.safetensors"))
-    save_file({"w": np.ones(2, np.float32)}, str(d / "b.safetensors"))
+    save_file({"w": np.ones(2, np.float32), "v": np.ones(2, np.float32)}, str(d / "b.safetensors"))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "a.safetensors",
+                                                                               "v": "b.safetensors"}}))
     with pytest.raises(FormatError, match=r"tensor 'w' is in both .*a.safetensors and .*b.safetensors"):
         _C.Checkpoint(str(d))
 
 
-def test_checkpoint_without_index_reads_every_file_and_accepts_a_file_path(tmp_path):
+def test_loose_files_are_refused_but_a_file_path_is_accepted(tmp_path):
+    """Weights are model.safetensors or an index's shards: loose files are not merged (the contract's
+    file-set rule; the Python reader refuses them too)."""
     from safetensors.numpy import save_file
 
     d = tmp_path / "loose"
@@ -235,9 +240,12 @@ def test_checkpoint_without_index_reads_every_file_and_accepts_a_file_path(tmp_p
     save_file({"b": np.ones(3, np.float16)}, str(d / "part-b.safetensors"))
     save_file({"a": np.arange(2, dtype=np.int8)}, str(d / "part-a.safetensors"))
     (d / "notes.txt").write_text("not a tensor file")
-    ckpt = _C.Checkpoint(str(d))
-    assert ckpt.names() == ["a", "b"]  # files in name order
-    assert [p.rsplit("/", 1)[1] for p in ckpt.files] == ["part-a.safetensors", "part-b.safetensors"]
+    with pytest.raises(FormatError, match=r"has no weights: expected model.safetensors .*found part-a.safetensors, "
+                                          r"part-b.safetensors"):
+        _C.Checkpoint(str(d))
+    (d / "part-a.safetensors").rename(d / "model.safetensors")
+    with pytest.raises(FormatError, match=r"stray weights file 'part-b.safetensors'"):
+        _C.Checkpoint(str(d))
     one = _C.Checkpoint(str(d / "part-b.safetensors"))
     assert one.names() == ["b"] and one.total_bytes == 6
     view = one.numpy("b")
@@ -251,7 +259,7 @@ def test_format_error_is_a_value_error():
 
 def test_directory_without_safetensors(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(FormatError, match=r"no safetensors file in"):
+    with pytest.raises(FormatError, match=r"has no weights: expected model.safetensors"):
         _C.Checkpoint(str(tmp_path))
 
 

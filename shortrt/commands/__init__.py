@@ -1,0 +1,56 @@
+"""The `shortrt` subcommands, one module each, and the argument types they share.
+
+Each type turns a bad value into argparse's one-line "argument --x: ..." error instead of a
+traceback later (a negative seed, a count past what the runtime's 32-bit fields hold, text
+that is not UTF-8).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+INT32_MAX = 2**31 - 1
+
+
+def integer(lo: int = 0, hi: int = INT32_MAX):
+    """An argparse type: an integer in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {value}")
+        return value
+    return parse
+
+
+def number(lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False):
+    """An argparse type: a finite float in [lo, hi] (or (lo, hi] with lo_open)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo):
+            left = "(" if lo_open else "["
+            raise argparse.ArgumentTypeError(f"must be a finite number in {left}{lo:g}, {hi:g}], got {text}")
+        return value
+    return parse
+
+
+def text(value: str) -> str:
+    """An argparse type: text that is valid UTF-8 (Python keeps undecodable argv bytes as surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("is not valid UTF-8 text") from None
+    return value
+
+
+def layer_list(value: str) -> list[int]:
+    """An argparse type: comma-separated layer indices like 3,4,5."""
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 3,4,5, got {value!r}") from None

@@ -1,6 +1,8 @@
 """`shortrt calibrate`: per-layer Block Influence, angular distance and span similarities, saved as JSON + PNGs."""
 from __future__ import annotations
 
+from . import integer
+
 import math
 from pathlib import Path
 
@@ -14,10 +16,10 @@ def add_arguments(parser):
     parser.add_argument("--data", default="default",
                         help="calibration text: a .txt or .jsonl file (with a 'text' field), or 'default' "
                              "(chapters of five Jane Austen novels)")
-    parser.add_argument("--tokens", type=int, default=32768, help="calibration tokens (default: %(default)s)")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: %(default)s)")
-    parser.add_argument("--max-span", type=int, default=None,
+    parser.add_argument("--tokens", type=integer(1), default=32768, help="calibration tokens (default: %(default)s)")
+    parser.add_argument("--seq-len", type=integer(2), default=512, help="tokens per sequence (default: %(default)s)")
+    parser.add_argument("--batch-size", type=integer(1), default=4, help="sequences per forward pass (default: %(default)s)")
+    parser.add_argument("--max-span", type=integer(1), default=None,
                         help="longest span in the depth x depth table (default: all layers)")
     parser.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
                         help="cosine kernel backend (default: %(default)s)")

@@ -1,6 +1,8 @@
 """`shortrt demo`: the whole path on one model — calibrate, prune, and compare dense vs pruned."""
 from __future__ import annotations
 
+from . import integer, number
+
 import time
 from pathlib import Path
 
@@ -16,13 +18,13 @@ PROMPTS = [
 def add_arguments(parser):
     parser.add_argument("model", nargs="?", default="default",
                         help="checkpoint directory, .gguf file, or 'default' (default: %(default)s)")
-    parser.add_argument("--ratio", type=float, default=0.25, help="share of layers to remove (default %(default)s)")
+    parser.add_argument("--ratio", type=number(0.0, 1.0, lo_open=True), default=0.25, help="share of layers to remove (default %(default)s)")
     parser.add_argument("--method", default="shortgpt", help="selection method (default %(default)s)")
-    parser.add_argument("--tokens", type=int, default=8192, help="calibration tokens (default %(default)s)")
+    parser.add_argument("--tokens", type=integer(1), default=8192, help="calibration tokens (default %(default)s)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"])
-    parser.add_argument("--threads", type=int, default=0, help="runtime threads (default: all cores)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens per prompt (default %(default)s)")
-    parser.add_argument("--ppl-tokens", type=int, default=8192, help="held-out tokens for perplexity")
+    parser.add_argument("--threads", type=integer(0, 1024), default=0, help="runtime threads (default: all cores)")
+    parser.add_argument("--new-tokens", type=integer(1), default=32, help="tokens per prompt (default %(default)s)")
+    parser.add_argument("--ppl-tokens", type=integer(1), default=8192, help="held-out tokens for perplexity")
     parser.add_argument("--out", default=None, help="working directory (default: $SHORTRT_CACHE/demo)")
 
 

@@ -1,6 +1,8 @@
 """`shortrt eval`: perplexity on held-out prose and multiple-choice accuracy, as a table (and JSON)."""
 from __future__ import annotations
 
+from . import integer, layer_list
+
 import json
 from pathlib import Path
 
@@ -13,14 +15,14 @@ def add_arguments(parser):
     parser.add_argument("--tasks", default="ppl",
                         help="comma-separated: ppl, arc_easy, arc_challenge, hellaswag, piqa, mmlu, or 'all' "
                              "(default: %(default)s)")
-    parser.add_argument("--samples", type=int, default=200,
+    parser.add_argument("--samples", type=integer(1), default=200,
                         help="questions per multiple-choice task, drawn with --seed (default: %(default)s)")
-    parser.add_argument("--tokens", type=int, default=16384,
+    parser.add_argument("--tokens", type=integer(1), default=16384,
                         help="held-out tokens scored for ppl (default: %(default)s)")
-    parser.add_argument("--seq-len", type=int, default=512, help="ppl window length (default: %(default)s)")
-    parser.add_argument("--stride", type=int, default=256, help="ppl window step (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    parser.add_argument("--skip-layers", default=None,
+    parser.add_argument("--seq-len", type=integer(2), default=512, help="ppl window length (default: %(default)s)")
+    parser.add_argument("--stride", type=integer(1), default=256, help="ppl window step (default: %(default)s)")
+    parser.add_argument("--seed", type=integer(0), default=0, help="sampling seed (default: %(default)s)")
+    parser.add_argument("--skip-layers", type=layer_list, default=None,
                         help="evaluate with these layers of MODEL skipped, in memory, e.g. 20,21,22")
     parser.add_argument("--json", default=None, help="also write the result to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -31,13 +33,12 @@ def run(args) -> int:
     from shortrt.layermap import LayerMap
     from shortrt.checkpoint import load
 
-    from .prune import parse_layers
 
     model = load(args.model)
     layer_map = None
     if args.skip_layers:
         n = int(model.config()["num_hidden_layers"])
-        layer_map = LayerMap.from_removed(n, parse_layers(args.skip_layers), method="skip")
+        layer_map = LayerMap.from_removed(n, args.skip_layers, method="skip")
     result = evaluate(model, args.tasks, n_samples=args.samples, n_tokens=args.tokens, seq_len=args.seq_len,
                       stride=args.stride, seed=args.seed, layer_map=layer_map, progress=not args.no_progress)
     if layer_map is not None:

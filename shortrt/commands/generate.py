@@ -1,6 +1,8 @@
 """`shortrt generate [MODEL] --prompt ...`: text generation on the C++ runtime."""
 from __future__ import annotations
 
+from . import integer, layer_list, number, text
+
 import sys
 import time
 
@@ -10,17 +12,19 @@ HELP = "generate text from a prompt with shortrt's C++ runtime"
 def add_arguments(parser):
     parser.add_argument("model", nargs="?", default="default",
                         help="checkpoint directory, .gguf file, or 'default' (default: %(default)s)")
-    parser.add_argument("--prompt", "-p", action="append", required=True,
+    parser.add_argument("--prompt", "-p", action="append", required=True, type=text,
                         help="prompt text; repeat for several prompts (generated as one batch)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
                         help="weight format (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", "-n", type=int, default=64)
-    parser.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="default: all cores")
-    parser.add_argument("--skip", type=lambda s: [int(i) for i in s.split(",") if i.strip()], default=None,
+    parser.add_argument("--max-new-tokens", "-n", type=integer(0), default=64,
+                        help="tokens to generate per prompt (default: %(default)s)")
+    parser.add_argument("--temperature", "-t", type=number(0.0), default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=integer(0), default=0, help="0 = off (default)")
+    parser.add_argument("--top-p", type=number(0.0, 1.0, lo_open=True), default=1.0,
+                        help="nucleus mass in (0, 1] (default: %(default)s)")
+    parser.add_argument("--seed", type=integer(0, 2**64 - 1), default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--threads", type=integer(1, 1024), default=None, help="default: all cores")
+    parser.add_argument("--skip", type=layer_list, default=None,
                         metavar="I,J,...", help="checkpoint layers not to run")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--stream", action="store_true", help="print tokens as they are produced")

@@ -1,6 +1,8 @@
 """`shortrt prune`: choose layers to remove (from calibration scores or a list) and write the pruned checkpoint."""
 from __future__ import annotations
 
+from . import integer, layer_list, number
+
 HELP = "remove layers (or attention sublayers) and write a pruned checkpoint"
 
 
@@ -9,23 +11,16 @@ def add_arguments(parser):
                         help="checkpoint directory, .gguf file, or 'default' (default: %(default)s)")
     parser.add_argument("--scores", help="scores JSON from `shortrt calibrate` (needed by shortgpt, span, attention)")
     how = parser.add_mutually_exclusive_group(required=True)
-    how.add_argument("--remove", type=int, help="number of layers to remove")
-    how.add_argument("--ratio", type=float, help="fraction of the layers to remove, e.g. 0.25")
-    how.add_argument("--layers", help="remove exactly these layers, e.g. 3,4,5 (with --method attention: "
+    how.add_argument("--remove", type=integer(1), help="number of layers to remove")
+    how.add_argument("--ratio", type=number(0.0, 1.0, lo_open=True), help="fraction of the layers to remove, e.g. 0.25")
+    how.add_argument("--layers", type=layer_list, help="remove exactly these layers, e.g. 3,4,5 (with --method attention: "
                                       "remove these layers' attention)")
     parser.add_argument("--method", default="shortgpt",
                         choices=["shortgpt", "span", "attention", "last", "random"],
                         help="how to choose the layers (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random method (default: %(default)s)")
+    parser.add_argument("--seed", type=integer(0), default=0, help="seed of the random method (default: %(default)s)")
     parser.add_argument("--out", required=True, help="directory to write the pruned checkpoint to")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
-
-
-def parse_layers(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"--layers must be comma-separated layer indices like 3,4,5, got {text!r}") from None
 
 
 def build_layer_map(args, num_layers: int):
@@ -33,7 +28,7 @@ def build_layer_map(args, num_layers: int):
     from shortrt.select import select
 
     if args.layers is not None:
-        layers = parse_layers(args.layers)
+        layers = args.layers
         if args.method == "attention":
             return LayerMap.from_removed_attention(num_layers, layers, method="manual-attention")
         return LayerMap.from_removed(num_layers, layers, method="manual")

@@ -1,6 +1,8 @@
 """`shortrt replace`: remove the most redundant span of layers and train one module in its place."""
 from __future__ import annotations
 
+from . import integer, number
+
 HELP = "replace the most redundant span of N layers with one trained layer or MLP (LLM-Streamline)"
 
 
@@ -10,7 +12,7 @@ def add_arguments(parser):
     parser.add_argument("model", nargs="?", default="default",
                         help="dense checkpoint directory, .gguf file, or 'default' (default: %(default)s)")
     parser.add_argument("--scores", required=True, help="scores JSON written by `shortrt calibrate`")
-    parser.add_argument("--remove", type=int, required=True, help="length of the span to replace, in layers")
+    parser.add_argument("--remove", type=integer(1), required=True, help="length of the span to replace, in layers")
     parser.add_argument("--kind", choices=["layer", "mlp"], default="layer",
                         help="layer: one decoder layer (a standard checkpoint transformers loads); "
                              "mlp: an attention-less MLP block with no KV-cache slot (shortrt runs it) "
@@ -19,17 +21,17 @@ def add_arguments(parser):
     parser.add_argument("--data", default="default",
                         help="training text: a .txt or .jsonl file (with a 'text' field), or 'default' "
                              "(chapters of five Jane Austen novels)")
-    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="training tokens (default: %(default)s)")
-    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+    parser.add_argument("--tokens", type=integer(1), default=DEFAULT_TOKENS, help="training tokens (default: %(default)s)")
+    parser.add_argument("--seq-len", type=integer(2), default=DEFAULT_SEQ_LEN,
                         help="tokens per sequence (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+    parser.add_argument("--steps", type=integer(1), default=DEFAULT_STEPS,
                         help="most optimizer steps; training stops earlier when the held-out loss stalls "
                              "(default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="sequences per step (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (default: %(default)s)")
-    parser.add_argument("--cosine-weight", type=float, default=0.0,
+    parser.add_argument("--batch", type=integer(1), default=DEFAULT_BATCH, help="sequences per step (default: %(default)s)")
+    parser.add_argument("--lr", type=number(0.0, lo_open=True), default=DEFAULT_LR, help="peak learning rate (default: %(default)s)")
+    parser.add_argument("--cosine-weight", type=number(0.0), default=0.0,
                         help="weight of a (1 - cosine) term added to the MSE loss (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--seed", type=integer(0), default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
