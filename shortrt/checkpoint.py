@@ -661,7 +661,11 @@ class Model:
                 f"{self.path} has layers without attention or MLP (method {self.layer_map.method!r}); "
                 "transformers cannot run it. Use shortrt.Engine or shortrt.reference instead.")
         self.check()
-        return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype or torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype or torch.float32).eval()
+        for name, p in model.state_dict().items():
+            if p.is_floating_point():
+                check_finite(name, p, self.path)
+        return model
 
     def tokenizer(self):
         from transformers import AutoTokenizer

@@ -241,7 +241,9 @@ def test_prune_command(tiny6, tmp_path, capsys):
     assert "not empty; pass --force" in capsys.readouterr().err
     assert main(["prune", str(tiny6), "--remove", "2", "--out", str(tmp_path / "y")]) == 1
     assert "needs --scores" in capsys.readouterr().err
-    assert main(["prune", str(tiny6), "--layers", "1,x", "--out", str(tmp_path / "y")]) == 1
-    assert "comma-separated layer indices" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse: a one-line usage error, exit code 2
+        main(["prune", str(tiny6), "--layers", "1,x", "--out", str(tmp_path / "y")])
+    assert exit_info.value.code == 2
+    assert "argument --layers: expected comma-separated layer indices" in capsys.readouterr().err
     assert main(["prune", str(tiny6), "--remove", "1", "--method", "last", "--out", str(out), "--force"]) == 0
     assert read_meta(out)["removed"] == [4]

@@ -52,5 +52,7 @@ def test_cli_generate(tmp_path, capsys):
     assert main(base + ["-p", "The quick", "--skip", "1,2"]) == 0
     assert capsys.readouterr().out.splitlines() == Engine(path, skip_layers=[1, 2], max_batch=2).generate(
         ["Once upon", "The quick"], max_new_tokens=8)
-    assert main(base + ["--top-p", "2"]) == 1
-    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(base + ["--top-p", "2"])
+    assert exit_info.value.code == 2
+    assert "argument --top-p: must be a finite number in (0, 1], got 2" in capsys.readouterr().err
