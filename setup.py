@@ -47,8 +47,7 @@ setup(
     version="0.1.0",
     description="Depth-pruned LLMs on a lean C++ runtime: measure layer redundancy, remove it, run faster",
     python_requires=">=3.10",
-    packages=["shortrt", "shortrt.kernels"],
-    package_dir={"shortrt": "shortrt", "shortrt.kernels": "kernels"},
+    packages=["shortrt", "shortrt.commands", "shortrt.kernels"],
     ext_modules=[CMakeExtension("shortrt._C")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[

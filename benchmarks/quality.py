@@ -84,7 +84,7 @@ def parse_args(argv=None):
 
 
 def load_scores(args, model):
-    from shortrt.calibrate import Scores, calibrate
+    from shortrt.calibration import Scores, calibrate
 
     path = Path(args.scores)
     if path.is_file():
@@ -99,7 +99,7 @@ def load_scores(args, model):
 
 def build_maps(scores, methods, counts, seed):
     """{cell name: layer map}; a replaced method's map is the span its trained module stands in for."""
-    from shortrt.select import select
+    from shortrt.selection import select
 
     maps = {"dense": None}
     for method in methods:
@@ -118,8 +118,8 @@ def evaluate_replaced(model, scores, names, tasks, settings, threads) -> dict:
     """{cell: result} for span+layer / span+mlp cells: train (or reuse) each checkpoint, evaluate it from disk."""
     import torch
 
-    from shortrt.evaluate import evaluate_layer_maps
-    from shortrt.replace import replaced_checkpoint
+    from shortrt.evaluation import evaluate_layer_maps
+    from shortrt.replacement import replaced_checkpoint
     from shortrt.layermap import layer_map_of
 
     out = {}
@@ -334,8 +334,8 @@ def plot(path, results, methods, counts, tasks):
 
 def verify(model, maps, results, name, settings, tasks) -> str:
     """Evaluate `name` from its pruned checkpoint and compare with the masked cell."""
-    from shortrt.evaluate import evaluate
-    from shortrt.prune import prune
+    from shortrt.evaluation import evaluate
+    from shortrt.pruning import prune
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = prune(model, maps[name], Path(tmp) / name)
@@ -375,7 +375,7 @@ def main(argv=None) -> int:
     import torch
 
     import shortrt
-    from shortrt.evaluate import evaluate_layer_maps, parse_tasks
+    from shortrt.evaluation import evaluate_layer_maps, parse_tasks
     from shortrt.layermap import LayerMap
 
     torch.set_num_threads(args.threads)

@@ -6,7 +6,7 @@ one trained MLP block (span+mlp), and the share of the lost log-perplexity each 
 recovers: (log ppl_removed - log ppl_replaced) / (log ppl_removed - log ppl_dense). Beside it,
 what the C++ runtime allocates for each: layers run, KV-cache bytes at 2048 tokens, weight bytes.
 
-The replaced checkpoints are made once (shortrt.replace.replaced_checkpoint) and cached in
+The replaced checkpoints are made once (shortrt.replacement.replaced_checkpoint) and cached in
 $SHORTRT_CACHE/bench/<model>/span+<kind>-p<k>, where benchmarks/latency.py finds them for the
 decode-speed comparison (`--variants span,span+layer,span+mlp`).
 
@@ -50,7 +50,7 @@ def parse_args(argv=None):
 
 
 def load_scores(path: Path, model):
-    from shortrt.calibrate import Scores, calibrate
+    from shortrt.calibration import Scores, calibrate
 
     if path.is_file():
         return Scores.load(path), shown_path(path)
@@ -67,11 +67,11 @@ def runtime_footprint(eng) -> dict:
 
 def measure(model, scores, k: int, kinds, n_tokens: int, decode_tokens: int, rounds: int, threads: int) -> dict:
     from shortrt.engine import Engine
-    from shortrt.evaluate import evaluate, evaluate_layer_maps
+    from shortrt.evaluation import evaluate, evaluate_layer_maps
     from shortrt.layermap import layer_map_of
-    from shortrt.prune import prune
-    from shortrt.replace import replaced_checkpoint
-    from shortrt.select import select
+    from shortrt.pruning import prune
+    from shortrt.replacement import replaced_checkpoint
+    from shortrt.selection import select
     from shortrt.checkpoint import cache_dir
 
     lmap = select(scores, remove=k, method="span")

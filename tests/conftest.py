@@ -27,6 +27,26 @@ def make_tiny_llama(path, *, num_layers=4, hidden=64, heads=4, kv_heads=2, inter
     return path
 
 
+def tensors_of(path):
+    """Every tensor of a checkpoint directory's safetensors files, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def read_meta(model) -> dict:
+    """The shortrt.json a writer left, as raw JSON."""
+    import json
+
+    import shortrt
+
+    return json.loads((shortrt.load(model).path / "shortrt.json").read_text())
+
+
 @pytest.fixture
 def tiny_llama(tmp_path):
     return make_tiny_llama(tmp_path / "tiny-llama")

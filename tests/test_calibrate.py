@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from shortrt.calibrate import Scores, calibrate, calibration_sequences
+from shortrt.calibration import Scores, calibrate, calibration_sequences
 from shortrt.cli import main as cli_main
 from shortrt.errors import ShortrtError
 
-calibrate_module = importlib.import_module("shortrt.calibrate")  # the module, not the function
+calibrate_module = importlib.import_module("shortrt.calibration")  # the module, not the function
 
 NUM_LAYERS = 5
 PROSE = [

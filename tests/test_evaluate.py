@@ -11,10 +11,10 @@ from shortrt.eval_packing import Segment, pack
 from shortrt.eval_tasks import Question, sample_task
 from shortrt.layer_plan import Step, dense_plan, forward_plans, load_for_plan, plan_logits
 from shortrt.layermap import LayerMap
-from shortrt.prune import prune
+from shortrt.pruning import prune
 
 # The module, not the function shortrt.evaluate that the package exports under the same name.
-ev = importlib.import_module("shortrt.evaluate")
+ev = importlib.import_module("shortrt.evaluation")
 
 VOCAB = 320
 PROSE = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "

@@ -4,19 +4,13 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from torch import nn
 
 import shortrt
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, read_meta, tensors_of
 from shortrt.layer_plan import dense_plan, load_for_plan, plan_logits
 from shortrt.layermap import LayerMap
-from shortrt.prune import prune
-
-
-def read_meta(model) -> dict:
-    """The shortrt.json a writer left, as raw JSON."""
-    return json.loads((shortrt.load(model).path / "shortrt.json").read_text())
+from shortrt.pruning import prune
 
 
 class PassThrough(nn.Module):
@@ -33,14 +27,6 @@ def masked_dense_logits(path, removed, ids):
         hf.model.layers[i] = PassThrough()
     with torch.no_grad():
         return hf(ids).logits
-
-
-def tensors_of(path):
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 @pytest.fixture

@@ -9,15 +9,15 @@ import random
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import shortrt
+from conftest import read_meta, tensors_of
 from runtime_models import make_tiny, rel_err
 from shortrt.engine import Engine
 from shortrt.errors import CheckpointError, ShortrtError
 from shortrt.layermap import LayerMap
 from shortrt.reference import ReferenceModel
-from shortrt.replace import DEFAULT_LR, replace, replaced_checkpoint, span_of
+from shortrt.replacement import DEFAULT_LR, replace, replaced_checkpoint, span_of
 from shortrt.replace_training import train_replacement
 
 TOL = 1e-4
@@ -26,23 +26,10 @@ SPAN = [2, 3, 4]
 FAST = dict(n_tokens=2048, seq_len=64, steps=30, progress=False)
 
 
-def read_meta(model) -> dict:
-    """The shortrt.json a writer left, as raw JSON."""
-    return json.loads((shortrt.load(model).path / "shortrt.json").read_text())
-
-
 def prose(n_words=3000, seed=0):
     rng = random.Random(seed)
     words = "the a model ran on lean runtime once upon time little fox quick brown lazy dog over".split()
     return [" ".join(rng.choice(words) for _ in range(n_words))]
-
-
-def tensors_of(path):
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +239,7 @@ def _span_scores(n=6, best_start=2, max_span=4):
 def test_replaced_checkpoint_is_made_once_and_reused(dense, monkeypatch, tmp_path):
     import importlib
 
-    replace_module = importlib.import_module("shortrt.replace")  # the module (shortrt.replace is the function)
+    replace_module = importlib.import_module("shortrt.replacement")  # the module (shortrt.replace is the function)
     monkeypatch.setenv("SHORTRT_CACHE", str(tmp_path / "cache"))
     texts = prose()
     first = replaced_checkpoint(dense, _span_scores(), 3, "mlp", texts=texts, **FAST)

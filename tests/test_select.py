@@ -3,9 +3,9 @@ import math
 
 import pytest
 
-from shortrt.calibrate import Scores
+from shortrt.calibration import Scores
 from shortrt.layermap import FORMAT, LayerEntry, LayerMap
-from shortrt.select import select
+from shortrt.selection import select
 
 NAN = float("nan")
 

@@ -45,7 +45,7 @@ def format_table(scores) -> str:
 
 
 def run(args) -> int:
-    from shortrt.calibrate import calibrate
+    from shortrt.calibration import calibrate
     from shortrt.errors import ShortrtError
     from shortrt.plots import plot_layer_scores, plot_similarity_heatmap
 

@@ -29,7 +29,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from shortrt.evaluate import evaluate, format_table
+    from shortrt.evaluation import evaluate, format_table
     from shortrt.layermap import LayerMap
     from shortrt.checkpoint import load
 

@@ -25,7 +25,7 @@ def add_arguments(parser):
 
 def build_layer_map(args, num_layers: int):
     from shortrt.layermap import LayerMap
-    from shortrt.select import select
+    from shortrt.selection import select
 
     if args.layers is not None:
         layers = args.layers
@@ -70,7 +70,7 @@ def format_summary(lmap, out) -> str:
 
 
 def run(args) -> int:
-    from shortrt.prune import prune
+    from shortrt.pruning import prune
     from shortrt.checkpoint import load
 
     model = load(args.model)

@@ -7,7 +7,7 @@ HELP = "replace the most redundant span of N layers with one trained layer or ML
 
 
 def add_arguments(parser):
-    from shortrt.replace import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_SEQ_LEN, DEFAULT_STEPS, DEFAULT_TOKENS
+    from shortrt.replacement import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_SEQ_LEN, DEFAULT_STEPS, DEFAULT_TOKENS
 
     parser.add_argument("model", nargs="?", default="default",
                         help="dense checkpoint directory, .gguf file, or 'default' (default: %(default)s)")
@@ -38,8 +38,8 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from shortrt.errors import ShortrtError
-    from shortrt.replace import replace
-    from shortrt.select import select
+    from shortrt.replacement import replace
+    from shortrt.selection import select
 
     layer_map = select(args.scores, remove=args.remove, method="span")
     try:

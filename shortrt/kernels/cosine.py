@@ -30,8 +30,6 @@ import math
 
 import torch
 
-from shortrt.errors import ShortrtError
-
 try:
     import triton
     import triton.language as tl
@@ -42,8 +40,8 @@ except ImportError:  # triton is optional: the torch path needs nothing else
 BACKENDS = ("auto", "triton", "torch")
 
 
-class KernelUnavailableError(ShortrtError, RuntimeError):
-    """The Triton backend was asked for where it cannot run."""
+class KernelUnavailableError(RuntimeError):
+    """The Triton backend was asked for where it cannot run (callers turn it into their own error)."""
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

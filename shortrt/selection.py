@@ -114,7 +114,7 @@ def _best_span(scores, n: int, num_layers: int) -> tuple[int, float]:
 def select(scores, *, remove=None, ratio=None, method: str = "shortgpt", seed: int = 0) -> LayerMap:
     """A LayerMap removing `remove` layers (or round(ratio * L)) chosen by `method`.
 
-    scores: a shortrt.calibrate.Scores, its JSON as a dict, or the path of a saved scores file.
+    scores: a shortrt.calibration.Scores, its JSON as a dict, or the path of a saved scores file.
     With method="attention" the layers stay and only their attention sublayers go. "last" keeps
     the final layer and removes the N before it (see the module docstring for why).
     """

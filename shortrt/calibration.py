@@ -288,7 +288,7 @@ def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, m
     from tqdm.auto import tqdm
 
     from . import data
-    from .kernels.cosine import BACKENDS, require_triton
+    from .kernels.cosine import BACKENDS, KernelUnavailableError, require_triton
     from .checkpoint import load
 
     for name, value in (("n_tokens", n_tokens), ("seq_len", seq_len), ("batch_size", batch_size)):
@@ -296,7 +296,10 @@ def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, m
     if backend not in BACKENDS:
         raise ValueError(f"unknown cosine backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "triton":
-        require_triton(torch.device("cpu"))  # fail before loading anything: the model runs on the CPU
+        try:
+            require_triton(torch.device("cpu"))  # fail before loading anything: the model runs on the CPU
+        except KernelUnavailableError as exc:
+            raise ShortrtError(str(exc)) from None
 
     ckpt = load(model)
     config = ckpt.config()

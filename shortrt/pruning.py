@@ -17,7 +17,7 @@ import dataclasses
 import re
 
 from .checkpoint import MAX_SHARD_BYTES, Model, check_out_dir, load, write_checkpoint
-from .layermap import LayerMap
+from .layermap import LayerEntry, LayerMap
 from .safetensors_writer import TensorSource
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -53,15 +53,16 @@ def prune(model, layer_map: LayerMap, out_dir, *, overwrite: bool = False, progr
     else:
         written = dataclasses.replace(layer_map, source=src.origin)
     with contextlib.ExitStack() as stack:
-        tensors = _tensor_plan(src, layer_map, stack)
+        tensors = layer_tensors(src, layer_map.layers, stack)
         if progress:
             tensors = _with_progress(tensors)
-        return write_checkpoint(out_dir, src, pruned_config(src.config(), layer_map), written, tensors,
+        return write_checkpoint(out_dir, src, pruned_config(src.config(), layer_map.layers), written, tensors,
                                 overwrite=overwrite, max_shard_bytes=max_shard_bytes)
 
 
-def _tensor_plan(src: Model, layer_map: LayerMap, stack: contextlib.ExitStack) -> list[TensorSource]:
-    """The output tensors in order: non-layer tensors, then each retained layer renamed.
+def layer_tensors(src: Model, layers: list[LayerEntry], stack: contextlib.ExitStack) -> list[TensorSource]:
+    """The tensors of a checkpoint whose layer i is `src`'s layer layers[i].source (its attention
+    and MLP only where the entry keeps them): non-layer tensors, then each layer renamed.
     (`src.tensors` is already checked to be exactly what its config and layer map say.)"""
     where = src.open_tensors(stack)
     by_layer: dict[int, list[tuple[str, str]]] = {}
@@ -72,7 +73,7 @@ def _tensor_plan(src: Model, layer_map: LayerMap, stack: contextlib.ExitStack) -
             by_layer.setdefault(int(m.group(1)), []).append((name, m.group(2)))
         else:
             plan.append(_source(where[name], name, name))
-    for new_index, entry in enumerate(layer_map.layers):
+    for new_index, entry in enumerate(layers):
         for name, rest in by_layer[entry.source]:
             if not entry.attention and rest.startswith(_ATTENTION_PREFIXES):
                 continue
@@ -109,10 +110,11 @@ def _with_progress(tensors: list[TensorSource]) -> list[TensorSource]:
     return [wrap(t) for t in tensors]
 
 
-def pruned_config(config: dict, layer_map: LayerMap) -> dict:
-    """config.json for the kept layers: num_hidden_layers and every per-layer list trimmed."""
-    num_layers = layer_map.source_num_layers
-    keep = [e.source for e in layer_map.layers]
+def pruned_config(config: dict, layers: list[LayerEntry]) -> dict:
+    """config.json of a checkpoint whose layer i comes from layers[i].source: num_hidden_layers
+    and every per-layer list of the source config (one item per layer) taken in that order."""
+    num_layers = config["num_hidden_layers"]
+    keep = [e.source for e in layers]
     out = dict(config)
     out["num_hidden_layers"] = len(keep)
     for key, value in config.items():

@@ -66,7 +66,7 @@ def span_of(layer_map: LayerMap) -> list[int]:
 def _training_batches(tokenizer, texts, n_tokens: int, seq_len: int, batch: int):
     """([batch, seq_len] id tensors, tokens used): full-length calibration sequences only, so every
     batch shares one causal mask and one set of rotary positions."""
-    from .calibrate import calibration_sequences
+    from .calibration import calibration_sequences
 
     sequences = [s for s in calibration_sequences(tokenizer, texts, n_tokens, seq_len) if s.shape[0] == seq_len]
     if len(sequences) < 2:
@@ -164,20 +164,17 @@ def _tensor_bytes(t: torch.Tensor, dtype: str) -> bytes:
 def _write_checkpoint(src: Model, config: dict, layer_map: LayerMap, span: list[int], result: TrainResult,
                       record: dict, out: Path, overwrite: bool) -> Model:
     """The retained layers' tensors, the trained module's at the span's position, config and shortrt.json."""
-    from .prune import _tensor_plan, pruned_config
+    from .pruning import layer_tensors, pruned_config
     from .safetensors_writer import TensorSource
 
     kind = record["kind"]
     position = sum(1 for e in layer_map.layers if e.source < span[0])
     before, after = layer_map.layers[:position], layer_map.layers[position:]
-    # The plan of a checkpoint that keeps the init layer where the span was (without its
-    # attention for kind="mlp"): prune's machinery then gives every tensor name, dtype, shape
-    # and per-layer config value, and the init layer's tensors are swapped for the trained ones.
-    stand_in = LayerMap(layer_map.source_num_layers,
-                        [LayerEntry(e.source) for e in before]
-                        + [LayerEntry(result.init_layer, attention=kind == "layer")]
-                        + [LayerEntry(e.source) for e in after],
-                        "replace", [i for i in span if i != result.init_layer])
+    # The layers as stored: the init layer where the span was (without its attention for
+    # kind="mlp") gives every tensor name, dtype, shape and per-layer config value; its
+    # tensors are then swapped for the trained ones.
+    stored = ([LayerEntry(e.source) for e in before] + [LayerEntry(result.init_layer, attention=kind == "layer")]
+              + [LayerEntry(e.source) for e in after])
     written = LayerMap(layer_map.source_num_layers,
                        [LayerEntry(e.source) for e in before]
                        + [LayerEntry(list(span), kind=f"{kind}_replacement", attention=kind == "layer", mlp=True)]
@@ -188,7 +185,7 @@ def _write_checkpoint(src: Model, config: dict, layer_map: LayerMap, span: list[
     trained = {prefix + name: t for name, t in result.module.state_dict().items()}
 
     with contextlib.ExitStack() as stack:
-        plan = _tensor_plan(src, stand_in, stack)
+        plan = layer_tensors(src, stored, stack)
         slot = [t.name for t in plan if t.name.startswith(prefix)]
         if sorted(slot) != sorted(trained):
             raise ShortrtError(f"the trained module's tensors {sorted(trained)} do not match the layer's "
@@ -202,7 +199,7 @@ def _write_checkpoint(src: Model, config: dict, layer_map: LayerMap, span: list[
                                        f"the checkpoint's has {t.shape}")
                 t = TensorSource(t.name, t.dtype, t.shape, lambda v=value, d=t.dtype: _tensor_bytes(v, d))
             tensors.append(t)
-        return write_checkpoint(out, src, pruned_config(config, stand_in), written, tensors, overwrite=overwrite)
+        return write_checkpoint(out, src, pruned_config(config, stored), written, tensors, overwrite=overwrite)
 
 
 def replaced_checkpoint(model, scores, k: int, kind: str, **kw):
@@ -212,7 +209,7 @@ def replaced_checkpoint(model, scores, k: int, kind: str, **kw):
     benchmarks/latency.py looks) and is rebuilt only when its recorded span or kind differ
     from what `select(scores, remove=k, method="span")` gives now. kw go to replace().
     """
-    from .select import select
+    from .selection import select
 
     src = load(model)
     if kind not in KINDS:
