@@ -1,8 +1,11 @@
 // shortrt::Engine: loads a checkpoint into a Model + State and generates.
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <mutex>
 #include <random>
 #include <string>
+#include <thread>
 
 #include "config.h"
 #include "error.h"
@@ -52,15 +55,19 @@ struct Engine::Impl {
                     " is outside the vocabulary of " + std::to_string(config.vocab));
   }
 
-  // Runs the whole prompt of sequence `seq` from position 0, chunk by chunk.
-  void prefill(int seq, const std::vector<int>& tokens, float* all_logits, int chunk = 0) {
+  // Runs the whole prompt of sequence `seq` from position 0, chunk by chunk;
+  // false when `stop` said so before a chunk (the prompt is then not done).
+  template <class Stop>
+  bool prefill(int seq, const std::vector<int>& tokens, float* all_logits, int chunk, const Stop& stop) {
     const int n = static_cast<int>(tokens.size());
     if (chunk <= 0 || chunk > state->max_chunk) chunk = state->max_chunk;
     for (int begin = 0; begin < n; begin += chunk) {
+      if (stop()) return false;
       int len = std::min(chunk, n - begin);
       float* out = all_logits ? all_logits + static_cast<size_t>(begin) * config.vocab : nullptr;
       model->forward(*state, pool, seq, tokens.data() + begin, len, begin, out);
     }
+    return true;
   }
 
   EngineOptions options;
@@ -71,7 +78,45 @@ struct Engine::Impl {
   LayerPlan plan;
   std::unique_ptr<Model> model;
   std::unique_ptr<State> state;
-  std::mutex mutex;  // one generate/logits call at a time: they share State
+
+  // One generate/logits call at a time: they share State. `owner` is the thread
+  // inside a call, so a call from that thread's callback fails instead of
+  // waiting on itself. cancel() bumps `cancel_epoch`; a call started under an
+  // older epoch stops.
+  std::timed_mutex mutex;
+  std::atomic<std::thread::id> owner{};
+  std::atomic<uint64_t> cancel_epoch{0};
+  class CallLock;
+};
+
+// Holds Impl::mutex for one call: refuses a re-entrant call from the owning
+// thread, and while another thread's call runs, waits in short slices so that
+// `stop` (Ctrl-C, cancel) is still polled.
+class Engine::Impl::CallLock {
+ public:
+  template <class Stop>
+  CallLock(Impl& m, const char* what, const Stop& stop) : m_(m) {
+    if (m.owner.load() == std::this_thread::get_id())
+      throw UsageError(std::string("Engine.") + what +
+                       " called from inside this engine's own callback (the engine is busy with the call that "
+                       "runs the callback); collect the tokens and call it after generate() returns");
+    while (!m.mutex.try_lock_for(std::chrono::milliseconds(5)))
+      if (stop()) return;
+    m.owner.store(std::this_thread::get_id());
+    locked_ = true;
+  }
+  ~CallLock() {
+    if (!locked_) return;
+    m_.owner.store(std::thread::id());
+    m_.mutex.unlock();
+  }
+  bool locked() const { return locked_; }
+  CallLock(const CallLock&) = delete;
+  CallLock& operator=(const CallLock&) = delete;
+
+ private:
+  Impl& m_;
+  bool locked_ = false;
 };
 
 std::unique_ptr<Engine> Engine::load(const std::string& dir, const EngineOptions& options) {
@@ -88,6 +133,7 @@ Engine::~Engine() = default;
 std::vector<std::vector<int>> Engine::generate(const std::vector<std::vector<int>>& prompts,
                                                const GenerationOptions& o, const TokenCallback& on_token) {
   Impl& m = *impl_;
+  const uint64_t epoch = m.cancel_epoch.load();
   SamplingParams sp{o.temperature, o.top_k, o.top_p};
   validate(sp);
   if (prompts.empty()) throw Error("no prompts given");
@@ -104,23 +150,28 @@ std::vector<std::vector<int>> Engine::generate(const std::vector<std::vector<int
   }
   const std::vector<int>& stop = o.use_default_stop ? m.config.eos_token_ids : o.stop_tokens;
   auto is_stop = [&](int token) { return std::find(stop.begin(), stop.end(), token) != stop.end(); };
+  // Checked before every forward pass: cancel() since this call began, or the caller's poll.
+  auto should_stop = [&] {
+    return m.cancel_epoch.load(std::memory_order_relaxed) != epoch || (o.should_stop && o.should_stop());
+  };
 
-  std::lock_guard<std::mutex> lock(m.mutex);
   const int n_seq = static_cast<int>(prompts.size());
   std::vector<std::vector<int>> out(n_seq);
-  if (o.max_new_tokens == 0) return out;
+  Impl::CallLock lock(m, "generate", should_stop);
+  if (!lock.locked() || o.max_new_tokens == 0) return out;
   std::vector<std::mt19937_64> rng(n_seq, std::mt19937_64(o.seed));  // one stream per sequence
   std::vector<int> next(n_seq), pos(n_seq);
   std::vector<bool> active(n_seq, true);
   for (auto& o_b : out) o_b.reserve(o.max_new_tokens);  // no reallocation while decoding
   for (int b = 0; b < n_seq; ++b) {
-    m.prefill(b, prompts[b], nullptr);
+    if (!m.prefill(b, prompts[b], nullptr, 0, should_stop)) return out;
     pos[b] = static_cast<int>(prompts[b].size());
     next[b] = m.sampler.sample(m.state->logits.data(), sp, rng[b]);
   }
   // Each step decodes the active sequences one after another; each sequence's
   // arithmetic is exactly what it would be alone.
   for (int remaining = n_seq; remaining > 0;) {
+    if (should_stop()) break;
     for (int b = 0; b < n_seq; ++b) {
       if (!active[b]) continue;
       int token = next[b];
@@ -142,17 +193,27 @@ std::vector<std::vector<int>> Engine::generate(const std::vector<std::vector<int
   return out;
 }
 
-std::vector<float> Engine::logits(const std::vector<int>& tokens, int chunk) {
+std::vector<float> Engine::logits(const std::vector<int>& tokens, int chunk,
+                                  const std::function<bool()>& should_stop) {
   Impl& m = *impl_;
+  const uint64_t epoch = m.cancel_epoch.load();
   m.check_tokens(tokens, "the token list");
   if (tokens.size() > static_cast<size_t>(m.max_seq))
     throw Error(std::to_string(tokens.size()) + " tokens exceed the context of " + std::to_string(m.max_seq));
-  std::lock_guard<std::mutex> lock(m.mutex);
-  std::vector<float> out(tokens.size() * static_cast<size_t>(m.config.vocab));
   if (chunk < 0) throw Error("chunk must be >= 0 (0 = default), got " + std::to_string(chunk));
-  m.prefill(0, tokens, out.data(), chunk);
-  return out;
+  auto stop = [&] {
+    return m.cancel_epoch.load(std::memory_order_relaxed) != epoch || (should_stop && should_stop());
+  };
+  std::vector<float> out;
+  Impl::CallLock lock(m, "logits", stop);
+  if (lock.locked()) {
+    out.resize(tokens.size() * static_cast<size_t>(m.config.vocab));
+    if (m.prefill(0, tokens, out.data(), chunk, stop)) return out;
+  }
+  throw UsageError("Engine.logits was stopped before it finished");
 }
+
+void Engine::cancel() { impl_->cancel_epoch.fetch_add(1); }
 
 const ModelConfig& Engine::config() const { return impl_->config; }
 std::size_t Engine::kv_cache_bytes() const { return impl_->state->kv_bytes; }
