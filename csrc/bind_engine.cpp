@@ -292,13 +292,16 @@ py::array_t<float> logits(Engine& e, const std::vector<int>& tokens, int chunk) 
   return out;
 }
 
-bool attention_path(const std::string& path, int hd, const char* who) {
+// The kernel table a test hook runs: "ref" or "avx2" (which needs AVX2 and, for
+// attend_head, head_dim % 8 == 0; the engine's table would run the reference then).
+const shortrt::KernelTable& attention_path(const std::string& path, int hd, const char* who) {
   if (path == "avx2") {
-    if (!shortrt::avx2_kernels()) throw std::invalid_argument(std::string(who) + ": this CPU has no AVX2/FMA");
+    const shortrt::KernelTable* avx2 = shortrt::avx2_kernels();
+    if (!avx2) throw std::invalid_argument(std::string(who) + ": this CPU has no AVX2/FMA");
     if (hd % 8 != 0) throw std::invalid_argument(std::string(who) + ": the avx2 path needs head_dim % 8 == 0");
-    return true;
+    return *avx2;
   }
-  if (path == "ref") return false;
+  if (path == "ref") return shortrt::reference_kernels();
   throw std::invalid_argument(std::string(who) + ": path must be 'ref' or 'avx2'");
 }
 
@@ -317,11 +320,10 @@ py::array_t<float> attend_head(py::array_t<float, py::array::c_style | py::array
   if (hd > 512) throw std::invalid_argument("attend_head: head_dim > 512");
   if (group < 1 || group > shortrt::kMaxAttendGroup)
     throw std::invalid_argument("attend_head: group must be 1.." + std::to_string(shortrt::kMaxAttendGroup));
-  const bool avx2 = attention_path(path, hd, "attend_head");
+  const shortrt::KernelTable& k = attention_path(path, hd, "attend_head");
   std::vector<float> acc(static_cast<size_t>(group) * hd), m(group), l(group);
-  (avx2 ? shortrt::detail::attend_partial_avx2 : shortrt::attend_partial_ref)(
-      q.data(), group, keys.data(), values.data(), keys.shape(1), keys.shape(0), hd, scale, acc.data(), m.data(),
-      l.data());
+  k.attend_partial(q.data(), group, keys.data(), values.data(), keys.shape(1), keys.shape(0), hd, scale, acc.data(),
+                   m.data(), l.data());
   py::array_t<float> out(q.request().shape);
   float* o = out.mutable_data();
   for (int g = 0; g < group; ++g) {
@@ -359,9 +361,10 @@ py::array_t<float> attention_decode(py::array_t<float, py::array::c_style | py::
   args.head_dim = hd;
   py::array_t<float> out({q.shape(0), q.shape(1)});
   args.out = out.mutable_data();
-  const bool avx2 = attention_path(path, hd, "attention_decode");
+  const shortrt::KernelTable& k = attention_path(path, hd, "attention_decode");
   shortrt::ThreadPool pool(threads);
-  shortrt::attention_decode(args, pool, avx2);
+  shortrt::AttentionScratch scratch(static_cast<int>(keys.shape(0)), args.n_heads, n_kv_heads, hd);
+  shortrt::attention_decode(args, scratch, pool, k);
   return out;
 }
 

@@ -48,10 +48,11 @@ struct State {
   FloatBuffer act;      // [max_chunk][intermediate]  silu(gate) * up
   std::vector<BlockQ8> xq;  // [max_chunk][max width / 32]  activation quantized once per matmul input (int8)
   FloatBuffer logits;   // [vocab]                    last position's logits
-  // KV cache: [slot][seq][pos][kv_head][head_dim], slots = retained attentions only.
+  // KV cache: [slot][seq][kv_head][pos][head_dim], slots = retained attentions only:
+  // each kv head's keys (values) of a sequence are one contiguous stream.
   FloatBuffer key_cache, value_cache;
   size_t kv_bytes = 0;
-  AttentionScratch attention;  // the prefill attention's K / V^T / scores for one kv head
+  AttentionScratch attention;  // prefill's K / V^T / scores for one kv head; decode's partial states
 };
 
 class Model {
