@@ -69,10 +69,11 @@ void take_gil(PyThreadState* ts) {
 // stashed the Python exception; the binding re-raises that exception.
 struct PythonErrorRaised {};
 
-// Runs f() without the GIL; rethrows what it threw once the GIL is back.
+// Runs f() without the GIL; rethrows what it threw once the GIL is back. `ts`
+// holds this thread's state meanwhile, for code inside f() that takes the GIL.
 template <class F>
-auto without_gil(F&& f) -> decltype(f()) {
-  PyThreadState* ts = PyEval_SaveThread();
+auto without_gil(F&& f, PyThreadState*& ts) -> decltype(f()) {
+  ts = PyEval_SaveThread();
   std::exception_ptr error;
   std::optional<decltype(f())> result;
   try {
@@ -123,26 +124,13 @@ class Call {
   template <class F>
   auto run(F&& f) -> decltype(f()) {
     last_poll_ = std::chrono::steady_clock::now();
-    ts_ = PyEval_SaveThread();
-    std::exception_ptr error;
-    std::optional<decltype(f())> result;
     try {
-      result.emplace(f());
-#if defined(__GLIBCXX__)
-    } catch (abi::__forced_unwind&) {
-      throw;
-#endif
-    } catch (...) {
-      error = std::current_exception();
-    }
-    take_gil(ts_);
-    if (err_type_) {
+      return without_gil(f, ts_);
+    } catch (const PythonErrorRaised&) {
       PyErr_Restore(err_type_, err_value_, err_traceback_);
       err_type_ = err_value_ = err_traceback_ = nullptr;
       throw py::error_already_set();
     }
-    if (error) std::rethrow_exception(error);
-    return std::move(*result);
   }
 
   // GenerationOptions::should_stop, without the GIL: on the main thread, at
@@ -243,7 +231,8 @@ std::unique_ptr<Engine> load(const std::string& path, const std::string& dtype, 
   o.max_seq = max_seq;
   o.max_batch = max_batch;
   o.skip_layers = skip_layers;
-  return without_gil([&] { return Engine::load(path, o); });
+  PyThreadState* ts = nullptr;
+  return without_gil([&] { return Engine::load(path, o); }, ts);
 }
 
 std::vector<std::vector<int>> generate(Engine& e, const std::vector<std::vector<int>>& prompts, int64_t max_new_tokens,
