@@ -213,7 +213,8 @@ def test_two_threads_share_one_engine(tiny):
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    # Daemon threads: should they deadlock, the assertion below fails and pytest can still exit.
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
@@ -291,6 +292,8 @@ def test_ctrl_c_interrupts_within_milliseconds(slow_model, mode):
     """Ctrl-C used to wait for the whole generation (seconds here, minutes on a real model)."""
     proc = subprocess.Popen([sys.executable, "-c", INTERRUPT_SCRIPT, str(slow_model), mode], env=python_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(60, proc.kill)  # a hung child ends the blocking reads below
+    watchdog.start()
     try:
         assert proc.stdout.readline().strip() == "started"
         time.sleep(0.3)
@@ -300,6 +303,7 @@ def test_ctrl_c_interrupts_within_milliseconds(slow_model, mode):
         latency = time.monotonic() - sent
         out, err = proc.communicate(timeout=30)
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

@@ -23,7 +23,8 @@
 namespace shortrt {
 
 // The engine was used in a way it cannot serve (a call from inside its own
-// callback). Not derived from the input-error type, so Python raises RuntimeError.
+// callback), or a logits() call was stopped before it finished. Not derived
+// from the input-error type, so Python raises RuntimeError.
 struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
