@@ -83,9 +83,12 @@ const char* file_kind(mode_t mode) {
   return "not a regular file";
 }
 
+// A directory is an IsADirectoryError in Python; a FIFO, socket or device a
+// FormatError, like any other file that is not a safetensors file.
 [[noreturn]] void refuse_non_regular(const std::string& path, mode_t mode) {
-  int err = S_ISDIR(mode) ? EISDIR : EINVAL;
-  throw OsError("cannot open " + path + ": it is " + file_kind(mode) + ", not a safetensors file", err);
+  std::string what = "cannot open " + path + ": it is " + file_kind(mode) + ", not a safetensors file";
+  if (S_ISDIR(mode)) throw OsError(what, EISDIR);
+  throw Error(what);
 }
 
 }  // namespace

@@ -27,8 +27,8 @@
 //     the end of the file. No gaps, no overlaps, no trailing bytes.
 //   - end - begin == numel * bits / 8, numel computed dim by dim without
 //     overflow, and a whole number of bytes for the 4- and 6-bit types.
-// One deliberate difference: a dim above 2^63 - 1 (possible only after a
-// zero dim, in an empty tensor) is refused, since shapes here are int64.
+// One deliberate difference: a dim above 2^63 - 1 (the library allows it in
+// an empty tensor, e.g. [2^64 - 1, 0]) is refused, since shapes here are int64.
 //
 // A corrupt or hostile file throws shortrt::Error with one line naming the
 // file and the problem; it never leads to an out-of-bounds read. Paths that

@@ -466,7 +466,7 @@ class HeaderParser {
     for (int i = 0; i < 3; ++i) {
       if (!next_element(i == 0)) {
         if (i == 2) break;
-        throw Error("'data_offsets' has " + std::to_string(i) + " elements, not two");
+        throw Error("'data_offsets' has " + std::to_string(i) + (i == 1 ? " element" : " elements") + ", not two");
       }
       if (i == 2) throw Error("'data_offsets' has more than two elements");
       v[i] = parse_uint("data_offsets[" + std::to_string(i) + "]");
