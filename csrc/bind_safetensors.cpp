@@ -71,7 +71,10 @@ py::array tensor_array(const TensorView& t, py::handle owner) {
   py::ssize_t stride = static_cast<py::ssize_t>(shortrt::dtype_size(t.dtype));
   for (size_t i = shape.size(); i-- > 0;) {
     strides[i] = stride;
-    stride *= shape[i];
+    // Only an empty tensor can get here with dims this large ([0, 2^40, 2^40]).
+    if (__builtin_mul_overflow(stride, shape[i], &stride))
+      throw shortrt::Error("tensor '" + t.name + "' has shape " + shortrt::shape_string(t.shape) +
+                           ", too large for a numpy array");
   }
   py::array array(dtype, shape, strides, t.data, owner);
   // pybind marks arrays with a non-array base writeable; the mapping is PROT_READ.

@@ -61,11 +61,12 @@ std::string shape_string(const std::vector<int64_t>& shape) {
 }
 
 int64_t TensorView::numel() const {
+  // Validated at load: without a zero dim the product is the tensor's size in
+  // bits over the element's bits, so it fits; with one, the dims before it may
+  // multiply past int64 (the library allows [2^32, 2^31, 0]), so look first.
+  if (std::find(shape.begin(), shape.end(), 0) != shape.end()) return 0;
   int64_t n = 1;
-  for (int64_t d : shape) {
-    if (d == 0) return 0;
-    n *= d;  // validated at load: the product up to the first zero dim fits u64 (and numel * bits fits)
-  }
+  for (int64_t d : shape) n *= d;
   return n;
 }
 

@@ -659,6 +659,17 @@ def test_every_dtype_reads_back(tmp_path):
     assert f.numpy("C64").dtype == np.complex64 and f.numpy("C64").shape == (4,)
 
 
+def test_empty_tensors_with_huge_dims(tmp_path):
+    # The library accepts them (the element count is 0); numpy cannot hold every such shape.
+    f = _C.SafetensorsFile(str(CORPUS / "ok-zero-dim-first-huge-rest.safetensors"))
+    assert f.info("a") == ("F32", (0, 2**40, 2**40), 0)
+    with pytest.raises(FormatError, match=r"tensor 'a' has shape \[0, 1099511627776, 1099511627776\], too large "
+                                          r"for a numpy array"):
+        f.numpy("a")
+    f = _C.SafetensorsFile(str(CORPUS / "ok-zero-dim-after-2-pow-63.safetensors"))
+    assert f.info("a") == ("U8", (2**32, 2**31, 0), 0)  # the dims before the 0 multiply past int64
+
+
 # ---- paths that are not regular files ----------------------------------------------------------
 
 def test_fifo_is_refused_without_blocking(tmp_path):

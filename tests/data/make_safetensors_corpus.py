@@ -55,6 +55,8 @@ def cases():
     c["ok-empty-tensor-between"] = raw({"a": t("F32", [1], 0, 4), "e": t("F32", [0], 4, 4),
                                         "b": t("F32", [1], 4, 8)}, bytes(8))
     c["ok-zero-dim-first-huge-rest"] = raw({"a": t("F32", [0, 2**40, 2**40], 0, 0)})
+    # The product before the zero dim is 2^63: fits u64 (so the library accepts it), not int64.
+    c["ok-zero-dim-after-2-pow-63"] = raw({"a": t("U8", [2**32, 2**31, 0], 0, 0)})
     c["ok-repeated-tensor-name-last-wins"] = raw(b'{"a":{"dtype":"F32","shape":[8],"data_offsets":[8,40]},"a":' + A8 + b"}",
                                                  bytes(8))
     c["ok-entry-as-array"] = raw(b'{"a":["F32",[2],[0,8]]}', bytes(8))
