@@ -381,10 +381,14 @@ class HeaderParser {
   }
 
   // The source text of the value starting here, for a message (then skipped).
+  // Raw control bytes in valid JSON can only be whitespace: shown as spaces,
+  // so the message stays one line.
   std::string skipped_text() {
     size_t start = pos_;
     skip_value();
     std::string text(s_.substr(start, std::min<size_t>(pos_ - start, 40)));
+    for (char& c : text)
+      if (static_cast<unsigned char>(c) < 0x20) c = ' ';
     if (pos_ - start > 40) text += "...";
     return text;
   }
@@ -438,7 +442,7 @@ class HeaderParser {
     if (!next_member(true)) throw Error("'dtype' is an empty object, not a string");
     std::string name = parse_key();
     value_start();
-    if (peek() != 'n') throw Error("'dtype' object {\"" + name + "\": " + skipped_text() + "} must hold null");
+    if (peek() != 'n') throw Error("'dtype' object's value for " + quoted(name) + " is " + skipped_text() + ", not null");
     parse_literal("null");
     if (next_member(false)) throw Error("'dtype' object has more than one key");
     leave();
