@@ -98,17 +98,27 @@ def _no_duplicate_keys(pairs):
     return out
 
 
-def _check_regular(path: Path) -> None:
-    """A regular file, or a clear error: a FIFO would block a reader forever, a directory confuses one."""
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _check_regular(path: Path, weights: bool = False) -> None:
+    """A regular file, or a clear error: a FIFO would block a reader forever, a directory confuses
+    one. Worded as the C++ readers word it (csrc/safetensors.cpp for weights, checkpoint.cpp else)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
     except OSError as exc:
         raise CheckpointError(f"cannot open {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise CheckpointError(f"{path} is {kind}; expected a regular file")
+    if stat.S_ISREG(st.st_mode):
+        return
+    kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+    if weights:
+        raise CheckpointError(f"cannot open {path}: it is {kind}, not a safetensors file")
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"{path} is a directory; expected a regular file")
+    raise CheckpointError(f"{path} is not a regular file; expected a regular file")
 
 
 # ============================================================================ config.json
@@ -508,13 +518,14 @@ def weight_files(path: Path) -> list[Path]:
             hint = " (it has PyTorch .bin weights; re-save them with safe_serialization=True)"
         raise CheckpointError(f"{path} has no weights: expected {SINGLE_FILE} or {INDEX_FILE}{hint}")
     for f in files:
-        if not f.exists():
+        if not (f.exists() or f.is_symlink()):
             raise CheckpointError(f"{index} names missing shard '{f.name}'")
-        _check_regular(f)
     stray = sorted(p.name for p in path.glob("*.safetensors") if p not in files)
     if stray:
-        raise CheckpointError(f"{path}: stray weights file '{stray[0]}' is neither {SINGLE_FILE} nor a shard "
-                              "the index names; move or delete it")
+        raise CheckpointError(f"{path}: stray weights file '{stray[0]}' is neither {SINGLE_FILE} nor a shard the index "
+                              "names; move or delete it")
+    for f in files:
+        _check_regular(f, weights=True)
     return files
 
 

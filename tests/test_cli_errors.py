@@ -93,9 +93,9 @@ def test_bad_checkpoints_are_one_line_errors(tiny, tmp_path, capsys):
     (weights_dir / "model.safetensors").unlink()
     (weights_dir / "model.safetensors").mkdir()
     rc, err = run_cli(["info", weights_dir], capsys)
-    assert rc == 1 and "model.safetensors is a directory; expected a regular file" in err
+    assert rc == 1 and "model.safetensors: it is a directory, not a safetensors file" in err
     rc, err = run_cli(["generate", weights_dir, "-p", "x"], capsys)
-    assert rc == 1 and "model.safetensors is a directory" in err and err.count("\n") == 1
+    assert rc == 1 and "model.safetensors: it is a directory" in err and err.count("\n") == 1
 
 
 def test_truncated_header_is_reported_by_info(tiny, tmp_path, capsys):
