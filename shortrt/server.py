@@ -69,6 +69,13 @@ def _number(body: dict, name: str, default, *, lo=-math.inf, hi=math.inf, lo_ope
     return value
 
 
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool) and value is not None:
+        raise _invalid(name, f"`{name}` must be true or false, got {json.dumps(value)}", "invalid_type")
+    return bool(value)
+
+
 def _stop_strings(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -89,9 +96,6 @@ def _sampling(body: dict) -> dict:
     if n != 1:
         raise _invalid("n", f"`n` must be 1 (one completion per request), got {n}", "unsupported_value")
     seed = _number(body, "seed", None, lo=0, hi=SEED_MAX, integer=True)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool) and stream is not None:
-        raise _invalid("stream", f"`stream` must be true or false, got {json.dumps(stream)}", "invalid_type")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise _invalid("stream_options", "`stream_options` must be an object like {\"include_usage\": true}",
@@ -102,7 +106,8 @@ def _sampling(body: dict) -> dict:
         "top_k": _number(body, "top_k", 0, lo=0, integer=True),  # an extension (vLLM and llama.cpp have it too)
         "seed": random.getrandbits(63) if seed is None else seed,
         "stop_strings": _stop_strings(body),
-        "stream": bool(stream),
+        "ignore_eos": _flag(body, "ignore_eos"),  # an extension (vLLM, llama.cpp): generate max_tokens tokens
+        "stream": _flag(body, "stream"),
         "include_usage": bool(options.get("include_usage", False)),
     }
 
@@ -319,6 +324,7 @@ async def _handle(state: ServerState, request: Request, chat: bool):
         try:
             req = await state.aeng.submit(ids, max_new_tokens=max_new, temperature=options["temperature"],
                                           top_k=options["top_k"], top_p=options["top_p"], seed=options["seed"],
+                                          stop=[] if options["ignore_eos"] else None,
                                           stop_strings=options["stop_strings"])
         except QueueFull as exc:
             raise APIError(429, str(exc), code="queue_full", type="rate_limit_error") from None
