@@ -41,13 +41,15 @@ py::dict config_dict(const shortrt::ModelConfig& c) {
 }
 
 std::unique_ptr<Engine> load(const std::string& path, const std::string& dtype, int threads, int max_seq,
-                             int max_batch, const std::vector<int>& skip_layers) {
+                             int max_batch, const std::vector<int>& skip_layers, int prefill_chunk, int step_tokens) {
   shortrt::EngineOptions o;
   o.dtype = dtype;
   o.threads = threads;
   o.max_seq = max_seq;
   o.max_batch = max_batch;
   o.skip_layers = skip_layers;
+  o.prefill_chunk = prefill_chunk;
+  o.step_tokens = step_tokens;
   py::gil_scoped_release release;
   return Engine::load(path, o);
 }
@@ -75,6 +77,52 @@ std::vector<std::vector<int>> generate(Engine& e, const std::vector<std::vector<
   }
   py::gil_scoped_release release;
   return e.generate(prompts, o, on_token);
+}
+
+uint64_t submit(Engine& e, const std::vector<int>& prompt, int max_new_tokens, float temperature, int top_k,
+                float top_p, uint64_t seed, std::optional<std::vector<int>> stop) {
+  shortrt::GenerationOptions o;
+  o.max_new_tokens = max_new_tokens;
+  o.temperature = temperature;
+  o.top_k = top_k;
+  o.top_p = top_p;
+  o.seed = seed;
+  if (stop) {
+    o.use_default_stop = false;
+    o.stop_tokens = *stop;
+  }
+  return e.submit(prompt, o);
+}
+
+// [(request, token, finish)] with finish None while the request runs.
+py::list step(Engine& e) {
+  std::vector<shortrt::RequestEvent> events;
+  {
+    py::gil_scoped_release release;
+    events = e.step();
+  }
+  py::list out;
+  for (const auto& ev : events) {
+    py::object finish = py::none();
+    if (ev.finish != shortrt::FinishReason::None) finish = py::str(shortrt::finish_reason_name(ev.finish));
+    out.append(py::make_tuple(ev.request, ev.token, finish));
+  }
+  return out;
+}
+
+py::dict stats(const Engine& e) {
+  const shortrt::EngineStats s = e.stats();
+  py::dict d;
+  d["running"] = s.running;
+  d["queued"] = s.queued;
+  d["max_batch"] = s.max_batch;
+  d["kv_regions_used"] = s.running;
+  d["kv_bytes"] = s.kv_bytes;
+  d["kv_bytes_used"] = s.kv_bytes_used;
+  d["tokens_generated"] = s.tokens_generated;
+  d["requests_finished"] = s.requests_finished;
+  d["steps"] = s.steps;
+  return d;
 }
 
 py::array_t<float> logits(Engine& e, const std::vector<int>& tokens, int chunk) {
@@ -167,7 +215,20 @@ py::array_t<float> attention_decode(py::array_t<float, py::array::c_style | py::
 void register_engine(py::module_& m) {
   py::class_<Engine>(m, "Engine", "The C++ inference engine over one checkpoint directory.")
       .def(py::init(&load), py::arg("path"), py::arg("dtype") = "fp32", py::arg("threads") = 0,
-           py::arg("max_seq") = 0, py::arg("max_batch") = 1, py::arg("skip_layers") = std::vector<int>{})
+           py::arg("max_seq") = 0, py::arg("max_batch") = 1, py::arg("skip_layers") = std::vector<int>{},
+           py::arg("prefill_chunk") = 0, py::arg("step_tokens") = 0)
+      .def("submit", &submit, py::arg("prompt"), py::arg("max_new_tokens") = 64, py::arg("temperature") = 0.0f,
+           py::arg("top_k") = 0, py::arg("top_p") = 1.0f, py::arg("seed") = 0, py::arg("stop") = py::none(),
+           "Queue a request; returns its id. Thread-safe.")
+      .def("step", &step,
+           "One forward pass over every running request (GIL released): [(request, token, finish)], token -1 "
+           "when the step ended the request without a new token, finish None, 'stop', 'length' or 'cancelled'.")
+      .def("cancel", &Engine::cancel, py::arg("request"), py::call_guard<py::gil_scoped_release>(),
+           "Cancel a request (thread-safe; its KV region is freed at once, or by the step in flight).")
+      .def("stats", &stats)
+      .def_property_readonly("has_work", &Engine::has_work)
+      .def_property_readonly("prefill_chunk", &Engine::prefill_chunk)
+      .def_property_readonly("step_tokens", &Engine::step_tokens)
       .def("generate", &generate, py::arg("prompts"), py::arg("max_new_tokens") = 64,
            py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f, py::arg("seed") = 0,
            py::arg("stop") = py::none(), py::arg("callback") = py::none(),

@@ -1,5 +1,7 @@
 // shortrt::Engine: loads a checkpoint into a Model + State and generates.
 #include <algorithm>
+#include <atomic>
+#include <deque>
 #include <mutex>
 #include <random>
 #include <string>
@@ -15,7 +17,7 @@
 namespace shortrt {
 namespace {
 
-constexpr int kMaxChunk = 512;  // prefill runs in chunks of at most this many tokens (bounds the scratch)
+constexpr int kDefaultPrefillChunk = 64;
 constexpr int kDefaultMaxSeq = 2048;
 
 WeightType weight_type_of(const std::string& dtype) {
@@ -25,7 +27,32 @@ WeightType weight_type_of(const std::string& dtype) {
   throw Error("unknown dtype '" + dtype + "' (expected fp32, bf16 or int8)");
 }
 
+// One request from submit() to its last event.
+struct Request {
+  uint64_t id = 0;
+  std::vector<int> prompt;
+  int max_new_tokens = 0;
+  SamplingParams sampling;
+  std::vector<int> stop;
+  std::mt19937_64 rng;
+  int region = -1;      // KV region while running
+  int prefilled = 0;    // prompt tokens in the cache
+  int generated = 0;    // output tokens so far
+  int pending = -1;     // the last output token, fed to the next step
+  std::atomic<bool> cancelled{false};
+};
+
 }  // namespace
+
+const char* finish_reason_name(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::None: return "";
+    case FinishReason::Stop: return "stop";
+    case FinishReason::Length: return "length";
+    case FinishReason::Cancelled: return "cancelled";
+  }
+  return "";
+}
 
 struct Engine::Impl {
   Impl(const std::string& dir, const EngineOptions& o)
@@ -38,27 +65,180 @@ struct Engine::Impl {
     if (config.sliding_window > 0 && max_seq > config.sliding_window)
       throw Error("max_seq " + std::to_string(max_seq) + " exceeds the sliding window of " +
                   std::to_string(config.sliding_window) + " (sliding-window attention is not implemented)");
+    prefill_chunk = std::min(o.prefill_chunk > 0 ? o.prefill_chunk : kDefaultPrefillChunk, max_seq);
+    const int least = o.max_batch + prefill_chunk;
+    step_tokens = o.step_tokens > 0 ? o.step_tokens : least;
+    if (step_tokens < least)
+      throw Error("step_tokens " + std::to_string(step_tokens) + " is less than max_batch + prefill_chunk = " +
+                  std::to_string(least) + " (a prompt chunk must fit beside every decoding sequence)");
     plan = build_plan(dir, config, o.skip_layers);
     model = std::make_unique<Model>(config, load_weights(dir, config, plan, type), plan.n_kv_slots, max_seq);
-    state = std::make_unique<State>(config, plan.n_kv_slots, max_seq, o.max_batch, std::min(kMaxChunk, max_seq));
+    state = std::make_unique<State>(config, plan.n_kv_slots, max_seq, o.max_batch, step_tokens);
+    running.resize(o.max_batch);
+    for (int r = o.max_batch - 1; r >= 0; --r) free_regions.push_back(r);
+    tokens.resize(step_tokens);
+    segments.resize(o.max_batch);
+    members.resize(o.max_batch);
   }
 
-  void check_tokens(const std::vector<int>& tokens, const std::string& what) const {
-    if (tokens.empty()) throw Error(what + " is empty");
-    for (size_t j = 0; j < tokens.size(); ++j)
-      if (tokens[j] < 0 || tokens[j] >= config.vocab)
-        throw Error("token id " + std::to_string(tokens[j]) + " at position " + std::to_string(j) + " of " + what +
+  void check_tokens(const std::vector<int>& ids, const std::string& what) const {
+    if (ids.empty()) throw Error(what + " is empty");
+    for (size_t j = 0; j < ids.size(); ++j)
+      if (ids[j] < 0 || ids[j] >= config.vocab)
+        throw Error("token id " + std::to_string(ids[j]) + " at position " + std::to_string(j) + " of " + what +
                     " is outside the vocabulary of " + std::to_string(config.vocab));
   }
 
-  // Runs the whole prompt of sequence `seq` from position 0, chunk by chunk.
-  void prefill(int seq, const std::vector<int>& tokens, float* all_logits, int chunk = 0) {
-    const int n = static_cast<int>(tokens.size());
-    if (chunk <= 0 || chunk > state->max_chunk) chunk = state->max_chunk;
-    for (int begin = 0; begin < n; begin += chunk) {
-      int len = std::min(chunk, n - begin);
-      float* out = all_logits ? all_logits + static_cast<size_t>(begin) * config.vocab : nullptr;
-      model->forward(*state, pool, seq, tokens.data() + begin, len, begin, out);
+  void check_request(const std::vector<int>& prompt, const GenerationOptions& o, const std::string& what) const {
+    validate(SamplingParams{o.temperature, o.top_k, o.top_p});
+    if (o.max_new_tokens < 0) throw Error("max_new_tokens must be >= 0, got " + std::to_string(o.max_new_tokens));
+    check_tokens(prompt, what);
+    if (prompt.size() + static_cast<size_t>(o.max_new_tokens) > static_cast<size_t>(max_seq))
+      throw Error("prompt of " + std::to_string(prompt.size()) + " tokens + " + std::to_string(o.max_new_tokens) +
+                  " new tokens exceeds the context of " + std::to_string(max_seq));
+  }
+
+  // Call with queue_mutex held.
+  uint64_t enqueue(const std::vector<int>& prompt, const GenerationOptions& o) {
+    auto r = std::make_unique<Request>();
+    r->id = next_id++;
+    r->prompt = prompt;
+    r->max_new_tokens = o.max_new_tokens;
+    r->sampling = SamplingParams{o.temperature, o.top_k, o.top_p};
+    r->stop = o.use_default_stop ? config.eos_token_ids : o.stop_tokens;
+    r->rng.seed(o.seed);
+    const uint64_t id = r->id;
+    if (r->max_new_tokens == 0) {
+      undelivered.push_back({id, -1, FinishReason::Length});
+      ++requests_finished;
+    } else {
+      queued.push_back(std::move(r));
+    }
+    return id;
+  }
+
+  // Call with queue_mutex held: frees the region of running request `r` at once.
+  void release(int region, FinishReason why, int token) {
+    Request* r = running[region].get();
+    undelivered.push_back({r->id, token, why});
+    ++requests_finished;
+    running[region].reset();
+    free_regions.push_back(region);
+  }
+
+  // Call with queue_mutex held: cancelled requests out, queued ones into free regions.
+  void admit() {
+    for (int g = 0; g < static_cast<int>(running.size()); ++g)
+      if (running[g] && running[g]->cancelled && !in_step) release(g, FinishReason::Cancelled, -1);
+    while (!queued.empty() && !free_regions.empty()) {
+      const int g = free_regions.back();
+      free_regions.pop_back();
+      queued.front()->region = g;
+      running[g] = std::move(queued.front());
+      queued.pop_front();
+      order.push_back(running[g]->id);
+    }
+  }
+
+  std::vector<RequestEvent> step() {
+    std::lock_guard<std::mutex> step_lock(step_mutex);
+    int n_rows = 0, n_segs = 0;
+    {
+      std::lock_guard<std::mutex> lock(queue_mutex);
+      admit();
+      // Decode rows first (one per decoding request), then whole prefill chunks in
+      // arrival order while they fit: a prompt's chunks never depend on the others.
+      for (int g = 0; g < static_cast<int>(running.size()); ++g) {
+        Request* r = running[g].get();
+        if (!r || r->pending < 0) continue;
+        tokens[n_rows] = r->pending;
+        segments[n_segs] = Segment{g, static_cast<int>(r->prompt.size()) + r->generated - 1, n_rows, 1, true};
+        members[n_segs++] = r;
+        ++n_rows;
+      }
+      for (uint64_t id : order) {
+        Request* r = nullptr;
+        for (auto& slot : running)
+          if (slot && slot->id == id) r = slot.get();
+        if (!r || r->pending >= 0) continue;
+        const int n = std::min(prefill_chunk, static_cast<int>(r->prompt.size()) - r->prefilled);
+        if (n_rows + n > step_tokens) break;
+        std::copy(r->prompt.begin() + r->prefilled, r->prompt.begin() + r->prefilled + n, tokens.begin() + n_rows);
+        const bool last = r->prefilled + n == static_cast<int>(r->prompt.size());
+        segments[n_segs] = Segment{r->region, r->prefilled, n_rows, n, last};
+        members[n_segs++] = r;
+        n_rows += n;
+      }
+      in_step = n_segs > 0;
+    }
+    std::vector<RequestEvent> events;
+    if (n_segs > 0) {
+      try {
+        model->forward_step(*state, pool, tokens.data(), segments.data(), n_segs);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(queue_mutex);
+        in_step = false;
+        throw;
+      }
+      ++steps;
+      std::lock_guard<std::mutex> lock(queue_mutex);
+      in_step = false;
+      int logit_row = 0;
+      for (int i = 0; i < n_segs; ++i) {
+        Request* r = members[i];
+        const Segment& g = segments[i];
+        if (r->pending < 0) r->prefilled += g.n;
+        if (!g.logits) continue;
+        const float* logits = state->logits.data() + static_cast<size_t>(logit_row++) * config.vocab;
+        if (r->cancelled) continue;  // released below
+        const int token = sampler.sample(logits, r->sampling, r->rng);
+        if (std::find(r->stop.begin(), r->stop.end(), token) != r->stop.end()) {
+          release(g.seq, FinishReason::Stop, -1);
+          continue;
+        }
+        ++r->generated;
+        ++tokens_generated;
+        if (r->generated >= r->max_new_tokens) {
+          release(g.seq, FinishReason::Length, token);
+          continue;
+        }
+        r->pending = token;
+        events.push_back({r->id, token, FinishReason::None});
+      }
+      for (int g = 0; g < static_cast<int>(running.size()); ++g)
+        if (running[g] && running[g]->cancelled) release(g, FinishReason::Cancelled, -1);
+      order.erase(std::remove_if(order.begin(), order.end(),
+                                 [&](uint64_t id) {
+                                   for (auto& slot : running)
+                                     if (slot && slot->id == id) return false;
+                                   return true;
+                                 }),
+                  order.end());
+    }
+    std::lock_guard<std::mutex> lock(queue_mutex);
+    // Finishing events (released above, or by cancel/submit between steps) go after the
+    // running ones of this step; per request they are its last event.
+    events.insert(events.end(), undelivered.begin(), undelivered.end());
+    undelivered.clear();
+    return events;
+  }
+
+  void cancel(uint64_t id) {
+    std::lock_guard<std::mutex> lock(queue_mutex);
+    for (auto it = queued.begin(); it != queued.end(); ++it) {
+      if ((*it)->id == id) {
+        undelivered.push_back({id, -1, FinishReason::Cancelled});
+        ++requests_finished;
+        queued.erase(it);
+        return;
+      }
+    }
+    for (int g = 0; g < static_cast<int>(running.size()); ++g) {
+      if (running[g] && running[g]->id == id) {
+        running[g]->cancelled = true;
+        if (!in_step) release(g, FinishReason::Cancelled, -1);  // else the step in flight frees it
+        return;
+      }
     }
   }
 
@@ -66,11 +246,26 @@ struct Engine::Impl {
   ModelConfig config;
   ThreadPool pool;
   Sampler sampler;
-  int max_seq = 0;
+  int max_seq = 0, prefill_chunk = 0, step_tokens = 0;
   LayerPlan plan;
   std::unique_ptr<Model> model;
   std::unique_ptr<State> state;
-  std::mutex mutex;  // one generate/logits call at a time: they share State
+
+  // Requests. queue_mutex guards everything below; step_mutex makes steps one at a time.
+  mutable std::mutex queue_mutex;
+  std::mutex step_mutex;
+  uint64_t next_id = 1;
+  std::deque<std::unique_ptr<Request>> queued;
+  std::vector<std::unique_ptr<Request>> running;  // [max_batch], by KV region
+  std::vector<int> free_regions;
+  std::vector<uint64_t> order;                    // running requests in arrival order
+  std::vector<RequestEvent> undelivered;          // events not yet returned by step() (last ones, mostly)
+  bool in_step = false;                           // a forward pass is using the running requests
+  uint64_t tokens_generated = 0, requests_finished = 0, steps = 0;
+  // Step scratch, sized once.
+  std::vector<int> tokens;
+  std::vector<Segment> segments;
+  std::vector<Request*> members;
 };
 
 std::unique_ptr<Engine> Engine::load(const std::string& dir, const EngineOptions& options) {
@@ -78,66 +273,111 @@ std::unique_ptr<Engine> Engine::load(const std::string& dir, const EngineOptions
   if (options.threads < 0) throw Error("threads must be >= 0 (0 = all cores), got " + std::to_string(options.threads));
   if (options.max_seq < 0) throw Error("max_seq must be >= 0 (0 = default), got " + std::to_string(options.max_seq));
   if (options.max_batch < 1) throw Error("max_batch must be >= 1, got " + std::to_string(options.max_batch));
+  if (options.prefill_chunk < 0)
+    throw Error("prefill_chunk must be >= 0 (0 = default), got " + std::to_string(options.prefill_chunk));
+  if (options.step_tokens < 0)
+    throw Error("step_tokens must be >= 0 (0 = default), got " + std::to_string(options.step_tokens));
   return std::unique_ptr<Engine>(new Engine(std::make_unique<Impl>(dir, options)));
 }
 
 Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Engine::~Engine() = default;
 
+uint64_t Engine::submit(const std::vector<int>& prompt, const GenerationOptions& options) {
+  Impl& m = *impl_;
+  m.check_request(prompt, options, "the prompt");
+  std::lock_guard<std::mutex> lock(m.queue_mutex);
+  return m.enqueue(prompt, options);
+}
+
+void Engine::cancel(uint64_t request) { impl_->cancel(request); }
+
+std::vector<RequestEvent> Engine::step() { return impl_->step(); }
+
+bool Engine::has_work() const {
+  std::lock_guard<std::mutex> lock(impl_->queue_mutex);
+  if (!impl_->queued.empty() || !impl_->undelivered.empty()) return true;
+  for (const auto& r : impl_->running)
+    if (r) return true;
+  return false;
+}
+
+EngineStats Engine::stats() const {
+  const Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.queue_mutex);
+  EngineStats s;
+  for (const auto& r : m.running)
+    if (r) ++s.running;
+  s.queued = static_cast<int>(m.queued.size());
+  s.max_batch = m.state->max_batch;
+  s.kv_bytes = m.state->kv_bytes;
+  s.kv_bytes_used = m.state->kv_bytes / m.state->max_batch * s.running;
+  s.tokens_generated = m.tokens_generated;
+  s.requests_finished = m.requests_finished;
+  s.steps = m.steps;
+  return s;
+}
+
+int Engine::prefill_chunk() const { return impl_->prefill_chunk; }
+int Engine::step_tokens() const { return impl_->step_tokens; }
+
 std::vector<std::vector<int>> Engine::generate(const std::vector<std::vector<int>>& prompts,
                                                const GenerationOptions& o, const TokenCallback& on_token) {
   Impl& m = *impl_;
-  SamplingParams sp{o.temperature, o.top_k, o.top_p};
-  validate(sp);
   if (prompts.empty()) throw Error("no prompts given");
   if (static_cast<int>(prompts.size()) > m.state->max_batch)
     throw Error(std::to_string(prompts.size()) + " prompts exceed the engine's max_batch of " +
                 std::to_string(m.state->max_batch));
-  if (o.max_new_tokens < 0) throw Error("max_new_tokens must be >= 0, got " + std::to_string(o.max_new_tokens));
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    m.check_tokens(prompts[i], prompts.size() == 1 ? "the prompt" : "prompt " + std::to_string(i));
-    if (prompts[i].size() + static_cast<size_t>(o.max_new_tokens) > static_cast<size_t>(m.max_seq))
-      throw Error("prompt of " + std::to_string(prompts[i].size()) + " tokens + " +
-                  std::to_string(o.max_new_tokens) + " new tokens exceeds the context of " +
-                  std::to_string(m.max_seq));
-  }
-  const std::vector<int>& stop = o.use_default_stop ? m.config.eos_token_ids : o.stop_tokens;
-  auto is_stop = [&](int token) { return std::find(stop.begin(), stop.end(), token) != stop.end(); };
-
-  std::lock_guard<std::mutex> lock(m.mutex);
+  for (size_t i = 0; i < prompts.size(); ++i)  // every prompt is checked before any is submitted
+    m.check_request(prompts[i], o, prompts.size() == 1 ? "the prompt" : "prompt " + std::to_string(i));
   const int n_seq = static_cast<int>(prompts.size());
   std::vector<std::vector<int>> out(n_seq);
-  if (o.max_new_tokens == 0) return out;
-  std::vector<std::mt19937_64> rng(n_seq, std::mt19937_64(o.seed));  // one stream per sequence
-  std::vector<int> next(n_seq), pos(n_seq);
-  std::vector<bool> active(n_seq, true);
+  std::vector<uint64_t> ids(n_seq);
+  {
+    std::lock_guard<std::mutex> lock(m.queue_mutex);
+    for (int b = 0; b < n_seq; ++b) ids[b] = m.enqueue(prompts[b], o);
+  }
   for (auto& o_b : out) o_b.reserve(o.max_new_tokens);  // no reallocation while decoding
-  for (int b = 0; b < n_seq; ++b) {
-    m.prefill(b, prompts[b], nullptr);
-    pos[b] = static_cast<int>(prompts[b].size());
-    next[b] = m.sampler.sample(m.state->logits.data(), sp, rng[b]);
-  }
-  // Each step decodes the active sequences one after another; each sequence's
-  // arithmetic is exactly what it would be alone.
-  for (int remaining = n_seq; remaining > 0;) {
-    for (int b = 0; b < n_seq; ++b) {
-      if (!active[b]) continue;
-      int token = next[b];
-      bool go_on = !is_stop(token);
-      if (go_on) {
-        out[b].push_back(token);
-        if (on_token && !on_token(b, token)) go_on = false;
-        if (static_cast<int>(out[b].size()) >= o.max_new_tokens) go_on = false;
+  std::vector<bool> done(n_seq, false);
+  int remaining = n_seq;
+  // Events of requests submitted by others while this loop steps are kept for their own step() caller.
+  std::vector<RequestEvent> foreign;
+  try {
+    while (remaining > 0) {
+      for (const RequestEvent& e : m.step()) {
+        auto it = std::find(ids.begin(), ids.end(), e.request);
+        if (it == ids.end()) {
+          foreign.push_back(e);
+          continue;
+        }
+        const int b = static_cast<int>(it - ids.begin());
+        if (done[b]) continue;
+        if (e.token >= 0) {
+          out[b].push_back(e.token);
+          if (on_token && !on_token(b, e.token) && e.finish == FinishReason::None) {
+            m.cancel(e.request);  // the callback stopped it: its token is kept
+            done[b] = true;
+            --remaining;
+            continue;
+          }
+        }
+        if (e.finish != FinishReason::None) {
+          done[b] = true;
+          --remaining;
+        }
       }
-      if (!go_on) {
-        active[b] = false;
-        --remaining;
-        continue;
-      }
-      m.model->forward(*m.state, m.pool, b, &token, 1, pos[b]++);
-      next[b] = m.sampler.sample(m.state->logits.data(), sp, rng[b]);
     }
+  } catch (...) {
+    for (int b = 0; b < n_seq; ++b)
+      if (!done[b]) m.cancel(ids[b]);
+    throw;
   }
+  std::lock_guard<std::mutex> lock(m.queue_mutex);
+  // This call's requests are over: drop what is left of theirs (the Cancelled event of one its
+  // callback stopped), give back the others'.
+  auto ours = [&](const RequestEvent& e) { return std::find(ids.begin(), ids.end(), e.request) != ids.end(); };
+  m.undelivered.erase(std::remove_if(m.undelivered.begin(), m.undelivered.end(), ours), m.undelivered.end());
+  m.undelivered.insert(m.undelivered.begin(), foreign.begin(), foreign.end());
   return out;
 }
 
@@ -146,10 +386,22 @@ std::vector<float> Engine::logits(const std::vector<int>& tokens, int chunk) {
   m.check_tokens(tokens, "the token list");
   if (tokens.size() > static_cast<size_t>(m.max_seq))
     throw Error(std::to_string(tokens.size()) + " tokens exceed the context of " + std::to_string(m.max_seq));
-  std::lock_guard<std::mutex> lock(m.mutex);
-  std::vector<float> out(tokens.size() * static_cast<size_t>(m.config.vocab));
   if (chunk < 0) throw Error("chunk must be >= 0 (0 = default), got " + std::to_string(chunk));
-  m.prefill(0, tokens, out.data(), chunk);
+  std::lock_guard<std::mutex> step_lock(m.step_mutex);
+  int region = -1;
+  {
+    std::lock_guard<std::mutex> lock(m.queue_mutex);
+    if (m.free_regions.empty()) throw Error("logits() needs a free KV region; every one is running a request");
+    region = m.free_regions.back();
+  }
+  std::vector<float> out(tokens.size() * static_cast<size_t>(m.config.vocab));
+  const int n = static_cast<int>(tokens.size());
+  if (chunk == 0 || chunk > m.state->max_chunk) chunk = m.state->max_chunk;
+  for (int begin = 0; begin < n; begin += chunk) {
+    const int len = std::min(chunk, n - begin);
+    m.model->forward_all_logits(*m.state, m.pool, region, tokens.data() + begin, len, begin,
+                                out.data() + static_cast<size_t>(begin) * m.config.vocab);
+  }
   return out;
 }
 

@@ -81,7 +81,9 @@ State::State(const ModelConfig& c, int n_kv_slots, int max_seq_, int max_batch_,
   act = FloatBuffer(chunk * inter);
   size_t widest = std::max({hidden, inter, q_width});
   xq.resize(chunk * ((widest + kQ8Block - 1) / kQ8Block));
-  logits = FloatBuffer(c.vocab);
+  logits = FloatBuffer(static_cast<size_t>(max_batch_) * c.vocab);
+  row_seq.resize(chunk);
+  row_pos.resize(chunk);
   size_t kv_floats = static_cast<size_t>(n_kv_slots) * max_batch * max_seq * c.n_kv_heads * c.head_dim;
   key_cache = FloatBuffer(kv_floats);
   value_cache = FloatBuffer(kv_floats);
@@ -113,11 +115,13 @@ void Model::project(State& s, ThreadPool& pool, const WeightMatrix& W, const flo
   matmul(W, a, n, y, ldy, pool);
 }
 
-void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, int seq, int n, int pos) const {
+void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, const Segment* segs, int n_segs,
+                            int n) const {
   const KernelTable& k = kernels();
   const ModelConfig& c = config_;
   const int hidden = c.hidden, hd = c.head_dim, nh = c.n_heads, nkv = c.n_kv_heads, half = hd / 2;
   const int64_t qkv_dim = s.qkv_dim, kv_width = static_cast<int64_t>(nkv) * hd;
+  const int64_t q_width = static_cast<int64_t>(nh) * hd;
   float* x = s.x.data();
   float* xn = s.xn.data();
   float* qkv = s.qkv.data();
@@ -128,45 +132,51 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
   });
   project(s, pool, lw.qkv, xn, n, qkv, qkv_dim);
 
-  // This sequence's region of this layer's KV slot: [kv_head][pos][head_dim], so
+  // Each row's sequence region of this layer's KV slot: [kv_head][pos][head_dim], so
   // attention reads each kv head's keys (and values) as one sequential stream.
   const int64_t head_stride = static_cast<int64_t>(s.max_seq) * hd;
-  const size_t region = (static_cast<size_t>(lw.plan.kv_slot) * s.max_batch + seq) * s.max_seq * kv_width;
-  float* key_cache = s.key_cache.data() + region;
-  float* value_cache = s.value_cache.data() + region;
+  auto region = [&](int seq) {
+    return (static_cast<size_t>(lw.plan.kv_slot) * s.max_batch + seq) * s.max_seq * kv_width;
+  };
   pool.parallel_for(n, 16, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       float* row = qkv + t * qkv_dim;
+      const int p = s.row_pos[t];
+      float* key_cache = s.key_cache.data() + region(s.row_seq[t]);
+      float* value_cache = s.value_cache.data() + region(s.row_seq[t]);
       if (lw.qkv_bias) k.axpy_f32(1.0f, lw.qkv_bias, row, qkv_dim);
-      const float* cos = rope_cos_.data() + static_cast<size_t>(pos + t) * half;
-      const float* sin = rope_sin_.data() + static_cast<size_t>(pos + t) * half;
+      const float* cos = rope_cos_.data() + static_cast<size_t>(p) * half;
+      const float* sin = rope_sin_.data() + static_cast<size_t>(p) * half;
       rope_heads(row, nh + nkv, hd, cos, sin);  // q heads and k heads are adjacent
       for (int h = 0; h < nkv; ++h) {
-        std::memcpy(key_cache + h * head_stride + (pos + t) * hd, row + (nh + h) * hd, hd * sizeof(float));
-        std::memcpy(value_cache + h * head_stride + (pos + t) * hd, row + nh * hd + kv_width + h * hd,
-                    hd * sizeof(float));
+        std::memcpy(key_cache + h * head_stride + p * hd, row + (nh + h) * hd, hd * sizeof(float));
+        std::memcpy(value_cache + h * head_stride + p * hd, row + nh * hd + kv_width + h * hd, hd * sizeof(float));
       }
     }
   });
 
-  AttentionArgs args;
-  args.qkv = qkv;
-  args.qkv_dim = qkv_dim;
-  args.keys = key_cache;
-  args.values = value_cache;
-  args.kv_row_stride = hd;
-  args.kv_head_stride = head_stride;
-  args.n = n;
-  args.pos = pos;
-  args.n_heads = nh;
-  args.n_kv_heads = nkv;
-  args.head_dim = hd;
-  args.out = attn;
-  // Decode reads each key once per head; a prompt chunk is worth two matmuls per kv head.
-  if (n >= kMatmulAttentionMin) {
-    attention_matmul(args, s.attention, pool);
-  } else {
-    attention_online(args, pool);
+  // Attention runs per sequence on its own region at its own positions.
+  for (int i = 0; i < n_segs; ++i) {
+    const Segment& g = segs[i];
+    AttentionArgs args;
+    args.qkv = qkv + g.first_row * qkv_dim;
+    args.qkv_dim = qkv_dim;
+    args.keys = s.key_cache.data() + region(g.seq);
+    args.values = s.value_cache.data() + region(g.seq);
+    args.kv_row_stride = hd;
+    args.kv_head_stride = head_stride;
+    args.n = g.n;
+    args.pos = g.pos;
+    args.n_heads = nh;
+    args.n_kv_heads = nkv;
+    args.head_dim = hd;
+    args.out = attn + g.first_row * q_width;
+    // Decode reads each key once per head; a prompt chunk is worth two matmuls per kv head.
+    if (g.n >= kMatmulAttentionMin) {
+      attention_matmul(args, s.attention, pool);
+    } else {
+      attention_online(args, pool);
+    }
   }
 
   project(s, pool, lw.o, attn, n, s.delta.data(), hidden);
@@ -193,30 +203,62 @@ void Model::mlp_block(State& s, ThreadPool& pool, const LayerWeights& lw, int n)
   k.axpy_f32(1.0f, s.delta.data(), x, static_cast<int64_t>(n) * hidden);
 }
 
-void Model::forward(State& s, ThreadPool& pool, int seq, const int* tokens, int n, int pos,
-                    float* all_logits) const {
-  if (n < 1 || n > s.max_chunk || pos < 0 || pos + n > s.max_seq || seq < 0 || seq >= s.max_batch)
-    throw Error("internal: forward called with n=" + std::to_string(n) + " pos=" + std::to_string(pos));
-  const KernelTable& k = kernels();
+void Model::run_layers(State& s, ThreadPool& pool, const int* tokens, const Segment* segs, int n_segs,
+                       int n) const {
+  if (n < 1 || n > s.max_chunk || n_segs < 1 || n_segs > s.max_batch)
+    throw Error("internal: a step of " + std::to_string(n) + " rows in " + std::to_string(n_segs) + " segments");
+  int next_row = 0;
+  for (int i = 0; i < n_segs; ++i) {
+    const Segment& g = segs[i];
+    if (g.first_row != next_row || g.n < 1 || g.pos < 0 || g.pos + g.n > s.max_seq || g.seq < 0 ||
+        g.seq >= s.max_batch)
+      throw Error("internal: bad segment (seq " + std::to_string(g.seq) + ", pos " + std::to_string(g.pos) +
+                  ", rows " + std::to_string(g.first_row) + "+" + std::to_string(g.n) + ")");
+    for (int t = 0; t < g.n; ++t) {
+      s.row_seq[g.first_row + t] = g.seq;
+      s.row_pos[g.first_row + t] = g.pos + t;
+    }
+    next_row += g.n;
+  }
+  if (next_row != n) throw Error("internal: segments cover " + std::to_string(next_row) + " of " + std::to_string(n));
   const int hidden = config_.hidden;
   for (int t = 0; t < n; ++t) embedding_row(weights_.embed, tokens[t], s.x.data() + static_cast<size_t>(t) * hidden);
-
   for (const LayerWeights& lw : weights_.layers) {
-    if (lw.plan.attention) attention_block(s, pool, lw, seq, n, pos);
+    if (lw.plan.attention) attention_block(s, pool, lw, segs, n_segs, n);
     if (lw.plan.mlp) mlp_block(s, pool, lw, n);
   }
+}
 
-  if (all_logits) {
-    pool.parallel_for(n, 16, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t)
-        k.rmsnorm_f32(s.x.data() + t * hidden, weights_.final_norm, config_.rms_eps, s.xn.data() + t * hidden, hidden);
-    });
-    project(s, pool, weights_.lm_head, s.xn.data(), n, all_logits, config_.vocab);
-  } else {
-    const float* last = s.x.data() + static_cast<size_t>(n - 1) * hidden;
-    k.rmsnorm_f32(last, weights_.final_norm, config_.rms_eps, s.xn.data(), hidden);
-    project(s, pool, weights_.lm_head, s.xn.data(), 1, s.logits.data(), config_.vocab);
+void Model::forward_step(State& s, ThreadPool& pool, const int* tokens, const Segment* segs, int n_segs) const {
+  const int n = segs[n_segs - 1].first_row + segs[n_segs - 1].n;
+  run_layers(s, pool, tokens, segs, n_segs, n);
+  // The last rows of the segments that want logits, normalised side by side, then one lm_head matmul.
+  const KernelTable& k = kernels();
+  const int hidden = config_.hidden;
+  int m = 0;
+  for (int i = 0; i < n_segs; ++i) {
+    if (!segs[i].logits) continue;
+    const float* last = s.x.data() + static_cast<size_t>(segs[i].first_row + segs[i].n - 1) * hidden;
+    k.rmsnorm_f32(last, weights_.final_norm, config_.rms_eps, s.xn.data() + static_cast<size_t>(m) * hidden, hidden);
+    ++m;
   }
+  if (m > 0) project(s, pool, weights_.lm_head, s.xn.data(), m, s.logits.data(), config_.vocab);
+}
+
+void Model::forward_all_logits(State& s, ThreadPool& pool, int seq, const int* tokens, int n, int pos,
+                               float* all_logits) const {
+  Segment g;
+  g.seq = seq;
+  g.pos = pos;
+  g.n = n;
+  run_layers(s, pool, tokens, &g, 1, n);
+  const KernelTable& k = kernels();
+  const int hidden = config_.hidden;
+  pool.parallel_for(n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      k.rmsnorm_f32(s.x.data() + t * hidden, weights_.final_norm, config_.rms_eps, s.xn.data() + t * hidden, hidden);
+  });
+  project(s, pool, weights_.lm_head, s.xn.data(), n, all_logits, config_.vocab);
 }
 
 }  // namespace shortrt

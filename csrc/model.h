@@ -1,7 +1,9 @@
 // The model: weights of the planned layers, the RoPE table, and the forward
-// pass over n tokens of one sequence at positions pos..pos+n-1 (prefill and
-// decode are the same code). All scratch and the KV cache live in State,
-// allocated once; forward allocates nothing.
+// pass over the rows of one step: runs of consecutive tokens, each of one
+// sequence at its own positions (a decode token, or a chunk of a prompt), so
+// each weight is read once per step for all of them. Prefill and decode are
+// the same code. All scratch and the KV cache live in State, allocated once;
+// forward allocates nothing.
 #pragma once
 
 #include <cstddef>
@@ -34,10 +36,19 @@ class FloatBuffer {
   size_t n_ = 0;
 };
 
+// One run of consecutive rows of a step that belong to one sequence.
+struct Segment {
+  int seq = 0;        // the sequence's KV region, 0 .. max_batch-1
+  int pos = 0;        // position of the segment's first token
+  int first_row = 0;  // its first row in the step
+  int n = 0;          // its tokens
+  bool logits = false;  // forward_step writes the logits of its last token
+};
+
 struct State {
   State(const ModelConfig& c, int n_kv_slots, int max_seq, int max_batch, int max_chunk);
 
-  int max_seq, max_batch, max_chunk;  // max_chunk: most tokens one forward() call takes
+  int max_seq, max_batch, max_chunk;  // max_chunk: most rows (tokens) one forward pass takes
   int64_t qkv_dim;                    // (n_heads + 2 n_kv_heads) * head_dim
   FloatBuffer x;        // [max_chunk][hidden]        residual stream
   FloatBuffer xn;       // [max_chunk][hidden]        normalised input of a sublayer
@@ -47,8 +58,9 @@ struct State {
   FloatBuffer gate_up;  // [max_chunk][2*intermediate]
   FloatBuffer act;      // [max_chunk][intermediate]  silu(gate) * up
   std::vector<BlockQ8> xq;  // [max_chunk][max width / 32]  activation quantized once per matmul input (int8)
-  FloatBuffer logits;   // [vocab]                    last position's logits
-  // KV cache: [slot][seq][pos][kv_head][head_dim], slots = retained attentions only.
+  FloatBuffer logits;   // [max_batch][vocab]         logits of the rows that asked for them
+  std::vector<int> row_seq, row_pos;  // [max_chunk]   each row's KV region and position
+  // KV cache: [slot][seq][kv_head][pos][head_dim], slots = retained attentions only.
   FloatBuffer key_cache, value_cache;
   size_t kv_bytes = 0;
   AttentionScratch attention;  // the prefill attention's K / V^T / scores for one kv head
@@ -62,15 +74,22 @@ class Model {
   const Weights& weights() const { return weights_; }
   int n_kv_slots() const { return n_kv_slots_; }
 
-  // Runs tokens[0..n) of sequence `seq` at positions pos..pos+n-1 (n <= state.max_chunk,
-  // pos+n <= state.max_seq), filling that sequence's KV cache. Then writes the logits
-  // of the last position to state.logits, or, when all_logits is given, the logits of
-  // every position to all_logits[n][vocab].
-  void forward(State& state, ThreadPool& pool, int seq, const int* tokens, int n, int pos,
-               float* all_logits = nullptr) const;
+  // One step: segs[0..n_segs) cover rows 0..n_rows of tokens (n_rows <= state.max_chunk,
+  // each segment's pos + n <= state.max_seq, each sequence at most once), filling each
+  // sequence's KV cache. Then writes the logits of the last token of each segment that
+  // asks for them to state.logits, one row per such segment in segment order. A
+  // sequence's numbers do not depend on the other segments of the step.
+  void forward_step(State& state, ThreadPool& pool, const int* tokens, const Segment* segs, int n_segs) const;
+
+  // Tokens[0..n) of sequence `seq` at positions pos..pos+n-1 alone, with the logits
+  // of every position written to all_logits[n][vocab].
+  void forward_all_logits(State& state, ThreadPool& pool, int seq, const int* tokens, int n, int pos,
+                          float* all_logits) const;
 
  private:
-  void attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, int seq, int n, int pos) const;
+  void run_layers(State& s, ThreadPool& pool, const int* tokens, const Segment* segs, int n_segs, int n_rows) const;
+  void attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, const Segment* segs, int n_segs,
+                       int n_rows) const;
   void mlp_block(State& s, ThreadPool& pool, const LayerWeights& lw, int n) const;
   // y = W x for n tokens; quantizes x first when W is int8.
   void project(State& s, ThreadPool& pool, const WeightMatrix& W, const float* x, int n, float* y, int64_t ldy) const;

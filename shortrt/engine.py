@@ -75,12 +75,21 @@ class Engine:
     model: a checkpoint directory, "default", a .gguf file, or a shortrt.Model.
     dtype: "fp32" (weights used straight from the file), "bf16" or "int8" (packed at load).
     threads: worker threads (None = all cores). max_seq: context length of the KV cache
-    (None = min(max_position_embeddings, 2048)). max_batch: sequences decoded per call
-    (longer prompt lists run in groups). skip_layers: checkpoint layers not to run.
+    (None = min(max_position_embeddings, 2048)). max_batch: sequences running at once, each
+    with its own KV region (longer prompt lists to generate() run in groups). skip_layers:
+    checkpoint layers not to run. prefill_chunk: prompt tokens per chunk (None = 64; every
+    prompt is cut the same way whatever else runs). step_tokens: rows of one step (None =
+    max_batch + prefill_chunk).
+
+    Besides generate()/stream(), the request-level interface serves many requests at once:
+    submit() queues one, step() runs one forward pass over every running request (one weight
+    read for all of them) and returns their new tokens, cancel() ends one; shortrt.serving
+    wraps that loop for asyncio.
     """
 
     def __init__(self, model="default", dtype: str = "fp32", threads: int | None = None,
-                 max_seq: int | None = None, max_batch: int = 1, skip_layers: Sequence[int] | None = None):
+                 max_seq: int | None = None, max_batch: int = 1, skip_layers: Sequence[int] | None = None,
+                 prefill_chunk: int | None = None, step_tokens: int | None = None):
         from . import _C
 
         if dtype not in DTYPES:
@@ -91,11 +100,14 @@ class Engine:
             raise ValueError(f"max_seq must be a positive integer, got {max_seq!r}")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        for name, value in (("prefill_chunk", prefill_chunk), ("step_tokens", step_tokens)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.model = checkpoint.load(model)
         self.checkpoint_dir: Path = self.model.path
         try:
             self._engine = _C.Engine(str(self.checkpoint_dir), dtype, threads or 0, max_seq or 0, max_batch,
-                                     [int(i) for i in (skip_layers or [])])
+                                     [int(i) for i in (skip_layers or [])], prefill_chunk or 0, step_tokens or 0)
         except ValueError as exc:
             raise CheckpointError(f"{self.checkpoint_dir}: {exc}") from None
         self.dtype = dtype
@@ -281,11 +293,54 @@ class Engine:
             cancelled.set()
             worker.join()
 
+    # --- requests (continuous batching) -------------------------------------
+    def submit(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop=None) -> int:
+        """Queue a request (token ids); returns its id. Thread-safe. It waits for a free KV region;
+        step() then runs it. stop: token ids (or single-token strings), None = the eos ids."""
+        _check_sampling(max_new_tokens, temperature, top_k, top_p)
+        ids = [int(i) for i in prompt_ids]
+        if not ids:
+            raise ValueError("empty prompt: give at least one token")
+        return self._engine.submit(ids, max_new_tokens, float(temperature), top_k, float(top_p), int(seed),
+                                   self._stop_ids(stop))
+
+    def step(self) -> list[tuple[int, int, str | None]]:
+        """One forward pass over every running request: [(request id, token, finish)].
+
+        token is the new output token, or -1 when the step ended the request without one;
+        finish is None while it runs, else "stop" (a stop token was sampled, not output),
+        "length" (max_new_tokens reached; the event carries the last token) or "cancelled".
+        Returns [] when there is nothing to do. One caller at a time (the GIL is released).
+        """
+        return self._engine.step()
+
+    def cancel(self, request_id: int) -> None:
+        """End a request from any thread; its KV region is freed at once (or by the step in flight)."""
+        self._engine.cancel(int(request_id))
+
+    def stats(self) -> dict:
+        """running, queued, max_batch, kv_regions_used, kv_bytes, kv_bytes_used, tokens_generated,
+        requests_finished, steps."""
+        return self._engine.stats()
+
+    @property
+    def has_work(self) -> bool:
+        return self._engine.has_work
+
+    @property
+    def prefill_chunk(self) -> int:
+        return self._engine.prefill_chunk
+
+    @property
+    def step_tokens(self) -> int:
+        return self._engine.step_tokens
+
     def logits(self, ids: Sequence[int], chunk: int = 0) -> np.ndarray:
         """float32 logits of every position, shape [len(ids), vocab].
 
-        chunk: tokens per forward pass; 0 = prefill in chunks of up to 512, 1 = one token
-        at a time through the KV cache, exactly as decoding runs.
+        chunk: tokens per forward pass; 0 = chunks of step_tokens, 1 = one token at a time
+        through the KV cache, exactly as decoding runs.
         """
         ids = [int(i) for i in ids]
         if not ids:

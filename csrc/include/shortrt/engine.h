@@ -43,8 +43,14 @@ struct EngineOptions {
   std::string dtype = "fp32";    // weight format: "fp32" | "bf16" | "int8"
   int threads = 0;               // 0 = all cores
   int max_seq = 0;               // 0 = min(max_position_embeddings, 2048)
-  int max_batch = 1;             // sequences per generate() call (each has its own KV region)
+  int max_batch = 1;             // sequences running at once (each has its own KV region)
   std::vector<int> skip_layers;  // checkpoint layer indices not to run (never read from disk)
+  // A prompt is prefilled in chunks of this many tokens (0 = 64), always the same
+  // chunks whatever else runs, so a sequence gives the same bits alone or batched.
+  int prefill_chunk = 0;
+  // Rows of one step (0 = max_batch + prefill_chunk, the least that lets a chunk
+  // of prefill run beside max_batch decoding sequences).
+  int step_tokens = 0;
 };
 
 struct GenerationOptions {
@@ -63,6 +69,29 @@ struct GenerationOptions {
 // Returning false stops that sequence (the token itself is kept).
 using TokenCallback = std::function<bool(int sequence, int token)>;
 
+enum class FinishReason { None, Stop, Length, Cancelled };
+const char* finish_reason_name(FinishReason reason);  // "", "stop", "length", "cancelled"
+
+// What one step did for one request.
+struct RequestEvent {
+  uint64_t request = 0;
+  int token = -1;  // the new output token, or -1 when the step ended the request without one
+  // Stop: a stop token was sampled (not output; token is -1). Length: max_new_tokens
+  // reached (this event carries the last token). Cancelled: cancel() was called.
+  FinishReason finish = FinishReason::None;
+};
+
+struct EngineStats {
+  int running = 0;               // requests holding a KV region
+  int queued = 0;                // requests waiting for one
+  int max_batch = 0;             // KV regions
+  std::size_t kv_bytes = 0;      // the whole KV cache
+  std::size_t kv_bytes_used = 0; // the regions held by running requests
+  uint64_t tokens_generated = 0;
+  uint64_t requests_finished = 0;
+  uint64_t steps = 0;
+};
+
 class Engine {
  public:
   static std::unique_ptr<Engine> load(const std::string& checkpoint_dir,
@@ -76,6 +105,21 @@ class Engine {
   std::vector<std::vector<int>> generate(const std::vector<std::vector<int>>& prompts,
                                          const GenerationOptions& options,
                                          const TokenCallback& on_token = {});
+
+  // The request-level interface (continuous batching). submit() and cancel() may be
+  // called from any thread, also while step() runs in another; step() runs one
+  // forward pass over every running request: one new token for each decoding one
+  // plus, within step_tokens, chunks of the prompts still prefilling. Requests
+  // wait in a queue for a free KV region; a finished or cancelled request frees
+  // its region at once. Events come in order per request. generate() is a loop
+  // over these, so a request gives the same tokens alone, batched, or via generate().
+  uint64_t submit(const std::vector<int>& prompt, const GenerationOptions& options);
+  void cancel(uint64_t request);  // unknown or finished ids are ignored
+  std::vector<RequestEvent> step();
+  bool has_work() const;          // something running, queued, or an event not yet returned
+  EngineStats stats() const;
+  int prefill_chunk() const;
+  int step_tokens() const;
 
   // Logits of every position of one sequence: [tokens.size()][vocab], row-major.
   // chunk = tokens per forward pass: 0 = the prefill chunk (512), 1 = token by
