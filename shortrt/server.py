@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import random
 import threading
@@ -173,7 +174,10 @@ class ServerState:
             engine = self.load()
             render = getattr(engine, "apply_chat_template", None)
             if render is None and getattr(engine, "checkpoint_dir", None) is not None:
-                render = chat_template(engine.checkpoint_dir, engine.tokenizer)
+                try:
+                    render = chat_template(engine.checkpoint_dir, engine.tokenizer)
+                except Exception as exc:  # no usable tokenizer config: /v1/completions still works
+                    logging.getLogger("shortrt.server").warning("no chat template: %s", exc)
             self.render_chat = render
             self.context = int(engine.max_seq)
             self.engine = engine

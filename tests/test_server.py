@@ -218,3 +218,214 @@ def test_models_and_metrics(fake_server):
                  "shortrt_kv_bytes_used", "shortrt_kv_bytes"):
         assert name in values and f"# TYPE {name} gauge" in text
     assert values["shortrt_kv_regions"] == 2
+
+
+# ----------------------------------------------------------------------------- the real engine
+
+class Slowed:
+    """The real engine with a pause before each step, so a request is still running when a
+    test disconnects (the tiny model would finish it within milliseconds)."""
+
+    def __init__(self, engine, pause_s: float):
+        self._engine, self._pause_s = engine, pause_s
+
+    def step(self):
+        time.sleep(self._pause_s)
+        return self._engine.step()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path, _ = make_tiny(tmp_path_factory.mktemp("serve") / "m", tokenizer=True)
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ref(tiny):
+    """The same checkpoint in its own engine: what a request gives when run alone."""
+    from shortrt.engine import Engine
+
+    return Engine(tiny, threads=1)
+
+
+@pytest.fixture(scope="module")
+def real_server(tiny):
+    from shortrt.engine import Engine
+
+    engine = Engine(tiny, threads=1, max_batch=8)
+    with Serving(create_app(lambda: Slowed(engine, 0.002), model_name="tiny", max_queue=32)) as s:
+        s.engine = engine
+        yield s.wait_loaded()
+
+
+@pytest.fixture(scope="module")
+def client(real_server):
+    import openai
+
+    return openai.OpenAI(base_url=real_server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def expected(ref, ids, n, **sampling):
+    out = ref.generate_ids(ids, max_new_tokens=n, **sampling)
+    return out, ref.decode(out), "length" if len(out) == n else "stop"
+
+
+def test_openai_completion_equals_the_engine_alone(client, ref):
+    prompt = "Once upon a time"
+    ids = ref.encode(prompt)
+    tokens, text, finish = expected(ref, ids, 40)
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0)
+    assert r.choices[0].text == text and r.choices[0].finish_reason == finish
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(tokens))
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == finish
+
+
+def test_openai_chat_uses_the_chat_template(client, ref):
+    ids = ref.encode("Hi there", chat=True)
+    tokens, text, finish = expected(ref, ids, 30)
+    messages = [{"role": "user", "content": "Hi there"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, temperature=0)
+    assert r.choices[0].message.content == text and r.choices[0].finish_reason == finish
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(tokens)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens == len(tokens)
+
+
+def test_sampling_parameters_reach_the_engine(client, ref):
+    ids = [1, 40, 41, 42]
+    sampling = dict(temperature=0.9, top_p=0.8, top_k=20, seed=11)
+    tokens, text, _ = expected(ref, ids, 24, **sampling)
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=24, temperature=0.9, top_p=0.8, seed=11,
+                                  extra_body={"top_k": 20})
+    assert r.choices[0].text == text and r.usage.completion_tokens == len(tokens)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_is_cut_from_the_text(client, ref, stream):
+    ids = [1, 60, 61]
+    _, text, _ = expected(ref, ids, 60, stop=[])
+    stop = text[12:15]
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=60, temperature=0, stop=[stop, "zzzz"],
+                                  stream=stream, extra_body={"ignore_eos": True})
+    chunks = list(r) if stream else [r]
+    assert "".join(c.choices[0].text for c in chunks) == text[:text.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_load_32_requests_at_concurrency_8_equal_each_alone(real_server, ref):
+    import random
+
+    import openai
+
+    rng = random.Random(0)
+    jobs = [([1] + [rng.randrange(3, 300) for _ in range(rng.randrange(2, 40))], rng.randrange(8, 48), i % 2 == 0)
+            for i in range(32)]
+    want = [expected(ref, ids, n) for ids, n, _ in jobs]
+
+    async def go():
+        aclient = openai.AsyncOpenAI(base_url=real_server.url + "/v1", api_key="unused", max_retries=0)
+        gate = asyncio.Semaphore(8)
+
+        async def one(ids, n, stream):
+            async with gate:
+                r = await aclient.completions.create(model="tiny", prompt=ids, max_tokens=n, temperature=0,
+                                                     stream=stream)
+                if not stream:
+                    return r.choices[0].text, r.choices[0].finish_reason
+                chunks = [c async for c in r]
+                return "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        try:
+            return await asyncio.gather(*(one(*job) for job in jobs))
+        finally:
+            await aclient.close()
+    got = asyncio.run(go())
+    assert got == [(text, finish) for _, text, finish in want]
+    stats = real_server.engine.stats()
+    assert stats["running"] == stats["queued"] == stats["kv_regions_used"] == 0
+
+
+def wait_idle(server, timeout_s=5.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = server.engine.stats()
+        if stats["kv_regions_used"] == 0 and stats["running"] == 0 or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.01)
+
+
+def test_disconnect_mid_stream_frees_the_kv_region(real_server):
+    finished = real_server.state.finish_counts.get("cancelled", 0)
+    before = real_server.engine.stats()["tokens_generated"]
+    with httpx.stream("POST", real_server.url + "/v1/completions", timeout=30,
+                      json={"prompt": [1, 5, 6], "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert real_server.engine.stats()["kv_regions_used"] == 1
+    stats = wait_idle(real_server)  # leaving the block closed the connection mid-stream
+    assert stats["kv_regions_used"] == 0 and stats["kv_bytes_used"] == 0
+    assert real_server.state.finish_counts["cancelled"] == finished + 1
+    assert stats["tokens_generated"] - before < 200  # the engine stopped it
+    text = httpx.get(real_server.url + "/metrics").text
+    assert "shortrt_kv_regions_used 0" in text
+
+
+def test_disconnect_while_waiting_for_a_whole_answer_frees_the_kv_region(real_server):
+    before = real_server.engine.stats()["tokens_generated"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(real_server.url + "/v1/completions", timeout=httpx.Timeout(30, read=0.1),
+                   json={"prompt": [1, 5, 6], "max_tokens": 200, "ignore_eos": True})
+    stats = wait_idle(real_server)
+    assert stats["kv_regions_used"] == 0
+    assert stats["tokens_generated"] - before < 200  # cancelled, not run to the end
+
+
+def test_metrics_count_real_requests(real_server, client):
+    client.completions.create(model="tiny", prompt="Once", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    values = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1])
+              for ln in httpx.get(real_server.url + "/metrics").text.splitlines() if not ln.startswith("#")}
+    assert values["shortrt_kv_regions"] == 8 and values["shortrt_kv_bytes"] == real_server.engine.stats()["kv_bytes"]
+    assert values["shortrt_tokens_generated_total"] == real_server.engine.stats()["tokens_generated"]
+    assert values['shortrt_requests_finished_total{reason="length"}'] >= 1
+
+
+# ----------------------------------------------------------------------------- the command
+
+def test_serve_refuses_a_busy_port_in_one_line(tiny, capsys):
+    from shortrt.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        rc = main(["serve", str(tiny), "--port", str(busy.getsockname()[1])])
+    err = capsys.readouterr().err
+    assert rc == 1 and "cannot listen on 127.0.0.1:" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_command_answers_and_stops_cleanly_on_a_signal(tiny, sig):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "shortrt", "serve", str(tiny), "--port", "0", "--threads", "1",
+                             "--max-batch", "2", "--log-level", "warning"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        first = proc.stderr.readline()
+        url = first.split(" on ", 1)[1].split()[0]
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/health").status_code != 200:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "Once", "max_tokens": 8, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+        proc.send_signal(sig)
+        assert proc.wait(20) == 0
+        assert f"stopped by {sig.name}" in proc.stderr.read()
+    finally:
+        proc.kill()
