@@ -222,13 +222,17 @@ async def probe(url: str, prompts: list[list[int]], long_tokens: int) -> dict:
         stamps: list[list[float]] = [[] for _ in range(PROBE_RUNNING)]
         running = [asyncio.ensure_future(stream_request(client, prompts[i], long_tokens, stamps[i].append))
                    for i in range(PROBE_RUNNING)]
-        try:
-            while min(len(s) for s in stamps) < 4:  # all 7 are decoding
+        async def wait_for_tokens(n: int) -> float:
+            while min(len(s) for s in stamps) < n:
                 for task in running:
                     if task.done():
                         task.result()  # a failure surfaces here; a normal end means long_tokens is too small
                         raise ServerFailed("a probe stream ended before the 8th request was sent")
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.005)
+            return time.perf_counter()
+        try:
+            steady = await wait_for_tokens(4)  # all 7 prefilled and decoding
+            await wait_for_tokens(12)  # the gaps of plain decoding, for the median
             eighth = await stream_request(client, late, 4)
             await asyncio.sleep(0.2)  # a few more tokens of the 7 after the 8th's first one
         finally:
@@ -236,7 +240,7 @@ async def probe(url: str, prompts: list[list[int]], long_tokens: int) -> dict:
                 task.cancel()  # a disconnect: the server cancels them
             await asyncio.gather(*running, return_exceptions=True)
     start, first = eighth["t0"], eighth["stamps"][0]
-    before = [b - a for s in stamps for a, b in zip(s, s[1:]) if b <= start]
+    before = [b - a for s in stamps for a, b in zip(s, s[1:]) if a >= steady and b <= start]
     during = [b - a for s in stamps for a, b in zip(s, s[1:]) if b > start and a < first]
     ttft_busy = first - start
     out = {"ttft_idle_ms": 1e3 * ttft_idle, "ttft_busy_ms": 1e3 * ttft_busy, "ttft_ratio": ttft_busy / ttft_idle}
@@ -332,9 +336,11 @@ def make_jobs(args, ckpts: dict) -> tuple[list[dict], list[str]]:
     return jobs, notes
 
 
-def run_server(job: dict, args, prompts: list[list[int]], log_dir: Path, probe_it: bool) -> dict:
+def run_server(job: dict, args, prompts: list[list[int]], log_dir: Path, probe_it: bool, baseline=None) -> dict:
     """Start the server, sweep the client counts `rounds` times, probe, stop. Never raises: a
-    failure becomes the row's "failed" with the tail of the server's log."""
+    failure becomes the row's "failed" with the tail of the server's log. baseline() (the
+    in-process run, a dict) is called after each sweep, while the server sits idle, so that
+    both see the same load on a shared machine; its rounds' medians go to row["inprocess"]."""
     port = free_port()
     command = shortrt_command(job, port, args) if job["engine"] == "shortrt" else llama_command(job, port, args)
     server = ServerProcess(command, port, log_dir / f"{job['label'].replace(' ', '-')}-{job['variant']}.log",
@@ -345,14 +351,19 @@ def run_server(job: dict, args, prompts: list[list[int]], log_dir: Path, probe_i
         out["startup_s"] = server.wait_ready(min(300.0, args.server_timeout))
         asyncio.run(drive(server.url, prompts, 1, 1, 8))  # warm-up: page in the weights
         sweeps: dict[int, list[dict]] = {n: [] for n in args.concurrency_list}
+        baselines = []
         for _ in range(args.rounds):
             for n in args.concurrency_list:
                 if time.monotonic() > deadline:
                     raise ServerFailed(f"ran past --server-timeout {args.server_timeout:g} s")
                 sweeps[n].append(asyncio.run(drive(server.url, prompts, n, args.per_client, args.new_tokens)))
                 server.check_alive()
-        out["by_clients"] = {str(n): {k: statistics.median(s[k] for s in runs) if isinstance(runs[0][k], float)
-                                      else runs[0][k] for k in runs[0]} for n, runs in sweeps.items()}
+            if baseline is not None:
+                baselines.append(baseline())
+        out["by_clients"] = {str(n): medians(runs) for n, runs in sweeps.items()}
+        if baselines:
+            good = [b for b in baselines if "failed" not in b]
+            out["inprocess"] = medians(good) if good else baselines[0]
         if probe_it:
             out["probe"] = asyncio.run(probe(server.url, prompts, args.context - args.prompt_tokens))
     except (ServerFailed, OSError, ValueError) as exc:
@@ -364,6 +375,12 @@ def run_server(job: dict, args, prompts: list[list[int]], log_dir: Path, probe_i
     finally:
         out["exit_code"] = server.stop()
     return out
+
+
+def medians(runs: list[dict]) -> dict:
+    """Per key, the median over runs of a float, else the first run's value."""
+    return {k: statistics.median(r[k] for r in runs) if isinstance(runs[0][k], float) else runs[0][k]
+            for k in runs[0]}
 
 
 def main(argv=None) -> None:
@@ -390,13 +407,14 @@ def main(argv=None) -> None:
     for job in jobs:
         probe_it = not args.no_probe and job["variant"] == "dense" and job["dtype"] in ("fp32", "F32", "Q4_1")
         print(f"{job['label']} {job['variant']}: serving...", file=sys.stderr, flush=True)
-        row = run_server(job, args, prompts, log_dir, probe_it)
-        if "failed" in row:
-            print(f"{job['label']} {job['variant']}: FAILED ({row['failed']})", file=sys.stderr, flush=True)
-        elif job["engine"] == "shortrt":
+        baseline = None
+        if job["engine"] == "shortrt":
             spec = {"path": job["path"], "dtype": job["dtype"], "threads": args.threads, "context": args.context,
                     "new_tokens": args.new_tokens, "prompts": prompts[:max(2, args.per_client)]}
-            row["inprocess"] = run_inprocess(spec, args.server_timeout)
+            baseline = lambda spec=spec: run_inprocess(spec, args.server_timeout)  # noqa: E731
+        row = run_server(job, args, prompts, log_dir, probe_it, baseline)
+        if "failed" in row:
+            print(f"{job['label']} {job['variant']}: FAILED ({row['failed']})", file=sys.stderr, flush=True)
         row["path"] = shown_path(row["path"])
         rows.append(row)
 
@@ -440,7 +458,7 @@ def render_markdown(rows: list[dict], args, dense, notes: list[str]) -> str:
                          f"{_ms(m['itl_ms_p50'])} | {_ms(m['itl_ms_p95'])} | {m['generator_cpu_share']:.0%} |")
     good = {(r["label"], r["variant"]): r for r in rows if "failed" not in r}
     lines += ["", "No serving tax — the server with 1 client against `Engine.generate_ids` in a fresh process "
-                  "(same prompts, batch 1):", "",
+                  "(same prompts, batch 1; run after each sweep while the server sat idle):", "",
               "| server | variant | server tok/s | in-process tok/s | ratio | server TTFT ms | in-process TTFT ms | "
               "server ITL p50 ms | in-process ITL p50 ms |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in good.values():

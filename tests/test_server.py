@@ -429,3 +429,37 @@ def test_serve_command_answers_and_stops_cleanly_on_a_signal(tiny, sig):
         assert f"stopped by {sig.name}" in proc.stderr.read()
     finally:
         proc.kill()
+
+
+# ----------------------------------------------------------------------------- benchmarks/serving.py
+
+def test_serving_benchmark_sweeps_a_real_server_and_records_a_crash_as_a_failed_row(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import serving as bench
+
+    path, _ = make_tiny(tmp_path / "m", tokenizer=True, max_position_embeddings=512)
+    args = bench.parse_args(["--concurrency", "1,2", "--new-tokens", "8", "--prompt-tokens", "16", "--rounds", "1",
+                             "--per-client", "1", "--threads", "1"])
+    prompts = [[1] + list(range(10 + i, 25 + i)) for i in range(4)]
+    job = {"label": "shortrt fp32", "engine": "shortrt", "dtype": "fp32", "variant": "dense", "removed": 0,
+           "path": str(path)}
+    spec = {"path": str(path), "dtype": "fp32", "threads": 1, "context": args.context, "new_tokens": 8,
+            "prompts": prompts[:2]}
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    row = bench.run_server(job, args, prompts, tmp_path, False, lambda: bench.run_inprocess(spec, 120))
+    assert "failed" not in row, row
+    assert row["exit_code"] == 0 and set(row["by_clients"]) == {"1", "2"}
+    assert row["by_clients"]["2"]["output_tokens"] == 16 and row["by_clients"]["2"]["output_tok_s"] > 0
+    assert row["inprocess"]["output_tokens"] == 16
+
+    crash = "import os, signal, sys; print('loading the model', flush=True); os.kill(os.getpid(), signal.SIGSEGV)"
+    monkeypatch.setattr(bench, "shortrt_command", lambda *a: [sys.executable, "-c", crash])
+    failed = bench.run_server({**job, "variant": "shortgpt", "removed": 1}, args, prompts, tmp_path, False)
+    assert failed["failed"] == "the server exited (killed by SIGSEGV)" and "loading the model" in failed["stderr_tail"]
+
+    class Dense:
+        name = "tiny"
+    md = bench.render_markdown([row, failed], args, Dense, ["llama-server: not given"])
+    assert "| shortrt fp32 | dense | 2 |" in md and "FAILED: the server exited (killed by SIGSEGV)" in md
+    bench.plot([row], tmp_path / "serving.png")
+    assert (tmp_path / "serving.png").stat().st_size > 0
