@@ -163,6 +163,8 @@ class ServerState:
         self.load_error: BaseException | None = None
         self.created = int(time.time())
         self.loaded = threading.Event()
+        self.lock = threading.Lock()
+        self.closing = False
         self.status_counts: dict[tuple[str, int], int] = {}
         self.finish_counts: dict[str, int] = {}
         self.prompt_tokens = 0
@@ -180,8 +182,11 @@ class ServerState:
                     logging.getLogger("shortrt.server").warning("no chat template: %s", exc)
             self.render_chat = render
             self.context = int(engine.max_seq)
-            self.engine = engine
-            self.aeng = AsyncEngine(engine, max_queue=self.max_queue)
+            with self.lock:
+                if self.closing:  # the server stopped while the model loaded
+                    return
+                self.engine = engine
+                self.aeng = AsyncEngine(engine, max_queue=self.max_queue)
         except BaseException as exc:  # reported by /health and to whoever started the server
             self.load_error = exc
             if self.on_load_error is not None:
@@ -190,9 +195,12 @@ class ServerState:
             self.loaded.set()
 
     def close(self) -> None:
-        self.loaded.wait()
-        if self.aeng is not None:
-            self.aeng.shutdown()
+        """Cancels what runs and stops the step loop; does not wait for a load in progress."""
+        with self.lock:
+            self.closing = True
+            aeng = self.aeng
+        if aeng is not None:
+            aeng.shutdown()
 
     def count(self, endpoint: str, status: int) -> None:
         self.status_counts[endpoint, status] = self.status_counts.get((endpoint, status), 0) + 1

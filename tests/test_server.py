@@ -106,6 +106,16 @@ def test_health_is_503_until_the_model_is_loaded(tokenizer):
         assert httpx.get(s.url + "/health").status_code == 200
 
 
+def test_stopping_while_the_model_loads_does_not_wait_for_it(tokenizer):
+    gate = threading.Event()
+    s = Serving(create_app(lambda: gate.wait(30) and FakeEngine(tokenizer), model_name="slow")).__enter__()
+    t0 = time.monotonic()
+    s.__exit__(None, None, None)
+    assert time.monotonic() - t0 < 5
+    gate.set()
+    assert s.state.loaded.wait(5) and s.state.aeng is None  # the late engine is never started
+
+
 LONG = list(range(3, 70))  # 67 token ids: past the fake's 64-token context
 
 
