@@ -1,6 +1,7 @@
 # shortrt: two commands do everything on a fresh clone.
 #   make demo   set up .venv (first time), then run the end-to-end demo on the packaged default model
 #   make test   set up .venv (first time), then run the test suite
+#   make fuzz   fuzz the C++ safetensors parser for FUZZ_SECONDS (needs clang; see fuzz/run.sh)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +10,7 @@ STAMP  := $(VENV)/.shortrt-installed
 BUILT  := $(VENV)/.shortrt-built
 CXX_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/include/shortrt/*.h examples/*.cpp)
 
-.PHONY: demo test setup build bench clean
+.PHONY: demo test setup build bench clean fuzz
 
 demo: $(BUILT)
 	$(VENV)/bin/shortrt demo
@@ -37,6 +38,10 @@ build: $(BUILT)
 
 bench: $(BUILT)
 	$(PY) benchmarks/latency.py --quick
+
+FUZZ_SECONDS ?= 60
+fuzz:
+	fuzz/run.sh $(FUZZ_SECONDS)
 
 clean:
 	rm -rf build *.egg-info shortrt/_C*.so shortrt/bin

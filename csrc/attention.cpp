@@ -3,10 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <string>
-#include <vector>
 
 #include "error.h"
 #include "kernels.h"
@@ -26,11 +24,17 @@ AttentionScratch::AttentionScratch(int max_seq, int n_heads, int n_kv_heads, int
   if (head_dim > kMaxHeadDim)
     throw Error("head_dim " + std::to_string(head_dim) + " exceeds the supported maximum of " +
                 std::to_string(kMaxHeadDim));
-  const size_t rows = static_cast<size_t>(kTokenBlock) * (n_heads / n_kv_heads);
+  const int group = n_heads / n_kv_heads, sub = std::min(group, kMaxAttendGroup);
+  const int n_sub = (group + sub - 1) / sub;
+  decode_items = static_cast<int64_t>(kMaxDecodeTokens) * n_kv_heads * n_sub *
+                 ((max_seq + kAttendChunk - 1) / kAttendChunk);
+  decode_item_floats = static_cast<int64_t>(sub) * (head_dim + 2);
+  const size_t rows = static_cast<size_t>(kTokenBlock) * group;
   const size_t seq = max_seq, hd = head_dim;
   auto padded = [](size_t n) { return (n + 15) / 16 * 16; };  // keep each array 64-byte aligned
-  const size_t sizes[] = {padded(seq * hd), padded(hd * seq), padded(rows * hd), padded(rows * seq),
-                          padded(rows * hd)};
+  const size_t sizes[] = {padded(seq * hd),   padded(hd * seq), padded(rows * hd),
+                          padded(rows * seq), padded(rows * hd),
+                          padded(static_cast<size_t>(decode_items * decode_item_floats))};
   size_t total = 0;
   for (size_t s : sizes) total += s;
   // Not zeroed: only the part a prompt uses is ever touched.
@@ -42,6 +46,7 @@ AttentionScratch::AttentionScratch(int max_seq, int n_heads, int n_kv_heads, int
   queries = p += sizes[1];
   scores = p += sizes[2];
   out = p += sizes[3];
+  decode_state = p += sizes[4];
 }
 
 void attend_partial_ref(const float* q, int group, const float* keys, const float* values, int64_t stride,
@@ -80,61 +85,68 @@ void attend_partial_ref(const float* q, int group, const float* keys, const floa
   }
 }
 
-void attention_decode(const AttentionArgs& a, ThreadPool& pool, bool avx2) {
-  using PartialFn = void (*)(const float*, int, const float*, const float*, int64_t, int64_t, int, float, float*,
-                             float*, float*);
-  const PartialFn partial = avx2 ? detail::attend_partial_avx2 : attend_partial_ref;
+void attention_decode(const AttentionArgs& a, AttentionScratch& scratch, ThreadPool& pool) {
+  attention_decode(a, scratch, pool, kernels());
+}
+
+void attention_decode(const AttentionArgs& a, AttentionScratch& scratch, ThreadPool& pool, const KernelTable& k) {
+  const auto partial = k.attend_partial;
   const int hd = a.head_dim, nh = a.n_heads, group = a.n_heads / a.n_kv_heads;
   const int sub = std::min(group, kMaxAttendGroup), n_sub = (group + sub - 1) / sub;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
-  // Work items: (token, kv head, sub-group of its q heads, range of keys); token t sees keys 0..pos+t.
-  struct Item { int t, kv, s; int64_t begin, end; };
-  std::vector<Item> items;
-  std::vector<int64_t> first(a.n + 1);  // items of token t: first[t] .. first[t + 1]
+  // Work items, in order: token t (which sees keys 0..pos+t), kv head, sub-group
+  // of its q heads, range c of keys. Token t's items are first[t] .. first[t + 1].
+  if (a.n < 1 || a.n > kMaxDecodeTokens)
+    throw Error("internal: attention_decode takes 1.." + std::to_string(kMaxDecodeTokens) + " tokens, got " +
+                std::to_string(a.n));
+  int64_t first[kMaxDecodeTokens + 1], n_chunks[kMaxDecodeTokens];
+  first[0] = 0;
   for (int t = 0; t < a.n; ++t) {
-    first[t] = static_cast<int64_t>(items.size());
-    const int64_t n_keys = a.pos + t + 1;
-    for (int kv = 0; kv < a.n_kv_heads; ++kv)
-      for (int s = 0; s < n_sub; ++s)
-        for (int64_t b = 0; b < n_keys; b += kAttendChunk) items.push_back({t, kv, s, b, std::min(n_keys, b + kAttendChunk)});
+    n_chunks[t] = (a.pos + t + 1 + kAttendChunk - 1) / kAttendChunk;
+    first[t + 1] = first[t] + static_cast<int64_t>(a.n_kv_heads) * n_sub * n_chunks[t];
   }
-  first[a.n] = static_cast<int64_t>(items.size());
   const int64_t per_item = static_cast<int64_t>(sub) * (hd + 2);  // acc, then m, then l
-  std::vector<float> state(items.size() * per_item);
+  if (first[a.n] > scratch.decode_items || per_item > scratch.decode_item_floats)
+    throw Error("internal: attention_decode needs more scratch than was allocated at load");
+  float* const state = scratch.decode_state;
 
-  pool.parallel_for(static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+  pool.parallel_for(first[a.n], 1, [&](int64_t b, int64_t e) {
     for (int64_t u = b; u < e; ++u) {
-      const Item& it = items[u];
-      const int heads = std::min(sub, group - it.s * sub);
-      const int h0 = it.kv * group + it.s * sub;
-      float* st = state.data() + u * per_item;
-      const int64_t at = it.kv * a.kv_head_stride + it.begin * a.kv_row_stride;
-      partial(a.qkv + it.t * a.qkv_dim + h0 * hd, heads, a.keys + at, a.values + at, a.kv_row_stride,
-              it.end - it.begin, hd, scale, st, st + sub * hd, st + sub * hd + sub);
+      int t = 0;
+      while (u >= first[t + 1]) ++t;
+      const int64_t r = u - first[t], nc = n_chunks[t];
+      const int kv = static_cast<int>(r / (n_sub * nc)), s = static_cast<int>(r / nc % n_sub);
+      const int64_t begin = r % nc * kAttendChunk, end = std::min<int64_t>(a.pos + t + 1, begin + kAttendChunk);
+      const int heads = std::min(sub, group - s * sub);
+      const int h0 = kv * group + s * sub;
+      float* st = state + u * per_item;
+      const int64_t at = kv * a.kv_head_stride + begin * a.kv_row_stride;
+      partial(a.qkv + t * a.qkv_dim + h0 * hd, heads, a.keys + at, a.values + at, a.kv_row_stride, end - begin, hd,
+              scale, st, st + sub * hd, st + sub * hd + sub);
     }
   });
 
   // Merge each head's ranges in key order: out = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M).
   for (int t = 0; t < a.n; ++t) {
-    const int64_t n_chunks = (a.pos + t + 1 + kAttendChunk - 1) / kAttendChunk;
+    const int64_t nc = n_chunks[t];
     for (int h = 0; h < nh; ++h) {
       const int kv = h / group, s = (h % group) / sub, g = (h % group) % sub;
-      const int64_t u0 = first[t] + (static_cast<int64_t>(kv) * n_sub + s) * n_chunks;
+      const int64_t u0 = first[t] + (static_cast<int64_t>(kv) * n_sub + s) * nc;
       float* out = a.out + static_cast<int64_t>(t) * nh * hd + static_cast<int64_t>(h) * hd;
-      auto acc_of = [&](int64_t c) { return state.data() + (u0 + c) * per_item + g * hd; };
+      auto acc_of = [&](int64_t c) { return state + (u0 + c) * per_item + g * hd; };
       auto m_of = [&](int64_t c) { return state[(u0 + c) * per_item + sub * hd + g]; };
       auto l_of = [&](int64_t c) { return state[(u0 + c) * per_item + sub * hd + sub + g]; };
-      if (n_chunks == 1) {
+      if (nc == 1) {
         const float inv = 1.0f / l_of(0);
         for (int i = 0; i < hd; ++i) out[i] = acc_of(0)[i] * inv;
         continue;
       }
       float top = m_of(0);
-      for (int64_t c = 1; c < n_chunks; ++c) top = std::max(top, m_of(c));
+      for (int64_t c = 1; c < nc; ++c) top = std::max(top, m_of(c));
       float denom = 0.0f;
       std::fill(out, out + hd, 0.0f);
-      for (int64_t c = 0; c < n_chunks; ++c) {
+      for (int64_t c = 0; c < nc; ++c) {
         const float w = std::exp(m_of(c) - top);
         denom += l_of(c) * w;
         const float* acc = acc_of(c);
@@ -144,11 +156,6 @@ void attention_decode(const AttentionArgs& a, ThreadPool& pool, bool avx2) {
       for (int i = 0; i < hd; ++i) out[i] *= inv;
     }
   }
-}
-
-void attention_online(const AttentionArgs& a, ThreadPool& pool) {
-  // The AVX2 twin follows the kernel path choice (SHORTRT_KERNELS=ref forces the scalar one).
-  attention_decode(a, pool, std::strcmp(kernels().name, "avx2") == 0 && a.head_dim % 8 == 0);
 }
 
 void attention_matmul(const AttentionArgs& a, AttentionScratch& s, ThreadPool& pool) {

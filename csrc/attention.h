@@ -1,6 +1,10 @@
 // Causal attention of n new tokens (positions pos..pos+n-1) of one sequence
-// over its KV cache region [pos][kv_head][head_dim], which already holds the
-// rotated keys and the values of positions 0..pos+n-1.
+// over its KV cache region, which already holds the rotated keys and the
+// values of positions 0..pos+n-1. The engine's region is [kv_head][position]
+// [head_dim] (docs/internals.md); the strides below also describe other layouts.
+// Two paths: attention_decode for a few tokens (one pass over the keys per kv
+// head, key ranges spread over the threads), attention_matmul for a prompt
+// chunk. Neither allocates: their scratch is an AttentionScratch made at load.
 #pragma once
 
 #include <cstdint>
@@ -9,6 +13,8 @@
 #include "threadpool.h"
 
 namespace shortrt {
+
+struct KernelTable;
 
 struct AttentionArgs {
   const float* qkv = nullptr;      // [n][qkv_dim]; the q heads come first in each row (rotated)
@@ -23,29 +29,43 @@ struct AttentionArgs {
   float* out = nullptr;            // [n][n_heads * head_dim]
 };
 
-// Scratch of the matrix-matrix path, allocated once for max_seq positions.
+// Up to this many query heads that share one kv head run through the decode
+// kernel together (more are split into groups of this size).
+constexpr int kMaxAttendGroup = 8;
+
+// attention_decode takes at most this many new tokens; more go through
+// attention_matmul (two matmuls per kv head pay off from 4 tokens on).
+constexpr int kMaxDecodeTokens = 3;
+
+// Keys per decode work item: a long context spreads over the threads.
+constexpr int64_t kAttendChunk = 128;
+
+// Scratch of both paths, allocated once for max_seq positions.
 struct AttentionScratch {
   AttentionScratch(int max_seq, int n_heads, int n_kv_heads, int head_dim);
+  // Matrix-matrix path (prefill), one kv head at a time.
   float* keys;      // [max_seq][head_dim]       one kv head's keys, contiguous
   float* values_t;  // [head_dim][max_seq]       its values transposed (row stride = keys in use)
   float* queries;   // [block rows][head_dim]    queries of a token block x the heads sharing the kv head
   float* scores;    // [block rows][max_seq]     scores, then probabilities
   float* out;       // [block rows][head_dim]
+  // Decode path: one partial online-softmax state per work item, an item being
+  // (token, kv head, sub-group of its q heads, range of kAttendChunk keys).
+  int64_t decode_items;  // capacity: kMaxDecodeTokens x n_kv_heads x sub-groups x ceil(max_seq / kAttendChunk)
+  int64_t decode_item_floats;  // sub-group size x (head_dim + 2): acc [sub][head_dim], then m [sub], l [sub]
+  float* decode_state;   // [decode_items][decode_item_floats]
   struct Free { void operator()(float* p) const; };
   std::unique_ptr<float, Free> storage;
 };
-
-// Up to this many query heads that share one kv head run through the decode
-// kernel together (more are split into groups of this size).
-constexpr int kMaxAttendGroup = 8;
 
 // The decode kernel: `group` query heads (q + g * head_dim) that share one kv
 // head, over n_keys cached keys / values whose rows are `stride` floats apart,
 // as an online softmax over blocks of keys. It leaves each head's partial
 // state: m[g] the largest scaled score, l[g] = sum_j exp(s_j - m[g]) and
 // acc[g * head_dim ..] = sum_j exp(s_j - m[g]) v_j, so ranges of keys done
-// separately can be merged. attend_partial_ref is the scalar reference;
-// attend_partial_avx2 (attention_avx2.cpp) needs head_dim % 8 == 0 and AVX2+FMA.
+// separately can be merged. It is the KernelTable's attend_partial entry:
+// attend_partial_ref is the scalar reference; attend_partial_avx2
+// (attention_avx2.cpp, AVX2+FMA) runs the reference when head_dim % 8 != 0.
 void attend_partial_ref(const float* q, int group, const float* keys, const float* values, int64_t stride,
                         int64_t n_keys, int head_dim, float scale, float* acc, float* m, float* l);
 namespace detail {
@@ -53,14 +73,14 @@ void attend_partial_avx2(const float* q, int group, const float* keys, const flo
                          int64_t n_keys, int head_dim, float scale, float* acc, float* m, float* l);
 }  // namespace detail
 
-// Decode attention: for each new token and kv head, the query heads sharing it
-// in one pass over each range of kAttendChunk keys (one work item each, so a
-// long context spreads over the threads), then the ranges merged in order.
-// Reads each cached key and value once per kv head. `avx2` picks the kernel
-// (attention_online uses the kernels() path).
-constexpr int64_t kAttendChunk = 128;
-void attention_decode(const AttentionArgs& a, ThreadPool& pool, bool avx2);
-void attention_online(const AttentionArgs& a, ThreadPool& pool);
+// Decode attention of a.n <= kMaxDecodeTokens tokens: for each new token and
+// kv head, the query heads sharing it in one pass over each range of
+// kAttendChunk keys (one work item each, so a long context spreads over the
+// threads), then the ranges merged in key order, so the result does not depend
+// on the thread count. Reads each cached key and value once per kv head. Runs
+// the kernels() path, or the given table's (tests).
+void attention_decode(const AttentionArgs& a, AttentionScratch& scratch, ThreadPool& pool);
+void attention_decode(const AttentionArgs& a, AttentionScratch& scratch, ThreadPool& pool, const KernelTable& kernels);
 
 // Blocks of tokens at a time as two matmuls per kv head (scores = K q, out =
 // V^T p), keys beyond a block's last position skipped. Used for prefill.

@@ -1,6 +1,6 @@
 // AVX2/FMA version of the decode attention kernel over the KV cache, the twin
-// of attend_partial_ref in attention.cpp. Compiled with -mavx2 -mfma; called
-// only when kernels() chose the avx2 path.
+// of attend_partial_ref in attention.cpp: the avx2 KernelTable's
+// attend_partial. Compiled with -mavx2 -mfma; called only on the avx2 path.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -95,6 +95,8 @@ void attend(const float* q, int group, const float* keys, const float* values, i
 
 void attend_partial_avx2(const float* q, int group, const float* keys, const float* values, int64_t stride,
                          int64_t n_keys, int hd, float scale, float* acc, float* m, float* l) {
+  // 8-wide loads cover head_dim in whole vectors only; other sizes are rare enough for the reference.
+  if (hd % 8 != 0) return attend_partial_ref(q, group, keys, values, stride, n_keys, hd, scale, acc, m, l);
   switch (hd) {
     case 64: return attend<8>(q, group, keys, values, stride, n_keys, hd, scale, acc, m, l);
     case 128: return attend<16>(q, group, keys, values, stride, n_keys, hd, scale, acc, m, l);

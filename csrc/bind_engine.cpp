@@ -1,15 +1,39 @@
 // Python binding of shortrt::Engine as shortrt._C.Engine (wrapped by shortrt/engine.py).
-// Every call that computes releases the GIL; the per-token callback re-acquires
-// it only for the duration of the Python call. shortrt::Error becomes
-// shortrt._C.FormatError (a ValueError) via the translator in bind_safetensors.cpp.
-#include <pybind11/functional.h>
+// shortrt::Error becomes shortrt._C.FormatError (a ValueError) via the
+// translator in bind_safetensors.cpp; shortrt::UsageError and a refused worker
+// thread (std::system_error) become RuntimeError.
+//
+// Calls that compute (load, generate, logits) run without the GIL, and three
+// rules keep them safe next to Python's own threads and its shutdown:
+//  - The GIL is taken back by hand, never in a destructor, and never once the
+//    interpreter is finalizing: a daemon thread that asks for the GIL then is
+//    ended with pthread_exit, a forced unwind that aborts the process when it
+//    meets a destructor (pybind11's gil_scoped_release). Such a thread sleeps
+//    until the process exits instead, touching nothing.
+//  - The per-token callback and the Ctrl-C poll call Python through the C API
+//    (no C++ object that would need the GIL to be destroyed) and carry a
+//    Python exception out of the engine as PythonErrorRaised, re-raised here.
+//  - An atexit hook cancels every call in flight and waits (up to 3 s) until
+//    they are back in Python; calls that start after it raise RuntimeError.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#if defined(__GLIBCXX__)
+#include <cxxabi.h>
+#endif
+
+#include <algorithm>
+#include <cfloat>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
 #include <cstring>
+#include <exception>
 #include <optional>
+#include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "attention.h"
@@ -20,6 +44,165 @@ namespace py = pybind11;
 using shortrt::Engine;
 
 namespace {
+
+// ---- computing without the GIL ---------------------------------------------
+
+bool interpreter_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing();
+#else
+  return _Py_IsFinalizing();
+#endif
+}
+
+// Takes the GIL back for this thread, or, once Python is finalizing (when
+// taking it would end the thread by a forced unwind), sleeps until the process
+// exits: nothing of Python may be touched any more, and the engine it uses is
+// kept alive by the Python frame that called it.
+void take_gil(PyThreadState* ts) {
+  if (interpreter_finalizing())
+    for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
+  PyEval_RestoreThread(ts);
+}
+
+// Thrown through the engine by the callback / poll below once they have
+// stashed the Python exception; the binding re-raises that exception.
+struct PythonErrorRaised {};
+
+// Runs f() without the GIL; rethrows what it threw once the GIL is back. `ts`
+// holds this thread's state meanwhile, for code inside f() that takes the GIL.
+template <class F>
+auto without_gil(F&& f, PyThreadState*& ts) -> decltype(f()) {
+  ts = PyEval_SaveThread();
+  std::exception_ptr error;
+  std::optional<decltype(f())> result;
+  try {
+    result.emplace(f());
+#if defined(__GLIBCXX__)
+  } catch (abi::__forced_unwind&) {
+    throw;  // Python is ending this thread at exit: the GIL is not ours to touch
+#endif
+  } catch (...) {
+    error = std::current_exception();
+  }
+  take_gil(ts);
+  if (error) std::rethrow_exception(error);
+  return std::move(*result);
+}
+
+// Calls computing right now (GIL-protected; an engine appears once per call),
+// and whether the interpreter has begun exiting (no new call may start).
+std::vector<Engine*>& calls_in_flight() {
+  static auto* calls = new std::vector<Engine*>();  // never destroyed: the atexit hook may outlive statics
+  return *calls;
+}
+bool g_exiting = false;
+
+// One generate() or logits() call: the GIL-free part, the Ctrl-C poll, the
+// per-token callback and the exception they may carry. Made with the GIL held.
+class Call {
+ public:
+  explicit Call(Engine& e) : engine_(e) {
+    if (g_exiting)
+      throw std::runtime_error("shortrt: the interpreter is exiting; this Engine no longer generates");
+    // Python runs signal handlers (KeyboardInterrupt) on the main thread only.
+    py::object main = py::module_::import("threading").attr("main_thread")();
+    poll_signals_ = main.attr("ident").cast<unsigned long>() == PyThread_get_thread_ident();
+    calls_in_flight().push_back(&engine_);
+  }
+  ~Call() {
+    auto& calls = calls_in_flight();
+    calls.erase(std::find(calls.begin(), calls.end(), &engine_));
+    Py_XDECREF(err_type_);
+    Py_XDECREF(err_value_);
+    Py_XDECREF(err_traceback_);
+  }
+  Call(const Call&) = delete;
+  Call& operator=(const Call&) = delete;
+
+  // f() without the GIL; raises the Python exception a poll or callback caught.
+  template <class F>
+  auto run(F&& f) -> decltype(f()) {
+    last_poll_ = std::chrono::steady_clock::now();
+    try {
+      return without_gil(f, ts_);
+    } catch (const PythonErrorRaised&) {
+      PyErr_Restore(err_type_, err_value_, err_traceback_);
+      err_type_ = err_value_ = err_traceback_ = nullptr;
+      throw py::error_already_set();
+    }
+  }
+
+  // GenerationOptions::should_stop, without the GIL: on the main thread, at
+  // most every kPollInterval, takes the GIL to run Python's signal handlers.
+  bool poll() {
+    if (!poll_signals_) return false;
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last_poll_ < kPollInterval) return false;
+    last_poll_ = now;
+    take_gil(ts_);
+    const bool raised = PyErr_CheckSignals() != 0;
+    if (raised) stash_error();
+    ts_ = PyEval_SaveThread();
+    if (raised) throw PythonErrorRaised{};
+    return false;
+  }
+
+  // The TokenCallback, without the GIL: callback(seq, token); None or a true
+  // value goes on, a false value stops the sequence, an exception ends the call.
+  bool call_back(PyObject* callback, int seq, int token) {
+    take_gil(ts_);
+    PyObject* r = PyObject_CallFunction(callback, "ii", seq, token);
+    int go_on = 1;
+    if (r && r != Py_None) go_on = PyObject_IsTrue(r);
+    Py_XDECREF(r);
+    const bool raised = !r || go_on < 0;
+    if (raised) stash_error();
+    ts_ = PyEval_SaveThread();
+    if (raised) throw PythonErrorRaised{};
+    return go_on != 0;
+  }
+
+ private:
+  static constexpr std::chrono::milliseconds kPollInterval{5};
+
+  void stash_error() { PyErr_Fetch(&err_type_, &err_value_, &err_traceback_); }
+
+  Engine& engine_;
+  PyThreadState* ts_ = nullptr;
+  bool poll_signals_ = false;
+  std::chrono::steady_clock::time_point last_poll_;
+  PyObject *err_type_ = nullptr, *err_value_ = nullptr, *err_traceback_ = nullptr;
+};
+
+// atexit: cancel every call in flight and give them up to 3 s to return to
+// Python (the GIL released meanwhile, so their callbacks can run). Cancelling
+// again on each round catches a call that read its cancel epoch late.
+void stop_generation_at_exit() {
+  g_exiting = true;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+  while (!calls_in_flight().empty() && std::chrono::steady_clock::now() < deadline) {
+    for (Engine* e : calls_in_flight()) e->cancel();
+    Py_BEGIN_ALLOW_THREADS
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    Py_END_ALLOW_THREADS
+  }
+}
+
+std::string number(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
+// Python ints the engine takes as int: a clear ValueError naming the argument
+// instead of pybind11's conversion error.
+int int_arg(int64_t value, int64_t lo, const char* name) {
+  if (value < lo || value > INT32_MAX)
+    throw std::invalid_argument(std::string(name) + " must be an integer in [" + std::to_string(lo) + ", " +
+                                std::to_string(INT32_MAX) + "], got " + std::to_string(value));
+  return static_cast<int>(value);
+}
 
 py::dict config_dict(const shortrt::ModelConfig& c) {
   py::dict d;
@@ -50,56 +233,62 @@ std::unique_ptr<Engine> load(const std::string& path, const std::string& dtype, 
   o.skip_layers = skip_layers;
   o.prefill_chunk = prefill_chunk;
   o.step_tokens = step_tokens;
-  py::gil_scoped_release release;
-  return Engine::load(path, o);
+  PyThreadState* ts = nullptr;
+  return without_gil([&] { return Engine::load(path, o); }, ts);
 }
 
-std::vector<std::vector<int>> generate(Engine& e, const std::vector<std::vector<int>>& prompts, int max_new_tokens,
-                                       float temperature, int top_k, float top_p, uint64_t seed,
-                                       std::optional<std::vector<int>> stop, py::object callback) {
+// The checked GenerationOptions of a generate() or submit() call.
+shortrt::GenerationOptions generation_options(int64_t max_new_tokens, double temperature, int64_t top_k, double top_p,
+                                              py::handle seed, const std::optional<std::vector<int>>& stop) {
   shortrt::GenerationOptions o;
-  o.max_new_tokens = max_new_tokens;
-  o.temperature = temperature;
-  o.top_k = top_k;
-  o.top_p = top_p;
-  o.seed = seed;
+  o.max_new_tokens = int_arg(max_new_tokens, 0, "max_new_tokens");
+  if (!(temperature >= 0.0) || !std::isfinite(temperature))
+    throw std::invalid_argument("temperature must be a finite number >= 0, got " + number(temperature));
+  o.temperature = static_cast<float>(std::min<double>(temperature, FLT_MAX));  // below 1e-4: greedy
+  o.top_k = int_arg(top_k, 0, "top_k");
+  if (!(top_p > 0.0 && top_p <= 1.0)) throw std::invalid_argument("top_p must be in (0, 1], got " + number(top_p));
+  o.top_p = static_cast<float>(top_p);
+  PyObject* seed_int = PyNumber_Index(seed.ptr());  // any integer type (numpy's too), not a float
+  o.seed = seed_int ? PyLong_AsUnsignedLongLong(seed_int) : 0;
+  Py_XDECREF(seed_int);
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    throw std::invalid_argument("seed must be an integer in [0, 2**64), got " + std::string(py::repr(seed)));
+  }
   if (stop) {
     o.use_default_stop = false;
     o.stop_tokens = *stop;
   }
+  return o;
+}
+
+std::vector<std::vector<int>> generate(Engine& e, const std::vector<std::vector<int>>& prompts, int64_t max_new_tokens,
+                                       double temperature, int64_t top_k, double top_p, py::handle seed,
+                                       std::optional<std::vector<int>> stop, py::handle callback) {
+  // seed and callback are handles, not objects: if Python ends this thread at
+  // exit while it computes, no destructor must need the GIL on the way out.
+  shortrt::GenerationOptions o = generation_options(max_new_tokens, temperature, top_k, top_p, seed, stop);
+  Call call(e);
+  o.should_stop = [&call] { return call.poll(); };
   shortrt::TokenCallback on_token;
   if (!callback.is_none()) {
-    on_token = [&callback](int seq, int token) {
-      py::gil_scoped_acquire acquire;
-      py::object r = callback(seq, token);
-      return r.is_none() || r.cast<bool>();  // None (no return) means: go on
-    };
+    PyObject* fn = callback.ptr();  // the caller's reference keeps it alive for the whole call
+    on_token = [&call, fn](int seq, int token) { return call.call_back(fn, seq, token); };
   }
-  py::gil_scoped_release release;
-  return e.generate(prompts, o, on_token);
+  return call.run([&] { return e.generate(prompts, o, on_token); });
 }
 
-uint64_t submit(Engine& e, const std::vector<int>& prompt, int max_new_tokens, float temperature, int top_k,
-                float top_p, uint64_t seed, std::optional<std::vector<int>> stop) {
-  shortrt::GenerationOptions o;
-  o.max_new_tokens = max_new_tokens;
-  o.temperature = temperature;
-  o.top_k = top_k;
-  o.top_p = top_p;
-  o.seed = seed;
-  if (stop) {
-    o.use_default_stop = false;
-    o.stop_tokens = *stop;
-  }
-  return e.submit(prompt, o);
+uint64_t submit(Engine& e, const std::vector<int>& prompt, int64_t max_new_tokens, double temperature, int64_t top_k,
+                double top_p, py::handle seed, std::optional<std::vector<int>> stop) {
+  return e.submit(prompt, generation_options(max_new_tokens, temperature, top_k, top_p, seed, stop));
 }
 
 // [(request, token, finish)] with finish None while the request runs.
 py::list step(Engine& e) {
   std::vector<shortrt::RequestEvent> events;
   {
-    py::gil_scoped_release release;
-    events = e.step();
+    Call call(e);  // counted as in flight: the atexit hook cancels every request and waits for it
+    events = call.run([&] { return e.step(); });
   }
   py::list out;
   for (const auto& ev : events) {
@@ -128,8 +317,8 @@ py::dict stats(const Engine& e) {
 py::array_t<float> logits(Engine& e, const std::vector<int>& tokens, int chunk) {
   std::vector<float> values;
   {
-    py::gil_scoped_release release;
-    values = e.logits(tokens, chunk);
+    Call call(e);
+    values = call.run([&] { return e.logits(tokens, chunk, [&call] { return call.poll(); }); });
   }
   const py::ssize_t vocab = e.config().vocab;
   py::array_t<float> out({static_cast<py::ssize_t>(tokens.size()), vocab});
@@ -137,13 +326,16 @@ py::array_t<float> logits(Engine& e, const std::vector<int>& tokens, int chunk) 
   return out;
 }
 
-bool attention_path(const std::string& path, int hd, const char* who) {
+// The kernel table a test hook runs: "ref" or "avx2" (which needs AVX2 and, for
+// attend_head, head_dim % 8 == 0; the engine's table would run the reference then).
+const shortrt::KernelTable& attention_path(const std::string& path, int hd, const char* who) {
   if (path == "avx2") {
-    if (!shortrt::avx2_kernels()) throw std::invalid_argument(std::string(who) + ": this CPU has no AVX2/FMA");
+    const shortrt::KernelTable* avx2 = shortrt::avx2_kernels();
+    if (!avx2) throw std::invalid_argument(std::string(who) + ": this CPU has no AVX2/FMA");
     if (hd % 8 != 0) throw std::invalid_argument(std::string(who) + ": the avx2 path needs head_dim % 8 == 0");
-    return true;
+    return *avx2;
   }
-  if (path == "ref") return false;
+  if (path == "ref") return shortrt::reference_kernels();
   throw std::invalid_argument(std::string(who) + ": path must be 'ref' or 'avx2'");
 }
 
@@ -162,11 +354,10 @@ py::array_t<float> attend_head(py::array_t<float, py::array::c_style | py::array
   if (hd > 512) throw std::invalid_argument("attend_head: head_dim > 512");
   if (group < 1 || group > shortrt::kMaxAttendGroup)
     throw std::invalid_argument("attend_head: group must be 1.." + std::to_string(shortrt::kMaxAttendGroup));
-  const bool avx2 = attention_path(path, hd, "attend_head");
+  const shortrt::KernelTable& k = attention_path(path, hd, "attend_head");
   std::vector<float> acc(static_cast<size_t>(group) * hd), m(group), l(group);
-  (avx2 ? shortrt::detail::attend_partial_avx2 : shortrt::attend_partial_ref)(
-      q.data(), group, keys.data(), values.data(), keys.shape(1), keys.shape(0), hd, scale, acc.data(), m.data(),
-      l.data());
+  k.attend_partial(q.data(), group, keys.data(), values.data(), keys.shape(1), keys.shape(0), hd, scale, acc.data(),
+                   m.data(), l.data());
   py::array_t<float> out(q.request().shape);
   float* o = out.mutable_data();
   for (int g = 0; g < group; ++g) {
@@ -204,9 +395,10 @@ py::array_t<float> attention_decode(py::array_t<float, py::array::c_style | py::
   args.head_dim = hd;
   py::array_t<float> out({q.shape(0), q.shape(1)});
   args.out = out.mutable_data();
-  const bool avx2 = attention_path(path, hd, "attention_decode");
+  const shortrt::KernelTable& k = attention_path(path, hd, "attention_decode");
   shortrt::ThreadPool pool(threads);
-  shortrt::attention_decode(args, pool, avx2);
+  shortrt::AttentionScratch scratch(static_cast<int>(keys.shape(0)), args.n_heads, n_kv_heads, hd);
+  shortrt::attention_decode(args, scratch, pool, k);
   return out;
 }
 
@@ -217,26 +409,33 @@ void register_engine(py::module_& m) {
       .def(py::init(&load), py::arg("path"), py::arg("dtype") = "fp32", py::arg("threads") = 0,
            py::arg("max_seq") = 0, py::arg("max_batch") = 1, py::arg("skip_layers") = std::vector<int>{},
            py::arg("prefill_chunk") = 0, py::arg("step_tokens") = 0)
-      .def("submit", &submit, py::arg("prompt"), py::arg("max_new_tokens") = 64, py::arg("temperature") = 0.0f,
-           py::arg("top_k") = 0, py::arg("top_p") = 1.0f, py::arg("seed") = 0, py::arg("stop") = py::none(),
+      .def("submit", &submit, py::arg("prompt"), py::arg("max_new_tokens") = 64, py::arg("temperature") = 0.0,
+           py::arg("top_k") = 0, py::arg("top_p") = 1.0, py::arg("seed") = 0, py::arg("stop") = py::none(),
            "Queue a request; returns its id. Thread-safe.")
       .def("step", &step,
            "One forward pass over every running request (GIL released): [(request, token, finish)], token -1 "
            "when the step ended the request without a new token, finish None, 'stop', 'length' or 'cancelled'.")
-      .def("cancel", &Engine::cancel, py::arg("request"), py::call_guard<py::gil_scoped_release>(),
+      .def("cancel_request", py::overload_cast<uint64_t>(&Engine::cancel), py::arg("request"),
+           py::call_guard<py::gil_scoped_release>(),
            "Cancel a request (thread-safe; its KV region is freed at once, or by the step in flight).")
       .def("stats", &stats)
       .def_property_readonly("has_work", &Engine::has_work)
       .def_property_readonly("prefill_chunk", &Engine::prefill_chunk)
       .def_property_readonly("step_tokens", &Engine::step_tokens)
       .def("generate", &generate, py::arg("prompts"), py::arg("max_new_tokens") = 64,
-           py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f, py::arg("seed") = 0,
+           py::arg("temperature") = 0.0, py::arg("top_k") = 0, py::arg("top_p") = 1.0, py::arg("seed") = 0,
            py::arg("stop") = py::none(), py::arg("callback") = py::none(),
-           "New token ids for each prompt. callback(seq, token) -> bool|None runs per token; False stops that "
-           "sequence. stop=None means the config's eos_token_id(s).")
+           "New token ids for each prompt. callback(seq, token) -> bool|None runs per token on the calling "
+           "thread; False stops that sequence, an exception ends the call. stop=None means the config's "
+           "eos_token_id(s). Temperatures below 1e-4 are greedy. Calls from several threads run one at a "
+           "time; a call from inside this engine's own callback raises RuntimeError. Ctrl-C interrupts it "
+           "(KeyboardInterrupt) within a few milliseconds.")
       .def("logits", &logits, py::arg("tokens"), py::arg("chunk") = 0,
            "Logits of every position: float32 [len(tokens), vocab]. chunk = tokens per forward pass "
            "(0 = prefill chunk, 1 = token by token through the KV cache).")
+      .def("cancel", py::overload_cast<>(&Engine::cancel),
+           "Makes the calls running or waiting on this engine (any thread) return after their current token "
+           "with the tokens so far. Later calls are not affected.")
       .def_property_readonly("config", [](const Engine& e) { return config_dict(e.config()); })
       .def_property_readonly("kv_cache_bytes", &Engine::kv_cache_bytes)
       .def_property_readonly("weight_bytes", &Engine::weight_bytes)
@@ -248,6 +447,7 @@ void register_engine(py::module_& m) {
       .def_property_readonly("max_batch", &Engine::max_batch)
       .def_property_readonly("threads", &Engine::threads)
       .def_property_readonly("dtype", &Engine::dtype);
+  py::module_::import("atexit").attr("register")(py::cpp_function(&stop_generation_at_exit));
   m.def("attend_head", &attend_head, py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("scale"),
         py::arg("path"),
         "Test hook: softmax(scale * keys @ q_g) @ values for each head g of q ([hd] or [group, hd]) on the "

@@ -1,5 +1,6 @@
 // Python binding of the safetensors reader and the JSON parser:
-// shortrt._C.SafetensorsFile, Checkpoint, parse_json and FormatError.
+// shortrt._C.SafetensorsFile, Checkpoint, parse_safetensors, parse_json and
+// FormatError.
 //
 // Errors: shortrt::Error -> shortrt._C.FormatError (a ValueError);
 // shortrt::OsError -> the OSError subclass of its errno (FileNotFoundError
@@ -10,6 +11,8 @@
 // array's base is the owning SafetensorsFile/Checkpoint object, so the mapping
 // lives as long as any array does. BF16 has no numpy dtype: it comes back as
 // uint16 holding the raw bits (widen with `(a.astype(np.uint32) << 16).view(np.float32)`).
+// The F8_* types come back as uint8 bits in the tensor's shape; the packed
+// 4- and 6-bit types (F4, F6_*) as a flat uint8 array of their bytes.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -43,6 +46,10 @@ const char* numpy_dtype(shortrt::DType dtype) {
     case DType::U16: return "<u2";
     case DType::U32: return "<u4";
     case DType::U64: return "<u8";
+    case DType::C64: return "<c8";
+    case DType::F8_E5M2: case DType::F8_E4M3: case DType::F8_E8M0: case DType::F8_E4M3FNUZ:
+    case DType::F8_E5M2FNUZ: return "u1";  // raw bits
+    case DType::F4: case DType::F6_E2M3: case DType::F6_E3M2: return "u1";  // packed bytes, see tensor_array
   }
   throw shortrt::Error("no numpy dtype for this tensor");
 }
@@ -54,12 +61,20 @@ py::tuple info_tuple(const TensorView& t) {
 // A zero-copy, read-only array over t.data that keeps `owner` alive.
 py::array tensor_array(const TensorView& t, py::handle owner) {
   py::dtype dtype(numpy_dtype(t.dtype));
+  if (shortrt::dtype_size(t.dtype) == 0) {  // sub-byte elements: the packed bytes
+    py::array array(dtype, {static_cast<py::ssize_t>(t.nbytes)}, {py::ssize_t{1}}, t.data, owner);
+    array.attr("flags").attr("writeable") = false;
+    return array;
+  }
   std::vector<py::ssize_t> shape(t.shape.begin(), t.shape.end());
   std::vector<py::ssize_t> strides(shape.size());
   py::ssize_t stride = static_cast<py::ssize_t>(shortrt::dtype_size(t.dtype));
   for (size_t i = shape.size(); i-- > 0;) {
     strides[i] = stride;
-    stride *= shape[i];
+    // Only an empty tensor can get here with dims this large ([0, 2^40, 2^40]).
+    if (__builtin_mul_overflow(stride, shape[i], &stride))
+      throw shortrt::Error("tensor '" + t.name + "' has shape " + shortrt::shape_string(t.shape) +
+                           ", too large for a numpy array");
   }
   py::array array(dtype, shape, strides, t.data, owner);
   // pybind marks arrays with a non-array base writeable; the mapping is PROT_READ.
@@ -118,6 +133,30 @@ void register_safetensors(py::module_& m) {
   m.def("parse_json", [](const std::string& text) { return json_to_python(shortrt::json::parse(text)); },
         py::arg("text"),
         "Parse text with shortrt's strict JSON parser (integers stay int, other numbers float).");
+
+  m.def("parse_safetensors",
+        [](py::bytes data, const std::string& name) {
+          std::string bytes = data;  // a copy the views point into, alive for this call
+          shortrt::SafetensorsContents contents;
+          {
+            py::gil_scoped_release release;
+            contents = shortrt::parse_safetensors(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), name);
+          }
+          py::list tensors;
+          const size_t data_start = 8 + contents.header_size;
+          for (const TensorView& t : contents.tensors)
+            tensors.append(py::make_tuple(t.name, shortrt::dtype_name(t.dtype), py::tuple(py::cast(t.shape)),
+                                          t.offset - data_start, t.offset - data_start + t.nbytes));
+          py::dict out;
+          out["header_size"] = contents.header_size;
+          out["tensors"] = tensors;
+          out["metadata"] = contents.metadata;
+          return out;
+        },
+        py::arg("data"), py::arg("name") = "<bytes>",
+        "Parse and validate a whole safetensors file image held in memory, exactly as SafetensorsFile does: "
+        "{'header_size': N, 'tensors': [(name, dtype, shape, begin, end), ...] in data order, 'metadata': {...}} "
+        "(begin/end relative to the data section), or FormatError naming `name`.");
 
   py::class_<SafetensorsFile, std::shared_ptr<SafetensorsFile>>(m, "SafetensorsFile",
                                                                "A read-only memory-mapped .safetensors file.")

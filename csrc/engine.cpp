@@ -1,10 +1,12 @@
 // shortrt::Engine: loads a checkpoint into a Model + State and generates.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <deque>
 #include <mutex>
 #include <random>
 #include <string>
+#include <thread>
 
 #include "error.h"
 #include "model.h"
@@ -79,6 +81,7 @@ struct Engine::Impl {
     tokens.resize(step_tokens);
     segments.resize(o.max_batch);
     members.resize(o.max_batch);
+    undelivered.reserve(4 * static_cast<size_t>(o.max_batch));
   }
 
   void check_tokens(const std::vector<int>& ids, const std::string& what) const {
@@ -140,7 +143,9 @@ struct Engine::Impl {
     }
   }
 
-  std::vector<RequestEvent> step() {
+  // One step; its events are appended to `events` (a buffer the caller reuses, so a
+  // decode loop allocates nothing per token).
+  void step(std::vector<RequestEvent>& events) {
     std::lock_guard<std::mutex> step_lock(step_mutex);
     int n_rows = 0, n_segs = 0;
     {
@@ -171,7 +176,6 @@ struct Engine::Impl {
       }
       in_step = n_segs > 0;
     }
-    std::vector<RequestEvent> events;
     if (n_segs > 0) {
       try {
         model->forward_step(*state, pool, tokens.data(), segments.data(), n_segs);
@@ -220,7 +224,6 @@ struct Engine::Impl {
     // running ones of this step; per request they are its last event.
     events.insert(events.end(), undelivered.begin(), undelivered.end());
     undelivered.clear();
-    return events;
   }
 
   void cancel(uint64_t id) {
@@ -251,6 +254,14 @@ struct Engine::Impl {
   std::unique_ptr<Model> model;
   std::unique_ptr<State> state;
 
+  // One generate/logits call at a time. `owner` is the thread inside a call, so a
+  // call from that thread's callback fails instead of waiting on itself. cancel()
+  // bumps `cancel_epoch`; a call started under an older epoch stops.
+  std::timed_mutex call_mutex;
+  std::atomic<std::thread::id> owner{};
+  std::atomic<uint64_t> cancel_epoch{0};
+  class CallLock;
+
   // Requests. queue_mutex guards everything below; step_mutex makes steps one at a time.
   mutable std::mutex queue_mutex;
   std::mutex step_mutex;
@@ -266,6 +277,36 @@ struct Engine::Impl {
   std::vector<int> tokens;
   std::vector<Segment> segments;
   std::vector<Request*> members;
+};
+
+// Holds Impl::call_mutex for one generate/logits call: refuses a re-entrant call
+// from the owning thread, and while another thread's call runs, waits in short
+// slices so that `stop` (Ctrl-C, cancel) is still polled.
+class Engine::Impl::CallLock {
+ public:
+  template <class Stop>
+  CallLock(Impl& m, const char* what, const Stop& stop) : m_(m) {
+    if (m.owner.load() == std::this_thread::get_id())
+      throw UsageError(std::string("Engine.") + what +
+                       " called from inside this engine's own callback (the engine is busy with the call that "
+                       "runs the callback); collect the tokens and call it after generate() returns");
+    while (!m.call_mutex.try_lock_for(std::chrono::milliseconds(5)))
+      if (stop()) return;
+    m.owner.store(std::this_thread::get_id());
+    locked_ = true;
+  }
+  ~CallLock() {
+    if (!locked_) return;
+    m_.owner.store(std::thread::id());
+    m_.call_mutex.unlock();
+  }
+  bool locked() const { return locked_; }
+  CallLock(const CallLock&) = delete;
+  CallLock& operator=(const CallLock&) = delete;
+
+ private:
+  Impl& m_;
+  bool locked_ = false;
 };
 
 std::unique_ptr<Engine> Engine::load(const std::string& dir, const EngineOptions& options) {
@@ -292,7 +333,11 @@ uint64_t Engine::submit(const std::vector<int>& prompt, const GenerationOptions&
 
 void Engine::cancel(uint64_t request) { impl_->cancel(request); }
 
-std::vector<RequestEvent> Engine::step() { return impl_->step(); }
+std::vector<RequestEvent> Engine::step() {
+  std::vector<RequestEvent> events;
+  impl_->step(events);
+  return events;
+}
 
 bool Engine::has_work() const {
   std::lock_guard<std::mutex> lock(impl_->queue_mutex);
@@ -330,8 +375,15 @@ std::vector<std::vector<int>> Engine::generate(const std::vector<std::vector<int
                 std::to_string(m.state->max_batch));
   for (size_t i = 0; i < prompts.size(); ++i)  // every prompt is checked before any is submitted
     m.check_request(prompts[i], o, prompts.size() == 1 ? "the prompt" : "prompt " + std::to_string(i));
+  const uint64_t epoch = m.cancel_epoch.load();
+  // Checked before every step: cancel() since this call began, or the caller's poll.
+  auto should_stop = [&] {
+    return m.cancel_epoch.load(std::memory_order_relaxed) != epoch || (o.should_stop && o.should_stop());
+  };
   const int n_seq = static_cast<int>(prompts.size());
   std::vector<std::vector<int>> out(n_seq);
+  Impl::CallLock lock(m, "generate", should_stop);
+  if (!lock.locked() || o.max_new_tokens == 0) return out;
   std::vector<uint64_t> ids(n_seq);
   {
     std::lock_guard<std::mutex> lock(m.queue_mutex);
@@ -341,10 +393,13 @@ std::vector<std::vector<int>> Engine::generate(const std::vector<std::vector<int
   std::vector<bool> done(n_seq, false);
   int remaining = n_seq;
   // Events of requests submitted by others while this loop steps are kept for their own step() caller.
-  std::vector<RequestEvent> foreign;
+  std::vector<RequestEvent> foreign, events;
+  events.reserve(4 * static_cast<size_t>(m.state->max_batch));
   try {
-    while (remaining > 0) {
-      for (const RequestEvent& e : m.step()) {
+    while (remaining > 0 && !should_stop()) {
+      events.clear();
+      m.step(events);
+      for (const RequestEvent& e : events) {
         auto it = std::find(ids.begin(), ids.end(), e.request);
         if (it == ids.end()) {
           foreign.push_back(e);
@@ -372,7 +427,9 @@ std::vector<std::vector<int>> Engine::generate(const std::vector<std::vector<int
       if (!done[b]) m.cancel(ids[b]);
     throw;
   }
-  std::lock_guard<std::mutex> lock(m.queue_mutex);
+  for (int b = 0; b < n_seq; ++b)  // stopped early: the rest of its requests end now
+    if (!done[b]) m.cancel(ids[b]);
+  std::lock_guard<std::mutex> queue_lock(m.queue_mutex);
   // This call's requests are over: drop what is left of theirs (the Cancelled event of one its
   // callback stopped), give back the others'.
   auto ours = [&](const RequestEvent& e) { return std::find(ids.begin(), ids.end(), e.request) != ids.end(); };
@@ -381,16 +438,23 @@ std::vector<std::vector<int>> Engine::generate(const std::vector<std::vector<int
   return out;
 }
 
-std::vector<float> Engine::logits(const std::vector<int>& tokens, int chunk) {
+std::vector<float> Engine::logits(const std::vector<int>& tokens, int chunk,
+                                  const std::function<bool()>& should_stop) {
   Impl& m = *impl_;
+  const uint64_t epoch = m.cancel_epoch.load();
   m.check_tokens(tokens, "the token list");
   if (tokens.size() > static_cast<size_t>(m.max_seq))
     throw Error(std::to_string(tokens.size()) + " tokens exceed the context of " + std::to_string(m.max_seq));
   if (chunk < 0) throw Error("chunk must be >= 0 (0 = default), got " + std::to_string(chunk));
+  auto stop = [&] {
+    return m.cancel_epoch.load(std::memory_order_relaxed) != epoch || (should_stop && should_stop());
+  };
+  Impl::CallLock lock(m, "logits", stop);
+  if (!lock.locked()) throw UsageError("Engine.logits was stopped before it finished");
   std::lock_guard<std::mutex> step_lock(m.step_mutex);
   int region = -1;
   {
-    std::lock_guard<std::mutex> lock(m.queue_mutex);
+    std::lock_guard<std::mutex> queue_lock(m.queue_mutex);
     if (m.free_regions.empty()) throw Error("logits() needs a free KV region; every one is running a request");
     region = m.free_regions.back();
   }
@@ -398,11 +462,25 @@ std::vector<float> Engine::logits(const std::vector<int>& tokens, int chunk) {
   const int n = static_cast<int>(tokens.size());
   if (chunk == 0 || chunk > m.state->max_chunk) chunk = m.state->max_chunk;
   for (int begin = 0; begin < n; begin += chunk) {
+    if (stop()) throw UsageError("Engine.logits was stopped before it finished");
     const int len = std::min(chunk, n - begin);
     m.model->forward_all_logits(*m.state, m.pool, region, tokens.data() + begin, len, begin,
                                 out.data() + static_cast<size_t>(begin) * m.config.vocab);
   }
   return out;
+}
+
+void Engine::cancel() {
+  Impl& m = *impl_;
+  m.cancel_epoch.fetch_add(1);
+  std::vector<uint64_t> all;
+  {
+    std::lock_guard<std::mutex> lock(m.queue_mutex);
+    for (const auto& r : m.queued) all.push_back(r->id);
+    for (const auto& r : m.running)
+      if (r) all.push_back(r->id);
+  }
+  for (uint64_t id : all) m.cancel(id);
 }
 
 const ModelConfig& Engine::config() const { return impl_->config; }

@@ -99,6 +99,12 @@ struct KernelTable {
                     int64_t ldy);
   void (*gemm_q8)(const BlockQ8* w, int64_t n_rows, int64_t n_blocks, const BlockQ8* x, int64_t n_tok, float* y,
                   int64_t ldy);
+
+  // Decode attention over one range of cached keys for `group` q heads sharing
+  // a kv head, leaving the partial online-softmax state (attention.h:
+  // attend_partial_ref / attend_partial_avx2; any head_dim).
+  void (*attend_partial)(const float* q, int group, const float* keys, const float* values, int64_t stride,
+                         int64_t n_keys, int head_dim, float scale, float* acc, float* m, float* l);
 };
 
 // The active path: chosen once from SHORTRT_KERNELS (ref|avx2|auto; throws

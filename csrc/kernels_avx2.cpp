@@ -6,6 +6,7 @@
 // be the one the linker keeps for every caller.
 #include <immintrin.h>
 
+#include "attention.h"
 #include "kernels.h"
 
 namespace shortrt {
@@ -234,9 +235,10 @@ void gemm_bf16_avx2(const uint16_t* w, int64_t n_rows, int64_t cols, const float
   gemm_dense(w, n_rows, cols, x, n_tok, y, ldy);
 }
 
-// The engine's attention calls these per key on head_dim (64) values, so
-// they are built for short vectors: two chains and a cheap horizontal sum
-// (matmul does not use them and keeps its own summation order).
+// Dot products of short vectors (head_dim-sized): two chains and a cheap
+// horizontal sum. Only the kernel tests call them now; the engine's attention
+// runs attend_partial_avx2 (attention_avx2.cpp), and matmul keeps its own
+// summation order.
 template <class W>
 inline float dot_short(const W* w, const float* x, int64_t n) {
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
@@ -502,7 +504,7 @@ void softmax_f32_avx2(float* x, int64_t n) {
 constexpr KernelTable kAvx2Table = {
     "avx2",           dot_f32_avx2,    dot_bf16_f32_avx2, dot_q8_q8_avx2, axpy_f32_avx2,
     rmsnorm_f32_avx2, swiglu_f32_avx2, softmax_f32_avx2,  sum_f32_avx2,   quantize_row_q8_avx2,
-    gemm_f32_avx2,    gemm_bf16_avx2,  gemm_q8_avx2,
+    gemm_f32_avx2,    gemm_bf16_avx2,  gemm_q8_avx2,      detail::attend_partial_avx2,
 };
 
 }  // namespace

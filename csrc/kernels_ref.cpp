@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "attention.h"
 #include "kernels.h"
 
 namespace shortrt {
@@ -101,7 +102,7 @@ void gemm_q8_ref(const BlockQ8* w, int64_t n_rows, int64_t n_blocks, const Block
 constexpr KernelTable kReferenceTable = {
     "ref",           dot_f32_ref,          dot_bf16_f32_ref, dot_q8_q8_ref,  axpy_f32_ref,
     rmsnorm_f32_ref, swiglu_f32_ref,       softmax_f32_ref,  sum_f32_ref,    quantize_row_q8_ref,
-    gemm_f32_ref,    gemm_bf16_ref,        gemm_q8_ref,
+    gemm_f32_ref,    gemm_bf16_ref,        gemm_q8_ref,      attend_partial_ref,
 };
 
 }  // namespace

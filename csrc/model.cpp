@@ -10,8 +10,6 @@
 namespace shortrt {
 namespace {
 
-constexpr int kMatmulAttentionMin = 4;  // chunks of at least this many tokens use attention_matmul
-
 // Inverse RoPE frequencies as transformers computes them (float32 arithmetic),
 // including its linear and llama3 rescaling.
 std::vector<float> rope_inv_freq(const ModelConfig& c) {
@@ -171,11 +169,11 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
     args.n_kv_heads = nkv;
     args.head_dim = hd;
     args.out = attn + g.first_row * q_width;
-    // Decode reads each key once per head; a prompt chunk is worth two matmuls per kv head.
-    if (g.n >= kMatmulAttentionMin) {
+    // Decode reads each key once per kv head; a prompt chunk is worth two matmuls per kv head.
+    if (g.n > kMaxDecodeTokens) {
       attention_matmul(args, s.attention, pool);
     } else {
-      attention_online(args, pool);
+      attention_decode(args, s.attention, pool);
     }
   }
 

@@ -60,10 +60,11 @@ struct State {
   std::vector<BlockQ8> xq;  // [max_chunk][max width / 32]  activation quantized once per matmul input (int8)
   FloatBuffer logits;   // [max_batch][vocab]         logits of the rows that asked for them
   std::vector<int> row_seq, row_pos;  // [max_chunk]   each row's KV region and position
-  // KV cache: [slot][seq][kv_head][pos][head_dim], slots = retained attentions only.
+  // KV cache: [slot][seq][kv_head][pos][head_dim], slots = retained attentions only:
+  // each kv head's keys (values) of a sequence are one contiguous stream.
   FloatBuffer key_cache, value_cache;
   size_t kv_bytes = 0;
-  AttentionScratch attention;  // the prefill attention's K / V^T / scores for one kv head
+  AttentionScratch attention;  // prefill's K / V^T / scores for one kv head; decode's partial states
 };
 
 class Model {

@@ -5,11 +5,35 @@
 // ..., "__metadata__": {"k": "v"}}, then the data section; offsets are
 // relative to the start of the data section (byte 8 + N).
 //
-// The constructor maps the file read-only and validates the whole header
-// before anything reads a tensor: every dtype, shape (no overflow), offset
-// (inside the data section, begin <= end, no overlap) and byte length
-// (== numel * dtype size). A corrupt or hostile file throws shortrt::Error
-// naming the file and the problem; it never leads to an out-of-bounds read.
+// The reader accepts exactly the files the `safetensors` library (0.8.0, the
+// oracle tests/test_safetensors.py checks us against) accepts, so a file that
+// loads here loads there and vice versa. Its rules, established by probing the
+// library (see tests/data/make_safetensors_corpus.py):
+//   - N <= 100,000,000 and 8 + N <= file size; the header is valid UTF-8 and
+//     one JSON object, optionally followed by spaces/tabs/newlines (the
+//     library's padding); nothing else may follow it.
+//   - JSON as serde_json reads it: at most 127 nested containers, numbers that
+//     overflow a double are an error, lone surrogates are an error.
+//   - "__metadata__" at most once: null or an object of string -> string
+//     (a repeated key inside it: the last one wins).
+//   - Every other key is a tensor (a repeated name: the last one wins, but
+//     every copy must be well formed): an object with exactly one each of
+//     "dtype", "shape", "data_offsets" (other keys ignored), or the array
+//     [dtype, shape, data_offsets]. dtype is a known name (or {"NAME": null});
+//     dims and offsets are non-negative integers written without sign,
+//     fraction or exponent, up to 2^64 - 1.
+//   - Sorted by (begin, end), the tensors tile the data section exactly: the
+//     first begins at 0, each begins where the previous ended, the last ends at
+//     the end of the file. No gaps, no overlaps, no trailing bytes.
+//   - end - begin == numel * bits / 8, numel computed dim by dim without
+//     overflow, and a whole number of bytes for the 4- and 6-bit types.
+// One deliberate difference: a dim above 2^63 - 1 (the library allows it in
+// an empty tensor, e.g. [2^64 - 1, 0]) is refused, since shapes here are int64.
+//
+// A corrupt or hostile file throws shortrt::Error with one line naming the
+// file and the problem; it never leads to an out-of-bounds read. Paths that
+// are not regular files (directories, FIFOs, devices) are refused before
+// anything reads from them, without blocking.
 //
 // Alignment: TensorView::data is only as aligned as the writer made it. The
 // safetensors library pads the header to a multiple of 8 and lays tensors out
@@ -22,6 +46,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -29,12 +54,17 @@
 
 namespace shortrt {
 
-// F64..BOOL are the types the runtime reads; U16/U32/U64 exist so that files
+// F64..BOOL are the types the runtime reads; the others exist so that files
 // holding them still open (their tensors are simply not used by the engine).
-enum class DType { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, U16, U32, U64 };
+// F4 is 4 bits and F6_* 6 bits per element, packed.
+enum class DType {
+  F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, U16, U32, U64,
+  F4, F6_E2M3, F6_E3M2, F8_E5M2, F8_E4M3, F8_E8M0, F8_E4M3FNUZ, F8_E5M2FNUZ, C64,
+};
 
 const char* dtype_name(DType dtype);  // the safetensors spelling: "F32", "BF16", ...
-size_t dtype_size(DType dtype);       // bytes per element
+size_t dtype_bits(DType dtype);       // bits per element
+size_t dtype_size(DType dtype);       // bytes per element; 0 for the sub-byte F4 and F6_* types
 // Throws Error("unknown dtype '<name>'") for names outside DType.
 DType dtype_from_name(const std::string& name);
 
@@ -50,6 +80,38 @@ struct TensorView {
   size_t offset = 0;              // byte offset of data within the file
   int64_t numel() const;          // product of shape; 1 for a scalar
 };
+
+// A whole safetensors file image, parsed and validated (see the rules above).
+struct SafetensorsContents {
+  size_t header_size = 0;                     // N, the JSON header's length
+  std::vector<TensorView> tensors;            // data-offset order; data points into the image
+  std::map<std::string, std::string> metadata;
+};
+
+// Parses a file image held in memory (the path-based reader maps the file and
+// calls this). `name` starts every error message. The views point into
+// `data`, which must outlive them.
+SafetensorsContents parse_safetensors(const uint8_t* data, size_t size, const std::string& name);
+
+// The JSON header alone, as the safetensors library reads it (in
+// safetensors_header.cpp). Throws Error with a message relative to the header
+// ("header is not valid JSON (...)", "tensor 'a': ..."); the caller adds the
+// file name. Dims and offsets are unchecked against each other and the file.
+struct HeaderTensor {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<uint64_t> shape;
+  uint64_t begin = 0, end = 0;
+};
+struct HeaderContents {
+  std::vector<HeaderTensor> tensors;  // header order; a repeated name keeps its last entry
+  std::map<std::string, std::string> metadata;
+};
+HeaderContents parse_header_json(std::string_view text);
+
+// `s` in single quotes for a one-line message: control bytes escaped, and cut
+// with "..." past 120 bytes.
+std::string quoted(const std::string& s);
 
 class SafetensorsFile {
  public:
@@ -76,8 +138,6 @@ class SafetensorsFile {
   void prefetch() const;
 
  private:
-  void parse_header();
-
   std::string path_;
   const uint8_t* map_ = nullptr;
   size_t file_size_ = 0;

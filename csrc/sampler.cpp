@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "error.h"
@@ -26,14 +27,20 @@ int Sampler::argmax(const float* logits, int vocab) {
 }
 
 int Sampler::sample(const float* logits, const SamplingParams& p, std::mt19937_64& rng) {
-  if (p.temperature == 0.0f) return argmax(logits, vocab_);
+  if (p.temperature < kMinSamplingTemperature) return argmax(logits, vocab_);
 
   auto by_logit_desc = [](const std::pair<float, int>& a, const std::pair<float, int>& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
   };
   candidates_.clear();
   const float inv_t = 1.0f / p.temperature;
-  for (int i = 0; i < vocab_; ++i) candidates_.emplace_back(logits[i] * inv_t, i);
+  bool computable = true;  // no NaN or +inf: those break the sort's ordering and the exp below
+  for (int i = 0; i < vocab_; ++i) {
+    const float scaled = logits[i] * inv_t;
+    computable &= !(std::isnan(scaled) || scaled == std::numeric_limits<float>::infinity());
+    candidates_.emplace_back(scaled, i);
+  }
+  if (!computable) return argmax(logits, vocab_);  // logits / temperature overflowed (the greedy limit)
   if (p.top_k > 0 && p.top_k < vocab_) {
     std::nth_element(candidates_.begin(), candidates_.begin() + p.top_k, candidates_.end(), by_logit_desc);
     candidates_.resize(p.top_k);
@@ -42,6 +49,7 @@ int Sampler::sample(const float* logits, const SamplingParams& p, std::mt19937_6
   std::sort(candidates_.begin(), candidates_.end(), by_logit_desc);
 
   const float max_logit = candidates_.front().first;
+  if (max_logit == -std::numeric_limits<float>::infinity()) return argmax(logits, vocab_);  // all masked
   double total = 0.0;
   for (auto& c : candidates_) {
     c.first = std::exp(c.first - max_logit);

@@ -1,5 +1,10 @@
 // Choosing the next token from logits: greedy (temperature 0) or sampling
 // with temperature, top-k and top-p (in that order, as transformers does).
+//
+// Temperatures below kMinSamplingTemperature (engine.h) are greedy: dividing
+// by them overflows float (1 / 1e-40 is inf) or turns logits into +-inf, and
+// the distribution is argmax in the limit anyway. For the same reason a draw
+// where some scaled logit is NaN or +inf (or every one is -inf) is argmax.
 #pragma once
 
 #include <cstdint>
@@ -7,10 +12,12 @@
 #include <utility>
 #include <vector>
 
+#include "shortrt/engine.h"
+
 namespace shortrt {
 
 struct SamplingParams {
-  float temperature = 0.0f;  // 0 = greedy
+  float temperature = 0.0f;  // 0 (or anything below kMinSamplingTemperature) = greedy
   int top_k = 0;             // 0 = all tokens
   float top_p = 1.0f;        // in (0, 1]
 };

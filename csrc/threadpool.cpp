@@ -2,6 +2,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
+#include <string>
+#include <system_error>
 
 namespace shortrt {
 namespace {
@@ -42,16 +45,39 @@ void run_serial(int64_t n, int64_t grain, void* ctx, void (*fn)(void*, int64_t, 
   for (int64_t begin = 0; begin < n; begin += grain) fn(ctx, begin, std::min(n, begin + grain));
 }
 
+// SHORTRT_TEST_FAIL_THREAD=k: the worker whose start is made to fail (0 = none).
+int injected_thread_failure() {
+  const char* env = std::getenv("SHORTRT_TEST_FAIL_THREAD");
+  return env ? std::atoi(env) : 0;
+}
+
 }  // namespace
 
 ThreadPool::ThreadPool(int n_threads) {
   if (n_threads <= 0) n_threads = static_cast<int>(std::thread::hardware_concurrency());
   n_threads_ = std::max(1, n_threads);
-  workers_.reserve(n_threads_ - 1);
-  for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this] { worker_main(); });
+  const int n_workers = n_threads_ - 1, fail_at = injected_thread_failure();
+  workers_.reserve(n_workers);
+  for (int i = 1; i <= n_workers; ++i) {
+    try {
+      if (i == fail_at)
+        throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again),
+                                "SHORTRT_TEST_FAIL_THREAD");
+      workers_.emplace_back([this] { worker_main(); });
+    } catch (const std::system_error& e) {
+      // A std::thread destroyed while joinable terminates the process: stop and
+      // join the workers that did start before reporting.
+      stop_workers();
+      throw std::system_error(e.code(), "could not start worker thread " + std::to_string(i) + " of " +
+                                            std::to_string(n_workers) + " for threads=" +
+                                            std::to_string(n_threads_) + " (ask for fewer threads)");
+    }
+  }
 }
 
-ThreadPool::~ThreadPool() {
+ThreadPool::~ThreadPool() { stop_workers(); }
+
+void ThreadPool::stop_workers() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stopping_.store(true, std::memory_order_relaxed);
@@ -59,6 +85,7 @@ ThreadPool::~ThreadPool() {
   }
   wake_.notify_all();
   for (auto& worker : workers_) worker.join();
+  workers_.clear();
 }
 
 void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& f) {

@@ -22,6 +22,10 @@ class ThreadPool {
  public:
   // n_threads <= 0 -> std::thread::hardware_concurrency(). The thread that calls
   // parallel_for is one of the n_threads, so n_threads - 1 workers are started.
+  // When the OS refuses a thread, the workers already started are stopped and
+  // joined and std::system_error is thrown, naming the worker and the count.
+  // Test hook: SHORTRT_TEST_FAIL_THREAD=k makes starting worker k (1-based)
+  // fail that way, since tests run as root, where process limits never bite.
   explicit ThreadPool(int n_threads);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
@@ -53,6 +57,7 @@ class ThreadPool {
   void run_chunks();  // take chunks of the current job until none is left
   bool try_join();    // a worker enters the current job unless it is closed
   void worker_main();
+  void stop_workers();  // wake every worker to exit, and join them
 
   int n_threads_ = 1;
   std::vector<std::thread> workers_;

@@ -4,6 +4,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -64,10 +67,46 @@ const float* f32_span(const TensorView& t, int64_t begin, int64_t n, std::vector
   return tmp.data();
 }
 
+// NaN and Inf have an all-ones exponent. A branch-free count over integer
+// bits, so the compiler vectorizes it: the check costs one pass over data the
+// copy has just brought into cache.
+uint32_t count_nonfinite(const float* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    bad += (bits & 0x7f800000u) == 0x7f800000u;
+  }
+  return bad;
+}
+
+// NaN/Inf values seen in one tensor while it is copied chunk by chunk.
+struct NonFinite {
+  int64_t count = 0;
+  int64_t first = -1;  // element index of the first one
+  float first_value = 0.0f;
+
+  void scan(const float* x, int64_t n, int64_t offset) {
+    uint32_t bad = count_nonfinite(x, n);
+    if (bad == 0) return;
+    if (first < 0)
+      for (int64_t i = 0; i < n; ++i)
+        if (!std::isfinite(x[i])) {
+          first = offset + i;
+          first_value = x[i];
+          break;
+        }
+    count += bad;
+  }
+};
+
 class Loader {
  public:
   Loader(const std::string& dir, WeightType type, Weights& w)
-      : ckpt_(std::make_shared<Checkpoint>(dir)), type_(type), w_(w) {}
+      : ckpt_(std::make_shared<Checkpoint>(dir)), type_(type), w_(w) {
+    const char* allow = std::getenv("SHORTRT_ALLOW_NONFINITE");
+    allow_nonfinite_ = allow && std::string(allow) == "1";
+  }
 
   const TensorView& tensor(const std::string& name, std::vector<int64_t> shape) {
     const TensorView& t = ckpt_->get(name, shape);
@@ -83,6 +122,9 @@ class Loader {
     float* dst = alloc<float>(n);
     std::vector<float> tmp;
     std::memcpy(dst, f32_span(t, 0, n, tmp), n * sizeof(float));
+    NonFinite bad;
+    bad.scan(dst, n, 0);
+    report(t, bad);
     w_.bytes += n * sizeof(float);
     w_.bytes_per_token += n * sizeof(float);
     return dst;
@@ -97,6 +139,9 @@ class Loader {
     for (size_t i = 0, off = 0; i < names.size(); off += sizes[i], ++i) {
       const TensorView& t = tensor(names[i], {sizes[i]});
       std::memcpy(dst + off, f32_span(t, 0, sizes[i], tmp), sizes[i] * sizeof(float));
+      NonFinite bad;
+      bad.scan(dst + off, sizes[i], 0);
+      report(t, bad);
     }
     w_.bytes += total * sizeof(float);
     w_.bytes_per_token += total * sizeof(float);
@@ -160,9 +205,11 @@ class Loader {
     int64_t out = 0;  // elements written so far
     for (const TensorView* t : views) {
       int64_t n = t->numel();
+      NonFinite bad;
       for (int64_t begin = 0; begin < n; begin += kChunk) {
         int64_t len = std::min(kChunk, n - begin);
         const float* src = f32_span(*t, begin, len, tmp);
+        bad.scan(src, len, begin);
         if (f32) std::memcpy(f32 + out + begin, src, len * sizeof(float));
         if (bf16) pack_bf16(src, len, bf16 + out + begin);
         if (q8) quantize_q8(src, len, q8 + (out + begin) / kQ8Block);
@@ -171,13 +218,28 @@ class Loader {
       }
       out += n;
       release_pages(t->data, t->nbytes);  // and the pages straddling chunk borders
+      report(*t, bad);
     }
     return m;
+  }
+
+  // A NaN or Inf weight makes every later activation garbage, so it is an
+  // error unless the user opted in (SHORTRT_ALLOW_NONFINITE=1), then a warning.
+  void report(const TensorView& t, const NonFinite& bad) {
+    if (bad.count == 0) return;
+    char first[64];
+    std::snprintf(first, sizeof first, "%g", static_cast<double>(bad.first_value));
+    std::string what = "tensor '" + t.name + "' in " + ckpt_->file_of(t.name) + " holds NaN/Inf values (" +
+                       std::to_string(bad.count) + " of " + std::to_string(t.numel()) + ", the first at element " +
+                       std::to_string(bad.first) + ": " + first + ")";
+    if (!allow_nonfinite_) throw Error(what + "; set SHORTRT_ALLOW_NONFINITE=1 to load it anyway");
+    std::fprintf(stderr, "shortrt: warning: %s; loading it anyway (SHORTRT_ALLOW_NONFINITE=1)\n", what.c_str());
   }
 
   std::shared_ptr<Checkpoint> ckpt_;
   WeightType type_;
   Weights& w_;
+  bool allow_nonfinite_ = false;
 };
 
 std::string layer_prefix(int i) { return "model.layers." + std::to_string(i) + "."; }

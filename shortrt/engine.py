@@ -7,9 +7,20 @@
 
 Tokenization uses the `tokenizers` library on the checkpoint's tokenizer.json;
 the chat template (transformers) is applied only when chat=True.
+
+Threads and interruption: the C++ engine computes without the GIL. Calls on one
+Engine from several threads run one after another; a callback that calls its own
+engine raises RuntimeError (it would otherwise wait on itself). Ctrl-C interrupts
+a generate() or logits() on the main thread within a few milliseconds
+(KeyboardInterrupt; the engine stays usable). When the interpreter exits, an
+atexit hook (registered by shortrt._C) cancels the calls still running in other
+threads (daemon threads included) and waits up to 3 s for them, so exiting with
+generation in flight is safe.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import queue
 import threading
@@ -24,16 +35,42 @@ from .errors import CheckpointError
 DTYPES = ("fp32", "bf16", "int8")
 
 
-def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
-    # Checked here too so the messages are the same whichever API is used.
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+_INT32_MAX = 2**31 - 1
+MIN_TEMPERATURE = 1e-4  # below it (0 included) sampling is greedy: see Engine.generate_ids
+
+
+def _int_arg(name: str, value, low: int, high: int, hint: str = "") -> int:
+    """value as an int in [low, high], or a one-line ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < low:
+        raise ValueError(f"{name} must be an integer >= {low}{hint}, got {value!r}")
+    if int(value) > high:
+        raise ValueError(f"{name} must be at most {high}{hint}, got {value!r}")
+    return int(value)
+
+
+def _real_arg(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p, seed=0):
+    """The generation arguments, checked and normalized: (max_new_tokens, temperature, top_k, top_p, seed).
+
+    Checked here too so the messages are the same whichever API is used. Whether prompt +
+    max_new_tokens fits the context is the C++ engine's check (after the prompt's own)."""
+    temperature = _real_arg("temperature", temperature)
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k > _INT32_MAX:
+        top_k = _INT32_MAX  # at least the vocabulary: no cut either way
+    top_k = _int_arg("top_k", top_k, 0, _INT32_MAX, " (0 disables it)")
+    top_p = _real_arg("top_p", top_p)
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    seed = _int_arg("seed", seed, 0, 2**64 - 1)
+    max_new_tokens = _int_arg("max_new_tokens", max_new_tokens, 0, _INT32_MAX)
+    return max_new_tokens, temperature, top_k, top_p, seed
 
 
 class _Detokenizer:
@@ -83,8 +120,12 @@ class Engine:
 
     Besides generate()/stream(), the request-level interface serves many requests at once:
     submit() queues one, step() runs one forward pass over every running request (one weight
-    read for all of them) and returns their new tokens, cancel() ends one; shortrt.serving
-    wraps that loop for asyncio.
+    read for all of them) and returns their new tokens, cancel_request() ends one;
+    shortrt.serving wraps that loop for asyncio.
+
+    Raises CheckpointError for a checkpoint the runtime cannot load, ValueError for a bad
+    argument, RuntimeError when the OS refuses a worker thread (ask for fewer threads).
+    See the module docstring for threads, Ctrl-C and interpreter exit.
     """
 
     def __init__(self, model="default", dtype: str = "fp32", threads: int | None = None,
@@ -94,15 +135,15 @@ class Engine:
 
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
-        if threads is not None and (not isinstance(threads, int) or threads < 0):
-            raise ValueError(f"threads must be an integer >= 0 (0 or None = all cores), got {threads!r}")
-        if max_seq is not None and (not isinstance(max_seq, int) or max_seq < 1):
-            raise ValueError(f"max_seq must be a positive integer, got {max_seq!r}")
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
-        for name, value in (("prefill_chunk", prefill_chunk), ("step_tokens", step_tokens)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if threads is not None:
+            threads = _int_arg("threads", threads, 0, 4096, " (0 or None = all cores)")
+        if max_seq is not None:
+            max_seq = _int_arg("max_seq", max_seq, 1, _INT32_MAX, " (a positive context length)")
+        max_batch = _int_arg("max_batch", max_batch, 1, 4096, " (a positive number of sequences)")
+        if prefill_chunk is not None:
+            prefill_chunk = _int_arg("prefill_chunk", prefill_chunk, 1, _INT32_MAX, " (prompt tokens per chunk)")
+        if step_tokens is not None:
+            step_tokens = _int_arg("step_tokens", step_tokens, 1, _INT32_MAX, " (rows of one step)")
         self.model = checkpoint.load(model)
         self.checkpoint_dir: Path = self.model.path
         try:
@@ -211,11 +252,17 @@ class Engine:
                      top_p: float = 1.0, seed: int = 0, stop=None, callback=None):
         """New token ids for one prompt (list of ids) or several (list of lists).
 
-        callback(seq, token) is called per token (seq = index in the list); returning
-        False stops that sequence. stop: token ids (or single-token strings) that end a
-        sequence, None = the config's eos_token_id(s), [] = none.
+        temperature: 0 = greedy; a temperature below MIN_TEMPERATURE (1e-4) is greedy too,
+        since dividing the logits by it overflows float32 (and greedy is its limit). top_k:
+        keep the k most likely tokens (0 = all); top_p: nucleus mass in (0, 1]; seed: an
+        integer in [0, 2**64). A bad value raises ValueError naming the argument.
+        callback(seq, token) is called per token on this thread (seq = index in the list);
+        returning False stops that sequence, an exception ends the call and propagates; it
+        must not call this engine (RuntimeError). stop: token ids (or single-token strings)
+        that end a sequence, None = the config's eos_token_id(s), [] = none.
         """
-        _check_sampling(max_new_tokens, temperature, top_k, top_p)
+        max_new_tokens, temperature, top_k, top_p, seed = _check_sampling(
+            max_new_tokens, temperature, top_k, top_p, seed)
         single = len(ids) == 0 or not isinstance(ids[0], (list, tuple, np.ndarray))
         prompts = [list(map(int, ids))] if single else [list(map(int, p)) for p in ids]
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -227,7 +274,7 @@ class Engine:
             if callback is not None:
                 group_cb = (lambda offset: lambda seq, token: callback(seq + offset, token))(start)
             results += self._engine.generate(prompts[start:start + self.max_batch], max_new_tokens,
-                                             float(temperature), top_k, float(top_p), int(seed), stop_ids, group_cb)
+                                             temperature, top_k, top_p, seed, stop_ids, group_cb)
         return results[0] if single else results
 
     def generate(self, prompt_or_prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -250,12 +297,14 @@ class Engine:
         """Yields text pieces as tokens are produced; "".join(pieces) == generate(prompt, ...).
 
         The C++ generation runs in a background thread (the GIL is released while it
-        computes); closing the iterator early stops it after the current token.
+        computes); closing the iterator early (or Ctrl-C while waiting for a piece) stops
+        it after the current token. Arguments as for generate_ids.
         """
+        max_new_tokens, temperature, top_k, top_p, seed = _check_sampling(
+            max_new_tokens, temperature, top_k, top_p, seed)
         ids = self.encode(prompt, chat=chat)
         if not ids:
             raise ValueError(f"empty prompt: {prompt!r} encodes to no tokens")
-        _check_sampling(max_new_tokens, temperature, top_k, top_p)
         stop_ids = self._stop_ids(stop)
         tokens: queue.Queue = queue.Queue()
         cancelled = threading.Event()
@@ -267,8 +316,7 @@ class Engine:
 
         def run():
             try:
-                self._engine.generate([ids], max_new_tokens, float(temperature), top_k, float(top_p), int(seed),
-                                      stop_ids, on_token)
+                self._engine.generate([ids], max_new_tokens, temperature, top_k, top_p, seed, stop_ids, on_token)
                 tokens.put(done)
             except BaseException as exc:  # handed to the consuming thread
                 tokens.put(exc)
@@ -298,12 +346,12 @@ class Engine:
                top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop=None) -> int:
         """Queue a request (token ids); returns its id. Thread-safe. It waits for a free KV region;
         step() then runs it. stop: token ids (or single-token strings), None = the eos ids."""
-        _check_sampling(max_new_tokens, temperature, top_k, top_p)
+        max_new_tokens, temperature, top_k, top_p, seed = _check_sampling(
+            max_new_tokens, temperature, top_k, top_p, seed)
         ids = [int(i) for i in prompt_ids]
         if not ids:
             raise ValueError("empty prompt: give at least one token")
-        return self._engine.submit(ids, max_new_tokens, float(temperature), top_k, float(top_p), int(seed),
-                                   self._stop_ids(stop))
+        return self._engine.submit(ids, max_new_tokens, temperature, top_k, top_p, seed, self._stop_ids(stop))
 
     def step(self) -> list[tuple[int, int, str | None]]:
         """One forward pass over every running request: [(request id, token, finish)].
@@ -316,8 +364,13 @@ class Engine:
         return self._engine.step()
 
     def cancel(self, request_id: int) -> None:
-        """End a request from any thread; its KV region is freed at once (or by the step in flight)."""
-        self._engine.cancel(int(request_id))
+        """End a request from any thread; its KV region is freed at once (or by the step in flight).
+        Unknown or finished ids are ignored."""
+        self._engine.cancel_request(int(request_id))
+
+    def cancel_all(self) -> None:
+        """Cancel every submitted request and make generate()/logits() calls in flight return."""
+        self._engine.cancel()
 
     def stats(self) -> dict:
         """running, queued, max_batch, kv_regions_used, kv_bytes, kv_bytes_used, tokens_generated,
@@ -345,7 +398,8 @@ class Engine:
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("empty prompt: give at least one token")
-        return self._engine.logits(ids, int(chunk))
+        chunk = _int_arg("chunk", chunk, 0, _INT32_MAX, " (0 = the prefill chunk)")
+        return self._engine.logits(ids, chunk)
 
 
 _ENGINES: dict[tuple, Engine] = {}

@@ -3,17 +3,31 @@
 // This is the only header an embedding application needs. It exposes no
 // internal types: the engine's weights, scratch and KV cache stay behind a
 // pimpl. Every error (bad checkpoint, bad option, prompt too long) is thrown
-// as a std::runtime_error subclass whose message names the problem.
+// as a std::runtime_error subclass whose message names the problem: misuse of
+// an engine as UsageError, a worker thread the OS refused as std::system_error.
+//
+// Threads: an Engine may be shared. Calls to generate() and logits() from
+// several threads run one at a time (each waits for the one before), and
+// cancel() may be called from any thread. A callback must not call back into
+// its own engine: that throws UsageError instead of deadlocking.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 namespace shortrt {
+
+// The engine was used in a way it cannot serve (a call from inside its own
+// callback), or a logits() call was stopped before it finished. Not derived
+// from the input-error type, so Python raises RuntimeError.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
 
 // The architecture as read from config.json (after validation).
 struct ModelConfig {
@@ -53,20 +67,31 @@ struct EngineOptions {
   int step_tokens = 0;
 };
 
+// Smallest temperature that samples: a finite temperature below it (0
+// included) is greedy, since logits / temperature overflows float long before
+// 0 and the distribution tends to argmax anyway. NaN or negative is an error.
+constexpr float kMinSamplingTemperature = 1e-4f;
+
 struct GenerationOptions {
-  int max_new_tokens = 64;
-  float temperature = 0.0f;  // 0 = greedy
-  int top_k = 0;             // 0 = no top-k cut
+  int max_new_tokens = 64;   // >= 0; prompt + max_new_tokens must fit in max_seq
+  float temperature = 0.0f;  // 0 = greedy; < kMinSamplingTemperature is greedy too
+  int top_k = 0;             // >= 0; 0 = no top-k cut
   float top_p = 1.0f;        // nucleus mass in (0, 1]
   uint64_t seed = 0;
   // Generation of a sequence ends when it produces one of these (not returned).
   // use_default_stop = true means: the config's eos_token_id(s).
   std::vector<int> stop_tokens;
   bool use_default_stop = true;
+  // Polled on the calling thread before every forward pass (each prefill chunk,
+  // each decode step) and while waiting for another thread's call to finish.
+  // Returning true ends generate() early with the tokens produced so far; an
+  // exception it throws propagates. The Python binding checks Ctrl-C here.
+  std::function<bool()> should_stop;
 };
 
-// Called once per generated token: (sequence index in the batch, token id).
-// Returning false stops that sequence (the token itself is kept).
+// Called once per generated token, on the thread that called generate():
+// (sequence index in the batch, token id). Returning false stops that sequence
+// (the token itself is kept); an exception it throws propagates out of generate().
 using TokenCallback = std::function<bool(int sequence, int token)>;
 
 enum class FinishReason { None, Stop, Length, Cancelled };
@@ -124,7 +149,17 @@ class Engine {
   // Logits of every position of one sequence: [tokens.size()][vocab], row-major.
   // chunk = tokens per forward pass: 0 = the prefill chunk (512), 1 = token by
   // token through the KV cache as in decoding (tests compare the two).
-  std::vector<float> logits(const std::vector<int>& tokens, int chunk = 0);
+  // should_stop is polled before each forward pass; true abandons the call
+  // (throws UsageError), an exception it throws propagates.
+  std::vector<float> logits(const std::vector<int>& tokens, int chunk = 0,
+                            const std::function<bool()>& should_stop = {});
+
+  // Makes every generate() already running or waiting on this engine, on any
+  // thread, return after its current forward pass with the tokens produced so
+  // far (a logits() call throws UsageError), and cancels every submitted
+  // request. Calls and requests that start later are not affected.
+  // Thread-safe and does not wait: for shutdown, or a server dropping its work.
+  void cancel();
 
   const ModelConfig& config() const;
   std::size_t kv_cache_bytes() const;   // K and V for all retained attentions
