@@ -61,7 +61,9 @@ setup(
         "tqdm",
         "matplotlib",
         "pyarrow",
+        "fastapi>=0.110",  # shortrt serve
+        "uvicorn>=0.29",
     ],
-    extras_require={"triton": ["triton==3.9.*"], "test": ["pytest"]},
+    extras_require={"triton": ["triton==3.9.*"], "test": ["pytest", "openai>=1.0", "httpx>=0.27"]},
     entry_points={"console_scripts": ["shortrt=shortrt.cli:main"]},
 )
