@@ -28,6 +28,9 @@ def add_arguments(parser):
                         help="context length per sequence (default: min(the model's, 2048))")
     parser.add_argument("--skip", type=layer_list, default=None, metavar="I,J,...",
                         help="checkpoint layers not to run")
+    parser.add_argument("--prefill-chunk", type=integer(1), default=32,
+                        help="prompt tokens prefilled per step beside the decoding requests; smaller keeps "
+                             "their inter-token gaps short while a new prompt prefills (default: %(default)s)")
     parser.add_argument("--model-name", type=text, default=None,
                         help="the id clients send as `model` and /v1/models lists (default: MODEL as given)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -76,7 +79,7 @@ def run(args) -> int:
 
     def load():
         return Engine(args.model, dtype=args.dtype, threads=args.threads, max_seq=args.max_seq,
-                      max_batch=args.max_batch, skip_layers=args.skip)
+                      max_batch=args.max_batch, skip_layers=args.skip, prefill_chunk=args.prefill_chunk)
 
     def on_load_error(exc):
         failure.append(exc)
