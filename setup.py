@@ -27,7 +27,7 @@ class CMakeBuild(build_ext):
         config = "Debug" if self.debug else "Release"
         # Example programs go beside the package: in the source tree for an editable install
         # (setuptools copies only the extension itself out of its temporary build dir).
-        editable = getattr(self, "editable_mode", False) or self.inplace
+        editable = getattr(self, "editable_mode", False) or self.inplace or ext_dir == ROOT / "shortrt"
         examples_dir = (ROOT / "shortrt" / "bin") if editable else (ext_dir / "bin")
         cmake_args = [
             f"-DCMAKE_BUILD_TYPE={config}",

@@ -73,7 +73,7 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p, seed=0):
     return max_new_tokens, temperature, top_k, top_p, seed
 
 
-class _Detokenizer:
+class Detokenizer:
     """Turns a growing list of ids into text pieces whose concatenation is the full decode.
 
     Decodes a short window (from the previous piece's start) so that tokenizers that
@@ -322,7 +322,7 @@ class Engine:
                 tokens.put(exc)
 
         worker = threading.Thread(target=run, name="shortrt-stream", daemon=True)
-        detok = _Detokenizer(self.tokenizer)
+        detok = Detokenizer(self.tokenizer)
         worker.start()
         try:
             while True:
@@ -374,7 +374,7 @@ class Engine:
 
     def stats(self) -> dict:
         """running, queued, max_batch, kv_regions_used, kv_bytes, kv_bytes_used, tokens_generated,
-        requests_finished, steps."""
+        requests_finished, steps. Thread-safe (a short lock; it never waits for a step)."""
         return self._engine.stats()
 
     @property

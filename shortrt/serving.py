@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine import _Detokenizer  # text pieces exactly as Engine.stream makes them
+from .engine import Detokenizer  # text pieces exactly as Engine.stream makes them
 from .errors import ShortrtError
 
 
@@ -89,7 +89,7 @@ class Request:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._accepted = loop.create_future()
         # Owned by the step thread:
-        self._detok = _Detokenizer(aeng.tokenizer) if aeng.tokenizer is not None else None
+        self._detok = Detokenizer(aeng.tokenizer) if aeng.tokenizer is not None else None
         self._stops = _StopStrings(stop_strings)
         self._ended = False  # the consumer has been given its last item
         self._cancel_asked = False  # guarded by AsyncEngine._lock

@@ -118,7 +118,7 @@ def test_stream_can_be_closed_early(eng):
 def test_incremental_detokenizer_handles_split_utf8(eng):
     tok = eng.tokenizer
     ids = tok.encode("Héllo wörld ✓ ünïcode").ids
-    detok = engine_mod._Detokenizer(tok)
+    detok = engine_mod.Detokenizer(tok)
     pieces = [detok.push(i) for i in ids] + [detok.flush()]
     assert "".join(pieces) == tok.decode(ids)
     assert all("\ufffd" not in p for p in pieces)
