@@ -12,6 +12,9 @@ released, so no Python overhead enters a number):
                    so nothing is still cached: GB/s, % of read bandwidth (same page
                    size), and the matmul-only tokens/s (an upper bound for the
                    engine's decode);
+  batched decode   every matrix of the model once with b = 1, 2, 4, 8, 16 tokens (the
+                   rows of one engine step with b sequences decoding): ms per step and
+                   the aggregate speed-up over b = 1, per path side by side;
   prefill          one layer's matrices on 512 tokens: GFLOP/s and the matmul-only
                    prefill tokens/s it implies for the whole model.
 
@@ -100,6 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--wtypes", default="f32,bf16,q8")
     ap.add_argument("--iters", type=int, default=7)
     ap.add_argument("--prefill-tokens", type=int, default=512)
+    ap.add_argument("--batches", default="1,2,4,8,16", help="token counts of the batched-decode rows")
     ap.add_argument("--pages", help="weight memory: 4K pages, 2M (transparent huge pages), or 4K,2M (default)")
     ap.add_argument("--quick", action="store_true", help="6 layers, 3 iterations, 128-token prefill, 4K pages")
     ap.add_argument("--json", help="also write the results here")
@@ -155,6 +159,22 @@ def main(argv=None) -> int:
                     print(f"{path + '/' + wtype:<12}{pages:>6}{t:>4}{check:>10.1e}{secs * 1e3:>9.2f}{gbs:>8.1f}"
                           f"{100 * gbs / read:>7.0f}%{1 / secs:>8.1f}{target:>8.0f}{100 * cpu:>5.0f}%"
                           f"{nbytes / cpu_secs / 1e9:>10.1f}")
+
+    batches = [int(b) for b in args.batches.split(",")]
+    t = threads[-1]
+    print(f"\nbatched decode: {model['layers']} layers x {len(layer)} matrices + lm_head, b tokens, {t} thread(s), "
+          f"{page_modes[-1]} pages; x = aggregate speed-up over b = {batches[0]}")
+    print(f"{'wtype':<6}{'b':>4}" + "".join(f"{p + ' ms':>13}{'x':>6}" for p in paths))
+    for wtype in wtypes:
+        secs = {}
+        for b in batches:
+            for path in paths:  # side by side: the paths take turns at each b
+                secs[(path, b)], cpu, _ = timed(_C.bench_matmuls, decode_shapes, wtype, path, t, b, iters,
+                                                page_modes[-1] == "2M", threads=t)
+                results["rows"].append(dict(kind="batched_decode", path=path, wtype=wtype, pages=page_modes[-1],
+                                            threads=t, tokens=b, seconds=secs[(path, b)], cpu_share=cpu))
+            print(f"{wtype:<6}{b:>4}" + "".join(
+                f"{secs[(p, b)] * 1e3:>13.2f}{b * secs[(p, batches[0])] / secs[(p, b)]:>6.2f}" for p in paths))
 
     print(f"\nprefill: one layer's matrices on {prefill_tokens} tokens")
     print(f"{'variant':<12}{'thr':>4}{'ms/layer':>10}{'GFLOP/s':>9}{'model tok/s':>13}{'target':>8}{'cpu':>6}"

@@ -1,5 +1,5 @@
 // Test hooks for the kernels and the thread pool (numpy in, numpy out). Every
-// hook takes the kernel path ("ref" | "avx2" | "auto") explicitly, so a test
+// hook takes the kernel path ("ref" | "avx2" | "avx512" | "auto") explicitly, so a test
 // can hold the fast path to its reference twin on the same input.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -147,12 +147,13 @@ void register_kernels(py::module_& m) {
   m.def("kernel_paths", [] {
     std::vector<std::string> paths{"ref"};
     if (shortrt::avx2_kernels()) paths.emplace_back("avx2");
+    if (shortrt::avx512_kernels()) paths.emplace_back("avx512");
     return paths;
-  }, "Kernel paths this CPU can run, e.g. ['ref', 'avx2'].");
+  }, "Kernel paths this CPU can run, e.g. ['ref', 'avx2', 'avx512'].");
   m.def("kernel_active", [] { return std::string(value_errors([]() -> const KernelTable& { return shortrt::kernels(); }).name); },
         "Name of the active kernel path (selected from SHORTRT_KERNELS on first use).");
   m.def("set_kernels", [](const std::string& name) { value_errors([&] { shortrt::set_kernels(name.c_str()); }); },
-        py::arg("name"), "Switch the active kernel path: 'ref', 'avx2' or 'auto'.");
+        py::arg("name"), "Switch the active kernel path: 'ref', 'avx2', 'avx512' or 'auto'.");
 
   m.def("pack_bf16", [](const F32Array& x) {
     py::array_t<uint16_t> out(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));

@@ -37,6 +37,25 @@ bool cpu_has_avx2_fma_f16c() {
 #endif
 }
 
+// AVX512F+BW+VL+DQ+VNNI (with AVX2+FMA+F16C, whose kernels the avx512 table
+// reuses), and the OS saves the opmask and all 512-bit registers (XCR0 bits 5-7)
+// as well as xmm/ymm (bits 1-2).
+bool cpu_has_avx512_vnni() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (!cpu_has_avx2_fma_f16c()) return false;
+  unsigned xcr0_lo, xcr0_hi;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  if ((xcr0_lo & 0xe6) != 0xe6) return false;
+  unsigned eax, ebx, ecx, edx;
+  __cpuid_count(7, 0, eax, ebx, ecx, edx);
+  const bool f = ebx & (1u << 16), dq = ebx & (1u << 17), bw = ebx & (1u << 30), vl = ebx & (1u << 31);
+  const bool vnni = ecx & (1u << 11);
+  return f && dq && bw && vl && vnni;
+#else
+  return false;
+#endif
+}
+
 std::atomic<const KernelTable*> g_active{nullptr};
 std::once_flag g_env_once;
 
@@ -81,6 +100,11 @@ const KernelTable* avx2_kernels() {
   return supported ? &detail::avx2_table() : nullptr;
 }
 
+const KernelTable* avx512_kernels() {
+  static const bool supported = cpu_has_avx512_vnni();
+  return supported ? &detail::avx512_table() : nullptr;
+}
+
 const KernelTable& kernels_by_name(const char* name) {
   const std::string s = name ? name : "";
   if (s == "ref") return reference_kernels();
@@ -88,11 +112,17 @@ const KernelTable& kernels_by_name(const char* name) {
     if (const KernelTable* t = avx2_kernels()) return *t;
     throw Error("kernel path 'avx2' requested, but this CPU lacks AVX2, FMA or F16C; use 'ref' or 'auto'");
   }
-  if (s == "auto") {
-    const KernelTable* t = avx2_kernels();
-    return t ? *t : reference_kernels();
+  if (s == "avx512") {
+    if (const KernelTable* t = avx512_kernels()) return *t;
+    throw Error("kernel path 'avx512' requested, but this CPU (or its OS) lacks AVX512F, BW, VL, DQ or VNNI; "
+                "use 'avx2', 'ref' or 'auto'");
   }
-  throw Error("unknown kernel path '" + s + "' (expected 'ref', 'avx2' or 'auto')");
+  if (s == "auto") {
+    if (const KernelTable* t = avx512_kernels()) return *t;
+    if (const KernelTable* t = avx2_kernels()) return *t;
+    return reference_kernels();
+  }
+  throw Error("unknown kernel path '" + s + "' (expected 'ref', 'avx2', 'avx512' or 'auto')");
 }
 
 const KernelTable& kernels() {

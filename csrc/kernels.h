@@ -2,10 +2,12 @@
 // small per-token vector ops, with a scalar reference twin for every fast
 // kernel.
 //
-// Two implementations fill the same KernelTable: "ref" (kernels_ref.cpp, plain
-// C++, the spec and the test oracle) and "avx2" (kernels_avx2.cpp, the only
-// translation unit compiled with -mavx2 -mfma -mf16c). kernels() picks one at
-// run time by CPU feature; SHORTRT_KERNELS=ref|avx2|auto overrides the choice.
+// Three implementations fill the same KernelTable: "ref" (kernels_ref.cpp,
+// plain C++, the spec and the test oracle), "avx2" (kernels_avx2.cpp, the only
+// translation unit compiled with -mavx2 -mfma -mf16c) and "avx512"
+// (kernels_avx512.cpp, AVX-512 F/BW/VL/DQ/VNNI: its own int8 matmul, the avx2
+// kernels for the rest). kernels() picks one at run time by CPU feature;
+// SHORTRT_KERNELS=ref|avx2|avx512|auto overrides the choice.
 #pragma once
 
 #include <cstddef>
@@ -77,7 +79,7 @@ void matmul(const KernelTable& kernels, const WeightMatrix& W, const Activation&
             int64_t ldy, ThreadPool& pool);
 
 struct KernelTable {
-  const char* name;  // "ref" or "avx2"
+  const char* name;  // "ref", "avx2" or "avx512"
 
   // Per-token vector ops used by the engine (n = length).
   float (*dot_f32)(const float* a, const float* b, int64_t n);
@@ -107,14 +109,16 @@ struct KernelTable {
                          int64_t n_keys, int head_dim, float scale, float* acc, float* m, float* l);
 };
 
-// The active path: chosen once from SHORTRT_KERNELS (ref|avx2|auto; throws
-// shortrt::Error on an unknown value or on avx2 without CPU support), else avx2
-// when cpuid reports AVX2+FMA+F16C, else ref.
+// The active path: chosen once from SHORTRT_KERNELS (ref|avx2|avx512|auto;
+// throws shortrt::Error on an unknown value or on a path the CPU lacks), else
+// avx512 when cpuid reports AVX512F+BW+VL+DQ+VNNI (and the OS saves the zmm
+// state), else avx2 when it reports AVX2+FMA+F16C, else ref.
 const KernelTable& kernels();
 const KernelTable& reference_kernels();
-const KernelTable* avx2_kernels();  // nullptr when the CPU lacks AVX2/FMA/F16C
-// "ref" | "avx2" | "auto": switches the active path (tests and benchmarks);
-// throws shortrt::Error on an unknown or unsupported name.
+const KernelTable* avx2_kernels();    // nullptr when the CPU lacks AVX2/FMA/F16C
+const KernelTable* avx512_kernels();  // nullptr when the CPU (or OS) lacks AVX-512 F/BW/VL/DQ/VNNI
+// "ref" | "avx2" | "avx512" | "auto": switches the active path (tests and
+// benchmarks); throws shortrt::Error on an unknown or unsupported name.
 void set_kernels(const char* name);
 // The table for a path name without switching ("auto" = what the CPU supports).
 const KernelTable& kernels_by_name(const char* name);
@@ -122,6 +126,7 @@ const KernelTable& kernels_by_name(const char* name);
 namespace detail {
 const KernelTable& reference_table();  // kernels_ref.cpp
 const KernelTable& avx2_table();        // kernels_avx2.cpp; call only when the CPU has AVX2+FMA+F16C
+const KernelTable& avx512_table();      // kernels_avx512.cpp; call only when avx512_kernels() would say yes
 }  // namespace detail
 
 }  // namespace shortrt

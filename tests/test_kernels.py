@@ -16,7 +16,12 @@ import pytest
 from shortrt import _C
 
 HAS_AVX2 = "avx2" in _C.kernel_paths()
-FAST_PATHS = [pytest.param("avx2", marks=pytest.mark.skipif(not HAS_AVX2, reason="CPU lacks AVX2/FMA/F16C"))]
+HAS_AVX512 = "avx512" in _C.kernel_paths()
+BEST_PATH = "avx512" if HAS_AVX512 else "avx2" if HAS_AVX2 else "ref"  # what "auto" picks
+FAST_PATHS = [
+    pytest.param("avx2", marks=pytest.mark.skipif(not HAS_AVX2, reason="CPU lacks AVX2/FMA/F16C")),
+    pytest.param("avx512", marks=pytest.mark.skipif(not HAS_AVX512, reason="CPU or OS lacks AVX-512 F/BW/VL/DQ/VNNI")),
+]
 ALL_PATHS = [pytest.param("ref")] + FAST_PATHS
 WEIGHT_TYPES = ["f32", "bf16", "q8"]
 ODD_LENGTHS = [1, 7, 8, 33, 577, 1537]
@@ -370,18 +375,23 @@ def active_path_in_subprocess(env_value):
 
 def test_environment_variable_forces_the_kernel_path():
     assert active_path_in_subprocess("ref") == "path:ref"
-    assert active_path_in_subprocess(None) == ("path:avx2" if HAS_AVX2 else "path:ref")
-    assert active_path_in_subprocess("auto") == ("path:avx2" if HAS_AVX2 else "path:ref")
+    assert active_path_in_subprocess(None) == "path:" + BEST_PATH
+    assert active_path_in_subprocess("auto") == "path:" + BEST_PATH
     if HAS_AVX2:
         assert active_path_in_subprocess("avx2") == "path:avx2"
     else:
         assert "lacks AVX2" in active_path_in_subprocess("avx2")
+    if HAS_AVX512:
+        assert active_path_in_subprocess("avx512") == "path:avx512"
+    else:
+        out = active_path_in_subprocess("avx512")
+        assert out.startswith("error:ValueError:") and "lacks AVX512F, BW, VL, DQ or VNNI" in out
 
 
 def test_unknown_environment_value_is_a_clear_error():
     out = active_path_in_subprocess("fastest")
     assert out.startswith("error:ValueError:")
-    assert "SHORTRT_KERNELS: unknown kernel path 'fastest' (expected 'ref', 'avx2' or 'auto')" in out
+    assert "SHORTRT_KERNELS: unknown kernel path 'fastest' (expected 'ref', 'avx2', 'avx512' or 'auto')" in out
 
 
 def test_set_kernels_switches_and_rejects_unknown_names():
@@ -390,8 +400,11 @@ def test_set_kernels_switches_and_rejects_unknown_names():
         _C.set_kernels("ref")
         assert _C.kernel_active() == "ref"
         _C.set_kernels("auto")
-        assert _C.kernel_active() == ("avx2" if HAS_AVX2 else "ref")
-        with pytest.raises(ValueError, match="unknown kernel path 'avx512'"):
-            _C.set_kernels("avx512")
+        assert _C.kernel_active() == BEST_PATH
+        for path in _C.kernel_paths():
+            _C.set_kernels(path)
+            assert _C.kernel_active() == path
+        with pytest.raises(ValueError, match="unknown kernel path 'avx1024'"):
+            _C.set_kernels("avx1024")
     finally:
         _C.set_kernels(before)

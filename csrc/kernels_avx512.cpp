@@ -1,0 +1,233 @@
+// AVX-512 (F, BW, VL, DQ, VNNI) versions of the int8 kernels. The only
+// translation unit built with -mavx512f -mavx512bw -mavx512vl -mavx512dq
+// -mavx512vnni; dispatch (kernels.cpp) reaches it only after cpuid and XGETBV
+// said yes. Every kernel not rewritten here is the AVX2 one, taken from the
+// avx2 table. As in kernels_avx2.cpp, nothing here instantiates a
+// standard-library template or calls an inline function from a header, so no
+// AVX-512 instruction can end up in code other translation units share.
+// GCC 12 warns "may be used uninitialized" inside its own AVX-512 intrinsics
+// (the _mm512_undefined_* pass-through operands; GCC bug 105593, fixed in 12.3).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+
+#include "kernels.h"
+
+namespace shortrt {
+namespace {
+
+inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// ---- q8 weights x q8 activations ------------------------------------------
+//
+// One arithmetic for every output element, whatever the number of tokens or
+// the block of rows a call is handed (so decode, batched decode and prefill
+// agree bit for bit):
+//
+//   lanes: a 16-lane float accumulator per (row, token), from zero. For each
+//     pair of blocks (2p, 2p+1) in column order, lanes 0-7 take block 2p and
+//     lanes 8-15 block 2p+1 (zero when the row has an odd block count):
+//       s   = vpdpbusd over the pair, exact in int32 (below)
+//       acc = fma(float(s), w.scale * x.scale, acc)
+//   sum: h[i] = acc[i] + acc[i+8] (i < 8), q[k] = h[k] + h[k+4] (k < 4),
+//     d[m] = q[m] + q[m+2] (m < 2), result = d[0] + d[1].
+//
+// vpdpbusd multiplies unsigned by signed bytes, so x goes in as x + 128
+// (x ^ 0x80, in 1..255) and the row's 128 * sum(w) per lane is subtracted by
+// starting the int32 sums from -128 * sum(w): (x + 128) w - 128 w = x w, and
+// 4 * 255 * 127 is far inside int32, so s is the exact block dot product.
+
+// One token's pair of x blocks as the inner loop wants them: both blocks' 64
+// bytes of x + 128, and each block's scale in its 8 lanes.
+struct XPair {
+  __m512i q_u8;
+  __m512 scale;
+};
+
+constexpr int kGroupTokens = 8;  // tokens whose accumulators stay in registers
+// x pairs prepared at once per token: 64 blocks (2048 columns), so the buffer
+// of a group (8 tokens x 32 pairs x 128 bytes = 32 KB) stays on the stack and
+// in L1. Longer rows run in chunks with the accumulators kept in memory.
+constexpr int64_t kChunkPairs = 32;
+constexpr int64_t kChunkRows = 16;  // rows whose accumulators a chunked pass keeps
+
+inline __m256i load_q(const BlockQ8& b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.q)); }
+
+// Blocks b and (when two) b + 1 in the low and high halves; zero high half otherwise.
+inline __m512i load_q_pair(const BlockQ8* blocks, int64_t b, bool two) {
+  const __m256i hi = two ? load_q(blocks[b + 1]) : _mm256_setzero_si256();
+  return _mm512_inserti64x4(_mm512_castsi256_si512(load_q(blocks[b])), hi, 1);
+}
+
+inline __m512 load_scale_pair(const BlockQ8* blocks, int64_t b, bool two) {
+  const __m256 hi = two ? _mm256_set1_ps(blocks[b + 1].scale) : _mm256_setzero_ps();
+  return _mm512_insertf32x8(_mm512_set1_ps(blocks[b].scale), hi, 1);
+}
+
+// xp[(p - p0) * kGroupTokens + t] = token t's pair p, for p in [p0, p1): a
+// pair's tokens side by side, so the inner loop reads xp in order.
+void prepare_x(const BlockQ8* x, int64_t n_blocks, int n_tok, int64_t p0, int64_t p1, XPair* xp) {
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int t = 0; t < n_tok; ++t) {
+    const BlockQ8* xt = x + t * n_blocks;
+    for (int64_t p = p0; p < p1; ++p) {
+      const bool two = 2 * p + 1 < n_blocks;
+      XPair& out = xp[(p - p0) * kGroupTokens + t];
+      out.q_u8 = _mm512_xor_si512(load_q_pair(xt, 2 * p, two), bias);
+      out.scale = load_scale_pair(xt, 2 * p, two);
+    }
+  }
+}
+
+// acc[t] += the pair p of row w times token t, for one pair (see the top).
+template <int T>
+inline void accumulate_pair(const BlockQ8* w, int64_t p, bool two, const XPair* xp, __m512 (&acc)[T]) {
+  const __m512i w_q = load_q_pair(w, 2 * p, two);
+  const __m512 w_scale = load_scale_pair(w, 2 * p, two);
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i minus_bias_w =
+      _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(static_cast<char>(0x80)), w_q));
+  for (int t = 0; t < T; ++t) {
+    const XPair& xt = xp[t];
+    const __m512i sums = _mm512_dpbusd_epi32(minus_bias_w, xt.q_u8, w_q);
+    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(w_scale, xt.scale), acc[t]);
+  }
+}
+
+// Pairs [p0, p1) of one row (n_blocks blocks), xp prepared from p0.
+template <int T>
+inline void accumulate_row(const BlockQ8* w, int64_t n_blocks, int64_t p0, int64_t p1, const XPair* xp,
+                           __m512 (&acc)[T]) {
+  const int64_t full_end = min_i64(p1, n_blocks / 2);  // pairs with both blocks
+  int64_t p = p0;
+  for (; p < full_end; ++p) accumulate_pair<T>(w, p, true, xp + (p - p0) * kGroupTokens, acc);
+  if (p < p1) accumulate_pair<T>(w, p, false, xp + (p - p0) * kGroupTokens, acc);  // the odd last block
+}
+
+// Sums of 8 accumulators by the fixed tree (top of the section): slot k of
+// the result holds a[k].
+inline __m256 reduce8(const __m512 (&a)[8]) {
+  // h: a[2j] in lanes 0-7 and a[2j+1] in lanes 8-15 of u[j], each lane i + lane i+8.
+  __m512 u[4];
+  for (int j = 0; j < 4; ++j)
+    u[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // q: 128-bit lane k of v[j] holds q of a[4j + k] (h[k] + h[k+4]).
+  __m512 v[2];
+  for (int j = 0; j < 2; ++j)
+    v[j] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // d: lane k of the 128-bit lanes holds [d0, d1] of a[k] then of a[4 + k].
+  const __m512 d = _mm512_add_ps(_mm512_shuffle_ps(v[0], v[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(v[0], v[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // result: 128-bit lane k holds [a[k], a[4 + k], a[k], a[4 + k]].
+  const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(d, d, _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(d, d, _MM_SHUFFLE(3, 1, 3, 1)));
+  // Gather dword 0 of lanes 0-3 (a[0..3]) then dword 1 (a[4..7]).
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, s));
+}
+
+// The same tree for one accumulator (decode: no lanes wasted on padding).
+inline float reduce1(__m512 a) {
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+}
+
+// y[t * ldy] = the sum of acc[t].
+template <int T>
+inline void store_sums(const __m512 (&acc)[T], float* y, int64_t ldy) {
+  if constexpr (T == 1) {
+    y[0] = reduce1(acc[0]);
+  } else {
+    __m512 all[8];
+    for (int t = 0; t < 8; ++t) all[t] = t < T ? acc[t < T ? t : 0] : _mm512_setzero_ps();
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, reduce8(all));
+    for (int t = 0; t < T; ++t) y[t * ldy] = sums[t];
+  }
+}
+
+// T (<= 8) tokens: every row of the block against them, one row at a time (the
+// weights stream in order; the tokens' accumulators stay in registers).
+template <int T>
+void gemm_q8_group(const BlockQ8* w, int64_t n_rows, int64_t n_blocks, const BlockQ8* x, float* y, int64_t ldy,
+                   XPair* xp) {
+  const int64_t n_pairs = (n_blocks + 1) / 2;
+  if (n_pairs <= kChunkPairs) {
+    prepare_x(x, n_blocks, T, 0, n_pairs, xp);
+    for (int64_t r = 0; r < n_rows; ++r) {
+      __m512 acc[T];
+      for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+      accumulate_row<T>(w + r * n_blocks, n_blocks, 0, n_pairs, xp, acc);
+      store_sums<T>(acc, y + r, ldy);
+    }
+    return;
+  }
+  // Long rows: chunks of kChunkPairs pairs for kChunkRows rows at a time; the
+  // accumulators wait in memory between chunks (a store and a load change no bits).
+  __m512 partial[kChunkRows][T];
+  for (int64_t r0 = 0; r0 < n_rows; r0 += kChunkRows) {
+    const int64_t rows = min_i64(kChunkRows, n_rows - r0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int t = 0; t < T; ++t) partial[r][t] = _mm512_setzero_ps();
+    for (int64_t p0 = 0; p0 < n_pairs; p0 += kChunkPairs) {
+      const int64_t p1 = min_i64(p0 + kChunkPairs, n_pairs);
+      prepare_x(x, n_blocks, T, p0, p1, xp);
+      for (int64_t r = 0; r < rows; ++r) {
+        __m512 acc[T];
+        for (int t = 0; t < T; ++t) acc[t] = partial[r][t];
+        accumulate_row<T>(w + (r0 + r) * n_blocks, n_blocks, p0, p1, xp, acc);
+        for (int t = 0; t < T; ++t) partial[r][t] = acc[t];
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) store_sums<T>(partial[r], y + r0 + r, ldy);
+  }
+}
+
+void gemm_q8_avx512(const BlockQ8* w, int64_t n_rows, int64_t n_blocks, const BlockQ8* x, int64_t n_tok, float* y,
+                    int64_t ldy) {
+  alignas(64) XPair xp[kGroupTokens * kChunkPairs];
+  for (int64_t t0 = 0; t0 < n_tok; t0 += kGroupTokens) {
+    const BlockQ8* xt = x + t0 * n_blocks;
+    float* yt = y + t0 * ldy;
+    switch (min_i64(kGroupTokens, n_tok - t0)) {
+      case 1: gemm_q8_group<1>(w, n_rows, n_blocks, xt, yt, ldy, xp); break;
+      case 2: gemm_q8_group<2>(w, n_rows, n_blocks, xt, yt, ldy, xp); break;
+      case 3: gemm_q8_group<3>(w, n_rows, n_blocks, xt, yt, ldy, xp); break;
+      case 4: gemm_q8_group<4>(w, n_rows, n_blocks, xt, yt, ldy, xp); break;
+      case 5: gemm_q8_group<5>(w, n_rows, n_blocks, xt, yt, ldy, xp); break;
+      case 6: gemm_q8_group<6>(w, n_rows, n_blocks, xt, yt, ldy, xp); break;
+      case 7: gemm_q8_group<7>(w, n_rows, n_blocks, xt, yt, ldy, xp); break;
+      default: gemm_q8_group<8>(w, n_rows, n_blocks, xt, yt, ldy, xp); break;
+    }
+  }
+}
+
+float dot_q8_q8_avx512(const BlockQ8* w, const BlockQ8* x, int64_t n_blocks) {
+  float out = 0.0f;
+  gemm_q8_avx512(w, 1, n_blocks, x, 1, &out, 1);
+  return out;
+}
+
+KernelTable make_avx512_table() {
+  KernelTable t = detail::avx2_table();
+  t.name = "avx512";
+  t.dot_q8_q8 = dot_q8_q8_avx512;
+  t.gemm_q8 = gemm_q8_avx512;
+  return t;
+}
+
+}  // namespace
+
+namespace detail {
+const KernelTable& avx512_table() {
+  static const KernelTable table = make_avx512_table();
+  return table;
+}
+}  // namespace detail
+
+}  // namespace shortrt
