@@ -425,6 +425,21 @@ def shown_path(path) -> str | None:
     return str(path)
 
 
+def shown_args(args, path_keys=("scores", "json", "md", "png")) -> dict:
+    """A run's arguments as results record them (paths through shown_path)."""
+    return {k: shown_path(v) if k in path_keys else v for k, v in vars(args).items() if k != "worker"}
+
+
+def save_report(args, result: dict, md: str, rows: list, plot) -> None:
+    """The --json, --md and --png outputs of a run; the chart leaves failed rows out."""
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.md:
+        Path(args.md).write_text(md + "\n")
+    if args.png:
+        plot([r for r in rows if "failed" not in r], args.png)
+
+
 def fmt_mib(n_bytes, decimals: int = 1, unit: str = "") -> str:
     """Bytes as MiB (2**20) for a table cell; "-" for None."""
     return "-" if n_bytes is None else f"{n_bytes / 2**20:,.{decimals}f}{unit}"

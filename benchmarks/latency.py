@@ -24,7 +24,6 @@ shortrt.replace; trained once and cached, ~3 min each on 2 cores).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -179,14 +178,9 @@ def main(argv=None) -> None:
 
     md = render_markdown(rows, bandwidth, args, dense)
     print(md)
-    shown_args = {k: shown_path(v) if k in ("scores", "json", "md", "png") else v for k, v in vars(args).items()}
-    result = {"machine": harness.machine(), "bandwidth_bytes_s": bandwidth, "args": shown_args, "rows": rows}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if args.md:
-        Path(args.md).write_text(md + "\n")
-    if args.png:
-        plot([r for r in rows if "failed" not in r], args.png)
+    result = {"machine": harness.machine(), "bandwidth_bytes_s": bandwidth, "args": harness.shown_args(args),
+              "rows": rows}
+    harness.save_report(args, result, md, rows, plot)
 
 
 def render_markdown(rows, bandwidth, args, dense) -> str:

@@ -420,15 +420,9 @@ def main(argv=None) -> None:
 
     md = render_markdown(rows, args, dense, notes)
     print(md)
-    shown_args = {k: shown_path(v) if k in ("scores", "json", "md", "png", "llama_server") else v
-                  for k, v in vars(args).items() if k != "worker"}
-    result = {"machine": harness.machine(), "args": shown_args, "notes": notes, "rows": rows}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if args.md:
-        Path(args.md).write_text(md + "\n")
-    if args.png:
-        plot([r for r in rows if "failed" not in r], args.png)
+    shown = harness.shown_args(args, ("scores", "json", "md", "png", "llama_server"))
+    result = {"machine": harness.machine(), "args": shown, "notes": notes, "rows": rows}
+    harness.save_report(args, result, md, rows, plot)
 
 
 # ----------------------------------------------------------------------------- the report
