@@ -20,13 +20,13 @@ constexpr int kTokenBlock = 64;     // query tokens per step of the matmul path
 
 void AttentionScratch::Free::operator()(float* p) const { std::free(p); }
 
-AttentionScratch::AttentionScratch(int max_seq, int n_heads, int n_kv_heads, int head_dim) {
+AttentionScratch::AttentionScratch(int max_seq, int n_heads, int n_kv_heads, int head_dim, int max_segments) {
   if (head_dim > kMaxHeadDim)
     throw Error("head_dim " + std::to_string(head_dim) + " exceeds the supported maximum of " +
                 std::to_string(kMaxHeadDim));
   const int group = n_heads / n_kv_heads, sub = std::min(group, kMaxAttendGroup);
   const int n_sub = (group + sub - 1) / sub;
-  decode_items = static_cast<int64_t>(kMaxDecodeTokens) * n_kv_heads * n_sub *
+  decode_items = static_cast<int64_t>(std::max(1, max_segments)) * kMaxDecodeTokens * n_kv_heads * n_sub *
                  ((max_seq + kAttendChunk - 1) / kAttendChunk);
   decode_item_floats = static_cast<int64_t>(sub) * (head_dim + 2);
   const size_t rows = static_cast<size_t>(kTokenBlock) * group;
@@ -90,32 +90,60 @@ void attention_decode(const AttentionArgs& a, AttentionScratch& scratch, ThreadP
 }
 
 void attention_decode(const AttentionArgs& a, AttentionScratch& scratch, ThreadPool& pool, const KernelTable& k) {
+  attention_decode_batch(&a, 1, scratch, pool, k);
+}
+
+void attention_decode_batch(const AttentionArgs* segs, int n_segs, AttentionScratch& scratch, ThreadPool& pool,
+                            const KernelTable& k) {
+  if (n_segs < 1) return;
   const auto partial = k.attend_partial;
-  const int hd = a.head_dim, nh = a.n_heads, group = a.n_heads / a.n_kv_heads;
+  const AttentionArgs& a0 = segs[0];  // every segment has the same head layout (one model)
+  const int hd = a0.head_dim, nh = a0.n_heads, group = a0.n_heads / a0.n_kv_heads;
   const int sub = std::min(group, kMaxAttendGroup), n_sub = (group + sub - 1) / sub;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-
-  // Work items, in order: token t (which sees keys 0..pos+t), kv head, sub-group
-  // of its q heads, range c of keys. Token t's items are first[t] .. first[t + 1].
-  if (a.n < 1 || a.n > kMaxDecodeTokens)
-    throw Error("internal: attention_decode takes 1.." + std::to_string(kMaxDecodeTokens) + " tokens, got " +
-                std::to_string(a.n));
-  int64_t first[kMaxDecodeTokens + 1], n_chunks[kMaxDecodeTokens];
-  first[0] = 0;
-  for (int t = 0; t < a.n; ++t) {
-    n_chunks[t] = (a.pos + t + 1 + kAttendChunk - 1) / kAttendChunk;
-    first[t + 1] = first[t] + static_cast<int64_t>(a.n_kv_heads) * n_sub * n_chunks[t];
-  }
   const int64_t per_item = static_cast<int64_t>(sub) * (hd + 2);  // acc, then m, then l
-  if (first[a.n] > scratch.decode_items || per_item > scratch.decode_item_floats)
+  if (per_item > scratch.decode_item_floats)
+    throw Error("internal: attention_decode needs more scratch than was allocated at load");
+
+  // Work items, in order: segment, its token t (which sees keys 0..pos+t), kv head,
+  // sub-group of its q heads, range c of keys. Row j = (segment, token) of the step owns
+  // items first[j] .. first[j + 1]; rows are at most kMaxDecodeTokens per segment.
+  int64_t total = 0;
+  for (int i = 0; i < n_segs; ++i) {
+    const AttentionArgs& a = segs[i];
+    if (a.n < 1 || a.n > kMaxDecodeTokens)
+      throw Error("internal: attention_decode takes 1.." + std::to_string(kMaxDecodeTokens) + " tokens, got " +
+                  std::to_string(a.n));
+    for (int t = 0; t < a.n; ++t)
+      total += static_cast<int64_t>(a.n_kv_heads) * n_sub * ((a.pos + t + 1 + kAttendChunk - 1) / kAttendChunk);
+  }
+  if (total > scratch.decode_items)
     throw Error("internal: attention_decode needs more scratch than was allocated at load");
   float* const state = scratch.decode_state;
 
-  pool.parallel_for(first[a.n], 1, [&](int64_t b, int64_t e) {
+  // Row j's segment, token, chunk count and first item, found by walking the rows (few).
+  struct Row {
+    int seg, t;
+    int64_t n_chunks, first;
+  };
+  auto row_of_item = [&](int64_t u) {
+    int64_t first = 0;
+    for (int i = 0; i < n_segs; ++i)
+      for (int t = 0; t < segs[i].n; ++t) {
+        const int64_t nc = (segs[i].pos + t + 1 + kAttendChunk - 1) / kAttendChunk;
+        const int64_t count = static_cast<int64_t>(segs[i].n_kv_heads) * n_sub * nc;
+        if (u < first + count) return Row{i, t, nc, first};
+        first += count;
+      }
+    return Row{n_segs - 1, segs[n_segs - 1].n - 1, 0, first};  // not reached
+  };
+
+  pool.parallel_for(total, 1, [&](int64_t b, int64_t e) {
     for (int64_t u = b; u < e; ++u) {
-      int t = 0;
-      while (u >= first[t + 1]) ++t;
-      const int64_t r = u - first[t], nc = n_chunks[t];
+      const Row row = row_of_item(u);
+      const AttentionArgs& a = segs[row.seg];
+      const int t = row.t;
+      const int64_t r = u - row.first, nc = row.n_chunks;
       const int kv = static_cast<int>(r / (n_sub * nc)), s = static_cast<int>(r / nc % n_sub);
       const int64_t begin = r % nc * kAttendChunk, end = std::min<int64_t>(a.pos + t + 1, begin + kAttendChunk);
       const int heads = std::min(sub, group - s * sub);
@@ -128,32 +156,37 @@ void attention_decode(const AttentionArgs& a, AttentionScratch& scratch, ThreadP
   });
 
   // Merge each head's ranges in key order: out = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M).
-  for (int t = 0; t < a.n; ++t) {
-    const int64_t nc = n_chunks[t];
-    for (int h = 0; h < nh; ++h) {
-      const int kv = h / group, s = (h % group) / sub, g = (h % group) % sub;
-      const int64_t u0 = first[t] + (static_cast<int64_t>(kv) * n_sub + s) * nc;
-      float* out = a.out + static_cast<int64_t>(t) * nh * hd + static_cast<int64_t>(h) * hd;
-      auto acc_of = [&](int64_t c) { return state + (u0 + c) * per_item + g * hd; };
-      auto m_of = [&](int64_t c) { return state[(u0 + c) * per_item + sub * hd + g]; };
-      auto l_of = [&](int64_t c) { return state[(u0 + c) * per_item + sub * hd + sub + g]; };
-      if (nc == 1) {
-        const float inv = 1.0f / l_of(0);
-        for (int i = 0; i < hd; ++i) out[i] = acc_of(0)[i] * inv;
-        continue;
+  int64_t row_first = 0;
+  for (int i = 0; i < n_segs; ++i) {
+    const AttentionArgs& a = segs[i];
+    for (int t = 0; t < a.n; ++t) {
+      const int64_t nc = (a.pos + t + 1 + kAttendChunk - 1) / kAttendChunk;
+      for (int h = 0; h < nh; ++h) {
+        const int kv = h / group, s = (h % group) / sub, g = (h % group) % sub;
+        const int64_t u0 = row_first + (static_cast<int64_t>(kv) * n_sub + s) * nc;
+        float* out = a.out + static_cast<int64_t>(t) * nh * hd + static_cast<int64_t>(h) * hd;
+        auto acc_of = [&](int64_t c) { return state + (u0 + c) * per_item + g * hd; };
+        auto m_of = [&](int64_t c) { return state[(u0 + c) * per_item + sub * hd + g]; };
+        auto l_of = [&](int64_t c) { return state[(u0 + c) * per_item + sub * hd + sub + g]; };
+        if (nc == 1) {
+          const float inv = 1.0f / l_of(0);
+          for (int j = 0; j < hd; ++j) out[j] = acc_of(0)[j] * inv;
+          continue;
+        }
+        float top = m_of(0);
+        for (int64_t c = 1; c < nc; ++c) top = std::max(top, m_of(c));
+        float denom = 0.0f;
+        std::fill(out, out + hd, 0.0f);
+        for (int64_t c = 0; c < nc; ++c) {
+          const float w = std::exp(m_of(c) - top);
+          denom += l_of(c) * w;
+          const float* acc = acc_of(c);
+          for (int j = 0; j < hd; ++j) out[j] += acc[j] * w;
+        }
+        const float inv = 1.0f / denom;
+        for (int j = 0; j < hd; ++j) out[j] *= inv;
       }
-      float top = m_of(0);
-      for (int64_t c = 1; c < nc; ++c) top = std::max(top, m_of(c));
-      float denom = 0.0f;
-      std::fill(out, out + hd, 0.0f);
-      for (int64_t c = 0; c < nc; ++c) {
-        const float w = std::exp(m_of(c) - top);
-        denom += l_of(c) * w;
-        const float* acc = acc_of(c);
-        for (int i = 0; i < hd; ++i) out[i] += acc[i] * w;
-      }
-      const float inv = 1.0f / denom;
-      for (int i = 0; i < hd; ++i) out[i] *= inv;
+      row_first += static_cast<int64_t>(a.n_kv_heads) * n_sub * nc;
     }
   }
 }

@@ -42,7 +42,8 @@ constexpr int64_t kAttendChunk = 128;
 
 // Scratch of both paths, allocated once for max_seq positions.
 struct AttentionScratch {
-  AttentionScratch(int max_seq, int n_heads, int n_kv_heads, int head_dim);
+  // max_segments: decode segments (sequences) attention_decode_batch takes at once.
+  AttentionScratch(int max_seq, int n_heads, int n_kv_heads, int head_dim, int max_segments = 1);
   // Matrix-matrix path (prefill), one kv head at a time.
   float* keys;      // [max_seq][head_dim]       one kv head's keys, contiguous
   float* values_t;  // [head_dim][max_seq]       its values transposed (row stride = keys in use)
@@ -51,7 +52,7 @@ struct AttentionScratch {
   float* out;       // [block rows][head_dim]
   // Decode path: one partial online-softmax state per work item, an item being
   // (token, kv head, sub-group of its q heads, range of kAttendChunk keys).
-  int64_t decode_items;  // capacity: kMaxDecodeTokens x n_kv_heads x sub-groups x ceil(max_seq / kAttendChunk)
+  int64_t decode_items;  // capacity: max_segments x kMaxDecodeTokens x n_kv_heads x sub-groups x ceil(max_seq / kAttendChunk)
   int64_t decode_item_floats;  // sub-group size x (head_dim + 2): acc [sub][head_dim], then m [sub], l [sub]
   float* decode_state;   // [decode_items][decode_item_floats]
   struct Free { void operator()(float* p) const; };
@@ -81,6 +82,11 @@ void attend_partial_avx2(const float* q, int group, const float* keys, const flo
 // the kernels() path, or the given table's (tests).
 void attention_decode(const AttentionArgs& a, AttentionScratch& scratch, ThreadPool& pool);
 void attention_decode(const AttentionArgs& a, AttentionScratch& scratch, ThreadPool& pool, const KernelTable& kernels);
+// The same for several sequences' decode tokens at once (a batched step: one
+// parallel loop over all their work items instead of one per sequence). Each
+// sequence's result is bit for bit what attention_decode gives it alone.
+void attention_decode_batch(const AttentionArgs* segments, int n_segments, AttentionScratch& scratch,
+                            ThreadPool& pool, const KernelTable& kernels);
 
 // Blocks of tokens at a time as two matmuls per kv head (scores = K q, out =
 // V^T p), keys beyond a block's last position skipped. Used for prefill.

@@ -66,7 +66,7 @@ FloatBuffer::FloatBuffer(size_t n) : n_(n) {
 
 State::State(const ModelConfig& c, int n_kv_slots, int max_seq_, int max_batch_, int max_chunk_)
     : max_seq(max_seq_), max_batch(max_batch_), max_chunk(max_chunk_),
-      attention(max_seq_, c.n_heads, c.n_kv_heads, c.head_dim) {
+      attention(max_seq_, c.n_heads, c.n_kv_heads, c.head_dim, max_batch_) {
   const size_t chunk = max_chunk, hidden = c.hidden, inter = c.intermediate;
   const size_t q_width = static_cast<size_t>(c.n_heads) * c.head_dim;
   qkv_dim = static_cast<int64_t>(c.n_heads + 2 * c.n_kv_heads) * c.head_dim;
@@ -82,6 +82,7 @@ State::State(const ModelConfig& c, int n_kv_slots, int max_seq_, int max_batch_,
   logits = FloatBuffer(static_cast<size_t>(max_batch_) * c.vocab);
   row_seq.resize(chunk);
   row_pos.resize(chunk);
+  decode_args.resize(max_batch_);
   size_t kv_floats = static_cast<size_t>(n_kv_slots) * max_batch * max_seq * c.n_kv_heads * c.head_dim;
   key_cache = FloatBuffer(kv_floats);
   value_cache = FloatBuffer(kv_floats);
@@ -153,7 +154,9 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
     }
   });
 
-  // Attention runs per sequence on its own region at its own positions.
+  // Attention runs per sequence on its own region at its own positions: prompt chunks one
+  // by one, the decode tokens of every sequence in one parallel loop.
+  int n_decode = 0;
   for (int i = 0; i < n_segs; ++i) {
     const Segment& g = segs[i];
     AttentionArgs args;
@@ -173,9 +176,10 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
     if (g.n > kMaxDecodeTokens) {
       attention_matmul(args, s.attention, pool);
     } else {
-      attention_decode(args, s.attention, pool);
+      s.decode_args[n_decode++] = args;
     }
   }
+  if (n_decode > 0) attention_decode_batch(s.decode_args.data(), n_decode, s.attention, pool, kernels());
 
   project(s, pool, lw.o, attn, n, s.delta.data(), hidden);
   k.axpy_f32(1.0f, s.delta.data(), x, static_cast<int64_t>(n) * hidden);

@@ -60,6 +60,7 @@ struct State {
   std::vector<BlockQ8> xq;  // [max_chunk][max width / 32]  activation quantized once per matmul input (int8)
   FloatBuffer logits;   // [max_batch][vocab]         logits of the rows that asked for them
   std::vector<int> row_seq, row_pos;  // [max_chunk]   each row's KV region and position
+  std::vector<AttentionArgs> decode_args;  // [max_batch] the decode segments of a step, attended together
   // KV cache: [slot][seq][kv_head][pos][head_dim], slots = retained attentions only:
   // each kv head's keys (values) of a sequence are one contiguous stream.
   FloatBuffer key_cache, value_cache;
