@@ -116,7 +116,8 @@ class Engine:
     with its own KV region (longer prompt lists to generate() run in groups). skip_layers:
     checkpoint layers not to run. prefill_chunk: prompt tokens per chunk (None = 64; every
     prompt is cut the same way whatever else runs). step_tokens: rows of one step (None =
-    max_batch + prefill_chunk).
+    max_batch + prefill_chunk). kv_budget_bytes: size the KV cache by bytes instead: max_batch
+    becomes as many sequences of max_seq tokens as fit (kv_bytes_per_sequence()).
 
     Besides generate()/stream(), the request-level interface serves many requests at once:
     submit() queues one, step() runs one forward pass over every running request (one weight
@@ -130,7 +131,8 @@ class Engine:
 
     def __init__(self, model="default", dtype: str = "fp32", threads: int | None = None,
                  max_seq: int | None = None, max_batch: int = 1, skip_layers: Sequence[int] | None = None,
-                 prefill_chunk: int | None = None, step_tokens: int | None = None):
+                 prefill_chunk: int | None = None, step_tokens: int | None = None,
+                 kv_budget_bytes: int | None = None):
         from . import _C
 
         if dtype not in DTYPES:
@@ -146,6 +148,13 @@ class Engine:
             step_tokens = _int_arg("step_tokens", step_tokens, 1, _INT32_MAX, " (rows of one step)")
         self.model = checkpoint.load(model)
         self.checkpoint_dir: Path = self.model.path
+        if kv_budget_bytes is not None:  # as many KV regions as the budget holds
+            kv_budget_bytes = _int_arg("kv_budget_bytes", kv_budget_bytes, 1, 2**62)
+            per_seq = kv_bytes_per_sequence(self.model, max_seq, skip_layers)
+            max_batch = min(4096, kv_budget_bytes // per_seq) if per_seq else 4096
+            if max_batch < 1:
+                raise ValueError(f"kv_budget_bytes {kv_budget_bytes / 2**20:.1f} MiB holds no sequence: one needs "
+                                 f"{per_seq / 2**20:.1f} MiB of KV cache at max_seq (lower max_seq or raise the budget)")
         try:
             self._engine = _C.Engine(str(self.checkpoint_dir), dtype, threads or 0, max_seq or 0, max_batch,
                                      [int(i) for i in (skip_layers or [])], prefill_chunk or 0, step_tokens or 0)
@@ -400,6 +409,16 @@ class Engine:
             raise ValueError("empty prompt: give at least one token")
         chunk = _int_arg("chunk", chunk, 0, _INT32_MAX, " (0 = the prefill chunk)")
         return self._engine.logits(ids, chunk)
+
+
+def kv_bytes_per_sequence(model, max_seq: int | None = None, skip_layers=()) -> int:
+    """KV-cache bytes one running sequence holds (its region): K and V, fp32, for every
+    retained attention of the plan, at max_seq positions (None = the engine's default)."""
+    m = checkpoint.load(model)
+    cfg = m.model_config
+    seq = max_seq if max_seq is not None else min(cfg.max_position, 2048)
+    slots = sum(1 for step in m.plan(skip_layers or ()) if step.attention)
+    return 2 * 4 * slots * seq * cfg.n_kv_heads * cfg.head_dim
 
 
 _ENGINES: dict[tuple, Engine] = {}

@@ -183,3 +183,16 @@ def test_step_budget_must_fit_a_chunk_beside_every_decoder(tiny):
         Engine(tiny, max_batch=4, prefill_chunk=8, step_tokens=10)
     eng = Engine(tiny, max_batch=4, prefill_chunk=8)
     assert (eng.prefill_chunk, eng.step_tokens) == (8, 12)
+
+
+def test_kv_pool_sized_by_a_byte_budget(tiny):
+    from shortrt.engine import kv_bytes_per_sequence
+
+    per_seq = kv_bytes_per_sequence(tiny, max_seq=64)
+    assert per_seq == 2 * 4 * 3 * 64 * 2 * 16  # K and V, fp32, 3 attentions, 64 positions, 2 kv heads x 16
+    eng = Engine(tiny, max_seq=64, kv_budget_bytes=3 * per_seq + per_seq // 2)
+    assert eng.max_batch == 3 and eng.kv_cache_bytes == 3 * per_seq <= 3.5 * per_seq
+    assert eng.stats()["kv_bytes"] == 3 * per_seq
+    assert kv_bytes_per_sequence(tiny, max_seq=64, skip_layers=[1]) == per_seq * 2 // 3
+    with pytest.raises(ValueError, match="holds no sequence: one needs"):
+        Engine(tiny, max_seq=64, kv_budget_bytes=per_seq - 1)
