@@ -59,8 +59,8 @@ PATIENCE = 3            # evaluations without a 0.1 % gain in held-out KL before
 def heal(ckpt, out_dir, *, teacher=None, texts=None, n_tokens: int = DEFAULT_TOKENS,
          seq_len: int = DEFAULT_SEQ_LEN, steps: int = DEFAULT_STEPS, lr: float | None = None,
          batch: int = DEFAULT_BATCH, rank: int = DEFAULT_RANK, alpha: float | None = None, full: bool = False,
-         temperature: float = 1.0, hidden_weight: float = 0.0, seed: int = 0, overwrite: bool = False,
-         progress: bool = True) -> Model:
+         temperature: float = 1.0, hidden_weight: float = 0.0, seed: int = 0, time_limit: float | None = None,
+         overwrite: bool = False, progress: bool = True) -> Model:
     """Distill `teacher` into the pruned checkpoint `ckpt` and write the healed checkpoint to `out_dir`.
 
     ckpt: a pruned checkpoint directory (or Model). teacher: None (the source its shortrt.json
@@ -70,7 +70,9 @@ def heal(ckpt, out_dir, *, teacher=None, texts=None, n_tokens: int = DEFAULT_TOK
     peak learning rate (None: 1e-3 for LoRA, 1e-4 with full), sequences per step. rank, alpha:
     LoRA rank and scale numerator (None = 2 * rank). full: train every weight of the student's
     layers instead of adapters. temperature: of both distributions in the KL. hidden_weight:
-    weight of the hidden-state MSE term. Returns the written checkpoint as a loaded Model.
+    weight of the hidden-state MSE term. time_limit: seconds of training (steps and their held-out
+    checks) after which it stops at the next step, None for no limit. Returns the written
+    checkpoint as a loaded Model.
     """
     from . import data
     from .layer_plan import load_for_plan
@@ -78,7 +80,7 @@ def heal(ckpt, out_dir, *, teacher=None, texts=None, n_tokens: int = DEFAULT_TOK
     lr = (DEFAULT_FULL_LR if full else DEFAULT_LR) if lr is None else lr
     alpha = 2.0 * rank if alpha is None else alpha
     _check_settings(n_tokens=n_tokens, seq_len=seq_len, steps=steps, batch=batch, rank=rank, seed=seed, lr=lr,
-                    alpha=alpha, temperature=temperature, hidden_weight=hidden_weight)
+                    alpha=alpha, temperature=temperature, hidden_weight=hidden_weight, time_limit=time_limit)
     t_start = time.perf_counter()
     student = load(ckpt)
     teacher_model = _teacher_of(student, teacher)
@@ -107,7 +109,7 @@ def heal(ckpt, out_dir, *, teacher=None, texts=None, n_tokens: int = DEFAULT_TOK
     hf, plan = load_for_plan(student)
     params, trained = make_trainable(hf, plan, rank=rank, alpha=alpha, full=full, seed=seed)
     fit = _train(hf, plan, params, ids, train, held, targets, steps=steps, lr=lr, batch=batch,
-                 temperature=temperature, hidden_weight=hidden_weight, seed=seed,
+                 temperature=temperature, hidden_weight=hidden_weight, seed=seed, time_limit=time_limit,
                  teacher=(teacher_hf, teacher_plan, boundaries) if hidden_weight else None, progress=progress)
     if not full:
         for step in plan:
@@ -121,8 +123,8 @@ def heal(ckpt, out_dir, *, teacher=None, texts=None, n_tokens: int = DEFAULT_TOK
         "trainable_parameters": sum(p.numel() for p in params),
         "loss": f"kl(T={temperature:g}) * T^2" + (f" + {hidden_weight:g} * hidden mse" if hidden_weight else ""),
         "temperature": temperature, "hidden_weight": hidden_weight, "top_k": targets.top_k,
-        "steps": fit["steps"], "max_steps": steps, "best_step": fit["best_step"], "batch": batch, "lr": lr,
-        "seed": seed,
+        "steps": fit["steps"], "max_steps": steps, "best_step": fit["best_step"], "stopped": fit["stopped"],
+        "time_limit": time_limit, "batch": batch, "lr": lr, "seed": seed,
         "kl_before": fit["history"][0][2], "kl_after": fit["best_kl"],
         "ppl_before": fit["history"][0][3], "ppl_after": fit["best_ppl"], "teacher_ppl": teacher_ppl,
         "history": fit["history"],
@@ -137,14 +139,15 @@ def heal(ckpt, out_dir, *, teacher=None, texts=None, n_tokens: int = DEFAULT_TOK
 
 # ---------------------------------------------------------------------------- checks and setup
 
-def _check_settings(*, lr, alpha, temperature, hidden_weight, **counts) -> None:
+def _check_settings(*, lr, alpha, temperature, hidden_weight, time_limit, **counts) -> None:
     for name, value in counts.items():
         low = 0 if name == "seed" else 2 if name == "seq_len" else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     for name, value, ok in (("lr", lr, lambda v: v > 0), ("alpha", alpha, lambda v: v > 0),
                             ("temperature", temperature, lambda v: v > 0),
-                            ("hidden_weight", hidden_weight, lambda v: v >= 0)):
+                            ("hidden_weight", hidden_weight, lambda v: v >= 0),
+                            *((("time_limit", time_limit, lambda v: v > 0),) if time_limit is not None else ())):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
             raise ValueError(f"{name} must be a finite number {'>= 0' if name == 'hidden_weight' else '> 0'}, "
                              f"got {value!r}")
@@ -280,7 +283,7 @@ def _heldout(hf, plan, ids, held, targets, temperature, batch) -> tuple[float, f
 
 
 def _train(hf, plan, params, ids, train, held, targets, *, steps, lr, batch, temperature, hidden_weight, seed,
-           teacher, progress) -> dict:
+           time_limit, teacher, progress) -> dict:
     from tqdm.auto import tqdm
 
     from .layer_plan import plan_states
@@ -295,7 +298,8 @@ def _train(hf, plan, params, ids, train, held, targets, *, steps, lr, batch, tem
     gate, bad_evals, step, interval, train_seconds, tokens = kl0, 0, 0, [], 0.0, 0
     keep = teacher[2][0] if teacher else ()
     bar = tqdm(total=steps, desc="heal", unit="step", disable=not progress)
-    while step < steps and bad_evals < PATIENCE:
+    t_begin, out_of_time = time.perf_counter(), False
+    while step < steps and bad_evals < PATIENCE and not out_of_time:
         perm = train[torch.randperm(len(train), generator=gen)]
         for i in range(0, len(perm), batch):
             rows = perm[i:i + batch]
@@ -318,7 +322,8 @@ def _train(hf, plan, params, ids, train, held, targets, *, steps, lr, batch, tem
             interval.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4g}", tok_s=f"{tokens / train_seconds:.0f}")
-            if step % EVAL_EVERY == 0 or step == steps:
+            out_of_time = time_limit is not None and time.perf_counter() - t_begin >= time_limit
+            if step % EVAL_EVERY == 0 or step == steps or out_of_time:
                 kl, ppl = _heldout(hf, plan, ids, held, targets, temperature, batch)
                 history.append([step, sum(interval) / len(interval), kl, ppl])
                 interval = []
@@ -330,14 +335,15 @@ def _train(hf, plan, params, ids, train, held, targets, *, steps, lr, batch, tem
                     gate, bad_evals = kl, 0
                 else:
                     bad_evals += 1
-            if step >= steps or bad_evals >= PATIENCE:
+            if step >= steps or bad_evals >= PATIENCE or out_of_time:
                 break
     bar.close()
+    stopped = "time_limit" if out_of_time else "patience" if bad_evals >= PATIENCE else "steps"
     with torch.no_grad():
         for p, value in zip(params, best["values"]):
             p.copy_(value)
             p.requires_grad_(False)
-    return {"steps": step, "best_step": best["step"], "best_kl": best["kl"], "best_ppl": best["ppl"],
+    return {"steps": step, "best_step": best["step"], "stopped": stopped, "best_kl": best["kl"], "best_ppl": best["ppl"],
             "history": history, "seconds": train_seconds,
             "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds else None}
 

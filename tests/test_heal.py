@@ -166,6 +166,13 @@ def test_full_mode_trains_every_retained_weight(pruned, tmp_path):
     assert not torch.equal(dst["model.layers.0.input_layernorm.weight"], src["model.layers.0.input_layernorm.weight"])
 
 
+def test_time_limit_stops_training_with_a_last_check(pruned, tmp_path):
+    out = heal(pruned, tmp_path / "t", texts=prose(), time_limit=1e-6, **FAST)
+    rec = out.layer_map.healing
+    assert rec["steps"] == 1 and rec["stopped"] == "time_limit" and rec["time_limit"] == 1e-6
+    assert [h[0] for h in rec["history"]] == [0, 1]
+
+
 # ---- the written checkpoint -----------------------------------------------------------------
 
 def test_healed_checkpoint_layout_and_record(healed, pruned, dense):
@@ -177,7 +184,7 @@ def test_healed_checkpoint_layout_and_record(healed, pruned, dense):
     assert rec["teacher"] == str(dense) and rec["mode"] == "lora" and rec["rank"] == 8 and rec["alpha"] == 16
     assert rec["data"]["n_tokens"] == 4096 and rec["data"]["seq_len"] == 64
     assert rec["data"]["train_sequences"] + rec["data"]["heldout_sequences"] == 64
-    assert rec["steps"] <= 30 and rec["tokens_per_second"] > 0 and rec["seconds"]["total"] > 0
+    assert rec["steps"] <= 30 and rec["stopped"] in ("steps", "patience") and rec["tokens_per_second"] > 0 and rec["seconds"]["total"] > 0
     assert out.layer_map.healing == rec  # the Python reader parses it
     info = _C.read_checkpoint(str(out.path))  # and the C++ reader accepts it
     assert len(info["plan"]) == 4
@@ -252,6 +259,7 @@ def test_cli_heal_with_hidden_mse(pruned, tmp_path, capsys):
     (["--tokens", "many"], "argument --tokens: expected an integer, got 'many'"),
     (["--hidden-weight", "nan"], "argument --hidden-weight: must be a finite number"),
     (["--steps", "0"], "argument --steps: must be between 1 and"),
+    (["--time-limit", "0"], "argument --time-limit: must be a finite number in (0, inf]"),
     (["--seq-len", "100000"], "seq_len 100000 exceeds the model's max_position_embeddings 256"),
 ])
 def test_cli_bad_arguments_are_one_line_errors(pruned, tmp_path, capsys, args, phrase):

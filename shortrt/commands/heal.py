@@ -35,6 +35,8 @@ def add_arguments(parser):
     parser.add_argument("--hidden-weight", type=number(0.0), default=0.0,
                         help="weight of a hidden-state MSE term against the teacher's layer outputs "
                              "(default: %(default)s)")
+    parser.add_argument("--time-limit", type=number(0.0, lo_open=True), metavar="SECONDS",
+                        help="stop training after this many seconds (steps and held-out checks; default: no limit)")
     parser.add_argument("--seed", type=integer(0), default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -48,7 +50,7 @@ def run(args) -> int:
         model = heal(args.model, args.out, teacher=args.teacher, texts=args.data, n_tokens=args.tokens,
                      seq_len=args.seq_len, steps=args.steps, lr=args.lr, batch=args.batch, rank=args.rank,
                      alpha=args.alpha, full=args.full, temperature=args.temperature,
-                     hidden_weight=args.hidden_weight, seed=args.seed, overwrite=args.force,
+                     hidden_weight=args.hidden_weight, seed=args.seed, time_limit=args.time_limit, overwrite=args.force,
                      progress=not args.no_progress)
     except FileExistsError as exc:
         message = str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")
@@ -57,7 +59,7 @@ def run(args) -> int:
     what = "all retained-layer weights" if rec["mode"] == "full" else f"LoRA rank {rec['rank']}"
     print(f"healed {len(model.layer_map.layers)} layers from {rec['teacher']}: {what}, "
           f"{rec['trainable_parameters']:,} trainable parameters")
-    print(f"{rec['steps']} steps (best {rec['best_step']}) on {rec['data']['n_tokens']} tokens in "
+    print(f"{rec['steps']} steps (best {rec['best_step']}, stopped by {rec['stopped']}) on {rec['data']['n_tokens']} tokens in "
           f"{rec['seconds']['total']:.0f} s ({rec['tokens_per_second']} training tokens/s)")
     print(f"held-out KL {rec['kl_before']:.4g} -> {rec['kl_after']:.4g}; perplexity {rec['ppl_before']:.4g} -> "
           f"{rec['ppl_after']:.4g} (teacher {rec['teacher_ppl']:.4g})")
