@@ -25,6 +25,7 @@ _LAZY = {
     "LayerEntry": ("layermap", "LayerEntry"),
     "prune": ("pruning", "prune"),
     "replace": ("replacement", "replace"),
+    "heal": ("healing", "heal"),
     "evaluate": ("evaluation", "evaluate"),
     "Engine": ("engine", "Engine"),
     "generate": ("engine", "generate"),
@@ -42,6 +43,6 @@ def __getattr__(name):
 
 __all__ = [
     "load", "Model", "calibrate", "Scores", "select", "LayerMap", "LayerEntry", "prune",
-    "evaluate", "Engine", "generate", "replace",
+    "evaluate", "Engine", "generate", "replace", "heal",
     "ShortrtError", "CheckpointError", "MissingDependencyError",
 ]

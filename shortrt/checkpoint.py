@@ -49,7 +49,7 @@ INDEX_FILE = "model.safetensors.index.json"
 ALLOW_NONFINITE_ENV = "SHORTRT_ALLOW_NONFINITE"
 
 _MAP_KEYS = {"format", "source", "source_num_layers", "method", "layers", "removed", "scores", "calibration",
-             "replacement"}
+             "replacement", "healing"}
 _ENTRY_KEYS = {"source", "kind", "attention", "mlp"}
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _IGNORED_TENSOR = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # a buffer some exporters save; nobody reads it
@@ -346,7 +346,7 @@ def parse_layer_map(d, *, num_layers: int | None = None, in_checkpoint: bool = F
         raise bad("'source' must be a string")
     if in_checkpoint and not (source == "default" or (isinstance(source, str) and os.path.isabs(source))):
         raise bad(f"'source' must be \"default\" or an absolute path, got {json.dumps(source)}")
-    for key in ("scores", "calibration", "replacement"):
+    for key in ("scores", "calibration", "replacement", "healing"):
         if d.get(key) is not None and not isinstance(d[key], dict):
             raise bad(f"'{key}' must be an object")
     layers = d["layers"]
@@ -363,7 +363,8 @@ def parse_layer_map(d, *, num_layers: int | None = None, in_checkpoint: bool = F
         raise bad("'removed' must be a list of layer indices")
     try:
         return LayerMap(n, entries, d["method"], list(removed), scores=d.get("scores"),
-                        calibration=d.get("calibration"), replacement=d.get("replacement"), source=source)
+                        calibration=d.get("calibration"), replacement=d.get("replacement"),
+                        healing=d.get("healing"), source=source)
     except ValueError as exc:
         raise bad(str(exc)) from None
 

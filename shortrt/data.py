@@ -202,3 +202,20 @@ def calibration_texts(source: str | os.PathLike | list[str] = "default") -> tupl
     if not any(t.strip() for t in texts):
         raise ShortrtError(f"calibration data is empty: {description}")
     return texts, description
+
+
+def training_batches(tokenizer, texts, n_tokens: int, seq_len: int, batch: int):
+    """([batch, seq_len] id tensors, tokens used) for training (replace, heal): full-length
+    calibration sequences only, so every batch shares one causal mask and one set of rotary
+    positions. The last batch may hold fewer sequences."""
+    import torch
+
+    from .calibration import calibration_sequences
+
+    sequences = [s for s in calibration_sequences(tokenizer, texts, n_tokens, seq_len) if s.shape[0] == seq_len]
+    if len(sequences) < 2:
+        raise ShortrtError(f"training needs at least 2 calibration sequences of {seq_len} tokens; "
+                           f"the text gives {len(sequences)} (n_tokens={n_tokens}). Give more text or a smaller "
+                           "seq_len")
+    batches = [torch.stack(sequences[i:i + batch]) for i in range(0, len(sequences), batch)]
+    return batches, len(sequences) * seq_len

@@ -16,7 +16,7 @@ import torch
 from .checkpoint import Model, Step, load
 from .errors import CheckpointError, ShortrtError
 
-__all__ = ["Step", "dense_plan", "load_for_plan", "forward_plans", "plan_logits", "attention_mask"]
+__all__ = ["Step", "dense_plan", "load_for_plan", "forward_plans", "plan_logits", "plan_states", "attention_mask"]
 
 
 def dense_plan(num_layers: int) -> tuple[Step, ...]:
@@ -100,6 +100,22 @@ def forward_plans(hf, input_ids, position_ids, mask, plans: list[tuple[Step, ...
 
     walk(h0, 0, list(range(len(plans))))
     return outs
+
+
+def plan_states(hf, input_ids: torch.Tensor, plan: tuple[Step, ...], keep=()):
+    """(final-norm hidden states [rows, T, hidden], [hidden state after plan step p for p in keep])
+    of a plain causal batch (every row at positions 0..T-1). Unlike forward_plans it runs in the
+    caller's grad mode, so training (shortrt.healing) backpropagates through it."""
+    rows, T = input_ids.shape
+    h = hf.model.embed_tokens(input_ids)
+    pe = hf.model.rotary_emb(h, position_ids=torch.arange(T).repeat(rows, 1))
+    additive = attention_mask(torch.ones(T, T, dtype=torch.bool).tril()[None, None], h.dtype)  # broadcasts over rows
+    wanted, kept = set(keep), {}
+    for p, step in enumerate(plan):
+        h = _run_steps(hf, h, (step,), pe, additive)
+        if p in wanted:
+            kept[p] = h
+    return hf.model.norm(h), [kept[p] for p in keep]
 
 
 @torch.inference_mode()

@@ -53,6 +53,7 @@ class LayerMap:
     calibration: dict | None = None
     replacement: dict | None = None
     source: str | None = None
+    healing: dict | None = None  # the record of `shortrt.heal` (docs/internals.md), None if never healed
 
     def __post_init__(self):
         self.validate()
@@ -167,7 +168,7 @@ class LayerMap:
             "layers": [e.to_json() for e in self.layers],
             "removed": list(self.removed),
         }
-        for key in ("scores", "calibration", "replacement"):
+        for key in ("scores", "calibration", "replacement", "healing"):
             value = getattr(self, key)
             if value is not None:
                 d[key] = value
@@ -204,7 +205,7 @@ class LayerMap:
             removed.update(self.layers[i].sources)
         return LayerMap(self.source_num_layers, layers, f"{self.method}+{inner.method}", sorted(removed),
                         scores=inner.scores, calibration=inner.calibration,
-                        replacement=self.replacement, source=self.source)
+                        replacement=self.replacement, healing=self.healing, source=self.source)
 
 
 def _check_indices(indices: list[int], num_layers: int, what: str) -> None:

@@ -36,7 +36,6 @@ from .replace_training import (DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, KINDS, 
 
 DEFAULT_TOKENS = 32768
 DEFAULT_SEQ_LEN = 512
-_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def span_of(layer_map: LayerMap) -> list[int]:
@@ -61,20 +60,6 @@ def span_of(layer_map: LayerMap) -> list[int]:
         raise ShortrtError("the layer map must keep every other layer in its original order; "
                            f"it keeps {[e.source for e in layer_map.layers]}")
     return removed
-
-
-def _training_batches(tokenizer, texts, n_tokens: int, seq_len: int, batch: int):
-    """([batch, seq_len] id tensors, tokens used): full-length calibration sequences only, so every
-    batch shares one causal mask and one set of rotary positions."""
-    from .calibration import calibration_sequences
-
-    sequences = [s for s in calibration_sequences(tokenizer, texts, n_tokens, seq_len) if s.shape[0] == seq_len]
-    if len(sequences) < 2:
-        raise ShortrtError(f"training a replacement needs at least 2 calibration sequences of {seq_len} tokens; "
-                           f"the text gives {len(sequences)} (n_tokens={n_tokens}). Give more text or a smaller "
-                           "seq_len")
-    batches = [torch.stack(sequences[i:i + batch]) for i in range(0, len(sequences), batch)]
-    return batches, len(sequences) * seq_len
 
 
 def _check_positive(name: str, value) -> None:
@@ -118,7 +103,7 @@ def replace(model, layer_map: LayerMap, out_dir, *, kind: str = "layer", texts=N
     out = check_out_dir(out_dir, src.path, overwrite)  # before minutes of training, not after
 
     texts, description = data.calibration_texts("default" if texts is None else texts)
-    batches, used_tokens = _training_batches(src.tokenizer(), texts, n_tokens, seq_len, batch)
+    batches, used_tokens = data.training_batches(src.tokenizer(), texts, n_tokens, seq_len, batch)
     hf = src.load_hf(torch.float32)
     result = train_replacement(hf, span, batches, kind=kind, steps=steps, lr=lr, batch=batch,
                                cosine_weight=cosine_weight, seed=seed, progress=progress)
@@ -156,16 +141,11 @@ def replacement_record(result: TrainResult, span: list[int], *, kind: str, lr: f
     }
 
 
-def _tensor_bytes(t: torch.Tensor, dtype: str) -> bytes:
-    t = t.detach().to(_TORCH_DTYPES[dtype]).contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 def _write_checkpoint(src: Model, config: dict, layer_map: LayerMap, span: list[int], result: TrainResult,
                       record: dict, out: Path, overwrite: bool) -> Model:
     """The retained layers' tensors, the trained module's at the span's position, config and shortrt.json."""
     from .pruning import layer_tensors, pruned_config
-    from .safetensors_writer import TensorSource
+    from .safetensors_writer import TensorSource, tensor_bytes
 
     kind = record["kind"]
     position = sum(1 for e in layer_map.layers if e.source < span[0])
@@ -197,7 +177,7 @@ def _write_checkpoint(src: Model, config: dict, layer_map: LayerMap, span: list[
                 if list(value.shape) != list(t.shape):
                     raise ShortrtError(f"trained tensor {t.name} has shape {list(value.shape)}, "
                                        f"the checkpoint's has {t.shape}")
-                t = TensorSource(t.name, t.dtype, t.shape, lambda v=value, d=t.dtype: _tensor_bytes(v, d))
+                t = TensorSource(t.name, t.dtype, t.shape, lambda v=value, d=t.dtype: tensor_bytes(v, d))
             tensors.append(t)
         return write_checkpoint(out, src, pruned_config(config, stored), written, tensors, overwrite=overwrite)
 

@@ -33,6 +33,14 @@ class TensorSource:
         return n
 
 
+def tensor_bytes(t, dtype: str) -> bytes:
+    """The raw bytes of torch tensor `t` stored as safetensors dtype `dtype` (F32, F16 or BF16)."""
+    import torch
+
+    torch_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+    return t.detach().to(torch_dtype).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def write_safetensors(path: Path, tensors: list[TensorSource], metadata: dict | None = None) -> int:
     """Write `tensors` to `path` in order; returns the bytes of tensor data written."""
     header: dict = {}

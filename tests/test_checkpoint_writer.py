@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,27 +16,11 @@ from safetensors.torch import load_file, save_file
 
 import shortrt
 from runtime_models import make_tiny
+from slow_writer import start_slow_write
 from shortrt.checkpoint import remove_stale_staging
 from shortrt.errors import CheckpointError
 from shortrt.layermap import LayerMap
 from shortrt.reference import ReferenceModel
-
-# A prune through the command line whose tensor reads are slowed down, so a signal lands mid-write.
-SLOW_PRUNE = """
-import sys, time
-import shortrt.safetensors_writer as w
-original = w.write_safetensors
-def slow(path, tensors, metadata=None):
-    for t in tensors:
-        read = t.read
-        t.read = lambda read=read: (time.sleep(0.05), read())[1]
-    print("WRITING", flush=True)
-    return original(path, tensors, metadata)
-w.write_safetensors = slow
-from shortrt.cli import main
-sys.exit(main(["prune", sys.argv[1], "--layers", "1", "--out", sys.argv[2]]))
-"""
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -45,12 +28,7 @@ def tiny(tmp_path_factory):
 
 
 def start_slow_prune(src: Path, out: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_PRUNE, str(src), str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    assert line.strip() == "WRITING", proc.stderr.read()
-    time.sleep(0.2)  # some tensors written, the staging directory full of a partial checkpoint
-    return proc
+    return start_slow_write(["prune", src, "--layers", "1", "--out", out])
 
 
 def leftovers(parent: Path) -> list[str]:

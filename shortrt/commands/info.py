@@ -46,6 +46,11 @@ def describe(model) -> dict:
     }
 
 
+def _g(value) -> str:
+    """A number of the healing record (the contract only checks that the record is an object)."""
+    return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+
+
 def run(args) -> int:
     import shortrt
 
@@ -77,6 +82,12 @@ def run(args) -> int:
         ]
         if no_attn:
             rows.append(("layers without attention", ", ".join(map(str, no_attn))))
+        h = lmap.healing
+        if h:
+            what = "all layer weights" if h.get("mode") == "full" else f"LoRA rank {h.get('rank')}"
+            rows.append(("healed", f"from {h.get('teacher')} ({what}, {h.get('steps')} steps): held-out KL "
+                                   f"{_g(h.get('kl_before'))} -> {_g(h.get('kl_after'))}, perplexity "
+                                   f"{_g(h.get('ppl_before'))} -> {_g(h.get('ppl_after'))}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

@@ -1,0 +1,379 @@
+"""Heal a pruned checkpoint by knowledge distillation from its source model: `heal(ckpt, out_dir)`.
+
+The student is the pruned checkpoint, whatever made it (layers removed, attention-only pruning, a
+`replace` checkpoint with a trained layer or an attention-less MLP); it runs through
+shortrt.layer_plan, so attention-less layers train like any other. The teacher is the model its
+shortrt.json names as the source (or `teacher=`). Loss: KL(teacher || student) between the
+next-token distributions at temperature T, scaled by T^2, optionally plus `hidden_weight` times
+the MSE between the student's layer outputs and the teacher's at the same depth (each student
+layer is paired with the teacher's output of the last original layer it stands for, the MSE
+divided by the teacher state's mean square so the weight does not depend on the model's scale).
+
+Teacher targets are computed once, before training: the teacher's top-k tokens at each position
+with their log-probabilities at temperature T, plus the log of the mass left over (TOP_K = 128:
+about 25 MB per 16k tokens, where the full distribution of SmolLM2 is 196 KB per token). The KL is
+then exact on k + 1 bins (the top-k tokens and "the rest"), a lower bound of the full KL that
+the rest bin keeps tight. That is faster here than running the teacher beside every step: each
+training token costs the teacher one forward pass either way, but the held-out slice is scored
+every `eval_every` steps and the training sequences are seen for several epochs, and neither
+runs the teacher again. (With hidden_weight > 0 the teacher's states are too big to keep, so it
+runs beside each step for them.)
+
+Trainable parameters: LoRA adapters (shortrt.lora) on q/k/v/o and gate/up/down of every layer
+the student runs, merged into the weights at the end; or with full=True every weight of those
+layers (norms included). Embeddings, lm_head and the final norm stay frozen. The output has the
+student's layout, config and layer map, and shortrt.json gains a "healing" record
+(docs/internals.md). Fixed seed; the best step on the held-out slice (by KL) is kept, so healing
+never makes the held-out KL worse.
+
+Defaults (not yet tuned on the default model: that is the benchmark's job, issue #12): 32,768
+tokens of the calibration text in sequences of 512 (1/8 held out), 40 Adam steps of 4 sequences
+(about 2.9 epochs), LoRA rank 8, alpha 16, peak learning rate 1e-3 (1e-4 with full=True).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+from torch import nn
+
+from . import lora as _lora
+from .checkpoint import Model, check_out_dir, load, write_checkpoint
+from .errors import ShortrtError
+
+DEFAULT_TOKENS = 32768
+DEFAULT_SEQ_LEN = 512
+DEFAULT_STEPS = 40
+DEFAULT_BATCH = 4
+DEFAULT_RANK = 8
+DEFAULT_LR = 1e-3       # LoRA
+DEFAULT_FULL_LR = 1e-4  # full=True: every weight moves, so a smaller step
+TOP_K = 128
+HELDOUT_FRACTION = 0.125
+EVAL_EVERY = 10
+PATIENCE = 3            # evaluations without a 0.1 % gain in held-out KL before stopping
+
+
+def heal(ckpt, out_dir, *, teacher=None, texts=None, n_tokens: int = DEFAULT_TOKENS,
+         seq_len: int = DEFAULT_SEQ_LEN, steps: int = DEFAULT_STEPS, lr: float | None = None,
+         batch: int = DEFAULT_BATCH, rank: int = DEFAULT_RANK, alpha: float | None = None, full: bool = False,
+         temperature: float = 1.0, hidden_weight: float = 0.0, seed: int = 0, time_limit: float | None = None,
+         overwrite: bool = False, progress: bool = True) -> Model:
+    """Distill `teacher` into the pruned checkpoint `ckpt` and write the healed checkpoint to `out_dir`.
+
+    ckpt: a pruned checkpoint directory (or Model). teacher: None (the source its shortrt.json
+    names), "default", a checkpoint directory or a .gguf file. texts: training text (None = the
+    default calibration text; a .txt/.jsonl path or a list of strings). n_tokens, seq_len:
+    training tokens (1/8 held out) and tokens per sequence. steps, lr, batch: most Adam steps,
+    peak learning rate (None: 1e-3 for LoRA, 1e-4 with full), sequences per step. rank, alpha:
+    LoRA rank and scale numerator (None = 2 * rank). full: train every weight of the student's
+    layers instead of adapters. temperature: of both distributions in the KL. hidden_weight:
+    weight of the hidden-state MSE term. time_limit: seconds of training (steps and their held-out
+    checks) after which it stops at the next step, None for no limit. Returns the written
+    checkpoint as a loaded Model.
+    """
+    from . import data
+    from .layer_plan import load_for_plan
+
+    lr = (DEFAULT_FULL_LR if full else DEFAULT_LR) if lr is None else lr
+    alpha = 2.0 * rank if alpha is None else alpha
+    _check_settings(n_tokens=n_tokens, seq_len=seq_len, steps=steps, batch=batch, rank=rank, seed=seed, lr=lr,
+                    alpha=alpha, temperature=temperature, hidden_weight=hidden_weight, time_limit=time_limit)
+    t_start = time.perf_counter()
+    student = load(ckpt)
+    teacher_model = _teacher_of(student, teacher)
+    boundaries = _boundaries(student, teacher_model) if hidden_weight else None
+    if seq_len > student.model_config.max_position:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
+                         f"{student.model_config.max_position}")
+    out = check_out_dir(out_dir, student.path, overwrite)  # before minutes of training, not after
+
+    texts, description = data.calibration_texts("default" if texts is None else texts)
+    batches, used_tokens = data.training_batches(student.tokenizer(), texts, n_tokens, seq_len, batch)
+    ids = torch.cat(batches)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(ids), generator=gen)
+    n_held = min(len(ids) - 1, max(1, round(len(ids) * HELDOUT_FRACTION)))
+    held, train = order[:n_held], order[n_held:]
+
+    teacher_hf, teacher_plan = load_for_plan(teacher_model)
+    t0 = time.perf_counter()
+    targets = teacher_targets(teacher_hf, teacher_plan, ids, temperature, batch, progress=progress)
+    teacher_ppl = math.exp(_nll(targets.nll[held]))
+    teacher_seconds = time.perf_counter() - t0
+    if not hidden_weight:
+        del teacher_hf  # the targets are all the training needs from it
+
+    hf, plan = load_for_plan(student)
+    params, trained = make_trainable(hf, plan, rank=rank, alpha=alpha, full=full, seed=seed)
+    fit = _train(hf, plan, params, ids, train, held, targets, steps=steps, lr=lr, batch=batch,
+                 temperature=temperature, hidden_weight=hidden_weight, seed=seed, time_limit=time_limit,
+                 teacher=(teacher_hf, teacher_plan, boundaries) if hidden_weight else None, progress=progress)
+    if not full:
+        for step in plan:
+            _lora.merge(hf.model.layers[step.index])
+    record = {
+        "teacher": teacher_model.origin,
+        "data": {"source": description, "n_tokens": used_tokens, "seq_len": seq_len,
+                 "train_sequences": len(train), "heldout_sequences": n_held},
+        "mode": "full" if full else "lora",
+        **({} if full else {"rank": rank, "alpha": alpha}),
+        "trainable_parameters": sum(p.numel() for p in params),
+        "loss": f"kl(T={temperature:g}) * T^2" + (f" + {hidden_weight:g} * hidden mse" if hidden_weight else ""),
+        "temperature": temperature, "hidden_weight": hidden_weight, "top_k": targets.top_k,
+        "steps": fit["steps"], "max_steps": steps, "best_step": fit["best_step"], "stopped": fit["stopped"],
+        "time_limit": time_limit, "batch": batch, "lr": lr, "seed": seed,
+        "kl_before": fit["history"][0][2], "kl_after": fit["best_kl"],
+        "ppl_before": fit["history"][0][3], "ppl_after": fit["best_ppl"], "teacher_ppl": teacher_ppl,
+        "history": fit["history"],
+        "tokens_per_second": fit["tokens_per_second"],
+        # train: the optimizer steps (what tokens_per_second counts); heldout: the checks between them
+        "seconds": {"teacher": round(teacher_seconds, 2), "train": round(fit["seconds"], 2),
+                    "heldout": round(fit["heldout_seconds"], 2), "total": round(time.perf_counter() - t_start, 2)},
+    }
+    if student.layer_map.healing:
+        record["previous"] = student.layer_map.healing
+    return _write(student, hf, trained, record, out, overwrite)
+
+
+# ---------------------------------------------------------------------------- checks and setup
+
+def _check_settings(*, lr, alpha, temperature, hidden_weight, time_limit, **counts) -> None:
+    for name, value in counts.items():
+        low = 0 if name == "seed" else 2 if name == "seq_len" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    for name, value, ok in (("lr", lr, lambda v: v > 0), ("alpha", alpha, lambda v: v > 0),
+                            ("temperature", temperature, lambda v: v > 0),
+                            ("hidden_weight", hidden_weight, lambda v: v >= 0),
+                            *((("time_limit", time_limit, lambda v: v > 0),) if time_limit is not None else ())):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            raise ValueError(f"{name} must be a finite number {'>= 0' if name == 'hidden_weight' else '> 0'}, "
+                             f"got {value!r}")
+
+
+def _teacher_of(student: Model, teacher) -> Model:
+    if teacher is None:
+        if not student.is_pruned:
+            raise ShortrtError(f"{student} has no shortrt.json, so it names no source model to learn from; "
+                               "give the teacher (--teacher MODEL)")
+        teacher = student.layer_map.source
+    t = load(teacher)
+    if t.path == student.path:
+        raise ShortrtError(f"the teacher {t} is the checkpoint being healed; give its source model")
+    if t.model_config.vocab != student.model_config.vocab:
+        raise ShortrtError(f"the teacher {t} has a vocabulary of {t.model_config.vocab} tokens but {student} has "
+                           f"{student.model_config.vocab}: distillation needs the same tokenizer")
+    return t
+
+
+def _boundaries(student: Model, teacher: Model) -> tuple[list[int], list[int]]:
+    """(student plan positions, teacher plan positions) whose outputs the hidden MSE compares:
+    each student layer against the teacher's output of the last original layer it stands for."""
+    lmap = student.layer_map
+    if not teacher.layer_map.is_dense or teacher.model_config.n_layers != lmap.source_num_layers:
+        raise ShortrtError(f"hidden_weight needs the dense source model as teacher ({lmap.source_num_layers} "
+                           f"layers); {teacher} has {teacher.model_config.n_layers} (method "
+                           f"{teacher.layer_map.method!r})")
+    pairs = [(p, max(lmap.layers[step.index].sources)) for p, step in enumerate(student.plan())]
+    return [p for p, _ in pairs], [t for _, t in pairs]
+
+
+def make_trainable(hf, plan, *, rank: int, alpha: float, full: bool, seed: int):
+    """Freeze `hf`, then make the layers `plan` runs trainable: LoRA adapters on their projections
+    (only the sublayers the plan runs), or with full=True all their sublayers' weights.
+    Returns (parameters to optimize, checkpoint tensor names the training changes)."""
+    hf.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    params, trained = [], []
+    for step in plan:
+        layer, prefix = hf.model.layers[step.index], f"model.layers.{step.index}."
+        parts = (("attention",) if step.attention else ()) + (("mlp",) if step.mlp else ())
+        if full:
+            owners = {"attention": ("input_layernorm.", "self_attn."), "mlp": ("post_attention_layernorm.", "mlp.")}
+            for name, p in layer.named_parameters():
+                if name.startswith(sum((owners[part] for part in parts), ())):
+                    params.append(p.requires_grad_(True))
+                    trained.append(prefix + name)
+            continue
+        projections = sum(((_lora.ATTENTION_PROJECTIONS if part == "attention" else _lora.MLP_PROJECTIONS)
+                           for part in parts), ())
+        for adapter in _lora.attach(layer, projections, rank, alpha, gen):
+            params += [adapter.lora_A, adapter.lora_B]
+        trained += [prefix + path + ".weight" for path in projections]
+    return params, trained
+
+
+# ---------------------------------------------------------------------------- teacher targets
+
+@dataclasses.dataclass
+class TeacherTargets:
+    """Per sequence and position: the teacher's top-k tokens, their log-probabilities at the
+    temperature, the log of the remaining mass, and the NLL of the actual next token (T = 1)."""
+    index: torch.Tensor     # [n, T, k] int64
+    logp: torch.Tensor      # [n, T, k] float32
+    rest: torch.Tensor      # [n, T] float32
+    nll: torch.Tensor       # [n, T - 1] float32
+
+    @property
+    def top_k(self) -> int:
+        return self.index.shape[-1]
+
+
+@torch.inference_mode()
+def teacher_targets(hf, plan, ids: torch.Tensor, temperature: float, batch: int, *, top_k: int = TOP_K,
+                    progress: bool = True) -> TeacherTargets:
+    from tqdm.auto import tqdm
+
+    from .layer_plan import plan_states
+
+    parts = []
+    bar = tqdm(total=ids.numel(), desc="teacher top-k", unit="tok", unit_scale=True, disable=not progress)
+    for i in range(0, len(ids), batch):
+        rows = ids[i:i + batch]
+        logits = hf.lm_head(plan_states(hf, rows, plan)[0]).float()
+        logp = torch.log_softmax(logits / temperature, dim=-1)
+        index = logits.topk(min(top_k, logits.shape[-1]), dim=-1).indices
+        top = logp.gather(-1, index)
+        rest = logp.scatter(-1, index, -math.inf).logsumexp(-1)
+        nll = -torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, rows[:, 1:, None])[..., 0]
+        parts.append((index, top, rest, nll))
+        bar.update(rows.numel())
+    bar.close()
+    return TeacherTargets(*(torch.cat(t) for t in zip(*parts)))
+
+
+def kl_loss(logits: torch.Tensor, targets: TeacherTargets, rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) on the teacher's top-k bins plus the rest bin,
+    at `temperature`, times temperature^2 (so gradients keep their size as T changes)."""
+    logits = logits.float()
+    logq = torch.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
+    index, p_log, p_rest = targets.index[rows], targets.logp[rows], targets.rest[rows]
+    q_top = logq.gather(-1, index)
+    # The student's mass outside the teacher's top-k; clamped so a confident student keeps a finite log.
+    q_rest = torch.log((1 - q_top.exp().sum(-1)).clamp_min(1e-7))
+    kl = (p_log.exp() * (p_log - q_top)).sum(-1) + p_rest.exp() * (p_rest - q_rest)
+    return kl.mean() * temperature ** 2
+
+
+def _nll(nll: torch.Tensor) -> float:
+    return float(nll.double().mean())
+
+
+# ---------------------------------------------------------------------------- training
+
+def _hidden_loss(student_states, teacher_states) -> torch.Tensor:
+    terms = [((s - t) ** 2).mean() / (t ** 2).mean() for s, t in zip(student_states, teacher_states)]
+    return torch.stack(terms).mean()
+
+
+def _heldout(hf, plan, ids, held, targets, temperature, batch) -> tuple[float, float]:
+    """(KL, perplexity) of the student on the held-out sequences."""
+    from .layer_plan import plan_states
+
+    kl_sum, nll = 0.0, []
+    with torch.inference_mode():
+        for i in range(0, len(held), batch):
+            rows = held[i:i + batch]
+            logits = hf.lm_head(plan_states(hf, ids[rows], plan)[0])
+            kl_sum += kl_loss(logits, targets, rows, temperature).item() * len(rows)
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            nll.append(-logp.gather(-1, ids[rows][:, 1:, None])[..., 0])
+    return kl_sum / len(held), math.exp(_nll(torch.cat(nll)))
+
+
+def _train(hf, plan, params, ids, train, held, targets, *, steps, lr, batch, temperature, hidden_weight, seed,
+           time_limit, teacher, progress) -> dict:
+    from tqdm.auto import tqdm
+
+    from .layer_plan import plan_states
+    from .replace_training import lr_factor
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
+    t_loop = time.perf_counter()
+    kl0, ppl0 = _heldout(hf, plan, ids, held, targets, temperature, batch)
+    history = [[0, None, kl0, ppl0]]
+    best = {"kl": kl0, "ppl": ppl0, "step": 0, "values": [p.detach().clone() for p in params]}
+    gate, bad_evals, step, interval, train_seconds, tokens = kl0, 0, 0, [], 0.0, 0
+    keep = teacher[2][0] if teacher else ()
+    bar = tqdm(total=steps, desc="heal", unit="step", disable=not progress)
+    t_begin, out_of_time = time.perf_counter(), False
+    while step < steps and bad_evals < PATIENCE and not out_of_time:
+        perm = train[torch.randperm(len(train), generator=gen)]
+        for i in range(0, len(perm), batch):
+            rows = perm[i:i + batch]
+            t0 = time.perf_counter()
+            h, states = plan_states(hf, ids[rows], plan, keep=keep)
+            loss = kl_loss(hf.lm_head(h), targets, rows, temperature)
+            if teacher:
+                t_hf, t_plan, (_, t_keep) = teacher
+                with torch.inference_mode():
+                    t_states = plan_states(t_hf, ids[rows], t_plan, keep=t_keep)[1]
+                loss = loss + hidden_weight * _hidden_loss(states, [t.clone() for t in t_states])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            train_seconds += time.perf_counter() - t0
+            tokens += ids[rows].numel()
+            interval.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4g}", tok_s=f"{tokens / train_seconds:.0f}")
+            out_of_time = time_limit is not None and time.perf_counter() - t_begin >= time_limit
+            if step % EVAL_EVERY == 0 or step == steps or out_of_time:
+                kl, ppl = _heldout(hf, plan, ids, held, targets, temperature, batch)
+                history.append([step, sum(interval) / len(interval), kl, ppl])
+                interval = []
+                bar.set_postfix(loss=f"{history[-1][1]:.4g}", heldout_kl=f"{kl:.4g}", ppl=f"{ppl:.4g}",
+                                tok_s=f"{tokens / train_seconds:.0f}")
+                if kl < best["kl"]:
+                    best = {"kl": kl, "ppl": ppl, "step": step, "values": [p.detach().clone() for p in params]}
+                if kl < gate * (1 - 1e-3):
+                    gate, bad_evals = kl, 0
+                else:
+                    bad_evals += 1
+            if step >= steps or bad_evals >= PATIENCE or out_of_time:
+                break
+    bar.close()
+    stopped = "time_limit" if out_of_time else "patience" if bad_evals >= PATIENCE else "steps"
+    with torch.no_grad():
+        for p, value in zip(params, best["values"]):
+            p.copy_(value)
+            p.requires_grad_(False)
+    return {"steps": step, "best_step": best["step"], "stopped": stopped, "best_kl": best["kl"], "best_ppl": best["ppl"],
+            "history": history, "seconds": train_seconds,
+            "heldout_seconds": time.perf_counter() - t_loop - train_seconds,
+            "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds else None}
+
+
+# ---------------------------------------------------------------------------- writing
+
+def _write(student: Model, hf, trained: list[str], record: dict, out, overwrite: bool) -> Model:
+    """The student's tensors with the trained ones swapped in, its config, and its layer map
+    with the healing record, written atomically."""
+    import contextlib
+
+    from .layermap import LayerEntry
+    from .pruning import layer_tensors
+    from .safetensors_writer import TensorSource, tensor_bytes
+
+    values = hf.state_dict()
+    missing = [name for name in trained if name not in student.tensors or name not in values]
+    if missing:
+        raise ShortrtError(f"trained tensors {missing[:3]} are not in {student.path}")
+    new = {name: values[name] for name in trained}
+    layer_map = dataclasses.replace(student.layer_map, healing=record)
+    identity = [LayerEntry(i, attention=e.attention, mlp=e.mlp) for i, e in enumerate(student.layer_map.layers)]
+    with contextlib.ExitStack() as stack:
+        tensors = []
+        for t in layer_tensors(student, identity, stack):
+            if t.name in new:
+                t = TensorSource(t.name, t.dtype, t.shape, lambda v=new[t.name], d=t.dtype: tensor_bytes(v, d))
+            tensors.append(t)
+        return write_checkpoint(out, student, student.config(), layer_map, tensors, overwrite=overwrite)
