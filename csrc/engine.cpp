@@ -129,10 +129,10 @@ struct Engine::Impl {
     free_regions.push_back(region);
   }
 
-  // Call with queue_mutex held: cancelled requests out, queued ones into free regions.
+  // Call with queue_mutex held, between steps: cancelled requests out, queued ones into free regions.
   void admit() {
     for (int g = 0; g < static_cast<int>(running.size()); ++g)
-      if (running[g] && running[g]->cancelled && !in_step) release(g, FinishReason::Cancelled, -1);
+      if (running[g] && running[g]->cancelled) release(g, FinishReason::Cancelled, -1);
     while (!queued.empty() && !free_regions.empty()) {
       const int g = free_regions.back();
       free_regions.pop_back();

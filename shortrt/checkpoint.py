@@ -357,7 +357,7 @@ def parse_layer_map(d, *, num_layers: int | None = None, in_checkpoint: bool = F
     if num_layers is not None and len(layers) != num_layers:
         raise CheckpointError(f"shortrt.json lists {len(layers)} layers but config.json has "
                               f"num_hidden_layers = {num_layers}")
-    entries = [_parse_entry(e, i, n, bad) for i, e in enumerate(layers)]
+    entries = [_parse_entry(e, i, bad) for i, e in enumerate(layers)]
     removed = d["removed"]
     if not isinstance(removed, list) or not all(_is_int(i) for i in removed):
         raise bad("'removed' must be a list of layer indices")
@@ -369,7 +369,7 @@ def parse_layer_map(d, *, num_layers: int | None = None, in_checkpoint: bool = F
         raise bad(str(exc)) from None
 
 
-def _parse_entry(e, i: int, n: int, bad) -> LayerEntry:
+def _parse_entry(e, i: int, bad) -> LayerEntry:
     where = f"layers[{i}]"
     if not isinstance(e, dict):
         raise bad(f"{where} must be an object")
@@ -491,10 +491,12 @@ def _tensor_order(name: str):
     return (1, int(m.group(1)), m.group(2)) if m else (0, 0, name)
 
 
-def weight_files(path: Path) -> list[Path]:
-    """The checkpoint's weight files: the shards model.safetensors.index.json names, else
-    model.safetensors. Any other *.safetensors beside them is an error (no reader merges it)."""
+def weight_files(path: Path) -> tuple[list[Path], dict | None]:
+    """The checkpoint's weight files and its index's weight_map (None without an index): the
+    shards model.safetensors.index.json names, else model.safetensors. Any other *.safetensors
+    beside them is an error (no reader merges it)."""
     index = path / INDEX_FILE
+    wm = None
     if index.exists():
         doc = _read_json(index, "the shard index")
         wm = doc.get("weight_map") if isinstance(doc, dict) else None
@@ -527,10 +529,11 @@ def weight_files(path: Path) -> list[Path]:
                               "names; move or delete it")
     for f in files:
         _check_regular(f, weights=True)
-    return files
+    return files, wm
 
 
-def _tensor_headers(path: Path, files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+def _tensor_headers(path: Path, files: list[Path],
+                    weight_map: dict | None) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
     """name -> (file, dtype, shape) from the safetensors headers (the safetensors library checks them)."""
     from safetensors import safe_open
 
@@ -547,13 +550,12 @@ def _tensor_headers(path: Path, files: list[Path]) -> dict[str, tuple[Path, str,
             raise
         except Exception as exc:  # the library's SafetensorError, OSError, ...
             raise CheckpointError(f"corrupt weights file {f}: {exc}") from None
-    index = path / INDEX_FILE
-    if index.exists():
-        wm = _read_json(index, "the shard index")["weight_map"]
-        for tensor, shard in wm.items():
+    if weight_map is not None:
+        index = path / INDEX_FILE
+        for tensor, shard in weight_map.items():
             if tensor not in out or out[tensor][0].name != shard:
                 raise CheckpointError(f"{index} lists tensor '{tensor}' in shard '{shard}', which does not hold it")
-        unlisted = sorted(set(out) - set(wm))
+        unlisted = sorted(set(out) - set(weight_map))
         if unlisted:
             raise CheckpointError(f"{index} does not list tensor '{unlisted[0]}' of {out[unlisted[0]][0].name}")
     return out
@@ -615,13 +617,17 @@ class Model:
         return (self.path / "shortrt.json").exists()
 
     @cached_property
-    def weight_files(self) -> list[Path]:
+    def _weight_layout(self) -> tuple[list[Path], dict | None]:
         return weight_files(self.path)
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return self._weight_layout[0]
 
     @cached_property
     def tensors(self) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
         """name -> (file, dtype, shape), checked against the config and the layer map."""
-        found = _tensor_headers(self.path, self.weight_files)
+        found = _tensor_headers(self.path, *self._weight_layout)
         check_tensors(self.model_config, self.layer_map, {k: (d, s) for k, (_, d, s) in found.items()}, self.path)
         return found
 

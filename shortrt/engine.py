@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
