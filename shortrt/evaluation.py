@@ -1,8 +1,10 @@
 """Quality of a (pruned) model: perplexity on held-out prose and multiple-choice accuracy.
 
-- ``ppl``: held-out prose (shortrt.data.heldout_texts(), never used for calibration), the first
-  `n_tokens` tokens, scored in windows of `seq_len` tokens that advance by `stride`, so every
-  token after a document's first `seq_len` sees at least `seq_len - stride` tokens of context.
+- ``ppl``: held-out prose (shortrt.data.heldout_texts(): Persuasion, never calibrated or trained
+  on), or the caller's own text (`ppl_data=`: what shortrt.data.calibration_texts takes), the
+  first `n_tokens` tokens, scored in windows of `seq_len` tokens that advance by `stride`, so
+  every token after a document's first `seq_len` sees at least `seq_len - stride` tokens of context.
+- ``ppl_sciq``: the same on SciQ's science support texts, a domain outside the default mix.
 - ``arc_easy``, ``arc_challenge``, ``hellaswag``, ``piqa``, ``mmlu``: `n_samples` questions per
   task drawn with a fixed seed; each choice is scored by the log-likelihood of its text after
   the context. ``acc`` takes the highest sum; ``acc_norm`` the highest sum per UTF-8 byte of the
@@ -26,7 +28,8 @@ from .checkpoint import Step, load
 from .layer_plan import forward_plans, load_for_plan
 from .layermap import LayerMap
 
-ALL_TASKS = ("ppl",) + TASKS
+PPL_TASKS = {"ppl": "persuasion", "ppl_sciq": "sciq"}  # task -> shortrt.data held-out set
+ALL_TASKS = tuple(PPL_TASKS) + TASKS
 ENGINES = ("hf",)
 _LOGIT_CHUNK = 1024  # scored positions per lm_head call: bounds the [n, vocab] logits in memory
 
@@ -47,28 +50,31 @@ def parse_tasks(tasks) -> list[str]:
 
 def evaluate(model, tasks=("ppl",), *, n_samples: int = 200, n_tokens: int = 16384, seq_len: int = 512,
              stride: int = 256, seed: int = 0, engine: str = "hf", batch_tokens: int = 2048,
-             progress: bool = True, layer_map: LayerMap | None = None, tokenizer=None) -> dict:
+             progress: bool = True, layer_map: LayerMap | None = None, tokenizer=None, ppl_data=None) -> dict:
     """Scores of `model` on `tasks` (a list or "ppl,arc_easy,..."); see the module docstring.
 
     layer_map: run only these layers of `model` (in memory; indices are the model's layers).
+    ppl_data: score "ppl" on this text instead of Persuasion (a path, a list of paths or of strings).
     Returns {"model", "layers", "attention_layers", "tasks": {task: metrics}, "seconds", "settings"}.
     """
     results = evaluate_layer_maps(model, {"model": layer_map}, tasks, n_samples=n_samples, n_tokens=n_tokens,
                                   seq_len=seq_len, stride=stride, seed=seed, engine=engine,
-                                  batch_tokens=batch_tokens, progress=progress, tokenizer=tokenizer)
+                                  batch_tokens=batch_tokens, progress=progress, tokenizer=tokenizer,
+                                  ppl_data=ppl_data)
     return results["model"]
 
 
 def evaluate_layer_maps(model, layer_maps: dict, tasks=("ppl",), *, n_samples: int = 200,
                         n_tokens: int = 16384, seq_len: int = 512, stride: int = 256, seed: int = 0,
                         engine: str = "hf", batch_tokens: int = 2048, progress: bool = True,
-                        tokenizer=None, hf=None, per_item: bool = False) -> dict:
+                        tokenizer=None, hf=None, per_item: bool = False, ppl_data=None) -> dict:
     """{name: evaluate-style result} for each layer map (None = the model as it is), in one pass.
 
     Every map sees the same questions and windows, so their differences are paired.
     hf: an already loaded transformers model of `model` (saves reloading it).
     per_item: also return each question's correctness (and each ppl window's NLL and token
     count) under "items", for paired comparisons between maps.
+    ppl_data: the text "ppl" scores instead of Persuasion (see evaluate).
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown evaluation engine {engine!r}; choose from {', '.join(ENGINES)}")
@@ -85,12 +91,14 @@ def evaluate_layer_maps(model, layer_maps: dict, tasks=("ppl",), *, n_samples: i
 
     t0 = time.perf_counter()
     segments, owners = [], []  # owners[i] = (task, question or None)
-    if "ppl" in tasks:
-        for s in ppl_segments(tokenizer, n_tokens, seq_len, stride):
+    ppl_sources = {}
+    for task in (t for t in tasks if t in PPL_TASKS):
+        texts, ppl_sources[task] = _ppl_texts(task, ppl_data)
+        for s in ppl_segments(tokenizer, n_tokens, seq_len, stride, texts):
             segments.append(s)
-            owners.append(("ppl", None))
+            owners.append((task, None))
     questions = {}
-    for task in (t for t in tasks if t != "ppl"):
+    for task in (t for t in tasks if t not in PPL_TASKS):
         questions[task] = sample_task(task, n_samples, seed)
         for q, s in zip(questions[task], mc_segments(tokenizer, questions[task])):
             segments.append(s)
@@ -122,8 +130,8 @@ def evaluate_layer_maps(model, layer_maps: dict, tasks=("ppl",), *, n_samples: i
         metrics = {}
         for task in tasks:
             idx = [i for i, (t, _) in enumerate(owners) if t == task]
-            if task == "ppl":
-                metrics[task] = _ppl_metrics(total, counts, idx, per_item)
+            if task in PPL_TASKS:
+                metrics[task] = {**_ppl_metrics(total, counts, idx, per_item), "data": ppl_sources[task]}
             else:
                 metrics[task] = _mc_metrics(total, [owners[i][1] for i in idx], idx, per_item)
         out[name] = {"model": m.name, "layers": len(plan),
@@ -145,12 +153,22 @@ def apply_layer_map(base: tuple[Step, ...], layer_map: LayerMap) -> tuple[Step, 
     return tuple(steps)
 
 
-def ppl_segments(tokenizer, n_tokens: int, seq_len: int, stride: int) -> list[Segment]:
-    """Strided windows over the first `n_tokens` scored tokens of the held-out documents."""
+def _ppl_texts(task: str, ppl_data) -> tuple[list[str], str]:
+    """(texts, description) a perplexity task scores."""
+    from . import data
+
+    if task == "ppl" and ppl_data is not None:
+        return data.calibration_texts(ppl_data)
+    name = PPL_TASKS[task]
+    return data.heldout_texts(name), data.HELDOUT_SETS[name]
+
+
+def ppl_segments(tokenizer, n_tokens: int, seq_len: int, stride: int, texts=None) -> list[Segment]:
+    """Strided windows over the first `n_tokens` scored tokens of `texts` (default: Persuasion)."""
     from .data import heldout_texts
 
     segments, budget = [], n_tokens
-    for text in heldout_texts():
+    for text in heldout_texts() if texts is None else texts:
         if budget <= 0:
             break
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][: budget + 1]
@@ -165,7 +183,7 @@ def ppl_segments(tokenizer, n_tokens: int, seq_len: int, stride: int) -> list[Se
             if end == len(ids):
                 break
     if not segments:
-        raise ValueError("the held-out text produced no tokens to score")
+        raise ValueError("the perplexity text produced no tokens to score (each document needs 2 tokens or more)")
     return segments
 
 
@@ -243,7 +261,7 @@ def format_table(result: dict) -> str:
              f"({result['attention_layers']} with attention), {result['seconds']:.0f} s", "",
              f"{'task':<14} {'metric':<28} {'n':>6}"]
     for task, m in result["tasks"].items():
-        if task == "ppl":
+        if task in PPL_TASKS:
             lines.append(f"{task:<14} {'ppl ' + format(m['ppl'], '.3f'):<28} {m['tokens']:>6}")
         else:
             acc = f"acc {100 * m['acc']:.1f} ± {100 * m['acc_se']:.1f}"

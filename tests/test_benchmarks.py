@@ -37,7 +37,7 @@ def tiny(tmp_path, monkeypatch):
 def test_latency_run_survives_a_segfaulting_worker(tiny, tmp_path, monkeypatch, capsys):
     import shortrt.data
 
-    monkeypatch.setattr(shortrt.data, "heldout_texts", lambda: ["Once upon a time there was a little model. " * 20])
+    monkeypatch.setattr(shortrt.data, "heldout_texts", lambda name="persuasion": ["Once upon a time there was a little model. " * 20])
     crash_where(monkeypatch, lambda spec: spec["engine"] == "transformers")
     out = tmp_path / "latency.json"
     latency.main(["--model", str(tiny), "--remove", "0", "--extra-variants", "", "--rounds", "2",

