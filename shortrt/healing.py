@@ -32,6 +32,7 @@ tokens of the calibration text in sequences of 512 (1/8 held out), 40 Adam steps
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -60,7 +61,7 @@ def heal(ckpt, out_dir, *, teacher=None, texts=None, n_tokens: int = DEFAULT_TOK
          seq_len: int = DEFAULT_SEQ_LEN, steps: int = DEFAULT_STEPS, lr: float | None = None,
          batch: int = DEFAULT_BATCH, rank: int = DEFAULT_RANK, alpha: float | None = None, full: bool = False,
          temperature: float = 1.0, hidden_weight: float = 0.0, seed: int = 0, time_limit: float | None = None,
-         overwrite: bool = False, progress: bool = True) -> Model:
+         precision: str = "auto", overwrite: bool = False, progress: bool = True) -> Model:
     """Distill `teacher` into the pruned checkpoint `ckpt` and write the healed checkpoint to `out_dir`.
 
     ckpt: a pruned checkpoint directory (or Model). teacher: None (the source its shortrt.json
@@ -71,12 +72,16 @@ def heal(ckpt, out_dir, *, teacher=None, texts=None, n_tokens: int = DEFAULT_TOK
     LoRA rank and scale numerator (None = 2 * rank). full: train every weight of the student's
     layers instead of adapters. temperature: of both distributions in the KL. hidden_weight:
     weight of the hidden-state MSE term. time_limit: seconds of training (steps and their held-out
-    checks) after which it stops at the next step, None for no limit. Returns the written
-    checkpoint as a loaded Model.
+    checks) after which it stops at the next step, None for no limit. precision: of the forward
+    and backward passes: "fp32"; "bf16" (LoRA: the frozen weights and the teacher in bf16, the
+    adapters fp32 and merged into the checkpoint's own fp32 weights; full: fp32 weights under
+    torch autocast); "auto": bf16 where the CPU has bf16 dot-product instructions (AVX512-BF16,
+    AMX), else fp32. Returns the written checkpoint as a loaded Model.
     """
     from . import data
     from .layer_plan import load_for_plan
 
+    precision = resolve_precision(precision)
     lr = (DEFAULT_FULL_LR if full else DEFAULT_LR) if lr is None else lr
     alpha = 2.0 * rank if alpha is None else alpha
     _check_settings(n_tokens=n_tokens, seq_len=seq_len, steps=steps, batch=batch, rank=rank, seed=seed, lr=lr,
@@ -98,7 +103,9 @@ def heal(ckpt, out_dir, *, teacher=None, texts=None, n_tokens: int = DEFAULT_TOK
     n_held = min(len(ids) - 1, max(1, round(len(ids) * HELDOUT_FRACTION)))
     held, train = order[:n_held], order[n_held:]
 
+    work_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     teacher_hf, teacher_plan = load_for_plan(teacher_model)
+    teacher_hf.to(work_dtype)  # frozen: its weights may be bf16 outright (no per-call casts)
     t0 = time.perf_counter()
     targets = teacher_targets(teacher_hf, teacher_plan, ids, temperature, batch, progress=progress)
     teacher_ppl = math.exp(_nll(targets.nll[held]))
@@ -107,13 +114,16 @@ def heal(ckpt, out_dir, *, teacher=None, texts=None, n_tokens: int = DEFAULT_TOK
         del teacher_hf  # the targets are all the training needs from it
 
     hf, plan = load_for_plan(student)
+    if not full:
+        hf.to(work_dtype)  # frozen base weights; the adapters stay fp32
     params, trained = make_trainable(hf, plan, rank=rank, alpha=alpha, full=full, seed=seed)
+    # Full training keeps fp32 weights (Adam's updates need them) and multiplies in bf16 under autocast.
+    amp = (lambda: autocast(precision)) if full else contextlib.nullcontext
     fit = _train(hf, plan, params, ids, train, held, targets, steps=steps, lr=lr, batch=batch,
                  temperature=temperature, hidden_weight=hidden_weight, seed=seed, time_limit=time_limit,
-                 teacher=(teacher_hf, teacher_plan, boundaries) if hidden_weight else None, progress=progress)
-    if not full:
-        for step in plan:
-            _lora.merge(hf.model.layers[step.index])
+                 teacher=(teacher_hf, teacher_plan, boundaries) if hidden_weight else None, amp=amp,
+                 progress=progress)
+    new = trained_values(student, hf, plan, trained, full)
     record = {
         "teacher": teacher_model.origin,
         "data": {"source": description, "n_tokens": used_tokens, "seq_len": seq_len,
@@ -124,7 +134,7 @@ def heal(ckpt, out_dir, *, teacher=None, texts=None, n_tokens: int = DEFAULT_TOK
         "loss": f"kl(T={temperature:g}) * T^2" + (f" + {hidden_weight:g} * hidden mse" if hidden_weight else ""),
         "temperature": temperature, "hidden_weight": hidden_weight, "top_k": targets.top_k,
         "steps": fit["steps"], "max_steps": steps, "best_step": fit["best_step"], "stopped": fit["stopped"],
-        "time_limit": time_limit, "batch": batch, "lr": lr, "seed": seed,
+        "time_limit": time_limit, "batch": batch, "lr": lr, "seed": seed, "precision": precision,
         "kl_before": fit["history"][0][2], "kl_after": fit["best_kl"],
         "ppl_before": fit["history"][0][3], "ppl_after": fit["best_ppl"], "teacher_ppl": teacher_ppl,
         "history": fit["history"],
@@ -135,10 +145,30 @@ def heal(ckpt, out_dir, *, teacher=None, texts=None, n_tokens: int = DEFAULT_TOK
     }
     if student.layer_map.healing:
         record["previous"] = student.layer_map.healing
-    return _write(student, hf, trained, record, out, overwrite)
+    return _write(student, new, record, out, overwrite)
 
 
 # ---------------------------------------------------------------------------- checks and setup
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str) -> str:
+    """"fp32" or "bf16" for a `precision` argument ("auto": bf16 where the CPU multiplies bf16
+    natively -- there it is several times faster than fp32 -- else fp32, which emulated bf16 would
+    not beat)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return "bf16" if native else "fp32"
+    return precision
+
+
+def autocast(precision: str):
+    """The forward passes' context: bf16 matrix products under torch autocast, or plain fp32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
 
 def _check_settings(*, lr, alpha, temperature, hidden_weight, time_limit, **counts) -> None:
     for name, value in counts.items():
@@ -269,12 +299,12 @@ def _hidden_loss(student_states, teacher_states) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
-def _heldout(hf, plan, ids, held, targets, temperature, batch) -> tuple[float, float]:
+def _heldout(hf, plan, ids, held, targets, temperature, batch, amp) -> tuple[float, float]:
     """(KL, perplexity) of the student on the held-out sequences."""
     from .layer_plan import plan_states
 
     kl_sum, nll = 0.0, []
-    with torch.inference_mode():
+    with torch.inference_mode(), amp():
         for i in range(0, len(held), batch):
             rows = held[i:i + batch]
             logits = hf.lm_head(plan_states(hf, ids[rows], plan)[0])
@@ -285,7 +315,7 @@ def _heldout(hf, plan, ids, held, targets, temperature, batch) -> tuple[float, f
 
 
 def _train(hf, plan, params, ids, train, held, targets, *, steps, lr, batch, temperature, hidden_weight, seed,
-           time_limit, teacher, progress) -> dict:
+           time_limit, teacher, amp, progress) -> dict:
     from tqdm.auto import tqdm
 
     from .layer_plan import plan_states
@@ -295,7 +325,7 @@ def _train(hf, plan, params, ids, train, held, targets, *, steps, lr, batch, tem
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
     t_loop = time.perf_counter()
-    kl0, ppl0 = _heldout(hf, plan, ids, held, targets, temperature, batch)
+    kl0, ppl0 = _heldout(hf, plan, ids, held, targets, temperature, batch, amp)
     history = [[0, None, kl0, ppl0]]
     best = {"kl": kl0, "ppl": ppl0, "step": 0, "values": [p.detach().clone() for p in params]}
     gate, bad_evals, step, interval, train_seconds, tokens = kl0, 0, 0, [], 0.0, 0
@@ -307,13 +337,15 @@ def _train(hf, plan, params, ids, train, held, targets, *, steps, lr, batch, tem
         for i in range(0, len(perm), batch):
             rows = perm[i:i + batch]
             t0 = time.perf_counter()
-            h, states = plan_states(hf, ids[rows], plan, keep=keep)
-            loss = kl_loss(hf.lm_head(h), targets, rows, temperature)
-            if teacher:
-                t_hf, t_plan, (_, t_keep) = teacher
-                with torch.inference_mode():
-                    t_states = plan_states(t_hf, ids[rows], t_plan, keep=t_keep)[1]
-                loss = loss + hidden_weight * _hidden_loss(states, [t.clone() for t in t_states])
+            with amp():
+                h, states = plan_states(hf, ids[rows], plan, keep=keep)
+                loss = kl_loss(hf.lm_head(h), targets, rows, temperature)
+                if teacher:
+                    t_hf, t_plan, (_, t_keep) = teacher
+                    with torch.inference_mode():
+                        t_states = plan_states(t_hf, ids[rows], t_plan, keep=t_keep)[1]
+                    loss = loss + hidden_weight * _hidden_loss([s.float() for s in states],
+                                                               [t.clone().float() for t in t_states])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, 1.0)
@@ -327,7 +359,7 @@ def _train(hf, plan, params, ids, train, held, targets, *, steps, lr, batch, tem
             bar.set_postfix(loss=f"{loss.item():.4g}", tok_s=f"{tokens / train_seconds:.0f}")
             out_of_time = time_limit is not None and time.perf_counter() - t_begin >= time_limit
             if step % EVAL_EVERY == 0 or step == steps or out_of_time:
-                kl, ppl = _heldout(hf, plan, ids, held, targets, temperature, batch)
+                kl, ppl = _heldout(hf, plan, ids, held, targets, temperature, batch, amp)
                 history.append([step, sum(interval) / len(interval), kl, ppl])
                 interval = []
                 bar.set_postfix(loss=f"{history[-1][1]:.4g}", heldout_kl=f"{kl:.4g}", ppl=f"{ppl:.4g}",
@@ -354,20 +386,36 @@ def _train(hf, plan, params, ids, train, held, targets, *, steps, lr, batch, tem
 
 # ---------------------------------------------------------------------------- writing
 
-def _write(student: Model, hf, trained: list[str], record: dict, out, overwrite: bool) -> Model:
-    """The student's tensors with the trained ones swapped in, its config, and its layer map
-    with the healing record, written atomically."""
-    import contextlib
+def trained_values(student: Model, hf, plan, trained: list[str], full: bool) -> dict:
+    """{checkpoint tensor name: its trained fp32 value}. LoRA: the checkpoint's own weight plus the
+    adapter's delta (so a bf16 training run never rounds the frozen weights), and the adapters
+    are merged into `hf` too, which is then the written model (exactly so in fp32)."""
+    if full:
+        values = hf.state_dict()
+        missing = [name for name in trained if name not in values]
+        if missing:
+            raise ShortrtError(f"trained tensors {missing[:3]} are not in the model")
+        return {name: values[name].float() for name in trained}
+    new = {}
+    for step in plan:
+        layer, prefix = hf.model.layers[step.index], f"model.layers.{step.index}."
+        for path, delta in _lora.deltas(layer).items():
+            new[prefix + path + ".weight"] = delta
+        _lora.merge(layer)
+    missing = [name for name in new if name not in student.tensors]
+    if missing:
+        raise ShortrtError(f"trained tensors {missing[:3]} are not in {student.path}")
+    original = student.read_tensors(list(new))
+    return {name: original[name] + delta for name, delta in new.items()}
 
+
+def _write(student: Model, new: dict, record: dict, out, overwrite: bool) -> Model:
+    """The student's tensors with the trained ones (`new`) swapped in, its config, and its layer
+    map with the healing record, written atomically."""
     from .layermap import LayerEntry
     from .pruning import layer_tensors
     from .safetensors_writer import TensorSource, tensor_bytes
 
-    values = hf.state_dict()
-    missing = [name for name in trained if name not in student.tensors or name not in values]
-    if missing:
-        raise ShortrtError(f"trained tensors {missing[:3]} are not in {student.path}")
-    new = {name: values[name] for name in trained}
     layer_map = dataclasses.replace(student.layer_map, healing=record)
     identity = [LayerEntry(i, attention=e.attention, mlp=e.mlp) for i, e in enumerate(student.layer_map.layers)]
     with contextlib.ExitStack() as stack:

@@ -28,15 +28,23 @@ class LoRALinear(nn.Module):
         # A as nn.Linear's default init draws it (uniform, bound 1/sqrt(in)); B zero.
         bound = 1 / math.sqrt(base.in_features)
         a = torch.empty(rank, base.in_features).uniform_(-bound, bound, generator=generator)
-        self.lora_A = nn.Parameter(a.to(base.weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype))
+        # The adapter stays fp32 when the frozen base runs in bf16 (healing's fast path): its
+        # updates are small next to its values, and bf16 would round them away.
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.lora_A.T) @ self.lora_B.T * self.scale
+        low_rank = (x.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T * self.scale
+        return self.base(x) + low_rank.to(x.dtype)
+
+    @torch.no_grad()
+    def delta(self) -> torch.Tensor:
+        """What merging adds to the weight: B @ A * scale, [out, in] fp32."""
+        return (self.lora_B @ self.lora_A) * self.scale
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
-        self.base.weight += (self.lora_B @ self.lora_A) * self.scale
+        self.base.weight += self.delta().to(self.base.weight.dtype)
         return self.base
 
 
@@ -57,6 +65,11 @@ def attach(layer: nn.Module, projections, rank: int, alpha: float, generator: to
         setattr(parent, leaf, adapter)
         adapters.append(adapter)
     return adapters
+
+
+def deltas(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """{projection path: its adapter's delta} for every adapter in `layer`."""
+    return {path: m.delta() for path, m in layer.named_modules() if isinstance(m, LoRALinear)}
 
 
 def merge(layer: nn.Module) -> list[str]:

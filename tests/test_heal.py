@@ -28,7 +28,7 @@ from slow_writer import start_slow_write
 
 TOL = 1e-4
 IDS = [1, 17, 250, 3, 99, 42, 42, 7, 123, 5, 288, 64, 11, 200, 150, 9, 33, 71, 4]
-FAST = dict(n_tokens=4096, seq_len=64, steps=30, batch=4, progress=False)
+FAST = dict(n_tokens=4096, seq_len=64, steps=30, batch=4, precision="fp32", progress=False)
 WORDS = "the a model ran on lean runtime once upon time little fox quick brown lazy dog over".split()
 
 
@@ -90,17 +90,17 @@ def healed(pruned, tmp_path_factory):
     import shortrt.healing as healing
 
     seen = {}
-    original = healing._write
+    original = healing.trained_values
 
     def capture(student, hf, *args, **kw):
-        seen["hf"] = hf
+        seen["hf"] = hf  # merged by trained_values: the model that was written
         return original(student, hf, *args, **kw)
 
-    healing._write = capture
+    healing.trained_values = capture
     try:
         out = heal(pruned, tmp_path_factory.mktemp("heal") / "healed", texts=prose(), **FAST)
     finally:
-        healing._write = original
+        healing.trained_values = original
     return out, seen["hf"]
 
 
@@ -150,6 +150,37 @@ def test_lora_merge_equals_the_adapter_forward(pruned):
     merged = plan_logits(hf, torch.tensor([IDS]), plan)
     assert (merged - adapted).abs().max() <= 1e-5
     assert (adapted - plan_logits(load_for_plan(pruned)[0], torch.tensor([IDS]), plan)).abs().max() > 1e-3
+
+
+def test_bf16_lora_merges_into_the_fp32_weights(pruned, tmp_path):
+    """precision="bf16": the frozen weights run in bf16, but the written weight is the checkpoint's
+    own fp32 weight plus the fp32 adapter delta, so no weight is rounded to bf16."""
+    import shortrt.healing as healing
+
+    seen = {}
+    original = healing.trained_values
+
+    def capture(student, hf, plan, trained, full):
+        layer = hf.model.layers[plan[0].index]
+        seen["dtype"] = layer.mlp.down_proj.base.weight.dtype
+        seen["delta"] = layer.mlp.down_proj.delta()
+        return original(student, hf, plan, trained, full)
+
+    healing.trained_values = capture
+    try:
+        out = heal(pruned, tmp_path / "h", texts=prose(), **{**FAST, "precision": "bf16", "steps": 10})
+    finally:
+        healing.trained_values = original
+    rec = out.layer_map.healing
+    assert rec["precision"] == "bf16" and rec["kl_after"] < rec["kl_before"]
+    assert seen["dtype"] == torch.bfloat16 and seen["delta"].dtype == torch.float32 and seen["delta"].abs().max() > 0
+    name = "model.layers.0.mlp.down_proj.weight"
+    before, after = tensors_of(pruned.path)[name], tensors_of(out.path)[name]
+    assert after.dtype == before.dtype == torch.float32
+    assert torch.equal(after, before + seen["delta"])
+    assert healing.resolve_precision("auto") in ("fp32", "bf16")
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+        healing.resolve_precision("fp16")
 
 
 def test_full_mode_trains_every_retained_weight(pruned, tmp_path):

@@ -35,6 +35,9 @@ def add_arguments(parser):
                              "(default: %(default)s)")
     parser.add_argument("--time-limit", type=number(0.0, lo_open=True), metavar="SECONDS",
                         help="stop training after this many seconds (steps and held-out checks; default: no limit)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="of the matrix products: bf16 (torch autocast; weights stay fp32) or fp32; auto = bf16 "
+                             "where the CPU has bf16 instructions (AVX512-BF16, AMX), else fp32 (default: %(default)s)")
     parser.add_argument("--seed", type=integer(0), default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -48,7 +51,7 @@ def run(args) -> int:
         model = heal(args.model, args.out, teacher=args.teacher, texts=data_source(args.data), n_tokens=args.tokens,
                      seq_len=args.seq_len, steps=args.steps, lr=args.lr, batch=args.batch, rank=args.rank,
                      alpha=args.alpha, full=args.full, temperature=args.temperature,
-                     hidden_weight=args.hidden_weight, seed=args.seed, time_limit=args.time_limit, overwrite=args.force,
+                     hidden_weight=args.hidden_weight, seed=args.seed, precision=args.precision, time_limit=args.time_limit, overwrite=args.force,
                      progress=not args.no_progress)
     except FileExistsError as exc:
         message = str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")
