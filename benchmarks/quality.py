@@ -38,14 +38,20 @@ from pathlib import Path
 from harness import shown_path
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("shortgpt", "span", "last", "random", "attention", "span+layer", "span+mlp")
+METHODS = ("shortgpt", "span", "last", "random", "attention", "span+layer", "span+mlp",
+           "shortgpt+heal", "attention+heal", "span+layer+heal")
 # Methods whose cells are trained checkpoints (shortrt.replace) rather than masked layer maps.
 REPLACED = {"span+layer": "layer", "span+mlp": "mlp"}
-TASKS = ("ppl", "arc_easy", "arc_challenge", "hellaswag", "piqa", "mmlu")
+# Methods whose cells are another method's checkpoint healed by shortrt.heal (default settings).
+HEALED = {"shortgpt+heal": "shortgpt", "attention+heal": "attention", "span+layer+heal": "span+layer"}
+TRAINED = {**REPLACED, **HEALED}
+PPL = ("ppl", "ppl_sciq")
+TASKS = ("ppl", "ppl_sciq", "arc_easy", "arc_challenge", "hellaswag", "piqa", "mmlu")
 # The accuracy shown per task: length-normalised where the choices differ much in length
 # (lm-evaluation-harness reports acc_norm for these), the raw sum otherwise.
 PRIMARY = {"arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "piqa": "acc_norm", "mmlu": "acc"}
-LABEL = {"ppl": "perplexity (held-out prose, lower is better)", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge",
+LABEL = {"ppl": "perplexity on Persuasion (held-out novel, lower is better)",
+         "ppl_sciq": "perplexity on SciQ support texts (held-out domain, lower is better)", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge",
          "hellaswag": "HellaSwag", "piqa": "PIQA", "mmlu": "MMLU", "avg": "mean accuracy of the five tasks"}
 
 
@@ -79,7 +85,7 @@ def parse_args(argv=None):
     if args.quick:
         args.samples, args.tokens, args.removed, args.name = 10, 1024, "0,4,8", args.name + "_quick"
         if args.methods == p.get_default("methods"):
-            args.methods = ",".join(m for m in METHODS if m not in REPLACED)
+            args.methods = ",".join(m for m in METHODS if m not in TRAINED)
     return args
 
 
@@ -105,7 +111,8 @@ def build_maps(scores, methods, counts, seed):
     for method in methods:
         for n in counts:
             if n > 0:
-                how = "span" if method in REPLACED else method
+                base = HEALED.get(method, method)
+                how = "span" if base in REPLACED else base
                 maps[f"{method}-{n}"] = select(scores, remove=n, method=how, seed=seed)
     return maps
 
@@ -114,28 +121,61 @@ def method_of(name: str) -> str:
     return name.rsplit("-", 1)[0]
 
 
-def evaluate_replaced(model, scores, names, tasks, settings, threads) -> dict:
-    """{cell: result} for span+layer / span+mlp cells: train (or reuse) each checkpoint, evaluate it from disk."""
+def trained_checkpoint(model, scores, maps, name):
+    """The checkpoint of a trained cell: replaced (shortrt.replace) or healed (shortrt.heal, its
+    default settings, from the method's own checkpoint). Made once, cached under
+    $SHORTRT_CACHE/bench like benchmarks/latency.py's."""
+    from shortrt.checkpoint import cache_dir, load
+    from shortrt.healing import healed_checkpoint
+    from shortrt.pruning import prune
+    from shortrt.replacement import replaced_checkpoint
+
+    method, n = method_of(name), int(name.rsplit("-", 1)[1])
+    base = HEALED.get(method, method)
+    if base in REPLACED:
+        ckpt = replaced_checkpoint(model, scores, n, REPLACED[base])
+    else:
+        ckpt = cache_dir() / "bench" / load(model).path.name / f"{base}-p{n}"
+        lmap = maps[name]
+        cached = None
+        if (ckpt / "shortrt.json").is_file():
+            try:
+                cached = load(ckpt)
+            except Exception:  # damaged or older: write it again
+                cached = None
+        same = cached is not None and cached.layer_map.to_json()["layers"] == lmap.to_json()["layers"]
+        ckpt = cached if same else prune(model, lmap, ckpt, overwrite=True)
+    return healed_checkpoint(ckpt) if method in HEALED else ckpt
+
+
+def evaluate_trained(model, scores, maps, names, tasks, settings, threads) -> dict:
+    """{cell: result} for the replaced and healed cells: train (or reuse) each checkpoint, evaluate it from disk."""
     import torch
 
     from shortrt.evaluation import evaluate_layer_maps
-    from shortrt.replacement import replaced_checkpoint
     from shortrt.layermap import layer_map_of
 
     out = {}
     for name in names:
-        kind, n = REPLACED[method_of(name)], int(name.rsplit("-", 1)[1])
         t = time.time()
         torch.set_num_threads(os.cpu_count() or 1)  # training is the slow part: give it every core
         try:
-            ckpt = replaced_checkpoint(model, scores, n, kind)
+            ckpt = trained_checkpoint(model, scores, maps, name)
         finally:
             torch.set_num_threads(threads)
         made = time.time() - t
         r = evaluate_layer_maps(ckpt, {"model": None}, tasks, per_item=True, progress=False, **settings)["model"]
-        rec = layer_map_of(ckpt).replacement
-        r["replacement"] = {k: rec[k] for k in ("kind", "span", "init_layer", "parameters", "steps", "best_step",
-                                                 "heldout_loss", "heldout_loss_identity", "seconds")}
+        lmap = layer_map_of(ckpt)
+        if lmap.replacement:
+            rec = lmap.replacement
+            r["replacement"] = {k: rec[k] for k in ("kind", "span", "init_layer", "parameters", "steps", "best_step",
+                                                     "heldout_loss", "heldout_loss_identity", "seconds")}
+        if lmap.healing:
+            rec = lmap.healing
+            r["healing"] = {k: rec[k] for k in ("mode", "trainable_parameters", "steps", "best_step", "stopped",
+                                                 "kl_before", "kl_after", "ppl_before", "ppl_after", "teacher_ppl",
+                                                 "history", "tokens_per_second", "seconds", "precision", "batch",
+                                                 "lr", "data")}
         r["checkpoint"] = shown_path(ckpt.path)
         out[name] = r
         print(f"{name}: checkpoint {made:.0f} s, evaluated {time.time() - t - made:.0f} s "
@@ -148,7 +188,7 @@ def cell(results, name, task):
 
 
 def accuracy_avg(results, name, tasks):
-    mc = [t for t in tasks if t != "ppl"]
+    mc = [t for t in tasks if t not in PPL]
     if not mc:
         return None
     vals = [cell(results, name, t)[PRIMARY[t]] for t in mc]
@@ -158,7 +198,7 @@ def accuracy_avg(results, name, tasks):
 
 def paired_gap(results, a, b, task):
     """(a - b, its paired standard error): accuracy points, or log-perplexity for ppl."""
-    if task == "ppl":
+    if task in PPL:
         ia, ib = cell(results, a, task)["items"], cell(results, b, task)["items"]
         n = ia["window_tokens"]
         d = [x - y for x, y in zip(ia["window_nll"], ib["window_nll"])]
@@ -180,7 +220,7 @@ def fmt(results, name, task, tasks):
         v, se = accuracy_avg(results, name, tasks)
         return f"{100 * v:.1f} ± {100 * se:.1f}"
     m = cell(results, name, task)
-    if task == "ppl":
+    if task in PPL:
         return f"{m['ppl']:.2f}"
     k = PRIMARY[task]
     return f"{100 * m[k]:.1f} ± {100 * m[k + '_se']:.1f}"
@@ -194,11 +234,12 @@ def markdown(args, meta, maps, results, methods, counts, tasks) -> str:
              "(shortrt.layer_plan); the shortgpt-8 cell was also evaluated from its written checkpoint "
              f"({meta['verification']}).",
              f"- Calibration (for shortgpt, span, attention): {meta['calibration']}.",
-             f"- Perplexity: the first {args.tokens} tokens of held-out prose (Persuasion, never used for "
-             f"calibration), windows of {args.seq_len} tokens advancing by {args.stride}.",
+             f"- Perplexity: the first {args.tokens} tokens of each held-out text, never calibrated or trained on: "
+             "Persuasion (the sixth Austen novel) and SciQ's support texts (science: a domain outside the mix), "
+             f"windows of {args.seq_len} tokens advancing by {args.stride}.",
              f"- Accuracy: {args.samples} questions per task (seed {args.seed}; the same questions in every cell), "
              "scored by log-likelihood of each choice's text; shown as accuracy ± standard error in points. "
-             "Metric per task: " + ", ".join(f"{LABEL[t]} {PRIMARY[t]}" for t in tasks if t != "ppl") +
+             "Metric per task: " + ", ".join(f"{LABEL[t]} {PRIMARY[t]}" for t in tasks if t not in PPL) +
              " (acc_norm = per-byte log-likelihood). Both are in the JSON.",
              "- `attention` removes N attention sublayers and keeps every MLP (KV cache shrinks by N/L, "
              "weights by less); the other methods remove whole layers.",
@@ -206,12 +247,15 @@ def markdown(args, meta, maps, results, methods, counts, tasks) -> str:
              "their place (LLM-Streamline; `shortrt replace`, default settings: 32768 calibration tokens, at "
              "most 300 steps): a decoder layer, or an attention-less SwiGLU MLP of one layer's MLP size. "
              "Their cells are evaluated from the written checkpoints; training details are at the end.",
+             "- `…+heal` cells are that method's checkpoint healed by `shortrt heal` with its default settings "
+             "(distillation from the dense model on the default text mix, LoRA merged into the weights); "
+             "evaluated from the written checkpoints.",
              "- Chance level: ARC, HellaSwag and MMLU 25 %, PIQA 50 %. A task whose dense score is within a "
              "standard error or two of chance cannot rank the methods at this sample size.", ""]
     header = "| method | " + " | ".join(str(n) for n in counts) + " |"
     rule = "|---|" + "---:|" * len(counts)
-    for task in list(tasks) + (["avg"] if len(tasks) > 1 and any(t != "ppl" for t in tasks) else []):
-        lines += [f"## {LABEL[task]}" + ("" if task in ("ppl", "avg") else f" ({PRIMARY[task]}, %)"), "",
+    for task in list(tasks) + (["avg"] if len(tasks) > 1 and any(t not in PPL for t in tasks) else []):
+        lines += [f"## {LABEL[task]}" + ("" if task in (*PPL, "avg") else f" ({PRIMARY[task]}, %)"), "",
                   "Layers removed →", "", header, rule]
         for method in methods:
             row = [fmt(results, "dense" if n == 0 else f"{method}-{n}", task, tasks) for n in counts]
@@ -226,8 +270,64 @@ def markdown(args, meta, maps, results, methods, counts, tasks) -> str:
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     lines.append("")
     lines += summary_at(results, methods, tasks, 8 if 8 in counts else max(counts))
+    lines += vs_dense(results, methods, counts, tasks)
     lines += training_table(results, methods, counts)
+    lines += healing_table(results, methods, counts)
     return "\n".join(lines) + "\n"
+
+
+def vs_dense(results, methods, counts, tasks) -> list[str]:
+    """Each cell's paired difference to the dense model: per task, and the mean over the accuracy tasks."""
+    mc = [t for t in tasks if t not in PPL]
+    rows = []
+    for n in (c for c in counts if c):
+        for method in methods:
+            name = f"{method}-{n}"
+            if name not in results:
+                continue
+            cells = []
+            for task in tasks:
+                g, se = paired_gap(results, name, "dense", task)
+                cells.append(f"×{math.exp(g):.2f}" if task in PPL else f"{100 * g:+.1f} ± {100 * se:.1f}")
+            if mc:
+                gaps = [paired_gap(results, name, "dense", t) for t in mc]
+                mean = sum(g for g, _ in gaps) / len(gaps)
+                se = math.sqrt(sum(e * e for _, e in gaps)) / len(gaps)
+                cells.append(f"{100 * mean:+.1f} ± {100 * se:.1f}")
+            rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    head = [("ppl ×dense" if t == "ppl" else "SciQ ppl ×dense") if t in PPL else LABEL[t] for t in tasks]
+    head += ["mean of the accuracies"] if mc else []
+    return ["## Against the dense model", "",
+            "Paired differences to dense (same questions, same windows): perplexity as a ratio, accuracy in points "
+            "± the paired standard error; the mean's standard error treats the tasks as independent.", "",
+            "| cell | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)] + rows + [""]
+
+
+def healing_table(results, methods, counts) -> list[str]:
+    """How each healed cell was trained, and where its time went."""
+    rows = []
+    for method in (m for m in methods if m in HEALED):
+        for n in counts:
+            r = results.get(f"{method}-{n}", {}).get("healing")
+            if n and r:
+                secs = r["seconds"]
+                tokens = r["steps"] * r["batch"] * r["data"]["seq_len"]
+                rows.append(f"| {method}-{n} | {r['mode']} | {r['trainable_parameters'] / 1e6:.2f} M | "
+                            f"{r['data']['n_tokens']} | {r['steps']} (best {r['best_step']}, {r['stopped']}) | "
+                            f"{tokens} | {r['ppl_before']:.1f} → {r['ppl_after']:.1f} (teacher {r['teacher_ppl']:.1f}) | "
+                            f"{r['tokens_per_second']:.0f} | {secs['teacher']:.0f} + {secs['train']:.0f} + "
+                            f"{secs['heldout']:.0f} = {secs['total']:.0f} s |")
+    if not rows:
+        return []
+    return ["## Healing", "",
+            "`shortrt heal` with its default settings on the method's checkpoint (teacher: the dense model). "
+            "Held-out perplexity here is on the held-out slice of the training mix (the tables above use "
+            "Persuasion and SciQ, which healing never sees). Time: teacher top-k targets + training steps + "
+            "held-out checks.", "",
+            "| cell | mode | trainable | data tokens | steps | tokens trained | held-out ppl | train tok/s | "
+            "time |", "|---|---|---:|---:|---:|---:|---|---:|---:|"] + rows + [""]
 
 
 def training_table(results, methods, counts) -> list[str]:
@@ -264,7 +364,7 @@ def summary_at(results, methods, tasks, n) -> list[str]:
     lines = [f"## At {n} removed: which method wins", "",
              "Gaps are paired (same questions and windows); ± is the paired standard error.", ""]
     lines += ranking(results, names, tasks)
-    whole = [k for k in names if method_of(k) not in REPLACED and not k.startswith("attention-")]
+    whole = [k for k in names if method_of(k) not in TRAINED and method_of(k) != "attention"]
     if len(whole) < len(names) and len(whole) > 1:
         lines += ["", "Whole layers removed, nothing trained (without the attention-only and replacement "
                   "methods):", ""]
@@ -276,7 +376,7 @@ def summary_at(results, methods, tasks, n) -> list[str]:
 def ranking(results, names, tasks) -> list[str]:
     lines = []
     for task in tasks:
-        if task == "ppl":
+        if task in PPL:
             ranked = sorted(names, key=lambda k: cell(results, k, task)["ppl"])
         else:
             ranked = sorted(names, key=lambda k: -cell(results, k, task)[PRIMARY[task]])
@@ -284,7 +384,7 @@ def ranking(results, names, tasks) -> list[str]:
         gaps = []
         for other in ranked[1:]:
             g, se = paired_gap(results, best, other, task)
-            if task == "ppl":
+            if task in PPL:
                 gaps.append(f"{other} ppl ×{math.exp(-g):.2f} (log-ppl {-g:+.3f} ± {se:.3f})")
             else:
                 gaps.append(f"{other} {-100 * g + 0.0:+.1f} ± {100 * se:.1f} points")
@@ -297,14 +397,14 @@ def plot(path, results, methods, counts, tasks):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = list(tasks) + (["avg"] if len(tasks) > 1 and any(t != "ppl" for t in tasks) else [])
+    panels = list(tasks) + (["avg"] if len(tasks) > 1 and any(t not in PPL for t in tasks) else [])
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     for ax, task in zip(axes.flat, panels):
         for method in methods:
             names = ["dense" if n == 0 else f"{method}-{n}" for n in counts]
-            if task == "ppl":
+            if task in PPL:
                 ys = [cell(results, k, task)["ppl"] for k in names]
                 ax.plot(counts, ys, marker="o", label=method)
             else:
@@ -315,12 +415,12 @@ def plot(path, results, methods, counts, tasks):
                           for k in names]
                 ax.errorbar(counts, [100 * v for v, _ in vs], yerr=[100 * s for _, s in vs], marker="o",
                             capsize=2, label=method)
-        if task == "ppl":
+        if task in PPL:
             ax.set_yscale("log")
             ax.set_ylabel("perplexity")
         else:
             ax.set_ylabel("accuracy (%)")
-        ax.set_title(LABEL[task] if task in ("ppl", "avg") else f"{LABEL[task]} ({PRIMARY[task]})", fontsize=9)
+        ax.set_title(LABEL[task] if task in (*PPL, "avg") else f"{LABEL[task]} ({PRIMARY[task]})", fontsize=9)
         ax.set_xlabel("layers removed")
         ax.set_xticks(counts)
         ax.grid(alpha=0.3)
@@ -343,7 +443,7 @@ def verify(model, maps, results, name, settings, tasks) -> str:
     worst = 0.0
     for task in tasks:
         a, b = disk["tasks"][task], cell(results, name, task)
-        if task == "ppl":
+        if task in PPL:
             worst = max(worst, abs(a["ppl"] / b["ppl"] - 1))
         elif (a["acc"], a["acc_norm"]) != (b["acc"], b["acc_norm"]):
             return f"MISMATCH on {task}: checkpoint {a['acc']}/{a['acc_norm']} vs masked {b['acc']}/{b['acc_norm']}"
@@ -408,19 +508,19 @@ def main(argv=None) -> int:
     scores, scores_path = load_scores(args, model)
     maps = build_maps(scores, methods, counts, args.seed)
     for name, saved_map in saved_maps.items():
-        if name in results and saved_map is not None and name in maps and method_of(name) not in REPLACED:
+        if name in results and saved_map is not None and name in maps and method_of(name) not in TRAINED:
             if saved_map.to_json()["layers"] != maps[name].to_json()["layers"]:
                 raise SystemExit(f"{args.extend}: cell {name} was measured with another layer map than the "
                                  f"scores give now ({args.scores}); rerun the whole table instead of extending it")
     todo = [name for name in maps if name not in results]
-    masked = {name: maps[name] for name in todo if method_of(name) not in REPLACED}
-    replaced = [name for name in todo if method_of(name) in REPLACED]
+    masked = {name: maps[name] for name in todo if method_of(name) not in TRAINED}
+    replaced = [name for name in todo if method_of(name) in TRAINED]
     settings = dict(n_samples=args.samples, n_tokens=args.tokens, seq_len=args.seq_len, stride=args.stride,
                     seed=args.seed)
-    print(f"{len(masked)} masked layer maps + {len(replaced)} replacement checkpoints x {len(tasks)} tasks "
+    print(f"{len(masked)} masked layer maps + {len(replaced)} trained checkpoints x {len(tasks)} tasks "
           f"({len(maps) - len(todo)} cells kept from {args.extend}); {torch.get_num_threads()} threads"
           if args.extend else
-          f"{len(masked)} masked layer maps + {len(replaced)} replacement checkpoints x {len(tasks)} tasks; "
+          f"{len(masked)} masked layer maps + {len(replaced)} trained checkpoints x {len(tasks)} tasks; "
           f"{torch.get_num_threads()} threads", flush=True)
 
     if masked:
@@ -437,9 +537,9 @@ def main(argv=None) -> int:
             print(f"{task}: {time.time() - t:.0f} s ({first['settings']['tokens_run']} tokens per pass)", flush=True)
             (out / f"{args.name}.partial.json").write_text(json.dumps({"results": results}) + "\n")
         del hf
-    for name, r in evaluate_replaced(model, scores, replaced, tasks, settings, args.threads).items():
-        results[name] = {"layers": r["layers"], "attention_layers": r["attention_layers"], "tasks": r["tasks"],
-                         "replacement": r["replacement"], "checkpoint": r["checkpoint"]}
+    for name, r in evaluate_trained(model, scores, maps, replaced, tasks, settings, args.threads).items():
+        results[name] = {k: r[k] for k in ("layers", "attention_layers", "tasks", "replacement", "healing",
+                                           "checkpoint") if k in r}
         (out / f"{args.name}.partial.json").write_text(json.dumps({"results": results}) + "\n")
 
     verification = "not run"

@@ -204,6 +204,19 @@ def test_time_limit_stops_training_with_a_last_check(pruned, tmp_path):
     assert [h[0] for h in rec["history"]] == [0, 1]
 
 
+def test_time_limit_fits_the_schedule_into_the_time(pruned, tmp_path, monkeypatch):
+    """With more steps allowed than the time holds, the cosine schedule is re-planned from the
+    measured pace, so the learning rate has decayed (to near its 10 % floor) when time runs out."""
+    import shortrt.healing as healing
+
+    monkeypatch.setattr(healing, "PATIENCE", 10**9)  # only the clock stops it
+    out = heal(pruned, tmp_path / "t", texts=prose(), time_limit=4.0, **{**FAST, "steps": 100000})
+    rec = out.layer_map.healing
+    assert rec["stopped"] == "time_limit" and 2 <= rec["steps"] < 100000
+    assert rec["last_lr"] <= 0.25 * rec["lr"]
+    assert rec["seconds"]["train"] + rec["seconds"]["heldout"] < 4.0 + 3.0  # one step and one check past it, at most
+
+
 # ---- the written checkpoint -----------------------------------------------------------------
 
 def test_healed_checkpoint_layout_and_record(healed, pruned, dense):
