@@ -390,7 +390,7 @@ def _train(hf, plan, params, ids, train, held, targets, *, steps, lr, batch, tem
             elapsed = time.perf_counter() - t_begin
             out_of_time = time_limit is not None and elapsed >= time_limit
             if time_limit is not None and not out_of_time:
-                horizon["steps"] = max(step + 1, min(steps, int(time_limit * step / elapsed)))
+                horizon["steps"] = min(steps, max(step + 1, int(time_limit * step / elapsed)))
                 bar.total = horizon["steps"]
             if step % EVAL_EVERY == 0 or step >= horizon["steps"] or out_of_time:
                 kl, ppl = _heldout(hf, plan, ids, held, targets, temperature, batch, amp)
