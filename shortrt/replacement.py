@@ -186,8 +186,9 @@ def replaced_checkpoint(model, scores, k: int, kind: str, **kw):
     """The span+`kind` checkpoint with `k` layers replaced, made once and cached.
 
     It lives in $SHORTRT_CACHE/bench/<model dir name>/span+<kind>-p<k> (where
-    benchmarks/latency.py looks) and is rebuilt only when its recorded span or kind differ
-    from what `select(scores, remove=k, method="span")` gives now. kw go to replace().
+    benchmarks/latency.py looks) and is rebuilt only when its recorded span, kind or training
+    text differ from what `select(scores, remove=k, method="span")` and kw give now. kw go to
+    replace().
     """
     from .selection import select
 
@@ -202,6 +203,10 @@ def replaced_checkpoint(model, scores, k: int, kind: str, **kw):
         except CheckpointError:
             cached = None  # made by an older shortrt or damaged: train it again
         record = (cached.layer_map.replacement or {}) if cached else {}
-        if record.get("kind") == kind and record.get("span") == sorted(lmap.removed):
+        from . import data
+
+        source = data.calibration_texts(kw.get("texts") or "default")[1]
+        if (record.get("kind") == kind and record.get("span") == sorted(lmap.removed)
+                and record.get("data", {}).get("source") == source):
             return cached
     return replace(src, lmap, out, kind=kind, overwrite=True, **kw)
