@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .checkpoint import Model, load, rewrite_layer_map
-from .costs import NEW_TOKENS, PROMPT_TOKENS, ROUNDS, Costs, Linear, default_max_seq, kv_table, measure_costs, \
+from .costs import NEW_TOKENS, PROMPT_TOKENS, Costs, Linear, default_max_seq, kv_table, measure_costs, \
     resolve_threads, weight_table
 from .errors import ShortrtError
 from .layermap import LayerMap
@@ -267,8 +267,8 @@ def format_prediction(pred: Prediction) -> str:
     if pred.costs is not None:
         c = pred.costs
         where = f"cached in {c.path}" if c.cached else f"measured in {c.seconds:.0f} s, cached in {c.path}"
-        lines.append(f"costs       per decode step: fixed {1e3 * c.fixed_s:.4g} ms, attention {1e3 * c.attention_s:.4g} ms,"
-                     f" MLP {1e3 * c.mlp_s:.4g} ms ({where})")
+        lines.append(f"costs       per decode step: fixed {1e3 * c.fixed_s:.4g} ms, "
+                     f"attention {1e3 * c.attention_s:.4g} ms, MLP {1e3 * c.mlp_s:.4g} ms ({where})")
     n = len(pred.source.plan())
     lines.append(f"predicted   {pred.count} of {n} {pred.unit} removed: {b.show(pred.predicted)}")
     if b.kind == "speedup":
@@ -280,7 +280,7 @@ def format_prediction(pred: Prediction) -> str:
 
 
 def format_verification(pred: Prediction, measured: float) -> str:
-    how = (f"on the written checkpoint, {ROUNDS} runs alternating with the model's" if pred.budget.kind == "speedup"
+    how = ("on the written checkpoint, its runs alternating with the model's" if pred.budget.kind == "speedup"
            else "the written checkpoint's Engine")
     return (f"measured    {pred.budget.show(measured)} ({how}); predicted {pred.budget.show(pred.predicted)}, "
             f"measured / predicted {measured / pred.predicted:.3f}")

@@ -9,20 +9,22 @@ For bytes the three terms are exact, from the runtime's layout (csrc/weights.cpp
 
 For time they are fit by least squares to the decode step times of five engine configurations
 of the model: as it is, every other layer skipped, three of four skipped (Engine(skip_layers=)),
-and a probe checkpoint of the first half of the layers without their attention, whole and with
-every other layer skipped. (The engine cannot drop an attention in memory, so the probe is
-written to a temporary directory: half the layers, to halve that copy; under a second on the
-default model.) The fixed part is the embedding row, the final norm, the LM head and sampling.
+and a probe checkpoint of the model without its attention, whole and with every other layer
+skipped. (The engine cannot drop an attention in memory, so the probe is written to a temporary
+directory: under a second on the default model. It keeps every MLP so that the attention cost
+comes from the regime attention pruning runs in.) The fixed part is the embedding row, the final
+norm, the LM head and sampling.
 
 The protocol: batch 1, greedy, no stop token, NEW_TOKENS tokens after a PROMPT_TOKENS-token
 prompt, so each attention reads a context of 16 to 144 positions (attention cost grows with it;
-other contexts give other costs). The configurations' runs alternate for ROUNDS rounds, and the
-time of a configuration is its *lower envelope*: for each decode step the fastest of the rounds,
-averaged over the steps. On a shared machine, another process preempting one of the engine's
-threads stalls every thread at the next barrier, the more often the longer a step is, which
-medians of whole runs still carry: in one set of runs on 2 cores at load 3-4, medians of per-run
-step times predicted 1.30x for a checkpoint they measured at 1.13x; the envelope of the same runs
-predicted 1.244x and measured 1.243x. `speedup()` measures a pruned checkpoint the same way.
+other contexts give other costs). The configurations' runs alternate for ROUNDS rounds (ROUNDS
+more while the result still moves, up to MAX_ROUNDS), and the time of a configuration is its
+*lower envelope*: for each decode step the fastest of the rounds, averaged over the steps. On a
+shared machine, another process preempting one of the engine's threads stalls every thread at
+the next barrier, the more often the longer a step is, which medians of whole runs still carry:
+in one set of runs on 2 cores at load 3-4, medians of per-run step times predicted 1.30x for a
+checkpoint they measured at 1.13x; the envelope of the same runs predicted 1.244x, measured 1.243x.
+`speedup()` measures a pruned checkpoint the same way.
 
 The table is measured once per (checkpoint identity, dtype, threads, CPU model) and cached as JSON
 under shortrt.checkpoint.cache_dir() / "costs"; a cache file that does not parse, or that holds
@@ -46,7 +48,9 @@ from .layermap import LayerEntry, LayerMap
 
 PROMPT_TOKENS = 16
 NEW_TOKENS = 128
-ROUNDS = 7
+ROUNDS = 7  # rounds of alternating runs, repeated while the envelope still moves by more than SETTLED
+MAX_ROUNDS = 21
+SETTLED = 0.005
 FORMAT = "shortrt.costs/1"
 _Q8_BLOCK, _Q8_BLOCK_BYTES = 32, 36  # BlockQ8 (csrc/kernels.h): a float scale + 32 int8
 _ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
@@ -188,7 +192,8 @@ def cost_key(model, dtype: str, threads: int | None) -> dict:
     return {"checkpoint": checkpoint_identity(m), "path": str(m.path), "dtype": dtype,
             "threads": resolve_threads(threads), "cpu": cpu_model(),
             "kernels": os.environ.get("SHORTRT_KERNELS") or "auto",
-            "protocol": {"prompt_tokens": prompt, "new_tokens": new, "rounds": ROUNDS, "step": "lower envelope"}}
+            "protocol": {"prompt_tokens": prompt, "new_tokens": new, "step": "lower envelope",
+                         "rounds": [ROUNDS, MAX_ROUNDS, SETTLED]}}
 
 
 def costs_path(key: dict) -> Path:
@@ -252,17 +257,15 @@ def _configurations(m: Model, probe: Path | None) -> list[tuple[Path, list[int],
 
 
 def _write_probe(m: Model, tmp: Path) -> Path | None:
-    """A checkpoint of the model's first half of layers (at least one) without their attention,
-    for the MLP cost alone; None when the model has no attention (or no MLP) to tell apart."""
+    """A copy of the model without any attention (its MLP-less layers left out), for the MLP cost
+    alone; None when the model has no attention (or no MLP) to tell apart."""
     from .pruning import prune
 
     plan = m.plan()
     if not any(s.attention for s in plan) or not any(s.mlp for s in plan):
         return None
     n = m.model_config.n_layers
-    keep = [i for i, e in enumerate(m.layer_map.layers[: max(1, (n + 1) // 2)]) if e.mlp]
-    if not keep:
-        return None
+    keep = [i for i, e in enumerate(m.layer_map.layers) if e.mlp]
     probe = LayerMap(n, [LayerEntry(i, attention=False) for i in keep], "cost-probe",
                      [i for i in range(n) if i not in keep])
     return prune(m, probe, tmp / "probe").path
@@ -276,19 +279,28 @@ def token_gaps(engine, prompt: list[int], new_tokens: int) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def alternating_steps(engines: list, prompt: list[int], new_tokens: int, rounds: int = ROUNDS,
-                      bar=None) -> list[float]:
+def alternating_steps(engines: list, prompt: list[int], new_tokens: int, bar=None) -> list[float]:
     """Decode step seconds of each engine (lower envelope, see the module docstring), their runs
-    alternating `rounds` times after one warm-up run each."""
+    alternating after one warm-up run each: ROUNDS rounds, then ROUNDS more while any engine's
+    envelope still moved by more than SETTLED (it only falls), at most MAX_ROUNDS in all."""
     for eng in engines:
         eng.generate_ids(prompt, max_new_tokens=min(8, new_tokens), stop=[])
     fastest: list[list[float] | None] = [None] * len(engines)
-    for _ in range(rounds):
+    before: list[float] | None = None
+    for done in range(1, MAX_ROUNDS + 1):
         for i, eng in enumerate(engines):
             gaps = token_gaps(eng, prompt, new_tokens)
             fastest[i] = gaps if fastest[i] is None else [min(a, b) for a, b in zip(fastest[i], gaps)]
             if bar is not None:
                 bar.update(1)
+        if done % ROUNDS == 0:
+            now = [sum(g) / len(g) for g in fastest]
+            if before is not None and all(b - a <= SETTLED * b for a, b in zip(now, before)):
+                break
+            before = now
+    if bar is not None:
+        bar.total = bar.n  # finished early: the bar is full
+        bar.refresh()
     return [sum(g) / len(g) for g in fastest]
 
 
@@ -320,7 +332,7 @@ def _measure(m: Model, key: dict, progress: bool) -> Costs:
     from .engine import Engine
 
     t0 = time.perf_counter()
-    prompt_n, new, rounds = (key["protocol"][k] for k in ("prompt_tokens", "new_tokens", "rounds"))
+    prompt_n, new = key["protocol"]["prompt_tokens"], key["protocol"]["new_tokens"]
     if progress:
         print(f"shortrt: measuring decode costs of {m} ({key['dtype']}, threads {key['threads']}, {key['cpu']}; "
               "once, then cached)", file=sys.stderr, flush=True)
@@ -334,11 +346,11 @@ def _measure(m: Model, key: dict, progress: bool) -> Costs:
 
         prompt = prompt_ids(m, prompt_n)
         held = sum(weight_table(m, key["dtype"]).at(a, n) for _, _, a, n in configs)
-        with progress_bar(rounds * len(configs), "costs", progress) as bar:
+        with progress_bar(MAX_ROUNDS * len(configs), "costs", progress) as bar:
             if held <= available_memory() // 2:  # every configuration loaded, their runs alternating
-                steps = alternating_steps([engine(p, s) for p, s, _, _ in configs], prompt, new, rounds, bar)
+                steps = alternating_steps([engine(p, s) for p, s, _, _ in configs], prompt, new, bar)
             else:  # too large to hold them all: one after another
-                steps = [alternating_steps([engine(p, s)], prompt, new, rounds, bar)[0] for p, s, _, _ in configs]
+                steps = [alternating_steps([engine(p, s)], prompt, new, bar)[0] for p, s, _, _ in configs]
     counts = np.array([[1.0, a, n] for _, _, a, n in configs])
     coef = fit(counts, np.array(steps))
     samples = [{"attention": a, "mlp": n, "skip": len(skip), "probe": path != m.path, "step_s": s,
@@ -373,6 +385,6 @@ def speedup(pruned, source, dtype: str = "int8", threads: int | None = None, *, 
     prompt_n, new = protocol(s)
     engines = [Engine(x, dtype=dtype, threads=resolve_threads(threads), max_seq=prompt_n + new)
                for x in (s, load(pruned))]
-    with progress_bar(ROUNDS * 2, "measure", progress) as bar:
-        dense, pruned_s = alternating_steps(engines, prompt_ids(s, prompt_n), new, ROUNDS, bar)
+    with progress_bar(MAX_ROUNDS * 2, "measure", progress) as bar:
+        dense, pruned_s = alternating_steps(engines, prompt_ids(s, prompt_n), new, bar)
     return dense / pruned_s

@@ -22,11 +22,13 @@ def add_arguments(parser):
     how.add_argument("--max-weight-bytes", type=size, metavar="SIZE",
                      help="remove the fewest layers whose weights at --dtype fit in SIZE (100M, 1.5G, 200MiB, bytes)")
     how.add_argument("--max-kv-bytes", type=size, metavar="SIZE",
-                     help="remove the fewest layers (attentions) whose KV cache at --max-seq x --max-batch fits in SIZE")
+                     help="remove the fewest layers (attentions) whose KV cache at --max-seq x --max-batch "
+                          "fits in SIZE")
     budget = parser.add_argument_group("budget options")
     budget.add_argument("--dtype", choices=["fp32", "bf16", "int8"], help="engine weight format of the budget "
                         "(default: int8)")
-    budget.add_argument("--threads", type=integer(1, 1024), help="engine threads of --target-speedup (default: all cores)")
+    budget.add_argument("--threads", type=integer(1, 1024),
+                        help="engine threads of --target-speedup (default: all cores)")
     budget.add_argument("--max-seq", type=integer(1), help="context of --max-kv-bytes (default: the engine's, "
                         "min(max_position_embeddings, 2048))")
     budget.add_argument("--max-batch", type=integer(1, 4096), help="sequences of --max-kv-bytes (default: 1)")
@@ -76,7 +78,8 @@ def budget_prediction(args, model, num_layers: int):
     try:  # before the measuring (tens of seconds), not after it
         check_out_dir(args.out, model.path, args.force)
     except FileExistsError as exc:
-        raise FileExistsError(str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")) from None
+        message = str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")
+        raise FileExistsError(message) from None
     pred = budget.layers_for_budget(
         model, chosen, method=args.method, progress=True,
         choose=lambda k: build_layer_map(argparse.Namespace(**{**vars(args), "remove": k}), num_layers))
