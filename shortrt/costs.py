@@ -51,6 +51,7 @@ NEW_TOKENS = 128
 ROUNDS = 7  # rounds of alternating runs, repeated while the envelope still moves by more than SETTLED
 MAX_ROUNDS = 21
 SETTLED = 0.005
+CONFIGURATIONS = "1, 1/2, 1/4 of the layers; no attention: 1, 1/2"  # part of the cache key: change it with _configurations
 FORMAT = "shortrt.costs/1"
 _Q8_BLOCK, _Q8_BLOCK_BYTES = 32, 36  # BlockQ8 (csrc/kernels.h): a float scale + 32 int8
 _ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
@@ -193,7 +194,7 @@ def cost_key(model, dtype: str, threads: int | None) -> dict:
             "threads": resolve_threads(threads), "cpu": cpu_model(),
             "kernels": os.environ.get("SHORTRT_KERNELS") or "auto",
             "protocol": {"prompt_tokens": prompt, "new_tokens": new, "step": "lower envelope",
-                         "rounds": [ROUNDS, MAX_ROUNDS, SETTLED]}}
+                         "rounds": [ROUNDS, MAX_ROUNDS, SETTLED], "configurations": CONFIGURATIONS}}
 
 
 def costs_path(key: dict) -> Path:
