@@ -46,6 +46,7 @@ def __getattr__(name):
 
 __all__ = [
     "load", "Model", "calibrate", "Scores", "select", "LayerMap", "LayerEntry", "prune",
-    "evaluate", "Engine", "generate", "replace", "heal", "Budget", "layers_for_budget", "measure_costs",
+    "evaluate", "Engine", "generate", "replace", "heal",
+    "Budget", "layers_for_budget", "measure_costs",
     "ShortrtError", "CheckpointError", "MissingDependencyError",
 ]

@@ -1,7 +1,8 @@
 """`shortrt prune`: choose layers to remove (from calibration scores or a list) and write the pruned checkpoint."""
 from __future__ import annotations
 
-from . import integer, layer_list, number, size
+from . import integer, layer_list, number
+from . import size  # the budget options' byte sizes
 
 HELP = "remove layers (or attention sublayers) and write a pruned checkpoint"
 
