@@ -63,31 +63,6 @@ def build_layer_map(args, num_layers: int):
     return lmap
 
 
-def budget_prediction(args, model, num_layers: int):
-    """With a budget option: the layer map it chooses, predicted figure printed (shortrt.budget); else None."""
-    import argparse
-
-    from shortrt import budget
-
-    chosen = budget.budget_from_options(
-        target_speedup=args.target_speedup, max_weight_bytes=args.max_weight_bytes, max_kv_bytes=args.max_kv_bytes,
-        dtype=args.dtype, threads=args.threads, max_seq=args.max_seq, max_batch=args.max_batch)
-    if chosen is None:
-        return None
-    from shortrt.checkpoint import check_out_dir
-
-    try:  # before the measuring (tens of seconds), not after it
-        check_out_dir(args.out, model.path, args.force)
-    except FileExistsError as exc:
-        message = str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")
-        raise FileExistsError(message) from None
-    pred = budget.layers_for_budget(
-        model, chosen, method=args.method, progress=True,
-        choose=lambda k: build_layer_map(argparse.Namespace(**{**vars(args), "remove": k}), num_layers))
-    print(budget.format_prediction(pred), flush=True)
-    return pred
-
-
 def format_summary(lmap, out) -> str:
     kept = len(lmap.layers)
     lines = [f"method      {lmap.method}",
@@ -139,3 +114,28 @@ def pruned_map(pruned):
     from shortrt.layermap import layer_map_of
 
     return layer_map_of(pruned)
+
+
+def budget_prediction(args, model, num_layers: int):
+    """With a budget option: the layer map it chooses, predicted figure printed (shortrt.budget); else None."""
+    import argparse
+
+    from shortrt import budget
+
+    chosen = budget.budget_from_options(
+        target_speedup=args.target_speedup, max_weight_bytes=args.max_weight_bytes, max_kv_bytes=args.max_kv_bytes,
+        dtype=args.dtype, threads=args.threads, max_seq=args.max_seq, max_batch=args.max_batch)
+    if chosen is None:
+        return None
+    from shortrt.checkpoint import check_out_dir
+
+    try:  # before the measuring (tens of seconds), not after it
+        check_out_dir(args.out, model.path, args.force)
+    except FileExistsError as exc:
+        message = str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")
+        raise FileExistsError(message) from None
+    pred = budget.layers_for_budget(
+        model, chosen, method=args.method, progress=True,
+        choose=lambda k: build_layer_map(argparse.Namespace(**{**vars(args), "remove": k}), num_layers))
+    print(budget.format_prediction(pred), flush=True)
+    return pred
