@@ -31,7 +31,7 @@ _LAZY = {
     "generate": ("engine", "generate"),
     "Budget": ("budget", "Budget"),
     "layers_for_budget": ("budget", "layers_for_budget"),
-    "measure_costs": ("budget", "measure_costs"),
+    "measure_costs": ("costs", "measure_costs"),
 }
 
 
