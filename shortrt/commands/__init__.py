@@ -48,14 +48,6 @@ def text(value: str) -> str:
     return value
 
 
-def layer_list(value: str) -> list[int]:
-    """An argparse type: comma-separated layer indices like 3,4,5."""
-    try:
-        return [int(part) for part in value.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 3,4,5, got {value!r}") from None
-
-
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
                "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 MAX_SIZE = 2**62
@@ -81,3 +73,11 @@ def size(text_value: str) -> int:
     if not 1 <= value <= MAX_SIZE:
         raise argparse.ArgumentTypeError(f"must be between 1 byte and 2**62 bytes, got {text_value!r}")
     return int(value)
+
+
+def layer_list(value: str) -> list[int]:
+    """An argparse type: comma-separated layer indices like 3,4,5."""
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 3,4,5, got {value!r}") from None
