@@ -249,7 +249,7 @@ std::vector<LayerFlags> parse_layer_map(const json::Value& root, int n_layers) {
   if (!root.is_object()) throw MapError("top level must be an object");
   static const std::set<std::string> known = {"format", "source", "source_num_layers", "method", "layers",
                                               "removed", "scores", "calibration", "replacement",
-                                              "healing"};
+                                              "healing", "budget"};
   std::vector<std::string> keys;
   for (const auto& [k, v] : root.as_object()) keys.push_back(k);
   std::sort(keys.begin(), keys.end());
@@ -275,7 +275,7 @@ std::vector<LayerFlags> parse_layer_map(const json::Value& root, int n_layers) {
   } else {
     throw MapError("'source' must be \"default\" or an absolute path, got null");
   }
-  for (const char* key : {"scores", "calibration", "replacement", "healing"}) {
+  for (const char* key : {"scores", "calibration", "replacement", "healing", "budget"}) {
     const json::Value* v = root.find(key);
     if (v && !v->is_null() && !v->is_object()) throw MapError(std::string("'") + key + "' must be an object");
   }

@@ -29,6 +29,9 @@ _LAZY = {
     "evaluate": ("evaluation", "evaluate"),
     "Engine": ("engine", "Engine"),
     "generate": ("engine", "generate"),
+    "Budget": ("budget", "Budget"),
+    "layers_for_budget": ("budget", "layers_for_budget"),
+    "measure_costs": ("costs", "measure_costs"),
 }
 
 
@@ -44,5 +47,6 @@ def __getattr__(name):
 __all__ = [
     "load", "Model", "calibrate", "Scores", "select", "LayerMap", "LayerEntry", "prune",
     "evaluate", "Engine", "generate", "replace", "heal",
+    "Budget", "layers_for_budget", "measure_costs",
     "ShortrtError", "CheckpointError", "MissingDependencyError",
 ]

@@ -49,7 +49,7 @@ INDEX_FILE = "model.safetensors.index.json"
 ALLOW_NONFINITE_ENV = "SHORTRT_ALLOW_NONFINITE"
 
 _MAP_KEYS = {"format", "source", "source_num_layers", "method", "layers", "removed", "scores", "calibration",
-             "replacement", "healing"}
+             "replacement", "healing", "budget"}
 _ENTRY_KEYS = {"source", "kind", "attention", "mlp"}
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _IGNORED_TENSOR = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # a buffer some exporters save; nobody reads it
@@ -346,7 +346,7 @@ def parse_layer_map(d, *, num_layers: int | None = None, in_checkpoint: bool = F
         raise bad("'source' must be a string")
     if in_checkpoint and not (source == "default" or (isinstance(source, str) and os.path.isabs(source))):
         raise bad(f"'source' must be \"default\" or an absolute path, got {json.dumps(source)}")
-    for key in ("scores", "calibration", "replacement", "healing"):
+    for key in ("scores", "calibration", "replacement", "healing", "budget"):
         if d.get(key) is not None and not isinstance(d[key], dict):
             raise bad(f"'{key}' must be an object")
     layers = d["layers"]
@@ -364,7 +364,7 @@ def parse_layer_map(d, *, num_layers: int | None = None, in_checkpoint: bool = F
     try:
         return LayerMap(n, entries, d["method"], list(removed), scores=d.get("scores"),
                         calibration=d.get("calibration"), replacement=d.get("replacement"),
-                        healing=d.get("healing"), source=source)
+                        healing=d.get("healing"), budget=d.get("budget"), source=source)
     except ValueError as exc:
         raise bad(str(exc)) from None
 
@@ -910,9 +910,29 @@ def write_checkpoint(out, src: Model, config: dict, layer_map: LayerMap, tensors
     return load(out)
 
 
+def rewrite_layer_map(model, layer_map: LayerMap) -> Model:
+    """Replace a written checkpoint's shortrt.json by `layer_map`'s, atomically (a temporary file
+    renamed over it). Only the records may change (a `budget` measured after writing, say): the
+    layers, removed list and source must be the checkpoint's own. Returns the checkpoint reloaded."""
+    m = load(model)
+    doc, old = layer_map.to_json(), m.layer_map.to_json()
+    changed = [k for k in ("source", "source_num_layers", "layers", "removed") if doc[k] != old[k]]
+    if not m.is_pruned or changed:
+        raise ValueError(f"{m.path}: rewrite_layer_map changes only the records of a pruned checkpoint's "
+                         f"shortrt.json, not {', '.join(changed) or 'a checkpoint without one'}")
+    parse_layer_map(doc, num_layers=m.model_config.n_layers, in_checkpoint=True)
+    tmp = m.path / f".shortrt.json.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        os.replace(tmp, m.path / "shortrt.json")
+    finally:
+        tmp.unlink(missing_ok=True)
+    return load(m.path)
+
+
 __all__ = [
     "ARCHITECTURES", "ModelConfig", "parse_config", "parse_layer_map", "Step", "layer_map_plan",
     "expected_tensors", "check_tensors", "weight_files", "Model", "load", "layer_map_of", "cache_dir",
     "default_gguf_path", "staging_dir", "move_into_place", "check_out_dir", "write_checkpoint",
-    "remove_stale_staging", "check_finite", "Interrupted",
+    "remove_stale_staging", "check_finite", "Interrupted", "rewrite_layer_map",
 ]

@@ -54,6 +54,7 @@ class LayerMap:
     replacement: dict | None = None
     source: str | None = None
     healing: dict | None = None  # the record of `shortrt.heal` (docs/internals.md), None if never healed
+    budget: dict | None = None  # the budget `shortrt prune --target-speedup ...` met (shortrt.budget), if any
 
     def __post_init__(self):
         self.validate()
@@ -168,7 +169,7 @@ class LayerMap:
             "layers": [e.to_json() for e in self.layers],
             "removed": list(self.removed),
         }
-        for key in ("scores", "calibration", "replacement", "healing"):
+        for key in ("scores", "calibration", "replacement", "healing", "budget"):
             value = getattr(self, key)
             if value is not None:
                 d[key] = value
@@ -205,7 +206,7 @@ class LayerMap:
             removed.update(self.layers[i].sources)
         return LayerMap(self.source_num_layers, layers, f"{self.method}+{inner.method}", sorted(removed),
                         scores=inner.scores, calibration=inner.calibration,
-                        replacement=self.replacement, healing=self.healing, source=self.source)
+                        replacement=self.replacement, healing=self.healing, budget=inner.budget, source=self.source)
 
 
 def _check_indices(indices: list[int], num_layers: int, what: str) -> None:

@@ -112,6 +112,7 @@ CASES = [
     ("format-missing", "pruned", meta(lambda m: m.pop("format")), "unsupported format null"),
     ("top-unknown-key", "pruned", meta(lambda m: m.update(extra=1)), "unknown key 'extra'"),
     ("healing-not-object", "pruned", meta(lambda m: m.update(healing=[1])), "'healing' must be an object"),
+    ("budget-not-object", "pruned", meta(lambda m: m.update(budget=1.3)), "'budget' must be an object"),
     ("source-relative", "pruned", meta(lambda m: m.update(source="out/model")),
      "'source' must be \"default\" or an absolute path"),
     ("source-num-layers-bool", "pruned", meta(lambda m: m.update(source_num_layers=True)),

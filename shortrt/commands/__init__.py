@@ -48,6 +48,33 @@ def text(value: str) -> str:
     return value
 
 
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+               "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+MAX_SIZE = 2**62
+
+
+def size(text_value: str) -> int:
+    """An argparse type: a positive number of bytes, plain or with a unit: 100M, 1.5G, 200MiB.
+
+    k/M/G/T (with or without a trailing B) are powers of 1000; KiB/MiB/GiB/TiB (or Ki, Mi, ...)
+    powers of 1024; the case of the letters does not matter. The result is a whole number of bytes.
+    """
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]{1,3})?)\s*([kmgt]i?)?b?\s*", text_value, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a size like 100M, 1.5G, 200MiB or a number of bytes, "
+                                         f"got {text_value!r}")
+    from fractions import Fraction
+
+    value = Fraction(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+    if value.denominator != 1:
+        raise argparse.ArgumentTypeError(f"{text_value!r} is not a whole number of bytes")
+    if not 1 <= value <= MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"must be between 1 byte and 2**62 bytes, got {text_value!r}")
+    return int(value)
+
+
 def layer_list(value: str) -> list[int]:
     """An argparse type: comma-separated layer indices like 3,4,5."""
     try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from . import integer, layer_list, number
+from . import size  # the budget options' byte sizes
 
 HELP = "remove layers (or attention sublayers) and write a pruned checkpoint"
 
@@ -15,6 +16,23 @@ def add_arguments(parser):
     how.add_argument("--ratio", type=number(0.0, 1.0, lo_open=True), help="fraction of the layers to remove, e.g. 0.25")
     how.add_argument("--layers", type=layer_list, help="remove exactly these layers, e.g. 3,4,5 (with --method attention: "
                                       "remove these layers' attention)")
+    # A budget chooses how many layers (attentions) to remove; --method still chooses which.
+    how.add_argument("--target-speedup", type=number(1.0, lo_open=True), metavar="X",
+                     help="remove the fewest layers whose batch-1 decode speedup over the model reaches X "
+                          "(at --dtype and --threads, on this machine; measured once, then cached)")
+    how.add_argument("--max-weight-bytes", type=size, metavar="SIZE",
+                     help="remove the fewest layers whose weights at --dtype fit in SIZE (100M, 1.5G, 200MiB, bytes)")
+    how.add_argument("--max-kv-bytes", type=size, metavar="SIZE",
+                     help="remove the fewest layers (attentions) whose KV cache at --max-seq x --max-batch "
+                          "fits in SIZE")
+    budget = parser.add_argument_group("budget options")
+    budget.add_argument("--dtype", choices=["fp32", "bf16", "int8"], help="engine weight format of the budget "
+                        "(default: int8)")
+    budget.add_argument("--threads", type=integer(1, 1024),
+                        help="engine threads of --target-speedup (default: all cores)")
+    budget.add_argument("--max-seq", type=integer(1), help="context of --max-kv-bytes (default: the engine's, "
+                        "min(max_position_embeddings, 2048))")
+    budget.add_argument("--max-batch", type=integer(1, 4096), help="sequences of --max-kv-bytes (default: 1)")
     parser.add_argument("--method", default="shortgpt",
                         choices=["shortgpt", "span", "attention", "last", "random"],
                         help="how to choose the layers (default: %(default)s)")
@@ -75,7 +93,8 @@ def run(args) -> int:
 
     model = load(args.model)
     num_layers = int(model.config()["num_hidden_layers"])
-    lmap = build_layer_map(args, num_layers)
+    prediction = budget_prediction(args, model, num_layers)
+    lmap = prediction.layer_map if prediction else build_layer_map(args, num_layers)
     from shortrt.errors import ShortrtError
 
     try:
@@ -84,6 +103,10 @@ def run(args) -> int:
         message = str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")
         raise ShortrtError(message) from None
     print(format_summary(pruned_map(pruned), pruned.path))
+    if prediction:
+        from shortrt.budget import format_verification, verify
+
+        print(format_verification(prediction, verify(prediction, pruned, progress=True)))
     return 0
 
 
@@ -91,3 +114,28 @@ def pruned_map(pruned):
     from shortrt.layermap import layer_map_of
 
     return layer_map_of(pruned)
+
+
+def budget_prediction(args, model, num_layers: int):
+    """With a budget option: the layer map it chooses, predicted figure printed (shortrt.budget); else None."""
+    import argparse
+
+    from shortrt import budget
+
+    chosen = budget.budget_from_options(
+        target_speedup=args.target_speedup, max_weight_bytes=args.max_weight_bytes, max_kv_bytes=args.max_kv_bytes,
+        dtype=args.dtype, threads=args.threads, max_seq=args.max_seq, max_batch=args.max_batch)
+    if chosen is None:
+        return None
+    from shortrt.checkpoint import check_out_dir
+
+    try:  # before the measuring (tens of seconds), not after it
+        check_out_dir(args.out, model.path, args.force)
+    except FileExistsError as exc:
+        message = str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")
+        raise FileExistsError(message) from None
+    pred = budget.layers_for_budget(
+        model, chosen, method=args.method, progress=True,
+        choose=lambda k: build_layer_map(argparse.Namespace(**{**vars(args), "remove": k}), num_layers))
+    print(budget.format_prediction(pred), flush=True)
+    return pred
