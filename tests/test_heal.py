@@ -303,7 +303,7 @@ def test_cli_heal_with_hidden_mse(pruned, tmp_path, capsys):
     (["--tokens", "many"], "argument --tokens: expected an integer, got 'many'"),
     (["--hidden-weight", "nan"], "argument --hidden-weight: must be a finite number"),
     (["--steps", "0"], "argument --steps: must be between 1 and"),
-    (["--time-limit", "0"], "argument --time-limit: must be a finite number in (0, inf]"),
+    (["--time-limit", "-1"], "argument --time-limit: must be a finite number in [0, inf]"),
     (["--seq-len", "100000"], "seq_len 100000 exceeds the model's max_position_embeddings 256"),
 ])
 def test_cli_bad_arguments_are_one_line_errors(pruned, tmp_path, capsys, args, phrase):

@@ -7,7 +7,8 @@ HELP = "heal a pruned checkpoint by distillation from its source model (LoRA ada
 
 
 def add_arguments(parser):
-    from shortrt.healing import DEFAULT_BATCH, DEFAULT_RANK, DEFAULT_SEQ_LEN, DEFAULT_STEPS, DEFAULT_TOKENS
+    from shortrt.healing import (DEFAULT_BATCH, DEFAULT_RANK, DEFAULT_SEQ_LEN, DEFAULT_STEPS, DEFAULT_TIME_LIMIT,
+                                 DEFAULT_TOKENS)
 
     parser.add_argument("model", metavar="CKPT", help="pruned checkpoint directory (from prune or replace)")
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
@@ -33,8 +34,9 @@ def add_arguments(parser):
     parser.add_argument("--hidden-weight", type=number(0.0), default=0.0,
                         help="weight of a hidden-state MSE term against the teacher's layer outputs "
                              "(default: %(default)s)")
-    parser.add_argument("--time-limit", type=number(0.0, lo_open=True), metavar="SECONDS",
-                        help="stop training after this many seconds (steps and held-out checks; default: no limit)")
+    parser.add_argument("--time-limit", type=number(0.0), metavar="SECONDS", default=DEFAULT_TIME_LIMIT,
+                        help="seconds of training (steps and held-out checks; the learning-rate schedule is fitted "
+                             "to them), 0 for no limit: then --steps alone bounds it (default: %(default)g)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="of the matrix products: bf16 (torch autocast; weights stay fp32) or fp32; auto = bf16 "
                              "where the CPU has bf16 instructions (AVX512-BF16, AMX), else fp32 (default: %(default)s)")
@@ -51,7 +53,7 @@ def run(args) -> int:
         model = heal(args.model, args.out, teacher=args.teacher, texts=data_source(args.data), n_tokens=args.tokens,
                      seq_len=args.seq_len, steps=args.steps, lr=args.lr, batch=args.batch, rank=args.rank,
                      alpha=args.alpha, full=args.full, temperature=args.temperature,
-                     hidden_weight=args.hidden_weight, seed=args.seed, precision=args.precision, time_limit=args.time_limit, overwrite=args.force,
+                     hidden_weight=args.hidden_weight, seed=args.seed, precision=args.precision, time_limit=args.time_limit or None, overwrite=args.force,
                      progress=not args.no_progress)
     except FileExistsError as exc:
         message = str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")
