@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import shown_path
+from harness import machine, shown_path
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("shortgpt", "span", "last", "random", "attention", "span+layer", "span+mlp",
@@ -555,11 +555,11 @@ def main(argv=None) -> int:
         "model_name": "SmolLM2-135M-Instruct" if args.model == "default" else args.model,
         "num_layers": scores.num_layers,
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": f"{machine()['cpu']} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}",
         "seconds": spent + time.time() - t0,
         "calibration": f"{calib.get('n_tokens', '?')} tokens of {calib.get('source', '?')} ({scores_path})",
         "verification": verification,
-        "command": "`python benchmarks/quality.py`",
+        "command": "`" + " ".join(["python benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]) + "`",
     }
     if args.extend:
         added = [m for m in methods if m not in saved["settings"]["methods"]] or ["missing cells"]
