@@ -9,6 +9,7 @@ nothing trains on (Persuasion, SciQ), beside the start checkpoint and the dense 
 
     python benchmarks/healing.py                                # default start and variants
     python benchmarks/healing.py --start shortgpt-8 --steps 40 --variant r8=rank=8 --variant full=full=1,lr=1e-4
+    python benchmarks/healing.py --from r8=DIR --from full=DIR2  # score healed checkpoints made before
     python benchmarks/healing.py --render benchmarks/results/healing.json
 
 Writes healing.json, healing.md and healing.png to --out (default benchmarks/results/).
@@ -57,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-tokens", type=int, default=8192, help="Persuasion / SciQ tokens scored per checkpoint")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--name", default="healing")
+    p.add_argument("--from", dest="existing", action="append", default=None, metavar="NAME=DIR",
+                   help="instead of healing, score this healed checkpoint (made by `shortrt heal` from one start "
+                        "checkpoint, which --start then names only; repeatable)")
     p.add_argument("--render", default=None, help="only rewrite the .md and .png from this saved JSON")
     return p.parse_args(argv)
 
@@ -72,10 +76,23 @@ def run(args) -> dict:
 
     variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
     model = shortrt.load(args.model)
+    existing = []
+    for item in args.existing or []:
+        name, _, path = item.partition("=")
+        existing.append((name, shortrt.load(path)))
+    if existing:
+        missing = [n for n, c in existing if not c.layer_map.healing]
+        if missing:
+            raise SystemExit(f"--from {missing[0]}: not a healed checkpoint (its shortrt.json has no healing record)")
+        layers = {json.dumps(c.layer_map.to_json()["layers"]) for _, c in existing}
+        if len(layers) > 1:
+            raise SystemExit("--from: the checkpoints were not healed from one start (their layer maps differ)")
     scores = Scores.load(args.scores)
     method, n = quality.method_of(args.start), int(args.start.rsplit("-", 1)[1])
     maps = quality.build_maps(scores, [method], [n], 0)
     start = quality.trained_checkpoint(model, scores, maps, args.start)
+    if existing and json.dumps(start.layer_map.to_json()["layers"]) not in layers:
+        raise SystemExit(f"--from: the checkpoints run other layers than --start {args.start}")
     common = {k: v for k, v in (("steps", args.steps), ("n_tokens", args.tokens)) if v is not None}
     settings = dict(n_tokens=args.eval_tokens, seq_len=512, stride=512, progress=False)
 
@@ -87,10 +104,15 @@ def run(args) -> dict:
     print(f"dense {rows['dense']}, start {args.start} {rows['start']}", flush=True)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, kw in variants:
+        jobs = [(name, None, ckpt) for name, ckpt in existing] or [(name, kw, None) for name, kw in variants]
+        for name, kw, out in jobs:
             t = time.time()
             torch.manual_seed(0)
-            out = heal(start, Path(tmp) / name, progress=False, **common, **kw)
+            if out is None:
+                out = heal(start, Path(tmp) / name, progress=False, **common, **kw)
+            else:
+                rec = out.layer_map.healing
+                kw = {"rank": rec.get("rank"), "full": rec["mode"] == "full", "lr": rec["lr"]}
             rec = out.layer_map.healing
             final = score(out)
             runs.append({"name": name, "settings": kw, "record": rec, "final": final,
