@@ -113,3 +113,41 @@ def test_shown_path_hides_the_measuring_machines_cache_and_checkout(monkeypatch,
     assert harness.shown_path(tmp_path / "c" / "models" / "m") == "<cache>/models/m"
     assert harness.shown_path(BENCH / "results" / "x.json") == "benchmarks/results/x.json"
     assert harness.shown_path("/elsewhere/x") == "/elsewhere/x"
+
+
+def test_quality_paired_gaps_against_dense():
+    """quality.py's table against dense: a paired accuracy gap and its standard error, a ppl ratio."""
+    import quality
+
+    def cell(correct, nll):
+        return {"tasks": {"arc_easy": {"acc": sum(correct) / 4, "acc_se": 0.1, "items": {"correct": correct}},
+                          "ppl": {"ppl": 2.0, "items": {"window_nll": nll, "window_tokens": [10, 10]}}}}
+
+    results = {"dense": cell([1, 1, 0, 1], [10.0, 10.0]), "shortgpt-8": cell([1, 0, 0, 1], [12.0, 14.0])}
+    gap, se = quality.paired_gap(results, "shortgpt-8", "dense", "arc_easy")
+    assert gap == pytest.approx(-0.25) and se == pytest.approx(0.25)  # d = 0,-1,0,0: sd 0.5 / sqrt 4
+    lines = quality.vs_dense(results, ["shortgpt"], [0, 8], ["ppl", "arc_easy"])
+    row = [x for x in lines if x.startswith("| shortgpt-8")][0]
+    assert row == "| shortgpt-8 | ×1.35 | -25.0 ± 25.0 | -25.0 ± 25.0 |"  # exp(6 / 20) = 1.35
+
+
+def test_healing_benchmark_variants_and_report(tmp_path):
+    import healing
+
+    assert healing.parse_variant("r8=rank=8,lr=3e-3") == ("r8", {"rank": 8, "lr": 3e-3})
+    assert healing.parse_variant("full=full=1") == ("full", {"full": True})
+    with pytest.raises(SystemExit, match="'depth' is not one of"):
+        healing.parse_variant("x=depth=3")
+    with pytest.raises(SystemExit, match="expected NAME=key=value"):
+        healing.parse_variant("lonely")
+    rec = {"trainable_parameters": 1.79e6, "steps": 40, "best_step": 40, "ppl_before": 111.3, "ppl_after": 55.3,
+           "tokens_per_second": 191.0, "seconds": {"total": 594.0},
+           "history": [[0, None, 1.18, 111.3], [20, 0.7, 0.63, 57.3], [40, 0.6, 0.59, 55.3]]}
+    doc = {"meta": {"machine": {"date": "2026-12-01", "cpu": "AMD EPYC", "cores": 2}, "start": "shortgpt-8",
+                    "command": "python benchmarks/healing.py", "eval": {"n_tokens": 8192}},
+           "reference": {"dense": {"ppl": 40.0, "ppl_sciq": 20.0}, "start": {"ppl": 120.0, "ppl_sciq": 60.0}},
+           "runs": [{"name": "r8", "record": rec, "final": {"ppl": 60.0, "ppl_sciq": 25.0}, "tokens_per_step": 2048}]}
+    md = healing.markdown(doc)
+    assert "| r8 | 1.79 M | 40 (40) | 81920 | 111.3 → 55.3 | 60.00 (×1.50) | 25.00 (×1.25) | 191 | 594 s |" in md
+    healing.plot(doc, tmp_path / "h.png")
+    assert (tmp_path / "h.png").stat().st_size > 1000
