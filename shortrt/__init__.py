@@ -21,6 +21,7 @@ _LAZY = {
     "calibrate": ("calibration", "calibrate"),
     "Scores": ("calibration", "Scores"),
     "select": ("selection", "select"),
+    "iterative_select": ("iterative", "iterative_select"),
     "LayerMap": ("layermap", "LayerMap"),
     "LayerEntry": ("layermap", "LayerEntry"),
     "prune": ("pruning", "prune"),
@@ -42,7 +43,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "load", "Model", "calibrate", "Scores", "select", "LayerMap", "LayerEntry", "prune",
+    "load", "Model", "calibrate", "Scores", "select", "iterative_select", "LayerMap", "LayerEntry", "prune",
     "evaluate", "Engine", "generate", "replace", "heal",
     "ShortrtError", "CheckpointError", "MissingDependencyError",
 ]
