@@ -162,3 +162,23 @@ def test_cli_iterative_options_need_the_method(tiny, tmp_path, capsys):
     rc, _, err = run_cli(["prune", tiny, "--method", "last", "--remove", "1", "--tokens", "100",
                           "--out", tmp_path / "out"], capsys)
     assert rc == 1 and "--tokens: only for --method iterative" in err and err.count("\n") == 1
+
+
+def test_benchmark_runs(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    import shortrt.data
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import iterative as bench
+
+    path, _ = make_tiny(tmp_path / "m", num_hidden_layers=5, tokenizer=True, max_position_embeddings=1024)
+    monkeypatch.setattr(shortrt.data, "calibration_texts", lambda source: (TEXTS, "test prose"))
+    monkeypatch.setattr(shortrt.data, "heldout_texts", lambda *a, **k: TEXTS[:2])
+    result = bench.main(["--model", str(path), "--removed", "1,2", "--tokens", "256", "--ppl-tokens", "128",
+                         "--recompute", "2", "--repeats", "2", "--json", str(tmp_path / "r.json")])
+    names = [r["name"] for r in result["rows"]]
+    assert names == ["dense", "shortgpt-1", "iterative-1", "shortgpt-2", "iterative-2"]
+    assert result["rows"][2]["order"] == result["order"][:1]
+    assert result["timing"]["rounds"] == 2 and len(result["timing"]["reuse"]) == len(result["timing"]["recompute"]) == 2
+    assert (tmp_path / "r.json").exists() and "| iterative-2 |" in capsys.readouterr().out
