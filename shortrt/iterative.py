@@ -52,7 +52,7 @@ def iterative_select(model, *, remove=None, ratio=None, texts=None, n_tokens: in
     from .calibration import (SimilarityAccumulator, calibration_sequences, check_options, check_seq_len,
                               sequence_batches)
     from .checkpoint import load
-    from .layer_plan import load_for_plan, plan_steps
+    from .layer_plan import load_for_plan
     from .selection import count_to_remove
 
     check_options(n_tokens=n_tokens, seq_len=512 if seq_len is None else seq_len, batch_size=batch_size,
@@ -89,16 +89,9 @@ def iterative_select(model, *, remove=None, ratio=None, texts=None, n_tokens: in
         shared = sum(1 for s in plan if s.index < min(removed)) if removed else 0
         save = reuse_prefix and r < n - 1 and shared > skip
         acc = SimilarityAccumulator(num_layers, 1, backend)
-        saved = []
         with torch.inference_mode(), tqdm(total=used_tokens, unit="tok", desc=f"round {r + 1}/{n}",
                                           disable=not progress) as bar:
-            for b, batch in enumerate(batches):
-                start = prefix_states[b] if skip else None
-                for p, h_in, h_out in plan_steps(hf, batch, plan[skip:], start=start):
-                    acc.add_layer(acc.BLOCK, plan[skip + p].index, _flat(h_in), _flat(h_out))
-                    if save and skip + p + 1 == shared:
-                        saved.append(h_out)
-                bar.update(batch.numel())
+            saved = _run_round(hf, batches, plan, skip, prefix_states, shared if save else None, acc, bar)
             means = acc.means()[0][acc.BLOCK]
             for step in plan[skip:]:
                 stats[step.index] = (float(means[step.index, 0]), float(means[step.index, 1]))
@@ -126,6 +119,22 @@ def iterative_select(model, *, remove=None, ratio=None, texts=None, n_tokens: in
                    "round_layers_run": round_layers, "reuse_prefix": reuse_prefix}
     return LayerMap.from_removed(num_layers, removed, method="iterative", scores=record,
                                  calibration=calibration, source=ckpt.name)
+
+
+def _run_round(hf, batches, plan, skip: int, prefix_states, save_at: int | None, acc, bar) -> list:
+    """Every batch through plan[skip:] (from its kept prefix state when skip > 0), each step's input
+    and output added to `acc`; returns per batch the state leaving the first `save_at` steps (if given)."""
+    from .layer_plan import plan_steps
+
+    saved = []
+    for b, batch in enumerate(batches):
+        start = prefix_states[b] if skip else None
+        for p, h_in, h_out in plan_steps(hf, batch, plan[skip:], start=start):
+            acc.add_layer(acc.BLOCK, plan[skip + p].index, _flat(h_in), _flat(h_out))
+            if skip + p + 1 == save_at:
+                saved.append(h_out)
+        bar.update(batch.numel())
+    return saved
 
 
 def _flat(h):
