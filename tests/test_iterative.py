@@ -113,7 +113,7 @@ def test_bad_arguments(tiny, tmp_path):
     with pytest.raises(ValueError, match="n_tokens must be a positive integer"):
         iterative_select(tiny, remove=2, texts=TEXTS, n_tokens=0)
     missing = tmp_path / "nowhere.txt"
-    with pytest.raises(FileNotFoundError, match="calibration data file not found"):
+    with pytest.raises(FileNotFoundError, match="data file not found"):
         iterative_select(tiny, remove=2, texts=missing, progress=False)
     with pytest.raises(ValueError, match="use shortrt.iterative_select"):
         select({"bi": [0.1] * 6}, remove=2, method="iterative")
@@ -145,7 +145,7 @@ def test_cli_prunes_iteratively(tiny, tmp_path, capsys):
 
 @pytest.mark.parametrize("args,rc,phrase", [
     (["--remove", "6"], 1, "cannot remove 6 of 6 layers"),
-    (["--remove", "2", "--data", "{missing}"], 1, "calibration data file not found"),
+    (["--remove", "2", "--data", "{missing}"], 1, "data file not found"),
     (["--remove", "2", "--scores", "{missing}"], 1, "--method iterative measures the scores itself"),
     (["--remove", "2", "--metric", "cos"], 2, "argument --metric: invalid choice: 'cos'"),
     (["--remove", "2", "--tokens", "0"], 2, "argument --tokens: must be between 1 and"),
