@@ -149,7 +149,7 @@ def test_cli_prunes_iteratively(tiny, tmp_path, capsys):
     (["--remove", "2", "--scores", "{missing}"], 1, "--method iterative measures the scores itself"),
     (["--remove", "2", "--metric", "cos"], 2, "argument --metric: invalid choice: 'cos'"),
     (["--remove", "2", "--tokens", "0"], 2, "argument --tokens: must be between 1 and"),
-    ([], 2, "one of the arguments --remove --ratio --layers is required"),
+    ([], 2, "one of the arguments --remove --ratio"),
 ])
 def test_cli_errors_are_one_line(tiny, tmp_path, capsys, args, rc, phrase):
     argv = ["prune", tiny, "--method", "iterative", "--out", tmp_path / "out"]
