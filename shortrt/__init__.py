@@ -21,6 +21,7 @@ _LAZY = {
     "calibrate": ("calibration", "calibrate"),
     "Scores": ("calibration", "Scores"),
     "select": ("selection", "select"),
+    "iterative_select": ("iterative", "iterative_select"),
     "LayerMap": ("layermap", "LayerMap"),
     "LayerEntry": ("layermap", "LayerEntry"),
     "prune": ("pruning", "prune"),
@@ -45,7 +46,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "load", "Model", "calibrate", "Scores", "select", "LayerMap", "LayerEntry", "prune",
+    "load", "Model", "calibrate", "Scores", "select", "iterative_select", "LayerMap", "LayerEntry", "prune",
     "evaluate", "Engine", "generate", "replace", "heal",
     "Budget", "layers_for_budget", "measure_costs",
     "ShortrtError", "CheckpointError", "MissingDependencyError",

@@ -255,7 +255,7 @@ def calibration_sequences(tokenizer, texts: list[str], n_tokens: int, seq_len: i
     return [torch.tensor(ids[i:i + seq_len], dtype=torch.long) for i in range(0, len(ids), seq_len)]
 
 
-def _batches(sequences: list[torch.Tensor], batch_size: int):
+def sequence_batches(sequences: list[torch.Tensor], batch_size: int):
     """Consecutive sequences of equal length stacked into [batch, seq] tensors."""
     import torch
 
@@ -274,6 +274,29 @@ def _check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def check_options(*, n_tokens, seq_len, batch_size, backend) -> None:
+    """calibrate's own argument checks (shared with shortrt.iterative), before anything is loaded."""
+    import torch
+
+    from .kernels.cosine import BACKENDS, KernelUnavailableError, require_triton
+
+    for name, value in (("n_tokens", n_tokens), ("seq_len", seq_len), ("batch_size", batch_size)):
+        _check_positive(name, value)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown cosine backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "triton":
+        try:
+            require_triton(torch.device("cpu"))  # fail before loading anything: the model runs on the CPU
+        except KernelUnavailableError as exc:
+            raise ShortrtError(str(exc)) from None
+
+
+def check_seq_len(config: dict, seq_len: int) -> None:
+    max_positions = config.get("max_position_embeddings")
+    if max_positions and seq_len > max_positions:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
+
+
 def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, max_span: int | None = None,
               batch_size: int = 4, backend: str = "auto", progress: bool = True) -> Scores:
     """Measure every layer's Block Influence, angular distance, sublayer scores and span similarities.
@@ -288,19 +311,9 @@ def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, m
     from tqdm.auto import tqdm
 
     from . import data
-    from .kernels.cosine import BACKENDS, KernelUnavailableError, require_triton
     from .checkpoint import load
 
-    for name, value in (("n_tokens", n_tokens), ("seq_len", seq_len), ("batch_size", batch_size)):
-        _check_positive(name, value)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown cosine backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "triton":
-        try:
-            require_triton(torch.device("cpu"))  # fail before loading anything: the model runs on the CPU
-        except KernelUnavailableError as exc:
-            raise ShortrtError(str(exc)) from None
-
+    check_options(n_tokens=n_tokens, seq_len=seq_len, batch_size=batch_size, backend=backend)
     ckpt = load(model)
     config = ckpt.config()
     num_layers = int(config["num_hidden_layers"])
@@ -309,9 +322,7 @@ def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, m
     _check_positive("max_span", max_span)
     if max_span > num_layers:
         raise ValueError(f"max_span {max_span} exceeds the model's {num_layers} layers")
-    max_positions = config.get("max_position_embeddings")
-    if max_positions and seq_len > max_positions:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
+    check_seq_len(config, seq_len)
 
     texts, description = data.calibration_texts("default" if texts is None else texts)
     sequences = calibration_sequences(ckpt.tokenizer(), texts, n_tokens, seq_len)
@@ -324,7 +335,7 @@ def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, m
     started = time.perf_counter()
     with torch.no_grad(), LayerStateHooks(decoder.layers, acc, sublayers=sublayers) as hooks, \
             tqdm(total=used_tokens, unit="tok", desc="calibrate", disable=not progress) as bar:
-        for batch in _batches(sequences, batch_size):
+        for batch in sequence_batches(sequences, batch_size):
             decoder(input_ids=batch, use_cache=False)
             hooks.reset()  # drop this batch's states before the next forward allocates its own
             bar.update(batch.numel())

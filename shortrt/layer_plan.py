@@ -16,7 +16,8 @@ import torch
 from .checkpoint import Model, Step, load
 from .errors import CheckpointError, ShortrtError
 
-__all__ = ["Step", "dense_plan", "load_for_plan", "forward_plans", "plan_logits", "plan_states", "attention_mask"]
+__all__ = ["Step", "dense_plan", "load_for_plan", "forward_plans", "plan_logits", "plan_states", "attention_mask",
+           "plan_steps"]
 
 
 def dense_plan(num_layers: int) -> tuple[Step, ...]:
@@ -102,17 +103,28 @@ def forward_plans(hf, input_ids, position_ids, mask, plans: list[tuple[Step, ...
     return outs
 
 
+def plan_steps(hf, input_ids: torch.Tensor, plan: tuple[Step, ...], start: torch.Tensor | None = None):
+    """Run `plan` over a plain causal batch (every row at positions 0..T-1) one step at a time,
+    yielding (p, state entering step p, state leaving it), each [rows, T, hidden], in the caller's
+    grad mode. start: the state entering plan[0] in place of the token embeddings (a prefix of
+    layers computed earlier: shortrt.iterative keeps it between rounds)."""
+    rows, T = input_ids.shape
+    h = hf.model.embed_tokens(input_ids) if start is None else start
+    pe = hf.model.rotary_emb(h, position_ids=torch.arange(T).repeat(rows, 1))
+    additive = attention_mask(torch.ones(T, T, dtype=torch.bool).tril()[None, None], h.dtype)  # broadcasts over rows
+    for p, step in enumerate(plan):
+        out = _run_steps(hf, h, (step,), pe, additive)
+        yield p, h, out
+        h = out
+
+
 def plan_states(hf, input_ids: torch.Tensor, plan: tuple[Step, ...], keep=()):
     """(final-norm hidden states [rows, T, hidden], [hidden state after plan step p for p in keep])
     of a plain causal batch (every row at positions 0..T-1). Unlike forward_plans it runs in the
     caller's grad mode, so training (shortrt.healing) backpropagates through it."""
-    rows, T = input_ids.shape
     h = hf.model.embed_tokens(input_ids)
-    pe = hf.model.rotary_emb(h, position_ids=torch.arange(T).repeat(rows, 1))
-    additive = attention_mask(torch.ones(T, T, dtype=torch.bool).tril()[None, None], h.dtype)  # broadcasts over rows
     wanted, kept = set(keep), {}
-    for p, step in enumerate(plan):
-        h = _run_steps(hf, h, (step,), pe, additive)
+    for p, _, h in plan_steps(hf, input_ids, plan, start=h):
         if p in wanted:
             kept[p] = h
     return hf.model.norm(h), [kept[p] for p in keep]

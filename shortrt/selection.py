@@ -13,6 +13,9 @@ Methods (N = number removed, L = number of layers):
   the most influential, so dropping it as well (ShortGPT's "reverse-order" baseline) mostly
   measures that one layer's loss and makes a weaker, less informative baseline.
 - ``random``: N layers drawn uniformly with a seeded generator.
+
+Iterative removal (one layer per round, recalibrating in between) needs the model, not one set of
+scores: it is shortrt.iterative.iterative_select.
 """
 from __future__ import annotations
 
@@ -119,6 +122,9 @@ def select(scores, *, remove=None, ratio=None, method: str = "shortgpt", seed: i
     the final layer and removes the N before it (see the module docstring for why).
     """
     scores = _as_scores(scores)
+    if method == "iterative":
+        raise ValueError("method 'iterative' recalibrates the model after each removal, so it needs the model, "
+                         "not scores: use shortrt.iterative_select(model, remove=N)")
     if method not in METHODS:
         raise ValueError(f"unknown selection method {method!r}; choose one of {', '.join(METHODS)}")
     num_layers = _field(scores, "num_layers")

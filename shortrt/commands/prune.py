@@ -1,7 +1,9 @@
 """`shortrt prune`: choose layers to remove (from calibration scores or a list) and write the pruned checkpoint."""
 from __future__ import annotations
 
-from . import integer, layer_list, number
+from shortrt.iterative import DEFAULT_TOKENS
+
+from . import DATA_HELP, data_source, integer, layer_list, number, text
 from . import size  # the budget options' byte sizes
 
 HELP = "remove layers (or attention sublayers) and write a pruned checkpoint"
@@ -34,8 +36,15 @@ def add_arguments(parser):
                         "min(max_position_embeddings, 2048))")
     budget.add_argument("--max-batch", type=integer(1, 4096), help="sequences of --max-kv-bytes (default: 1)")
     parser.add_argument("--method", default="shortgpt",
-                        choices=["shortgpt", "span", "attention", "last", "random"],
-                        help="how to choose the layers (default: %(default)s)")
+                        choices=["shortgpt", "span", "attention", "last", "random", "iterative"],
+                        help="how to choose the layers (default: %(default)s); iterative removes one layer "
+                             "per round and recalibrates the pruned model in between (no --scores)")
+    iterative = parser.add_argument_group("--method iterative")
+    iterative.add_argument("--data", nargs="+", type=text, metavar="PATH",
+                           help=DATA_HELP.format(what="calibration text of every round"))
+    iterative.add_argument("--tokens", type=integer(1),
+                           help=f"calibration tokens per round (default: {DEFAULT_TOKENS})")
+    iterative.add_argument("--metric", choices=["bi", "angular"], help="score ranked each round (default: bi)")
     parser.add_argument("--seed", type=integer(0), default=0, help="seed of the random method (default: %(default)s)")
     parser.add_argument("--out", required=True, help="directory to write the pruned checkpoint to")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
@@ -45,6 +54,11 @@ def build_layer_map(args, num_layers: int):
     from shortrt.layermap import LayerMap
     from shortrt.selection import select
 
+    if args.method == "iterative" and args.layers is None:
+        return iterative_layer_map(args)
+    given = [f"--{name}" for name in ("data", "tokens", "metric") if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only for --method iterative")
     if args.layers is not None:
         layers = args.layers
         if args.method == "attention":
@@ -63,6 +77,15 @@ def build_layer_map(args, num_layers: int):
     return lmap
 
 
+def iterative_layer_map(args):
+    from shortrt.iterative import iterative_select
+
+    if args.scores is not None:
+        raise ValueError("--method iterative measures the scores itself, round by round: drop --scores")
+    return iterative_select(args.model, remove=args.remove, ratio=args.ratio, texts=None if args.data is None else data_source(args.data),
+                            n_tokens=args.tokens or DEFAULT_TOKENS, metric=args.metric or "bi")
+
+
 def format_summary(lmap, out) -> str:
     kept = len(lmap.layers)
     lines = [f"method      {lmap.method}",
@@ -73,7 +96,10 @@ def format_summary(lmap, out) -> str:
         lines.append(f"attention   removed in layers {', '.join(map(str, lmap.removed_attention))}")
     scores = lmap.scores or {}
     metric = scores.get("metric")
-    if metric in scores:
+    if "order" in scores:  # iterative: each layer's score in the round that removed it
+        values = ", ".join(f"{i}: {v:.4f}" for i, v in zip(scores["order"], scores["order_scores"]))
+        lines.append(f"{metric:<11} in the order removed: {values}")
+    elif metric in scores:
         gone = lmap.removed or lmap.removed_attention
         values = ", ".join(f"{i}: {scores[metric][i]:.4f}" for i in gone)
         lines.append(f"{metric:<11} {values}")
