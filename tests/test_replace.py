@@ -250,9 +250,11 @@ def test_replaced_checkpoint_is_made_once_and_reused(dense, monkeypatch, tmp_pat
         raise AssertionError("the cached checkpoint should have been reused")
 
     monkeypatch.setattr(replace_module, "replace", no_training)
-    assert replaced_checkpoint(dense, _span_scores(), 3, "mlp").path == first.path
+    assert replaced_checkpoint(dense, _span_scores(), 3, "mlp", texts=texts).path == first.path
     with pytest.raises(AssertionError, match="reused"):  # another span: rebuilt
-        replaced_checkpoint(dense, _span_scores(best_start=1), 3, "mlp")
+        replaced_checkpoint(dense, _span_scores(best_start=1), 3, "mlp", texts=texts)
+    with pytest.raises(AssertionError, match="reused"):  # trained on other text (here: the default mix): rebuilt
+        replaced_checkpoint(dense, _span_scores(), 3, "mlp")
 
 
 def test_replace_command(dense, tmp_path, capsys):
