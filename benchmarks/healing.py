@@ -155,6 +155,7 @@ def plot(doc, path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for r in doc["runs"]:
@@ -172,6 +173,7 @@ def plot(doc, path) -> None:
     for r, x in zip(doc["runs"], params):
         b.annotate(r["name"], (x, r["final"]["ppl"]), fontsize=7)
     b.set_xscale("log")
+    b.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: the minor labels overlap
     b.set_xlabel("trainable parameters")
     b.set_ylabel("perplexity after healing (dashed: dense)")
     b.grid(alpha=0.3)
