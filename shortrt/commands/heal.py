@@ -7,15 +7,16 @@ HELP = "heal a pruned checkpoint by distillation from its source model (LoRA ada
 
 
 def add_arguments(parser):
-    from shortrt.healing import (DEFAULT_BATCH, DEFAULT_RANK, DEFAULT_SEQ_LEN, DEFAULT_STEPS, DEFAULT_TIME_LIMIT,
-                                 DEFAULT_TOKENS)
+    from shortrt.healing import (DEFAULT_BATCH, DEFAULT_FULL_LR, DEFAULT_LR, DEFAULT_RANK, DEFAULT_SEQ_LEN,
+                                 DEFAULT_STEPS, DEFAULT_TIME_LIMIT, DEFAULT_TOKENS)
 
     parser.add_argument("model", metavar="CKPT", help="pruned checkpoint directory (from prune or replace)")
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
     parser.add_argument("--teacher", help="model to learn from (default: the source its shortrt.json names)")
     add_data_argument(parser, "training text")
     parser.add_argument("--tokens", type=integer(2), default=DEFAULT_TOKENS,
-                        help="training tokens, 1/8 of them held out for early stopping (default: %(default)s)")
+                        help="training tokens, 1/8 of them (at most 8 sequences) held out for early stopping "
+                             "(default: %(default)s)")
     parser.add_argument("--seq-len", type=integer(2), default=DEFAULT_SEQ_LEN,
                         help="tokens per sequence (default: %(default)s)")
     parser.add_argument("--steps", type=integer(1), default=DEFAULT_STEPS,
@@ -23,7 +24,7 @@ def add_arguments(parser):
                              "(default: %(default)s)")
     parser.add_argument("--batch", type=integer(1), default=DEFAULT_BATCH, help="sequences per step (default: %(default)s)")
     parser.add_argument("--lr", type=number(0.0, lo_open=True),
-                        help="peak learning rate (default: 1e-3 with LoRA, 1e-4 with --full)")
+                        help=f"peak learning rate (default: {DEFAULT_LR:g} with LoRA, {DEFAULT_FULL_LR:g} with --full)")
     parser.add_argument("--rank", type=integer(1, 4096), default=DEFAULT_RANK, help="LoRA rank (default: %(default)s)")
     parser.add_argument("--alpha", type=number(0.0, lo_open=True), help="LoRA alpha; scale = alpha / rank "
                         "(default: 2 * rank)")
@@ -38,7 +39,8 @@ def add_arguments(parser):
                         help="seconds of training (steps and held-out checks; the learning-rate schedule is fitted "
                              "to them), 0 for no limit: then --steps alone bounds it (default: %(default)g)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="of the matrix products: bf16 (torch autocast; weights stay fp32) or fp32; auto = bf16 "
+                        help="of the forward and backward passes: bf16 (LoRA: frozen weights and teacher in bf16, "
+                             "fp32 adapters merged into the fp32 weights; --full: autocast) or fp32; auto = bf16 "
                              "where the CPU has bf16 instructions (AVX512-BF16, AMX), else fp32 (default: %(default)s)")
     parser.add_argument("--seed", type=integer(0), default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
