@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 # `from shortrt import calibrate, Scores`) stays fast for code that only reads scores files.
 
 SCORES_FORMAT = "shortrt.scores/1"
+# Layer-streaming calibration keeps the hidden states of max_span + 1 depths for a group of tokens
+# within this many bytes (fp32); more tokens are calibrated in further groups.
+DEFAULT_STATE_BYTES = 1536 << 20
 # Architectures whose decoder layer computes m = h + attn(norm(h)); h' = m + mlp(post_attention_layernorm(m)),
 # so the input of post_attention_layernorm is the mid-layer residual. (Gemma and OLMo-2 norm the
 # sublayer outputs instead, and their sublayer scores would mean something else.)
@@ -298,14 +301,20 @@ def check_seq_len(config: dict, seq_len: int) -> None:
 
 
 def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, max_span: int | None = None,
-              batch_size: int = 4, backend: str = "auto", progress: bool = True) -> Scores:
+              batch_size: int = 4, backend: str = "auto", stream: bool | None = None,
+              state_bytes: int = DEFAULT_STATE_BYTES, progress: bool = True) -> Scores:
     """Measure every layer's Block Influence, angular distance, sublayer scores and span similarities.
 
     model: "default", a checkpoint directory, a .gguf file or a shortrt Model.
-    texts: None (the packaged Jane Austen calibration set), a .txt/.jsonl path, or a list of strings.
+    texts: None (the default text mix, shortrt.data), a path or list of paths (.txt/.jsonl files,
+    directories), or a list of strings.
     n_tokens: calibration tokens (fewer if the texts hold fewer); seq_len: tokens per sequence;
     max_span: longest span in the depth x depth table (default: all depths); batch_size: sequences
     per forward pass; backend: the cosine kernel's ("auto", "triton", "torch").
+    stream: run one decoder layer at a time with only its weights in memory (shortrt.streaming),
+    over groups of tokens whose states of max_span + 1 depths fit in `state_bytes`; None (default)
+    streams when the model's fp32 weights would take more than a quarter of the available memory.
+    The scores are the same either way (to fp32 rounding: tests/test_calibrate.py).
     """
     import torch
     from tqdm.auto import tqdm
@@ -320,6 +329,7 @@ def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, m
     if max_span is None:
         max_span = num_layers
     _check_positive("max_span", max_span)
+    _check_positive("state_bytes", state_bytes)
     if max_span > num_layers:
         raise ValueError(f"max_span {max_span} exceeds the model's {num_layers} layers")
     check_seq_len(config, seq_len)
@@ -328,17 +338,23 @@ def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, m
     sequences = calibration_sequences(ckpt.tokenizer(), texts, n_tokens, seq_len)
     used_tokens = sum(seq.shape[0] for seq in sequences)
 
-    hf = ckpt.load_hf(torch.float32)
-    decoder = hf.base_model  # the stack without lm_head: its logits are not needed
     sublayers = config.get("model_type") in _MID_RESIDUAL_ARCHS
     acc = SimilarityAccumulator(num_layers, max_span, backend)
+    if stream is None:
+        stream = should_stream(ckpt)
     started = time.perf_counter()
-    with torch.no_grad(), LayerStateHooks(decoder.layers, acc, sublayers=sublayers) as hooks, \
-            tqdm(total=used_tokens, unit="tok", desc="calibrate", disable=not progress) as bar:
-        for batch in sequence_batches(sequences, batch_size):
-            decoder(input_ids=batch, use_cache=False)
-            hooks.reset()  # drop this batch's states before the next forward allocates its own
-            bar.update(batch.numel())
+    if stream:
+        _calibrate_streaming(ckpt, sequences, batch_size, acc, sublayers=sublayers, state_bytes=state_bytes,
+                             progress=progress)
+    else:
+        hf = ckpt.load_hf(torch.float32)
+        decoder = hf.base_model  # the stack without lm_head: its logits are not needed
+        with torch.no_grad(), LayerStateHooks(decoder.layers, acc, sublayers=sublayers) as hooks, \
+                tqdm(total=used_tokens, unit="tok", desc="calibrate", disable=not progress) as bar:
+            for batch in sequence_batches(sequences, batch_size):
+                decoder(input_ids=batch, use_cache=False)
+                hooks.reset()  # drop this batch's states before the next forward allocates its own
+                bar.update(batch.numel())
     seconds = time.perf_counter() - started
 
     layer, span = acc.means()
@@ -353,5 +369,74 @@ def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, m
         span_cos=span[..., 0].tolist(),
         span_angular=span[..., 1].tolist(),
         data={"source": description, "n_tokens": used_tokens, "seq_len": seq_len,
-              "n_sequences": len(sequences), "seconds": round(seconds, 2), "backend": backend},
+              "n_sequences": len(sequences), "seconds": round(seconds, 2), "backend": backend,
+              "streamed": bool(stream)},
     )
+
+
+def should_stream(ckpt) -> bool:
+    """Whether the model's fp32 weights would take more than a quarter of the available memory."""
+    fp32_bytes = sum(4 * math.prod(shape) for _, _, shape in ckpt.tensors.values())
+    return fp32_bytes > available_memory() // 4
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo in bytes (16 GiB where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 16 << 30
+
+
+def _calibrate_streaming(ckpt, sequences, batch_size: int, acc: SimilarityAccumulator, *, sublayers: bool,
+                         state_bytes: int, progress: bool) -> None:
+    """The statistics `LayerStateHooks` gathers, with the loops turned around: for each group of
+    batches, every layer in turn over all of the group's batches, its weights loaded for that turn
+    only (shortrt.streaming). A group holds the hidden states of max_span + 1 depths (the span
+    table needs them) in `state_bytes`; each further group reads the weights once more."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .layer_plan import causal_mask, run_layer
+    from .streaming import LayerStream
+
+    stream = LayerStream(ckpt)
+    hidden = ckpt.model_config.hidden
+    batches = list(sequence_batches(sequences, batch_size))
+    per_token = (acc.max_span + 1) * hidden * 4
+    group_tokens = max(state_bytes // per_token, max(b.numel() for b in batches))
+    groups, size = [[]], 0
+    for batch in batches:
+        if groups[-1] and size + batch.numel() > group_tokens:
+            groups.append([])
+            size = 0
+        groups[-1].append(batch)
+        size += batch.numel()
+    total = sum(b.numel() for b in batches) * stream.num_layers
+    flat = LayerStateHooks._flat
+    with torch.no_grad(), tqdm(total=total, unit="tok", unit_scale=True, disable=not progress,
+                               desc=f"calibrate (streaming, {len(groups)} group{'s' * (len(groups) > 1)})") as bar:
+        for group in groups:
+            states = [stream.embed(b) for b in group]
+            chain = {0: states}  # depth j -> h_j of every batch of the group
+            for i in range(stream.num_layers):
+                with stream.layer(i) as layer:
+                    outs = []
+                    for b, h in enumerate(states):
+                        mid, out = run_layer(layer, h, stream.rotary(h), causal_mask(h.shape[1], h.dtype))
+                        x, y = flat(h), flat(out)
+                        block = acc.add_layer(acc.BLOCK, i, x, y)
+                        if sublayers:
+                            acc.add_layer(acc.ATTENTION, i, x, flat(mid))
+                            acc.add_layer(acc.MLP, i, flat(mid), y)
+                        for n in range(1, min(acc.max_span, i + 1) + 1):
+                            acc.add_span(i + 1 - n, n, flat(chain[i + 1 - n][b]), y, sums=block if n == 1 else None)
+                        outs.append(out)
+                        del mid
+                        bar.update(h.shape[0] * h.shape[1])
+                states = chain[i + 1] = outs
+                chain.pop(i + 1 - acc.max_span, None)  # no later span starts there

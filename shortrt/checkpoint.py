@@ -25,6 +25,7 @@ import re
 import shutil
 import signal
 import stat
+import struct
 import sys
 import tempfile
 import threading
@@ -47,6 +48,8 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 ALLOW_NONFINITE_ENV = "SHORTRT_ALLOW_NONFINITE"
+# Streaming reads (prune, layer-streaming calibration) hold at most this many bytes of one tensor.
+CHUNK_BYTES = 64 << 20
 
 _MAP_KEYS = {"format", "source", "source_num_layers", "method", "layers", "removed", "scores", "calibration",
              "replacement", "healing", "budget"}
@@ -642,32 +645,74 @@ class Model:
     def read_tensors(self, names=None, dtype=None) -> dict:
         """The named tensors (default: all the contract expects) as torch tensors (float32 unless
         told); NaN or Inf values are an error unless $SHORTRT_ALLOW_NONFINITE=1 (then a warning)."""
-        import torch
-        from safetensors import safe_open
-
-        dtype = dtype or torch.float32
         wanted = list(self.tensors) if names is None else list(names)
-        by_file: dict[Path, list[str]] = {}
-        for name in wanted:
-            if name not in self.tensors:
-                raise CheckpointError(f"{self.path}: tensor '{name}' not found in the checkpoint")
-            by_file.setdefault(self.tensors[name][0], []).append(name)
-        out = {}
-        for f, names_in_file in by_file.items():
-            with safe_open(str(f), framework="pt") as handle:
-                for name in names_in_file:
-                    t = handle.get_tensor(name)
-                    if t.is_floating_point():
-                        check_finite(name, t, f)
-                    out[name] = t.to(dtype) if t.is_floating_point() else t
+        return {name: self.read_rows(name, dtype=dtype) for name in wanted}
+
+    @cached_property
+    def _data_ranges(self) -> dict[str, tuple[Path, int, int]]:
+        """name -> (file, first byte, end byte) of each tensor's data. The safetensors library has
+        validated every header (`tensors`), so only the offsets are taken from them here."""
+        self.tensors  # noqa: B018  (validates)
+        out: dict[str, tuple[Path, int, int]] = {}
+        for f in self.weight_files:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    begin, end = info["data_offsets"]
+                    out[name] = (f, 8 + n + begin, 8 + n + end)
         return out
 
-    def open_tensors(self, stack: contextlib.ExitStack) -> dict:
-        """name -> an open safetensors handle holding it (for streaming copies: prune, replace)."""
-        from safetensors import safe_open
+    def _tensor_info(self, name: str):
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.path}: tensor '{name}' not found in the checkpoint")
+        f, dtype, shape = self.tensors[name]
+        _, begin, end = self._data_ranges[name]
+        return f, dtype, shape, begin, end
 
-        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in self.weight_files}
-        return {name: handles[f] for name, (f, _, _) in self.tensors.items()}
+    def read_chunks(self, name: str, max_bytes: int = CHUNK_BYTES):
+        """The raw bytes of tensor `name`, in pieces of at most `max_bytes` (whole rows where a row
+        fits). Read with pread, never memory-mapped: a streaming copy holds one piece, and the
+        file's pages stay in the page cache instead of the process's resident set."""
+        f, _, shape, begin, end = self._tensor_info(name)
+        row = (end - begin) // shape[0] if shape and shape[0] else end - begin
+        step = max_bytes // row * row if 0 < row <= max_bytes else max_bytes
+        with open(f, "rb", buffering=0) as fh:
+            for offset in range(begin, end, step):
+                size = min(step, end - offset)
+                data = os.pread(fh.fileno(), size, offset)
+                if len(data) != size:
+                    raise CheckpointError(f"{f}: tensor '{name}' ends past the end of the file (truncated?)")
+                yield data
+
+    def read_rows(self, name: str, start: int = 0, stop: int | None = None, dtype=None):
+        """Rows [start, stop) (first dimension; default all) of tensor `name` as a torch tensor of
+        `dtype` (float32 unless told), read with pread like read_chunks; a floating-point tensor
+        with NaN or Inf values is an error unless $SHORTRT_ALLOW_NONFINITE=1 (then a warning)."""
+        import torch
+
+        f, file_dtype, shape, begin, end = self._tensor_info(name)
+        torch_dtype = _TORCH_DTYPES[file_dtype]
+        rows = shape[0] if shape else 1
+        stop = rows if stop is None else stop
+        if not 0 <= start <= stop <= rows:
+            raise ValueError(f"rows [{start}, {stop}) out of range for tensor '{name}' with {rows} rows")
+        row_bytes = (end - begin) // rows if rows else 0
+        out_shape = (stop - start, *shape[1:]) if shape else ()
+        buf = bytearray(row_bytes * (stop - start))
+        if buf:
+            with open(f, "rb", buffering=0) as fh:
+                got = os.preadv(fh.fileno(), [buf], begin + start * row_bytes)
+            if got != len(buf):
+                raise CheckpointError(f"{f}: tensor '{name}' ends past the end of the file (truncated?)")
+            t = torch.frombuffer(buf, dtype=torch_dtype).reshape(out_shape)
+        else:
+            t = torch.empty(out_shape, dtype=torch_dtype)
+        if t.is_floating_point():
+            check_finite(name, t, f)
+            t = t.to(dtype or torch.float32)
+        return t
 
     def load_hf(self, dtype=None):
         """The checkpoint as a transformers causal LM (CPU, eval mode, fp32 unless told)."""
@@ -689,6 +734,23 @@ class Model:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.path)
+
+
+class _TorchDtypes(dict):
+    """safetensors dtype name -> torch dtype (filled on first use: torch is imported lazily)."""
+
+    def __missing__(self, key):
+        import torch
+
+        self.update({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                     "U8": torch.uint8, "BOOL": torch.bool})
+        if key not in self:
+            raise CheckpointError(f"tensor dtype {key} is not one shortrt reads")
+        return self[key]
+
+
+_TORCH_DTYPES = _TorchDtypes()
 
 
 def check_finite(name: str, t, where) -> None:

@@ -458,10 +458,9 @@ def _write(student: Model, new: dict, record: dict, out, overwrite: bool) -> Mod
 
     layer_map = dataclasses.replace(student.layer_map, healing=record)
     identity = [LayerEntry(i, attention=e.attention, mlp=e.mlp) for i, e in enumerate(student.layer_map.layers)]
-    with contextlib.ExitStack() as stack:
-        tensors = []
-        for t in layer_tensors(student, identity, stack):
-            if t.name in new:
-                t = TensorSource(t.name, t.dtype, t.shape, lambda v=new[t.name], d=t.dtype: tensor_bytes(v, d))
-            tensors.append(t)
-        return write_checkpoint(out, student, student.config(), layer_map, tensors, overwrite=overwrite)
+    tensors = []
+    for t in layer_tensors(student, identity):
+        if t.name in new:
+            t = TensorSource(t.name, t.dtype, t.shape, lambda v=new[t.name], d=t.dtype: tensor_bytes(v, d))
+        tensors.append(t)
+    return write_checkpoint(out, student, student.config(), layer_map, tensors, overwrite=overwrite)

@@ -17,7 +17,7 @@ from .checkpoint import Model, Step, load
 from .errors import CheckpointError, ShortrtError
 
 __all__ = ["Step", "dense_plan", "load_for_plan", "forward_plans", "plan_logits", "plan_states", "attention_mask",
-           "plan_steps"]
+           "causal_mask", "plan_steps", "run_layer"]
 
 
 def dense_plan(num_layers: int) -> tuple[Step, ...]:
@@ -59,16 +59,28 @@ def attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return additive.masked_fill_(~mask, torch.finfo(dtype).min)
 
 
+def run_layer(layer, h, pe, mask, *, attention: bool = True, mlp: bool = True):
+    """One decoder layer (a transformers module of the Llama family) on h [rows, T, hidden]:
+    (mid-layer residual h + attn(norm(h)), output), either sublayer skipped when told.
+    pe: the rotary (cos, sin) for the rows' positions; mask: additive, broadcastable to [rows, 1, T, T]."""
+    if attention:
+        a, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=pe, attention_mask=mask)
+        h = h + a
+    mid = h
+    if mlp:
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return mid, h
+
+
+def causal_mask(T: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive causal mask [1, 1, T, T] of a plain batch (every row at positions 0..T-1)."""
+    return attention_mask(torch.ones(T, T, dtype=torch.bool).tril()[None, None], dtype)
+
+
 def _run_steps(hf, h, steps, pe, mask):
     layers = hf.model.layers
     for step in steps:
-        layer = layers[step.index]
-        if step.attention:
-            a, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=pe,
-                                   attention_mask=mask)
-            h = h + a
-        if step.mlp:
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        _, h = run_layer(layers[step.index], h, pe, mask, attention=step.attention, mlp=step.mlp)
     return h
 
 
@@ -111,7 +123,7 @@ def plan_steps(hf, input_ids: torch.Tensor, plan: tuple[Step, ...], start: torch
     rows, T = input_ids.shape
     h = hf.model.embed_tokens(input_ids) if start is None else start
     pe = hf.model.rotary_emb(h, position_ids=torch.arange(T).repeat(rows, 1))
-    additive = attention_mask(torch.ones(T, T, dtype=torch.bool).tril()[None, None], h.dtype)  # broadcasts over rows
+    additive = causal_mask(T, h.dtype)  # broadcasts over rows
     for p, step in enumerate(plan):
         out = _run_steps(hf, h, (step,), pe, additive)
         yield p, h, out

@@ -6,13 +6,12 @@ tokenizer and generation files copied, and shortrt.json recording the layer map 
 came from. transformers builds each attention with `layer_idx` = its position in the new
 model, so the KV cache lines up (no stale layer_idx from the dense model survives).
 
-Tensors stream from the source safetensors one at a time; shortrt.checkpoint.write_checkpoint
+Tensors stream from the source safetensors one bounded piece at a time; shortrt.checkpoint.write_checkpoint
 builds the checkpoint in a staging directory renamed into place only when complete, so there
 is never a half-written checkpoint at out_dir.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 
@@ -52,47 +51,39 @@ def prune(model, layer_map: LayerMap, out_dir, *, overwrite: bool = False, progr
         written = src.layer_map.then(layer_map)
     else:
         written = dataclasses.replace(layer_map, source=src.origin)
-    with contextlib.ExitStack() as stack:
-        tensors = layer_tensors(src, layer_map.layers, stack)
-        if progress:
-            tensors = _with_progress(tensors)
-        return write_checkpoint(out_dir, src, pruned_config(src.config(), layer_map.layers), written, tensors,
-                                overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+    tensors = layer_tensors(src, layer_map.layers)
+    if progress:
+        tensors = _with_progress(tensors)
+    return write_checkpoint(out_dir, src, pruned_config(src.config(), layer_map.layers), written, tensors,
+                            overwrite=overwrite, max_shard_bytes=max_shard_bytes)
 
 
-def layer_tensors(src: Model, layers: list[LayerEntry], stack: contextlib.ExitStack) -> list[TensorSource]:
+def layer_tensors(src: Model, layers: list[LayerEntry]) -> list[TensorSource]:
     """The tensors of a checkpoint whose layer i is `src`'s layer layers[i].source (its attention
-    and MLP only where the entry keeps them): non-layer tensors, then each layer renamed.
-    (`src.tensors` is already checked to be exactly what its config and layer map say.)"""
-    where = src.open_tensors(stack)
+    and MLP only where the entry keeps them): non-layer tensors, then each layer renamed. Each is
+    copied in pieces of at most checkpoint.CHUNK_BYTES, so memory stays flat whatever the model's
+    size. (`src.tensors` is already checked to be exactly what its config and layer map say.)"""
     by_layer: dict[int, list[tuple[str, str]]] = {}
     plan: list[TensorSource] = []
-    for name in sorted(where):
+    for name in sorted(src.tensors):
         m = _LAYER_KEY.match(name)
         if m:
             by_layer.setdefault(int(m.group(1)), []).append((name, m.group(2)))
         else:
-            plan.append(_source(where[name], name, name))
+            plan.append(_source(src, name, name))
     for new_index, entry in enumerate(layers):
         for name, rest in by_layer[entry.source]:
             if not entry.attention and rest.startswith(_ATTENTION_PREFIXES):
                 continue
             if not entry.mlp and rest.startswith(_MLP_PREFIXES):
                 continue
-            plan.append(_source(where[name], name, f"model.layers.{new_index}.{rest}"))
+            plan.append(_source(src, name, f"model.layers.{new_index}.{rest}"))
     return plan
 
 
-def _source(handle, name: str, new_name: str) -> TensorSource:
-    sl = handle.get_slice(name)
-
-    def read() -> bytes:
-        t = handle.get_tensor(name).contiguous()
-        import torch
-
-        return t.reshape(-1).view(torch.uint8).numpy().tobytes()
-
-    return TensorSource(new_name, sl.get_dtype(), list(sl.get_shape()), read)
+def _source(src: Model, name: str, new_name: str) -> TensorSource:
+    _, dtype, shape = src.tensors[name]
+    return TensorSource(new_name, dtype, list(shape), lambda: src.read_chunks(name))
 
 
 def _with_progress(tensors: list[TensorSource]) -> list[TensorSource]:
@@ -101,10 +92,10 @@ def _with_progress(tensors: list[TensorSource]) -> list[TensorSource]:
     bar = tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc="prune")
 
     def wrap(t: TensorSource) -> TensorSource:
-        def read() -> bytes:
-            data = t.read()
-            bar.update(len(data))
-            return data
+        def read():
+            for piece in t.pieces():
+                bar.update(len(piece))
+                yield piece
         return TensorSource(t.name, t.dtype, t.shape, read)
 
     return [wrap(t) for t in tensors]

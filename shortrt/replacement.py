@@ -23,7 +23,6 @@ takes about 0.3 s for the MLP and 0.9 s for the layer, so training takes about 2
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -164,22 +163,21 @@ def _write_checkpoint(src: Model, config: dict, layer_map: LayerMap, span: list[
     prefix = f"model.layers.{position}."
     trained = {prefix + name: t for name, t in result.module.state_dict().items()}
 
-    with contextlib.ExitStack() as stack:
-        plan = layer_tensors(src, stored, stack)
-        slot = [t.name for t in plan if t.name.startswith(prefix)]
-        if sorted(slot) != sorted(trained):
-            raise ShortrtError(f"the trained module's tensors {sorted(trained)} do not match the layer's "
-                               f"tensors in {src.path}: {sorted(slot)}")
-        tensors = []
-        for t in plan:
-            if t.name in trained:
-                value = trained[t.name]
-                if list(value.shape) != list(t.shape):
-                    raise ShortrtError(f"trained tensor {t.name} has shape {list(value.shape)}, "
-                                       f"the checkpoint's has {t.shape}")
-                t = TensorSource(t.name, t.dtype, t.shape, lambda v=value, d=t.dtype: tensor_bytes(v, d))
-            tensors.append(t)
-        return write_checkpoint(out, src, pruned_config(config, stored), written, tensors, overwrite=overwrite)
+    plan = layer_tensors(src, stored)
+    slot = [t.name for t in plan if t.name.startswith(prefix)]
+    if sorted(slot) != sorted(trained):
+        raise ShortrtError(f"the trained module's tensors {sorted(trained)} do not match the layer's "
+                           f"tensors in {src.path}: {sorted(slot)}")
+    tensors = []
+    for t in plan:
+        if t.name in trained:
+            value = trained[t.name]
+            if list(value.shape) != list(t.shape):
+                raise ShortrtError(f"trained tensor {t.name} has shape {list(value.shape)}, "
+                                   f"the checkpoint's has {t.shape}")
+            t = TensorSource(t.name, t.dtype, t.shape, lambda v=value, d=t.dtype: tensor_bytes(v, d))
+        tensors.append(t)
+    return write_checkpoint(out, src, pruned_config(config, stored), written, tensors, overwrite=overwrite)
 
 
 def replaced_checkpoint(model, scores, k: int, kind: str, **kw):

@@ -11,7 +11,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                 "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
@@ -19,11 +19,19 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 @dataclass
 class TensorSource:
-    """A tensor to write: its name, safetensors dtype string, shape, and how to get its bytes."""
+    """A tensor to write: its name, safetensors dtype string, shape, and how to get its bytes:
+    `read()` returns them whole (bytes) or as an iterable of pieces (a streaming copy)."""
     name: str
     dtype: str
     shape: list[int]
-    read: Callable[[], bytes]
+    read: Callable[[], bytes | Iterable[bytes]]
+
+    def pieces(self) -> Iterator[bytes]:
+        data = self.read()
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            yield data
+        else:
+            yield from data
 
     @property
     def nbytes(self) -> int:
@@ -58,10 +66,14 @@ def write_safetensors(path: Path, tensors: list[TensorSource], metadata: dict | 
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for t in tensors:
-            data = t.read()
-            if len(data) != t.nbytes:
-                raise ValueError(f"tensor {t.name!r}: read {len(data)} bytes, header says {t.nbytes}")
-            f.write(data)
+            written = 0
+            for piece in t.pieces():
+                written += len(piece)
+                if written > t.nbytes:
+                    break
+                f.write(piece)
+            if written != t.nbytes:
+                raise ValueError(f"tensor {t.name!r}: read {written} bytes, header says {t.nbytes}")
     return offset
 
 

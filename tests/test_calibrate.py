@@ -170,6 +170,59 @@ def test_streaming_batches_and_memory(tiny_model, monkeypatch):
     assert more.data["n_tokens"] == 600
 
 
+@pytest.mark.parametrize("state_bytes,groups", [(1 << 30, 1), (1, 3)])
+def test_layer_streaming_gives_the_same_scores(tiny_model, state_bytes, groups, monkeypatch):
+    """One decoder layer at a time over groups of tokens (stream=True) against the whole model
+    with hooks; state_bytes=1 forces one group per batch, so each layer's weights are read 3 times."""
+    from shortrt.streaming import LayerStream
+
+    loads = []
+    real_layer = LayerStream.layer
+
+    def counting_layer(self, i):
+        loads.append(i)
+        return real_layer(self, i)
+
+    monkeypatch.setattr(LayerStream, "layer", counting_layer)
+    kwargs = dict(n_tokens=300, seq_len=64, batch_size=2, max_span=3, progress=False)
+    whole = calibrate(tiny_model, PROSE, stream=False, **kwargs)
+    streamed = calibrate(tiny_model, PROSE, stream=True, state_bytes=state_bytes, **kwargs)
+    for name in ("bi", "angular", "attn_bi", "mlp_bi", "span_cos", "span_angular"):
+        assert_lists_close(getattr(streamed, name), getattr(whole, name), atol=1e-6)
+    assert streamed.data["streamed"] is True and whole.data["streamed"] is False
+    assert loads == list(range(NUM_LAYERS)) * groups  # 300 tokens in batches of 2 x 64: 3 batches
+
+
+def test_layer_stream_reads_only_what_it_needs(tiny_model):
+    from shortrt.checkpoint import load
+    from shortrt.streaming import LayerStream
+
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    stream = LayerStream(load(tiny_model))
+    ids = torch.tensor([[5, 17, 300, 2]])
+    assert torch.equal(stream.embed(ids), hf.model.embed_tokens(ids).detach())
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 320\)"):
+        stream.embed(torch.tensor([[320]]))
+    with stream.layer(2) as layer:
+        assert torch.equal(layer.mlp.down_proj.weight, hf.model.layers[2].mlp.down_proj.weight)
+    assert layer.mlp.down_proj.weight.is_meta  # freed when the block ends
+    with pytest.raises(ValueError, match="layer 5 out of range"):
+        with stream.layer(NUM_LAYERS):
+            pass
+
+
+@pytest.mark.slow
+def test_default_model_streaming_matches(default_model):
+    """The same scores from layer streaming as from the whole model, on the real model."""
+    kwargs = dict(n_tokens=1024, seq_len=256, max_span=6, progress=False)
+    whole = calibrate(default_model, stream=False, **kwargs)
+    streamed = calibrate(default_model, stream=True, **kwargs)
+    for name in ("bi", "angular", "attn_bi", "mlp_bi", "span_cos", "span_angular"):
+        assert_lists_close(getattr(streamed, name), getattr(whole, name), atol=2e-5)
+
+
 def test_max_span_limits_the_table(tiny_model):
     full = calibrate(tiny_model, PROSE, n_tokens=128, seq_len=64, progress=False)
     short = calibrate(tiny_model, PROSE, n_tokens=128, seq_len=64, max_span=2, progress=False)
@@ -194,6 +247,7 @@ def test_triton_backend_gives_the_same_scores(tiny_model):
     ({"max_span": NUM_LAYERS + 1}, ValueError, "exceeds the model's 5 layers"),
     ({"batch_size": -1}, ValueError, "batch_size"),
     ({"backend": "gpu"}, ValueError, "unknown cosine backend"),
+    ({"stream": True, "state_bytes": 0}, ValueError, "state_bytes must be a positive integer"),
 ])
 def test_bad_arguments_are_named(tiny_model, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -267,6 +321,15 @@ def test_command_writes_json_plots_and_table(tiny_model, tmp_path, capsys):
     plots = tmp_path / "plots"
     assert cli_main(argv + ["--force", "--plots", str(plots)]) == 0
     png_size(plots / "scores_layers.png"), png_size(plots / "scores_heatmap.png")
+
+    streamed = tmp_path / "streamed.json"
+    argv[argv.index(str(out))] = str(streamed)
+    assert cli_main(argv + ["--stream", "--state-memory", "100k"]) == 0
+    assert "(layer streaming)" in capsys.readouterr().out
+    assert_lists_close(Scores.load(streamed).bi, scores.bi, atol=1e-6)
+    with pytest.raises(SystemExit):
+        cli_main(argv + ["--stream", "--no-stream"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 @pytest.mark.slow

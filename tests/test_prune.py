@@ -233,3 +233,58 @@ def test_prune_command(tiny6, tmp_path, capsys):
     assert "argument --layers: expected comma-separated layer indices" in capsys.readouterr().err
     assert main(["prune", str(tiny6), "--remove", "1", "--method", "last", "--out", str(out), "--force"]) == 0
     assert read_meta(out)["removed"] == [4]
+
+
+_PEAK_SCRIPT = """
+import sys, shortrt
+from shortrt.layermap import LayerMap
+from shortrt.pruning import prune
+src = shortrt.load(sys.argv[1])
+src.tensors  # headers read in both runs
+if sys.argv[2] == "prune":
+    prune(src, LayerMap.from_removed(2, [1]), sys.argv[3])
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        print(int(line.split()[1]) * 1024)
+"""
+
+
+def test_prune_memory_stays_flat_with_a_large_tensor(tmp_path):
+    """A 384 MiB embedding is copied in pieces of CHUNK_BYTES: prune's peak resident memory
+    (VmHWM, mapped file pages included) rises by about two pieces over only loading the
+    checkpoint (whole-tensor reads through safetensors' mmap added 771 MiB here)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    from shortrt.checkpoint import CHUNK_BYTES
+
+    path = make_tiny_llama(tmp_path / "wide", num_layers=2)
+    vocab, hidden, inter = 98304, 1024, 64  # only the embedding is large: 384 MiB of fp32
+    embedding = torch.empty(vocab, hidden).normal_(generator=torch.Generator().manual_seed(0))
+    tensors = {"model.embed_tokens.weight": embedding, "model.norm.weight": torch.ones(hidden)}
+    for i in range(2):
+        shapes = {"input_layernorm": (hidden,), "post_attention_layernorm": (hidden,),
+                  "self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
+                  "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
+                  "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+        tensors.update({f"model.layers.{i}.{k}.weight": torch.full(v, 0.01) for k, v in shapes.items()})
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(hidden_size=hidden, vocab_size=vocab, intermediate_size=inter, num_attention_heads=16,
+               num_key_value_heads=16, head_dim=64)
+    (path / "config.json").write_text(json.dumps(cfg))
+    del tensors
+
+    def peak(*args):
+        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path), *args], check=True,
+                             capture_output=True, text=True)
+        return int(out.stdout.split()[-1])
+
+    rise = peak("prune", str(tmp_path / "pruned")) - peak("load")
+    # At most two pieces are alive at once (the one written and the next one read).
+    assert rise < 2 * CHUNK_BYTES + (32 << 20), f"prune's peak rose by {rise / 2**20:.0f} MiB"
+    written = tensors_of(tmp_path / "pruned")
+    assert torch.equal(written["model.embed_tokens.weight"], embedding)
+    assert "model.layers.1.mlp.up_proj.weight" not in written

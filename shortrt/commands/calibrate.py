@@ -1,7 +1,7 @@
 """`shortrt calibrate`: per-layer Block Influence, angular distance and span similarities, saved as JSON + PNGs."""
 from __future__ import annotations
 
-from . import add_data_argument, data_source, integer
+from . import add_data_argument, data_source, integer, size
 
 import math
 from pathlib import Path
@@ -21,6 +21,14 @@ def add_arguments(parser):
                         help="longest span in the depth x depth table (default: all layers)")
     parser.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
                         help="cosine kernel backend (default: %(default)s)")
+    stream = parser.add_mutually_exclusive_group()
+    stream.add_argument("--stream", dest="stream", action="store_true", default=None,
+                        help="run one decoder layer at a time with only its weights in memory (default: when the "
+                             "model's fp32 weights would take more than a quarter of the available memory)")
+    stream.add_argument("--no-stream", dest="stream", action="store_false", help="load the whole model")
+    parser.add_argument("--state-memory", type=size, default=None, metavar="BYTES",
+                        help="with --stream: memory for the hidden states of max-span + 1 depths (fp32); more tokens "
+                             "run in further groups, each reading the weights once more (default: 1.5GiB)")
     parser.add_argument("--plots", default=None, help="directory for the two PNGs (default: next to --out)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -56,7 +64,8 @@ def run(args) -> int:
 
     scores = calibrate(args.model, data_source(args.data), n_tokens=args.tokens, seq_len=args.seq_len,
                        max_span=args.max_span, batch_size=args.batch_size, backend=args.backend,
-                       progress=not args.no_progress)
+                       stream=args.stream, progress=not args.no_progress,
+                       **({} if args.state_memory is None else {"state_bytes": args.state_memory}))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     layers_png.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +75,7 @@ def run(args) -> int:
 
     data = scores.data
     print(f"{scores.model}: {data['n_tokens']} tokens ({data['n_sequences']} x {data['seq_len']}) "
-          f"of {data['source']} in {data['seconds']:.1f} s")
+          f"of {data['source']} in {data['seconds']:.1f} s{' (layer streaming)' if data.get('streamed') else ''}")
     print(format_table(scores))
     print(f"scores:  {out}")
     print(f"plots:   {layers_png}\n         {heatmap_png}")
