@@ -106,6 +106,10 @@ void attend_ref(const float* q, int group, const RefRows<Type>& rows, int64_t n_
 
 }  // namespace
 
+void f16_to_f32_row_ref(const uint16_t* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(x[i]);
+}
+
 void attend_partial_ref(const float* q, int group, const float* keys, const float* values, int64_t stride,
                         int64_t n_keys, int hd, float scale, float* acc, float* m, float* l) {
   attend_ref(q, group, RefRows<KvType::F32>{keys, values, stride}, n_keys, hd, scale, acc, m, l);
@@ -258,13 +262,15 @@ void attention_decode_batch(const AttentionArgs* segs, int n_segs, AttentionScra
 
 namespace {
 
-// Row j of kv head h of a cache array (keys or values, with their scales) as fp32.
-void load_row(const AttentionArgs& a, const void* base, const float* scales, int h, int64_t j, float* out) {
+// Row j of kv head h of a cache array (keys or values, with their scales) as fp32 (f16 on
+// the kernel path's converter, the others by kv_load_row, whose loops vectorize).
+void load_row(const KernelTable& k, const AttentionArgs& a, const void* base, const float* scales, int h, int64_t j,
+              float* out) {
   const int64_t at = h * a.kv_head_stride + j * a.kv_row_stride;
   const float scale = scales ? scales[h * a.scale_head_stride + j * a.scale_row_stride] : 1.0f;
   switch (a.kv_type) {
     case KvType::F32: return kv_load_row(a.kv_type, static_cast<const float*>(base) + at, scale, a.head_dim, out);
-    case KvType::F16:
+    case KvType::F16: return k.f16_to_f32_row(static_cast<const uint16_t*>(base) + at, a.head_dim, out);
     case KvType::BF16:
       return kv_load_row(a.kv_type, static_cast<const uint16_t*>(base) + at, scale, a.head_dim, out);
     case KvType::Q8: return kv_load_row(a.kv_type, static_cast<const int8_t*>(base) + at, scale, a.head_dim, out);
@@ -284,7 +290,7 @@ void attention_matmul(const AttentionArgs& a, AttentionScratch& s, ThreadPool& p
     // block): the cache's own rows when they are contiguous fp32, else a converted copy.
     const float* keys = static_cast<const float*>(a.keys) + g * a.kv_head_stride;
     if (a.kv_type != KvType::F32 || a.kv_row_stride != hd) {
-      for (int64_t j = 0; j < total_keys; ++j) load_row(a, a.keys, a.key_scales, g, j, s.keys + j * hd);
+      for (int64_t j = 0; j < total_keys; ++j) load_row(k, a, a.keys, a.key_scales, g, j, s.keys + j * hd);
       keys = s.keys;
     }
 
@@ -299,7 +305,7 @@ void attention_matmul(const AttentionArgs& a, AttentionScratch& s, ThreadPool& p
       // V^T with row stride n_keys, as the second matmul's weight.
       for (int64_t j = 0; j < n_keys; ++j) {
         float v[kMaxHeadDim];
-        load_row(a, a.values, a.value_scales, g, j, v);
+        load_row(k, a, a.values, a.value_scales, g, j, v);
         for (int i = 0; i < hd; ++i) s.values_t[i * n_keys + j] = v[i];
       }
 

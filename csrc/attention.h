@@ -89,7 +89,10 @@ void attend_partial_bf16_ref(const float* q, int group, const uint16_t* keys, co
 void attend_partial_q8_ref(const float* q, int group, const int8_t* keys, const int8_t* values, int64_t stride,
                            const float* key_scales, const float* value_scales, int64_t scale_stride,
                            int64_t n_keys, int head_dim, float scale, float* acc, float* m, float* l);
+// f16 bits to float (exact, so both give the same bits): the KernelTable's f16_to_f32_row.
+void f16_to_f32_row_ref(const uint16_t* x, int64_t n, float* out);
 namespace detail {
+void f16_to_f32_row_avx2(const uint16_t* x, int64_t n, float* out);
 void attend_partial_avx2(const float* q, int group, const float* keys, const float* values, int64_t stride,
                          int64_t n_keys, int head_dim, float scale, float* acc, float* m, float* l);
 void attend_partial_f16_avx2(const float* q, int group, const uint16_t* keys, const uint16_t* values,

@@ -140,6 +140,12 @@ void attend_any(const float* q, int group, const typename Rows::T* keys, const t
 
 }  // namespace
 
+void f16_to_f32_row_avx2(const uint16_t* x, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, F16Rows::load8(x + i));
+  for (; i < n; ++i) out[i] = f16_to_f32(x[i]);
+}
+
 // 8-wide loads cover head_dim in whole vectors only; other sizes are rare enough for the reference.
 void attend_partial_avx2(const float* q, int group, const float* keys, const float* values, int64_t stride,
                          int64_t n_keys, int hd, float scale, float* acc, float* m, float* l) {

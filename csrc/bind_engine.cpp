@@ -530,6 +530,14 @@ void register_engine(py::module_& m) {
         "Test hook: the engine's decode attention of one token over keys/values [n, n_kv_heads * hd].");
   m.def("kv_round_trip", &kv_round_trip, py::arg("x"), py::arg("kv_dtype"),
         "Test hook: rows x [n, head_dim] stored in kv_dtype and read back as float (what attention sees).");
+  m.def("kernel_f16_to_f32", [](py::array_t<uint16_t, py::array::c_style | py::array::forcecast> bits,
+                                 const std::string& path) {
+          const shortrt::KernelTable& k = attention_path(path, 8, "kernel_f16_to_f32");
+          py::array_t<float> out(bits.size());
+          k.f16_to_f32_row(bits.data(), bits.size(), out.mutable_data());
+          return out;
+        }, py::arg("bits"), py::arg("path"),
+        "Test hook: f16 bit patterns to float on a kernel path's f16_to_f32_row (prefill's KV conversion).");
   m.def("kv_row_bytes", [](const std::string& kv_dtype, int head_dim) {
           return shortrt::kv_row_bytes(kv_type_arg(kv_dtype, "kv_row_bytes"), head_dim);
         }, py::arg("kv_dtype"), py::arg("head_dim"),

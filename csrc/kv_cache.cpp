@@ -97,10 +97,19 @@ void kv_store_row(KvType type, const float* x, int n, void* dst, float* scale) {
 }
 
 void kv_load_row(KvType type, const void* src, float scale, int n, float* out) {
-  if (type == KvType::Q8) {
-    for (int i = 0; i < n; ++i) out[i] = scale * kv_element(type, src, i);
-  } else {
-    for (int i = 0; i < n; ++i) out[i] = kv_element(type, src, i);
+  switch (type) {  // one loop per format, so each vectorizes
+    case KvType::F32:
+      std::memcpy(out, src, static_cast<size_t>(n) * sizeof(float));
+      return;
+    case KvType::F16:
+      for (int i = 0; i < n; ++i) out[i] = kv_element(KvType::F16, src, i);
+      return;
+    case KvType::BF16:
+      for (int i = 0; i < n; ++i) out[i] = kv_element(KvType::BF16, src, i);
+      return;
+    case KvType::Q8:
+      for (int i = 0; i < n; ++i) out[i] = scale * kv_element(KvType::Q8, src, i);
+      return;
   }
 }
 

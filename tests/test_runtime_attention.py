@@ -203,3 +203,16 @@ def test_kernel_hooks_reject_bad_kv_dtype():
         _C.attend_head(np.zeros(64, np.float32), kv, kv, 1.0, "ref", "q4")
     with pytest.raises(ValueError, match="kv_round_trip: unknown kv_dtype 'F16'"):
         _C.kv_round_trip(kv, "F16")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_f16_to_f32_row_is_exact_on_every_path(path):
+    """Prefill's conversion of an f16 cache into its fp32 scratch: every one of the 65536 bit
+    patterns (an odd count of them, so the scalar tail runs too) as numpy converts it."""
+    need_path(path)
+    bits = np.arange(65536 + 3, dtype=np.uint32).astype(np.uint16)
+    got = _C.kernel_f16_to_f32(bits, path)
+    want = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
