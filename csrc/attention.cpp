@@ -49,8 +49,26 @@ AttentionScratch::AttentionScratch(int max_seq, int n_heads, int n_kv_heads, int
   decode_state = p += sizes[4];
 }
 
-void attend_partial_ref(const float* q, int group, const float* keys, const float* values, int64_t stride,
-                        int64_t n_keys, int hd, float scale, float* acc, float* m, float* l) {
+namespace {
+
+// The rows of one range of the cache as the reference kernel reads them: element
+// i of key (value) row j as float, and for int8 the rows' scales.
+template <KvType Type>
+struct RefRows {
+  const void* keys;
+  const void* values;
+  int64_t stride;
+  const float* key_scales = nullptr;
+  const float* value_scales = nullptr;
+  int64_t scale_stride = 0;
+  static constexpr bool kScaled = Type == KvType::Q8;
+  float key(int64_t j, int i) const { return kv_element(Type, keys, j * stride + i); }
+  float value(int64_t j, int i) const { return kv_element(Type, values, j * stride + i); }
+};
+
+template <KvType Type>
+void attend_ref(const float* q, int group, const RefRows<Type>& rows, int64_t n_keys, int hd, float scale,
+                float* acc, float* m, float* l) {
   float scores[kKeyBlock];
   for (int g = 0; g < group; ++g) {
     const float* qg = q + g * hd;
@@ -61,9 +79,9 @@ void attend_partial_ref(const float* q, int group, const float* keys, const floa
       const int nb = static_cast<int>(std::min<int64_t>(kKeyBlock, n_keys - j0));
       float block_max = -std::numeric_limits<float>::infinity();
       for (int j = 0; j < nb; ++j) {
-        const float* k = keys + (j0 + j) * stride;
         float dot = 0.0f;
-        for (int i = 0; i < hd; ++i) dot += qg[i] * k[i];
+        for (int i = 0; i < hd; ++i) dot += qg[i] * rows.key(j0 + j, i);
+        if constexpr (RefRows<Type>::kScaled) dot *= rows.key_scales[(j0 + j) * rows.scale_stride];
         scores[j] = dot * scale;
         block_max = std::max(block_max, scores[j]);
       }
@@ -76,13 +94,42 @@ void attend_partial_ref(const float* q, int group, const float* keys, const floa
       for (int j = 0; j < nb; ++j) {
         const float p = std::exp(scores[j] - running_max);
         denom += p;
-        const float* v = values + (j0 + j) * stride;
-        for (int i = 0; i < hd; ++i) a[i] += p * v[i];
+        float pv = p;
+        if constexpr (RefRows<Type>::kScaled) pv *= rows.value_scales[(j0 + j) * rows.scale_stride];
+        for (int i = 0; i < hd; ++i) a[i] += pv * rows.value(j0 + j, i);
       }
     }
     m[g] = running_max;
     l[g] = denom;
   }
+}
+
+}  // namespace
+
+void f16_to_f32_row_ref(const uint16_t* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(x[i]);
+}
+
+void attend_partial_ref(const float* q, int group, const float* keys, const float* values, int64_t stride,
+                        int64_t n_keys, int hd, float scale, float* acc, float* m, float* l) {
+  attend_ref(q, group, RefRows<KvType::F32>{keys, values, stride}, n_keys, hd, scale, acc, m, l);
+}
+
+void attend_partial_f16_ref(const float* q, int group, const uint16_t* keys, const uint16_t* values, int64_t stride,
+                            int64_t n_keys, int hd, float scale, float* acc, float* m, float* l) {
+  attend_ref(q, group, RefRows<KvType::F16>{keys, values, stride}, n_keys, hd, scale, acc, m, l);
+}
+
+void attend_partial_bf16_ref(const float* q, int group, const uint16_t* keys, const uint16_t* values,
+                             int64_t stride, int64_t n_keys, int hd, float scale, float* acc, float* m, float* l) {
+  attend_ref(q, group, RefRows<KvType::BF16>{keys, values, stride}, n_keys, hd, scale, acc, m, l);
+}
+
+void attend_partial_q8_ref(const float* q, int group, const int8_t* keys, const int8_t* values, int64_t stride,
+                           const float* key_scales, const float* value_scales, int64_t scale_stride,
+                           int64_t n_keys, int hd, float scale, float* acc, float* m, float* l) {
+  attend_ref(q, group, RefRows<KvType::Q8>{keys, values, stride, key_scales, value_scales, scale_stride}, n_keys,
+             hd, scale, acc, m, l);
 }
 
 void attention_decode(const AttentionArgs& a, AttentionScratch& scratch, ThreadPool& pool) {
@@ -96,7 +143,6 @@ void attention_decode(const AttentionArgs& a, AttentionScratch& scratch, ThreadP
 void attention_decode_batch(const AttentionArgs* segs, int n_segs, AttentionScratch& scratch, ThreadPool& pool,
                             const KernelTable& k) {
   if (n_segs < 1) return;
-  const auto partial = k.attend_partial;
   const AttentionArgs& a0 = segs[0];  // every segment has the same head layout (one model)
   const int hd = a0.head_dim, nh = a0.n_heads, group = a0.n_heads / a0.n_kv_heads;
   const int sub = std::min(group, kMaxAttendGroup), n_sub = (group + sub - 1) / sub;
@@ -150,8 +196,31 @@ void attention_decode_batch(const AttentionArgs* segs, int n_segs, AttentionScra
       const int h0 = kv * group + s * sub;
       float* st = state + u * per_item;
       const int64_t at = kv * a.kv_head_stride + begin * a.kv_row_stride;
-      partial(a.qkv + t * a.qkv_dim + h0 * hd, heads, a.keys + at, a.values + at, a.kv_row_stride, end - begin, hd,
-              scale, st, st + sub * hd, st + sub * hd + sub);
+      const float* q = a.qkv + t * a.qkv_dim + h0 * hd;
+      float *acc = st, *m = st + sub * hd, *l = st + sub * hd + sub;
+      switch (a.kv_type) {
+        case KvType::F32:
+          k.attend_partial(q, heads, static_cast<const float*>(a.keys) + at, static_cast<const float*>(a.values) + at,
+                           a.kv_row_stride, end - begin, hd, scale, acc, m, l);
+          break;
+        case KvType::F16:
+          k.attend_partial_f16(q, heads, static_cast<const uint16_t*>(a.keys) + at,
+                               static_cast<const uint16_t*>(a.values) + at, a.kv_row_stride, end - begin, hd, scale,
+                               acc, m, l);
+          break;
+        case KvType::BF16:
+          k.attend_partial_bf16(q, heads, static_cast<const uint16_t*>(a.keys) + at,
+                                static_cast<const uint16_t*>(a.values) + at, a.kv_row_stride, end - begin, hd, scale,
+                                acc, m, l);
+          break;
+        case KvType::Q8: {
+          const int64_t s_at = kv * a.scale_head_stride + begin * a.scale_row_stride;
+          k.attend_partial_q8(q, heads, static_cast<const int8_t*>(a.keys) + at,
+                              static_cast<const int8_t*>(a.values) + at, a.kv_row_stride, a.key_scales + s_at,
+                              a.value_scales + s_at, a.scale_row_stride, end - begin, hd, scale, acc, m, l);
+          break;
+        }
+      }
     }
   });
 
@@ -191,6 +260,25 @@ void attention_decode_batch(const AttentionArgs* segs, int n_segs, AttentionScra
   }
 }
 
+namespace {
+
+// Row j of kv head h of a cache array (keys or values, with their scales) as fp32 (f16 on
+// the kernel path's converter, the others by kv_load_row, whose loops vectorize).
+void load_row(const KernelTable& k, const AttentionArgs& a, const void* base, const float* scales, int h, int64_t j,
+              float* out) {
+  const int64_t at = h * a.kv_head_stride + j * a.kv_row_stride;
+  const float scale = scales ? scales[h * a.scale_head_stride + j * a.scale_row_stride] : 1.0f;
+  switch (a.kv_type) {
+    case KvType::F32: return kv_load_row(a.kv_type, static_cast<const float*>(base) + at, scale, a.head_dim, out);
+    case KvType::F16: return k.f16_to_f32_row(static_cast<const uint16_t*>(base) + at, a.head_dim, out);
+    case KvType::BF16:
+      return kv_load_row(a.kv_type, static_cast<const uint16_t*>(base) + at, scale, a.head_dim, out);
+    case KvType::Q8: return kv_load_row(a.kv_type, static_cast<const int8_t*>(base) + at, scale, a.head_dim, out);
+  }
+}
+
+}  // namespace
+
 void attention_matmul(const AttentionArgs& a, AttentionScratch& s, ThreadPool& pool) {
   const KernelTable& k = kernels();
   const int hd = a.head_dim, group = a.n_heads / a.n_kv_heads;
@@ -198,12 +286,11 @@ void attention_matmul(const AttentionArgs& a, AttentionScratch& s, ThreadPool& p
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
   for (int g = 0; g < a.n_kv_heads; ++g) {
-    // This kv head's keys as a contiguous [keys][head_dim] matrix (a prefix serves every block):
-    // the cache's own rows when they are contiguous, else a copy.
-    const float* keys = a.keys + g * a.kv_head_stride;
-    if (a.kv_row_stride != hd) {
-      for (int64_t j = 0; j < total_keys; ++j)
-        std::copy(keys + j * a.kv_row_stride, keys + j * a.kv_row_stride + hd, s.keys + j * hd);
+    // This kv head's keys as a contiguous fp32 [keys][head_dim] matrix (a prefix serves every
+    // block): the cache's own rows when they are contiguous fp32, else a converted copy.
+    const float* keys = static_cast<const float*>(a.keys) + g * a.kv_head_stride;
+    if (a.kv_type != KvType::F32 || a.kv_row_stride != hd) {
+      for (int64_t j = 0; j < total_keys; ++j) load_row(k, a, a.keys, a.key_scales, g, j, s.keys + j * hd);
       keys = s.keys;
     }
 
@@ -217,7 +304,8 @@ void attention_matmul(const AttentionArgs& a, AttentionScratch& s, ThreadPool& p
       }
       // V^T with row stride n_keys, as the second matmul's weight.
       for (int64_t j = 0; j < n_keys; ++j) {
-        const float* v = a.values + g * a.kv_head_stride + j * a.kv_row_stride;
+        float v[kMaxHeadDim];
+        load_row(k, a, a.values, a.value_scales, g, j, v);
         for (int i = 0; i < hd; ++i) s.values_t[i * n_keys + j] = v[i];
       }
 

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 
+#include "kv_cache.h"
 #include "threadpool.h"
 
 namespace shortrt {
@@ -19,11 +20,18 @@ struct KernelTable;
 struct AttentionArgs {
   const float* qkv = nullptr;      // [n][qkv_dim]; the q heads come first in each row (rotated)
   int64_t qkv_dim = 0;
-  // Key (value) of position j for kv head h at keys[h * kv_head_stride + j * kv_row_stride]
-  // (values likewise), positions 0..pos+n-1; the engine's cache is [kv_head][position][head_dim].
-  const float* keys = nullptr;
-  const float* values = nullptr;
+  // Key (value) of position j for kv head h: element h * kv_head_stride + j * kv_row_stride
+  // of keys (values), an array of kv_type (float, f16 or bf16 bits, int8), positions
+  // 0..pos+n-1; the engine's cache is [kv_head][position][head_dim] (KvCache::view). int8
+  // rows have their scale at key_scales[h * scale_head_stride + j * scale_row_stride]
+  // (value_scales likewise).
+  KvType kv_type = KvType::F32;
+  const void* keys = nullptr;
+  const void* values = nullptr;
   int64_t kv_row_stride = 0, kv_head_stride = 0;
+  const float* key_scales = nullptr;
+  const float* value_scales = nullptr;
+  int64_t scale_row_stride = 0, scale_head_stride = 0;
   int n = 0, pos = 0;
   int n_heads = 0, n_kv_heads = 0, head_dim = 0;
   float* out = nullptr;            // [n][n_heads * head_dim]
@@ -45,7 +53,7 @@ struct AttentionScratch {
   // max_segments: decode segments (sequences) attention_decode_batch takes at once.
   AttentionScratch(int max_seq, int n_heads, int n_kv_heads, int head_dim, int max_segments = 1);
   // Matrix-matrix path (prefill), one kv head at a time.
-  float* keys;      // [max_seq][head_dim]       one kv head's keys, contiguous
+  float* keys;      // [max_seq][head_dim]       one kv head's keys, contiguous (as fp32)
   float* values_t;  // [head_dim][max_seq]       its values transposed (row stride = keys in use)
   float* queries;   // [block rows][head_dim]    queries of a token block x the heads sharing the kv head
   float* scores;    // [block rows][max_seq]     scores, then probabilities
@@ -69,9 +77,33 @@ struct AttentionScratch {
 // (attention_avx2.cpp, AVX2+FMA) runs the reference when head_dim % 8 != 0.
 void attend_partial_ref(const float* q, int group, const float* keys, const float* values, int64_t stride,
                         int64_t n_keys, int head_dim, float scale, float* acc, float* m, float* l);
+// The same over a compact cache (one twin pair per kv_dtype): each element is
+// converted to float as it is read (f16, bf16), or converted and scaled by its
+// row's scale (int8: score = (q . k_int) * k_scale * scale, and the value
+// weight p * v_scale multiplies v_int), with no fp32 copy of the rows.
+void attend_partial_f16_ref(const float* q, int group, const uint16_t* keys, const uint16_t* values, int64_t stride,
+                            int64_t n_keys, int head_dim, float scale, float* acc, float* m, float* l);
+void attend_partial_bf16_ref(const float* q, int group, const uint16_t* keys, const uint16_t* values,
+                             int64_t stride, int64_t n_keys, int head_dim, float scale, float* acc, float* m,
+                             float* l);
+void attend_partial_q8_ref(const float* q, int group, const int8_t* keys, const int8_t* values, int64_t stride,
+                           const float* key_scales, const float* value_scales, int64_t scale_stride,
+                           int64_t n_keys, int head_dim, float scale, float* acc, float* m, float* l);
+// f16 bits to float (exact, so both give the same bits): the KernelTable's f16_to_f32_row.
+void f16_to_f32_row_ref(const uint16_t* x, int64_t n, float* out);
 namespace detail {
+void f16_to_f32_row_avx2(const uint16_t* x, int64_t n, float* out);
 void attend_partial_avx2(const float* q, int group, const float* keys, const float* values, int64_t stride,
                          int64_t n_keys, int head_dim, float scale, float* acc, float* m, float* l);
+void attend_partial_f16_avx2(const float* q, int group, const uint16_t* keys, const uint16_t* values,
+                             int64_t stride, int64_t n_keys, int head_dim, float scale, float* acc, float* m,
+                             float* l);
+void attend_partial_bf16_avx2(const float* q, int group, const uint16_t* keys, const uint16_t* values,
+                              int64_t stride, int64_t n_keys, int head_dim, float scale, float* acc, float* m,
+                              float* l);
+void attend_partial_q8_avx2(const float* q, int group, const int8_t* keys, const int8_t* values, int64_t stride,
+                            const float* key_scales, const float* value_scales, int64_t scale_stride,
+                            int64_t n_keys, int head_dim, float scale, float* acc, float* m, float* l);
 }  // namespace detail
 
 // Decode attention of a.n <= kMaxDecodeTokens tokens: for each new token and
@@ -89,7 +121,9 @@ void attention_decode_batch(const AttentionArgs* segments, int n_segments, Atten
                             ThreadPool& pool, const KernelTable& kernels);
 
 // Blocks of tokens at a time as two matmuls per kv head (scores = K q, out =
-// V^T p), keys beyond a block's last position skipped. Used for prefill.
+// V^T p), keys beyond a block's last position skipped. Used for prefill. A
+// compact cache's rows are converted (kv_load_row) as they are copied into the
+// scratch K and V^T.
 void attention_matmul(const AttentionArgs& a, AttentionScratch& scratch, ThreadPool& pool);
 
 }  // namespace shortrt

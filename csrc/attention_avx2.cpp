@@ -1,6 +1,7 @@
-// AVX2/FMA version of the decode attention kernel over the KV cache, the twin
-// of attend_partial_ref in attention.cpp: the avx2 KernelTable's
-// attend_partial. Compiled with -mavx2 -mfma; called only on the avx2 path.
+// AVX2/FMA versions of the decode attention kernel over the KV cache, the twins
+// of attend_partial_ref (and its f16 / bf16 / int8 siblings) in attention.cpp:
+// the avx2 KernelTable's attend_partial* entries. Compiled with -mavx2 -mfma
+// -mf16c; called only on the avx2 (and avx512) paths.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -23,13 +24,44 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// How the kernel reads 8 consecutive elements of a cache row as 8 floats, per
+// kv_dtype: converted in registers, so a compact cache is read at its own size.
+struct F32Rows {
+  using T = float;
+  static constexpr bool kScaled = false;
+  static __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+};
+struct F16Rows {
+  using T = uint16_t;
+  static constexpr bool kScaled = false;
+  static __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+};
+struct BF16Rows {
+  using T = uint16_t;
+  static constexpr bool kScaled = false;
+  static __m256 load8(const uint16_t* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+};
+struct Q8Rows {  // without the row's scale, which the kernel applies to the score and the value weight
+  using T = int8_t;
+  static constexpr bool kScaled = true;
+  static __m256 load8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+};
+
 // HD8 = head_dim / 8 when known at compile time, 0 for any multiple of 8. Per
-// head the operations are those of attend_partial_ref in the same order except
+// head the operations are those of the reference twin in the same order except
 // that each dot product runs as two 8-wide chains; the group's heads share every
 // key and value row read, so the cache is read once per kv head, not per q head.
-template <int HD8>
-void attend(const float* q, int group, const float* keys, const float* values, int64_t stride, int64_t n_keys,
-            int hd, float scale, float* acc, float* m_out, float* l_out) {
+// Rows::kScaled (int8): key_scales / value_scales hold each row's scale, every
+// scale_stride floats.
+template <int HD8, class Rows>
+void attend(const float* q, int group, const typename Rows::T* keys, const typename Rows::T* values, int64_t stride,
+            const float* key_scales, const float* value_scales, int64_t scale_stride, int64_t n_keys, int hd,
+            float scale, float* acc, float* m_out, float* l_out) {
   const int n8 = HD8 ? HD8 : hd / 8;
   alignas(32) float p[kMaxAttendGroup][kKeyBlock];
   float running_max[kMaxAttendGroup], denom[kMaxAttendGroup], block_max[kMaxAttendGroup];
@@ -42,17 +74,19 @@ void attend(const float* q, int group, const float* keys, const float* values, i
     const int nb = static_cast<int>(std::min<int64_t>(kKeyBlock, n_keys - j0));
     for (int g = 0; g < group; ++g) block_max[g] = -std::numeric_limits<float>::infinity();
     for (int j = 0; j < nb; ++j) {
-      const float* k = keys + (j0 + j) * stride;
+      const typename Rows::T* k = keys + (j0 + j) * stride;
       for (int g = 0; g < group; ++g) {
         const float* qg = q + g * hd;
         __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
         int c = 0;
         for (; c + 1 < n8; c += 2) {
-          s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * c), _mm256_loadu_ps(k + 8 * c), s0);
-          s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * c + 8), _mm256_loadu_ps(k + 8 * c + 8), s1);
+          s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * c), Rows::load8(k + 8 * c), s0);
+          s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * c + 8), Rows::load8(k + 8 * c + 8), s1);
         }
-        if (c < n8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * c), _mm256_loadu_ps(k + 8 * c), s0);
-        p[g][j] = hsum(_mm256_add_ps(s0, s1)) * scale;
+        if (c < n8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * c), Rows::load8(k + 8 * c), s0);
+        float dot = hsum(_mm256_add_ps(s0, s1));
+        if constexpr (Rows::kScaled) dot *= key_scales[(j0 + j) * scale_stride];
+        p[g][j] = dot * scale;
         block_max[g] = std::max(block_max[g], p[g][j]);
       }
     }
@@ -69,6 +103,7 @@ void attend(const float* q, int group, const float* keys, const float* values, i
       for (int j = 0; j < nb; ++j) {
         p[g][j] = std::exp(p[g][j] - running_max[g]);
         denom[g] += p[g][j];
+        if constexpr (Rows::kScaled) p[g][j] *= value_scales[(j0 + j) * scale_stride];  // weight of v_int
       }
       // Up to 8 output vectors stay in registers while the block's values (in L1
       // after the first head) stream past.
@@ -78,8 +113,8 @@ void attend(const float* q, int group, const float* keys, const float* values, i
         for (int c = 0; c < nc; ++c) r[c] = _mm256_loadu_ps(a + 8 * (c0 + c));
         for (int j = 0; j < nb; ++j) {
           const __m256 pv = _mm256_set1_ps(p[g][j]);
-          const float* v = values + (j0 + j) * stride + 8 * c0;
-          for (int c = 0; c < nc; ++c) r[c] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * c), r[c]);
+          const typename Rows::T* v = values + (j0 + j) * stride + 8 * c0;
+          for (int c = 0; c < nc; ++c) r[c] = _mm256_fmadd_ps(pv, Rows::load8(v + 8 * c), r[c]);
         }
         for (int c = 0; c < nc; ++c) _mm256_storeu_ps(a + 8 * (c0 + c), r[c]);
       }
@@ -91,17 +126,53 @@ void attend(const float* q, int group, const float* keys, const float* values, i
   }
 }
 
+// head_dim 64 and 128 get unrolled instances; any other multiple of 8 the generic one.
+template <class Rows>
+void attend_any(const float* q, int group, const typename Rows::T* keys, const typename Rows::T* values,
+                int64_t stride, const float* ks, const float* vs, int64_t ss, int64_t n_keys, int hd, float scale,
+                float* acc, float* m, float* l) {
+  switch (hd) {
+    case 64: return attend<8, Rows>(q, group, keys, values, stride, ks, vs, ss, n_keys, hd, scale, acc, m, l);
+    case 128: return attend<16, Rows>(q, group, keys, values, stride, ks, vs, ss, n_keys, hd, scale, acc, m, l);
+    default: return attend<0, Rows>(q, group, keys, values, stride, ks, vs, ss, n_keys, hd, scale, acc, m, l);
+  }
+}
+
 }  // namespace
 
+void f16_to_f32_row_avx2(const uint16_t* x, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, F16Rows::load8(x + i));
+  for (; i < n; ++i) out[i] = f16_to_f32(x[i]);
+}
+
+// 8-wide loads cover head_dim in whole vectors only; other sizes are rare enough for the reference.
 void attend_partial_avx2(const float* q, int group, const float* keys, const float* values, int64_t stride,
                          int64_t n_keys, int hd, float scale, float* acc, float* m, float* l) {
-  // 8-wide loads cover head_dim in whole vectors only; other sizes are rare enough for the reference.
   if (hd % 8 != 0) return attend_partial_ref(q, group, keys, values, stride, n_keys, hd, scale, acc, m, l);
-  switch (hd) {
-    case 64: return attend<8>(q, group, keys, values, stride, n_keys, hd, scale, acc, m, l);
-    case 128: return attend<16>(q, group, keys, values, stride, n_keys, hd, scale, acc, m, l);
-    default: return attend<0>(q, group, keys, values, stride, n_keys, hd, scale, acc, m, l);
-  }
+  attend_any<F32Rows>(q, group, keys, values, stride, nullptr, nullptr, 0, n_keys, hd, scale, acc, m, l);
+}
+
+void attend_partial_f16_avx2(const float* q, int group, const uint16_t* keys, const uint16_t* values,
+                             int64_t stride, int64_t n_keys, int hd, float scale, float* acc, float* m, float* l) {
+  if (hd % 8 != 0) return attend_partial_f16_ref(q, group, keys, values, stride, n_keys, hd, scale, acc, m, l);
+  attend_any<F16Rows>(q, group, keys, values, stride, nullptr, nullptr, 0, n_keys, hd, scale, acc, m, l);
+}
+
+void attend_partial_bf16_avx2(const float* q, int group, const uint16_t* keys, const uint16_t* values,
+                              int64_t stride, int64_t n_keys, int hd, float scale, float* acc, float* m, float* l) {
+  if (hd % 8 != 0) return attend_partial_bf16_ref(q, group, keys, values, stride, n_keys, hd, scale, acc, m, l);
+  attend_any<BF16Rows>(q, group, keys, values, stride, nullptr, nullptr, 0, n_keys, hd, scale, acc, m, l);
+}
+
+void attend_partial_q8_avx2(const float* q, int group, const int8_t* keys, const int8_t* values, int64_t stride,
+                            const float* key_scales, const float* value_scales, int64_t scale_stride,
+                            int64_t n_keys, int hd, float scale, float* acc, float* m, float* l) {
+  if (hd % 8 != 0)
+    return attend_partial_q8_ref(q, group, keys, values, stride, key_scales, value_scales, scale_stride, n_keys, hd,
+                                 scale, acc, m, l);
+  attend_any<Q8Rows>(q, group, keys, values, stride, key_scales, value_scales, scale_stride, n_keys, hd, scale, acc,
+                     m, l);
 }
 
 }  // namespace detail

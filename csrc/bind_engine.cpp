@@ -37,7 +37,9 @@
 #include <vector>
 
 #include "attention.h"
+#include "error.h"
 #include "kernels.h"
+#include "kv_cache.h"
 #include "shortrt/engine.h"
 
 namespace py = pybind11;
@@ -224,9 +226,11 @@ py::dict config_dict(const shortrt::ModelConfig& c) {
 }
 
 std::unique_ptr<Engine> load(const std::string& path, const std::string& dtype, int threads, int max_seq,
-                             int max_batch, const std::vector<int>& skip_layers, int prefill_chunk, int step_tokens) {
+                             int max_batch, const std::vector<int>& skip_layers, int prefill_chunk, int step_tokens,
+                             const std::string& kv_dtype) {
   shortrt::EngineOptions o;
   o.dtype = dtype;
+  o.kv_dtype = kv_dtype;
   o.threads = threads;
   o.max_seq = max_seq;
   o.max_batch = max_batch;
@@ -326,26 +330,84 @@ py::array_t<float> logits(Engine& e, const std::vector<int>& tokens, int chunk) 
   return out;
 }
 
-// The kernel table a test hook runs: "ref" or "avx2" (which needs AVX2 and, for
-// attend_head, head_dim % 8 == 0; the engine's table would run the reference then).
+// The kernel table a test hook runs: "ref", "avx2" or "avx512" (which need the CPU
+// to have them and, for attend_head, head_dim % 8 == 0; the engine's table would run
+// the reference then).
 const shortrt::KernelTable& attention_path(const std::string& path, int hd, const char* who) {
-  if (path == "avx2") {
-    const shortrt::KernelTable* avx2 = shortrt::avx2_kernels();
-    if (!avx2) throw std::invalid_argument(std::string(who) + ": this CPU has no AVX2/FMA");
-    if (hd % 8 != 0) throw std::invalid_argument(std::string(who) + ": the avx2 path needs head_dim % 8 == 0");
-    return *avx2;
+  if (path == "avx2" || path == "avx512") {
+    const shortrt::KernelTable* t = path == "avx2" ? shortrt::avx2_kernels() : shortrt::avx512_kernels();
+    if (!t) throw std::invalid_argument(std::string(who) + ": this CPU has no " + (path == "avx2" ? "AVX2/FMA" : "AVX-512"));
+    if (hd % 8 != 0) throw std::invalid_argument(std::string(who) + ": the " + path + " path needs head_dim % 8 == 0");
+    return *t;
   }
   if (path == "ref") return shortrt::reference_kernels();
-  throw std::invalid_argument(std::string(who) + ": path must be 'ref' or 'avx2'");
+  throw std::invalid_argument(std::string(who) + ": path must be 'ref', 'avx2' or 'avx512'");
 }
 
-// Test hook: the decode kernel on the "ref" or "avx2" path for one group of
-// query heads q [group, hd] (or one head [hd]) sharing keys / values
-// [n, stride >= hd]: softmax(scale * keys @ q_g) @ values for each head.
-py::array_t<float> attend_head(py::array_t<float, py::array::c_style | py::array::forcecast> q,
-                               py::array_t<float, py::array::c_style | py::array::forcecast> keys,
-                               py::array_t<float, py::array::c_style | py::array::forcecast> values, float scale,
-                               const std::string& path) {
+shortrt::KvType kv_type_arg(const std::string& kv_dtype, const char* who) {
+  try {
+    return shortrt::kv_type_of(kv_dtype);
+  } catch (const shortrt::Error& e) {
+    throw std::invalid_argument(std::string(who) + ": " + e.what());
+  }
+}
+
+// Rows of `hd` values (row r at x + r * stride) stored in a kv_dtype as the engine's
+// KvCache stores them: elements with the same stride, and one scale per row (int8).
+struct StoredRows {
+  shortrt::KvType type;
+  std::vector<uint8_t> data;
+  std::vector<float> scales;
+  size_t elem;
+  StoredRows(shortrt::KvType t, const float* x, int64_t n_rows, int64_t stride, int hd)
+      : type(t), data(), scales(n_rows, 1.0f), elem(shortrt::kv_element_bytes(t)) {
+    data.assign(static_cast<size_t>(n_rows * stride) * elem, 0);
+    for (int64_t r = 0; r < n_rows; ++r)
+      shortrt::kv_store_row(t, x + r * stride, hd, data.data() + r * stride * elem, &scales[r]);
+  }
+  const void* ptr() const { return data.data(); }
+};
+
+using F32In = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+// Test hook: rows x [n, hd] stored in kv_dtype and read back as float (int8 times its row
+// scale): what the attention kernels see of them.
+py::array_t<float> kv_round_trip(F32In x, const std::string& kv_dtype) {
+  if (x.ndim() != 2 || x.shape(1) < 1) throw std::invalid_argument("kv_round_trip: x must be [n, head_dim]");
+  const shortrt::KvType t = kv_type_arg(kv_dtype, "kv_round_trip");
+  const int64_t n = x.shape(0);
+  const int hd = static_cast<int>(x.shape(1));
+  StoredRows rows(t, x.data(), n, hd, hd);
+  py::array_t<float> out({x.shape(0), x.shape(1)});
+  for (int64_t r = 0; r < n; ++r)
+    shortrt::kv_load_row(t, rows.data.data() + r * hd * rows.elem, rows.scales[r], hd, out.mutable_data() + r * hd);
+  return out;
+}
+
+// Runs the kernel table's attend_partial entry of `type` on stored rows.
+void run_partial(const shortrt::KernelTable& k, shortrt::KvType type, const float* q, int group, const StoredRows& K,
+                 const StoredRows& V, int64_t stride, int64_t n, int hd, float scale, float* acc, float* m, float* l) {
+  switch (type) {
+    case shortrt::KvType::F32:
+      return k.attend_partial(q, group, static_cast<const float*>(K.ptr()), static_cast<const float*>(V.ptr()), stride,
+                              n, hd, scale, acc, m, l);
+    case shortrt::KvType::F16:
+      return k.attend_partial_f16(q, group, static_cast<const uint16_t*>(K.ptr()),
+                                  static_cast<const uint16_t*>(V.ptr()), stride, n, hd, scale, acc, m, l);
+    case shortrt::KvType::BF16:
+      return k.attend_partial_bf16(q, group, static_cast<const uint16_t*>(K.ptr()),
+                                   static_cast<const uint16_t*>(V.ptr()), stride, n, hd, scale, acc, m, l);
+    case shortrt::KvType::Q8:
+      return k.attend_partial_q8(q, group, static_cast<const int8_t*>(K.ptr()), static_cast<const int8_t*>(V.ptr()),
+                                 stride, K.scales.data(), V.scales.data(), 1, n, hd, scale, acc, m, l);
+  }
+}
+
+// Test hook: the decode kernel on the "ref", "avx2" or "avx512" path for one group of
+// query heads q [group, hd] (or one head [hd]) sharing keys / values [n, stride >= hd]
+// (stored in kv_dtype first): softmax(scale * keys @ q_g) @ values for each head.
+py::array_t<float> attend_head(F32In q, F32In keys, F32In values, float scale, const std::string& path,
+                               const std::string& kv_dtype) {
   if (q.ndim() < 1 || q.ndim() > 2 || keys.ndim() != 2 || values.ndim() != 2 || keys.shape(0) != values.shape(0) ||
       keys.shape(1) != values.shape(1) || keys.shape(1) < q.shape(q.ndim() - 1) || keys.shape(0) < 1)
     throw std::invalid_argument("attend_head: q [hd] or [group, hd], keys and values [n, stride >= hd], n >= 1");
@@ -355,9 +417,11 @@ py::array_t<float> attend_head(py::array_t<float, py::array::c_style | py::array
   if (group < 1 || group > shortrt::kMaxAttendGroup)
     throw std::invalid_argument("attend_head: group must be 1.." + std::to_string(shortrt::kMaxAttendGroup));
   const shortrt::KernelTable& k = attention_path(path, hd, "attend_head");
+  const shortrt::KvType type = kv_type_arg(kv_dtype, "attend_head");
+  const int64_t n = keys.shape(0), stride = keys.shape(1);
+  const StoredRows K(type, keys.data(), n, stride, hd), V(type, values.data(), n, stride, hd);
   std::vector<float> acc(static_cast<size_t>(group) * hd), m(group), l(group);
-  k.attend_partial(q.data(), group, keys.data(), values.data(), keys.shape(1), keys.shape(0), hd, scale, acc.data(),
-                   m.data(), l.data());
+  run_partial(k, type, q.data(), group, K, V, stride, n, hd, scale, acc.data(), m.data(), l.data());
   py::array_t<float> out(q.request().shape);
   float* o = out.mutable_data();
   for (int g = 0; g < group; ++g) {
@@ -369,11 +433,10 @@ py::array_t<float> attend_head(py::array_t<float, py::array::c_style | py::array
 
 // Test hook: decode attention of one new token over the whole cache, as the
 // engine runs it (key ranges as parallel work items, merged): q [n_heads, hd],
-// keys / values [n_keys, n_kv_heads * hd] -> [n_heads, hd].
-py::array_t<float> attention_decode(py::array_t<float, py::array::c_style | py::array::forcecast> q,
-                                    py::array_t<float, py::array::c_style | py::array::forcecast> keys,
-                                    py::array_t<float, py::array::c_style | py::array::forcecast> values,
-                                    int n_kv_heads, const std::string& path, int threads) {
+// keys / values [n_keys, n_kv_heads * hd] (stored in kv_dtype first, one scale per
+// position and kv head for int8) -> [n_heads, hd].
+py::array_t<float> attention_decode(F32In q, F32In keys, F32In values, int n_kv_heads, const std::string& path,
+                                    int threads, const std::string& kv_dtype) {
   if (q.ndim() != 2 || keys.ndim() != 2 || values.ndim() != 2 || keys.shape(0) != values.shape(0) ||
       keys.shape(1) != values.shape(1) || keys.shape(0) < 1 || n_kv_heads < 1 || q.shape(0) % n_kv_heads != 0 ||
       keys.shape(1) != n_kv_heads * q.shape(1))
@@ -381,13 +444,23 @@ py::array_t<float> attention_decode(py::array_t<float, py::array::c_style | py::
                                 "n_heads a multiple of n_kv_heads, n >= 1");
   const int hd = static_cast<int>(q.shape(1));
   if (hd > 512) throw std::invalid_argument("attention_decode: head_dim > 512");
+  const shortrt::KernelTable& k = attention_path(path, hd, "attention_decode");
+  const shortrt::KvType type = kv_type_arg(kv_dtype, "attention_decode");
+  // [position][kv_head] rows of hd: as rows of a [n * n_kv_heads, hd] matrix.
+  const int64_t n_rows = keys.shape(0) * n_kv_heads;
+  const StoredRows K(type, keys.data(), n_rows, hd, hd), V(type, values.data(), n_rows, hd, hd);
   shortrt::AttentionArgs args;
   args.qkv = q.data();
   args.qkv_dim = q.shape(0) * hd;
-  args.keys = keys.data();
-  args.values = values.data();
+  args.kv_type = type;
+  args.keys = K.ptr();
+  args.values = V.ptr();
   args.kv_row_stride = keys.shape(1);  // this hook takes [position][kv_head][head_dim]
   args.kv_head_stride = hd;
+  args.key_scales = K.scales.data();
+  args.value_scales = V.scales.data();
+  args.scale_row_stride = n_kv_heads;
+  args.scale_head_stride = 1;
   args.n = 1;
   args.pos = static_cast<int>(keys.shape(0)) - 1;
   args.n_heads = static_cast<int>(q.shape(0));
@@ -395,7 +468,6 @@ py::array_t<float> attention_decode(py::array_t<float, py::array::c_style | py::
   args.head_dim = hd;
   py::array_t<float> out({q.shape(0), q.shape(1)});
   args.out = out.mutable_data();
-  const shortrt::KernelTable& k = attention_path(path, hd, "attention_decode");
   shortrt::ThreadPool pool(threads);
   shortrt::AttentionScratch scratch(static_cast<int>(keys.shape(0)), args.n_heads, n_kv_heads, hd);
   shortrt::attention_decode(args, scratch, pool, k);
@@ -408,7 +480,7 @@ void register_engine(py::module_& m) {
   py::class_<Engine>(m, "Engine", "The C++ inference engine over one checkpoint directory.")
       .def(py::init(&load), py::arg("path"), py::arg("dtype") = "fp32", py::arg("threads") = 0,
            py::arg("max_seq") = 0, py::arg("max_batch") = 1, py::arg("skip_layers") = std::vector<int>{},
-           py::arg("prefill_chunk") = 0, py::arg("step_tokens") = 0)
+           py::arg("prefill_chunk") = 0, py::arg("step_tokens") = 0, py::arg("kv_dtype") = "fp32")
       .def("submit", &submit, py::arg("prompt"), py::arg("max_new_tokens") = 64, py::arg("temperature") = 0.0,
            py::arg("top_k") = 0, py::arg("top_p") = 1.0, py::arg("seed") = 0, py::arg("stop") = py::none(),
            "Queue a request; returns its id. Thread-safe.")
@@ -446,13 +518,29 @@ void register_engine(py::module_& m) {
       .def_property_readonly("max_seq", &Engine::max_seq)
       .def_property_readonly("max_batch", &Engine::max_batch)
       .def_property_readonly("threads", &Engine::threads)
-      .def_property_readonly("dtype", &Engine::dtype);
+      .def_property_readonly("dtype", &Engine::dtype)
+      .def_property_readonly("kv_dtype", &Engine::kv_dtype);
   py::module_::import("atexit").attr("register")(py::cpp_function(&stop_generation_at_exit));
   m.def("attend_head", &attend_head, py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("scale"),
-        py::arg("path"),
+        py::arg("path"), py::arg("kv_dtype") = "fp32",
         "Test hook: softmax(scale * keys @ q_g) @ values for each head g of q ([hd] or [group, hd]) on the "
-        "'ref' or 'avx2' decode attention kernel.");
+        "'ref', 'avx2' or 'avx512' decode attention kernel, keys and values stored in kv_dtype first.");
   m.def("attention_decode", &attention_decode, py::arg("q"), py::arg("keys"), py::arg("values"),
-        py::arg("n_kv_heads"), py::arg("path"), py::arg("threads") = 2,
+        py::arg("n_kv_heads"), py::arg("path"), py::arg("threads") = 2, py::arg("kv_dtype") = "fp32",
         "Test hook: the engine's decode attention of one token over keys/values [n, n_kv_heads * hd].");
+  m.def("kv_round_trip", &kv_round_trip, py::arg("x"), py::arg("kv_dtype"),
+        "Test hook: rows x [n, head_dim] stored in kv_dtype and read back as float (what attention sees).");
+  m.def("kernel_f16_to_f32", [](py::array_t<uint16_t, py::array::c_style | py::array::forcecast> bits,
+                                 const std::string& path) {
+          const shortrt::KernelTable& k = attention_path(path, 8, "kernel_f16_to_f32");
+          py::array_t<float> out(bits.size());
+          k.f16_to_f32_row(bits.data(), bits.size(), out.mutable_data());
+          return out;
+        }, py::arg("bits"), py::arg("path"),
+        "Test hook: f16 bit patterns to float on a kernel path's f16_to_f32_row (prefill's KV conversion).");
+  m.def("kv_row_bytes", [](const std::string& kv_dtype, int head_dim) {
+          return shortrt::kv_row_bytes(kv_type_arg(kv_dtype, "kv_row_bytes"), head_dim);
+        }, py::arg("kv_dtype"), py::arg("head_dim"),
+        "Bytes of one KV-cache row (one kv head's key, or value, at one position) in kv_dtype: head_dim "
+        "elements, plus an fp32 scale for int8.");
 }

@@ -75,7 +75,7 @@ struct Engine::Impl {
                   std::to_string(least) + " (a prompt chunk must fit beside every decoding sequence)");
     plan = build_plan(dir, config, o.skip_layers);
     model = std::make_unique<Model>(config, load_weights(dir, config, plan, type), plan.n_kv_slots, max_seq);
-    state = std::make_unique<State>(config, plan.n_kv_slots, max_seq, o.max_batch, step_tokens);
+    state = std::make_unique<State>(config, plan.n_kv_slots, max_seq, o.max_batch, step_tokens, kv_type_of(o.kv_dtype));
     running.resize(o.max_batch);
     for (int r = o.max_batch - 1; r >= 0; --r) free_regions.push_back(r);
     tokens.resize(step_tokens);
@@ -311,6 +311,7 @@ class Engine::Impl::CallLock {
 
 std::unique_ptr<Engine> Engine::load(const std::string& dir, const EngineOptions& options) {
   weight_type_of(options.dtype);
+  kv_type_of(options.kv_dtype);
   if (options.threads < 0) throw Error("threads must be >= 0 (0 = all cores), got " + std::to_string(options.threads));
   if (options.max_seq < 0) throw Error("max_seq must be >= 0 (0 = default), got " + std::to_string(options.max_seq));
   if (options.max_batch < 1) throw Error("max_batch must be >= 1, got " + std::to_string(options.max_batch));
@@ -498,5 +499,6 @@ int Engine::max_seq() const { return impl_->max_seq; }
 int Engine::max_batch() const { return impl_->state->max_batch; }
 int Engine::threads() const { return impl_->pool.size(); }
 const std::string& Engine::dtype() const { return impl_->options.dtype; }
+const std::string& Engine::kv_dtype() const { return impl_->options.kv_dtype; }
 
 }  // namespace shortrt

@@ -107,6 +107,18 @@ struct KernelTable {
   // attend_partial_ref / attend_partial_avx2; any head_dim).
   void (*attend_partial)(const float* q, int group, const float* keys, const float* values, int64_t stride,
                          int64_t n_keys, int head_dim, float scale, float* acc, float* m, float* l);
+  // The same over an f16, bf16 or int8 KV cache (attention.h), one entry per kv_dtype.
+  void (*attend_partial_f16)(const float* q, int group, const uint16_t* keys, const uint16_t* values,
+                             int64_t stride, int64_t n_keys, int head_dim, float scale, float* acc, float* m,
+                             float* l);
+  void (*attend_partial_bf16)(const float* q, int group, const uint16_t* keys, const uint16_t* values,
+                              int64_t stride, int64_t n_keys, int head_dim, float scale, float* acc, float* m,
+                              float* l);
+  void (*attend_partial_q8)(const float* q, int group, const int8_t* keys, const int8_t* values, int64_t stride,
+                            const float* key_scales, const float* value_scales, int64_t scale_stride,
+                            int64_t n_keys, int head_dim, float scale, float* acc, float* m, float* l);
+  // f16 bits to float, exactly (prefill's copy of an f16 KV cache into its fp32 scratch).
+  void (*f16_to_f32_row)(const uint16_t* x, int64_t n, float* out);
 };
 
 // The active path: chosen once from SHORTRT_KERNELS (ref|avx2|avx512|auto;

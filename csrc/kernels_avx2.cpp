@@ -505,6 +505,8 @@ constexpr KernelTable kAvx2Table = {
     "avx2",           dot_f32_avx2,    dot_bf16_f32_avx2, dot_q8_q8_avx2, axpy_f32_avx2,
     rmsnorm_f32_avx2, swiglu_f32_avx2, softmax_f32_avx2,  sum_f32_avx2,   quantize_row_q8_avx2,
     gemm_f32_avx2,    gemm_bf16_avx2,  gemm_q8_avx2,      detail::attend_partial_avx2,
+    detail::attend_partial_f16_avx2, detail::attend_partial_bf16_avx2, detail::attend_partial_q8_avx2,
+    detail::f16_to_f32_row_avx2,
 };
 
 }  // namespace

@@ -64,8 +64,9 @@ FloatBuffer::FloatBuffer(size_t n) : n_(n) {
   if (!data_) throw Error("out of memory allocating " + std::to_string(bytes) + " bytes");
 }
 
-State::State(const ModelConfig& c, int n_kv_slots, int max_seq_, int max_batch_, int max_chunk_)
+State::State(const ModelConfig& c, int n_kv_slots, int max_seq_, int max_batch_, int max_chunk_, KvType kv_type)
     : max_seq(max_seq_), max_batch(max_batch_), max_chunk(max_chunk_),
+      kv(kv_type, n_kv_slots, max_batch_, max_seq_, c.n_kv_heads, c.head_dim),
       attention(max_seq_, c.n_heads, c.n_kv_heads, c.head_dim, max_batch_) {
   const size_t chunk = max_chunk, hidden = c.hidden, inter = c.intermediate;
   const size_t q_width = static_cast<size_t>(c.n_heads) * c.head_dim;
@@ -83,10 +84,7 @@ State::State(const ModelConfig& c, int n_kv_slots, int max_seq_, int max_batch_,
   row_seq.resize(chunk);
   row_pos.resize(chunk);
   decode_args.resize(max_batch_);
-  size_t kv_floats = static_cast<size_t>(n_kv_slots) * max_batch * max_seq * c.n_kv_heads * c.head_dim;
-  key_cache = FloatBuffer(kv_floats);
-  value_cache = FloatBuffer(kv_floats);
-  kv_bytes = 2 * kv_floats * sizeof(float);
+  kv_bytes = kv.bytes();
 }
 
 Model::Model(const ModelConfig& config, Weights weights, int n_kv_slots, int max_seq)
@@ -131,26 +129,18 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
   });
   project(s, pool, lw.qkv, xn, n, qkv, qkv_dim);
 
-  // Each row's sequence region of this layer's KV slot: [kv_head][pos][head_dim], so
-  // attention reads each kv head's keys (and values) as one sequential stream.
-  const int64_t head_stride = static_cast<int64_t>(s.max_seq) * hd;
-  auto region = [&](int seq) {
-    return (static_cast<size_t>(lw.plan.kv_slot) * s.max_batch + seq) * s.max_seq * kv_width;
-  };
+  // Each row's key and value go to its sequence's region of this layer's KV slot, converted
+  // to the kv_dtype ([kv_head][pos][head_dim]: each kv head's keys are one stream).
+  const int slot = lw.plan.kv_slot;
   pool.parallel_for(n, 16, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       float* row = qkv + t * qkv_dim;
       const int p = s.row_pos[t];
-      float* key_cache = s.key_cache.data() + region(s.row_seq[t]);
-      float* value_cache = s.value_cache.data() + region(s.row_seq[t]);
       if (lw.qkv_bias) k.axpy_f32(1.0f, lw.qkv_bias, row, qkv_dim);
       const float* cos = rope_cos_.data() + static_cast<size_t>(p) * half;
       const float* sin = rope_sin_.data() + static_cast<size_t>(p) * half;
       rope_heads(row, nh + nkv, hd, cos, sin);  // q heads and k heads are adjacent
-      for (int h = 0; h < nkv; ++h) {
-        std::memcpy(key_cache + h * head_stride + p * hd, row + (nh + h) * hd, hd * sizeof(float));
-        std::memcpy(value_cache + h * head_stride + p * hd, row + nh * hd + kv_width + h * hd, hd * sizeof(float));
-      }
+      s.kv.write(slot, s.row_seq[t], p, row + nh * hd, row + nh * hd + kv_width);
     }
   });
 
@@ -162,10 +152,7 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
     AttentionArgs args;
     args.qkv = qkv + g.first_row * qkv_dim;
     args.qkv_dim = qkv_dim;
-    args.keys = s.key_cache.data() + region(g.seq);
-    args.values = s.value_cache.data() + region(g.seq);
-    args.kv_row_stride = hd;
-    args.kv_head_stride = head_stride;
+    s.kv.view(slot, g.seq, args);
     args.n = g.n;
     args.pos = g.pos;
     args.n_heads = nh;

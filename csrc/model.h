@@ -14,6 +14,7 @@
 #include "attention.h"
 #include "kernels.h"
 #include "contract.h"
+#include "kv_cache.h"
 #include "shortrt/engine.h"
 #include "threadpool.h"
 #include "weights.h"
@@ -46,7 +47,8 @@ struct Segment {
 };
 
 struct State {
-  State(const ModelConfig& c, int n_kv_slots, int max_seq, int max_batch, int max_chunk);
+  State(const ModelConfig& c, int n_kv_slots, int max_seq, int max_batch, int max_chunk,
+        KvType kv_type = KvType::F32);
 
   int max_seq, max_batch, max_chunk;  // max_chunk: most rows (tokens) one forward pass takes
   int64_t qkv_dim;                    // (n_heads + 2 n_kv_heads) * head_dim
@@ -61,9 +63,9 @@ struct State {
   FloatBuffer logits;   // [max_batch][vocab]         logits of the rows that asked for them
   std::vector<int> row_seq, row_pos;  // [max_chunk]   each row's KV region and position
   std::vector<AttentionArgs> decode_args;  // [max_batch] the decode segments of a step, attended together
-  // KV cache: [slot][seq][kv_head][pos][head_dim], slots = retained attentions only:
-  // each kv head's keys (values) of a sequence are one contiguous stream.
-  FloatBuffer key_cache, value_cache;
+  // KV cache: [slot][seq][kv_head][pos][head_dim] in the kv_dtype (kv_cache.h), slots =
+  // retained attentions only: each kv head's keys (values) of a sequence are one stream.
+  KvCache kv;
   size_t kv_bytes = 0;
   AttentionScratch attention;  // prefill's K / V^T / scores for one kv head; decode's partial states
 };

@@ -32,6 +32,7 @@ from . import checkpoint
 from .errors import CheckpointError
 
 DTYPES = ("fp32", "bf16", "int8")
+KV_DTYPES = ("fp32", "f16", "bf16", "int8")  # KV-cache formats (docs/internals.md: KV cache)
 
 
 _INT32_MAX = 2**31 - 1
@@ -116,7 +117,9 @@ class Engine:
     checkpoint layers not to run. prefill_chunk: prompt tokens per chunk (None = 64; every
     prompt is cut the same way whatever else runs). step_tokens: rows of one step (None =
     max_batch + prefill_chunk). kv_budget_bytes: size the KV cache by bytes instead: max_batch
-    becomes as many sequences of max_seq tokens as fit (kv_bytes_per_sequence()).
+    becomes as many sequences of max_seq tokens as fit (kv_bytes_per_sequence()). kv_dtype: the
+    KV cache's format: "fp32", "f16" or "bf16" (half the bytes), "int8" (a quarter, plus one fp32
+    scale per kv head and position for K and for V); rows are converted when written.
 
     Besides generate()/stream(), the request-level interface serves many requests at once:
     submit() queues one, step() runs one forward pass over every running request (one weight
@@ -131,11 +134,13 @@ class Engine:
     def __init__(self, model="default", dtype: str = "fp32", threads: int | None = None,
                  max_seq: int | None = None, max_batch: int = 1, skip_layers: Sequence[int] | None = None,
                  prefill_chunk: int | None = None, step_tokens: int | None = None,
-                 kv_budget_bytes: int | None = None):
+                 kv_budget_bytes: int | None = None, kv_dtype: str = "fp32"):
         from . import _C
 
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"unknown kv_dtype {kv_dtype!r} (expected one of {', '.join(KV_DTYPES)})")
         if threads is not None:
             threads = _int_arg("threads", threads, 0, 4096, " (0 or None = all cores)")
         if max_seq is not None:
@@ -149,23 +154,25 @@ class Engine:
         self.checkpoint_dir: Path = self.model.path
         if kv_budget_bytes is not None:  # as many KV regions as the budget holds
             kv_budget_bytes = _int_arg("kv_budget_bytes", kv_budget_bytes, 1, 2**62)
-            per_seq = kv_bytes_per_sequence(self.model, max_seq, skip_layers)
+            per_seq = kv_bytes_per_sequence(self.model, max_seq, skip_layers, kv_dtype)
             max_batch = min(4096, kv_budget_bytes // per_seq) if per_seq else 4096
             if max_batch < 1:
                 raise ValueError(f"kv_budget_bytes {kv_budget_bytes / 2**20:.1f} MiB holds no sequence: one needs "
                                  f"{per_seq / 2**20:.1f} MiB of KV cache at max_seq (lower max_seq or raise the budget)")
         try:
             self._engine = _C.Engine(str(self.checkpoint_dir), dtype, threads or 0, max_seq or 0, max_batch,
-                                     [int(i) for i in (skip_layers or [])], prefill_chunk or 0, step_tokens or 0)
+                                     [int(i) for i in (skip_layers or [])], prefill_chunk or 0, step_tokens or 0,
+                                     kv_dtype)
         except ValueError as exc:
             raise CheckpointError(f"{self.checkpoint_dir}: {exc}") from None
         self.dtype = dtype
+        self.kv_dtype = kv_dtype
         self._tokenizer = None
         self._chat_tokenizer = None
 
     def __repr__(self) -> str:
-        return (f"Engine({str(self.checkpoint_dir)!r}, dtype={self.dtype!r}, threads={self.threads}, "
-                f"layers={self.num_layers}, max_seq={self.max_seq})")
+        return (f"Engine({str(self.checkpoint_dir)!r}, dtype={self.dtype!r}, kv_dtype={self.kv_dtype!r}, "
+                f"threads={self.threads}, layers={self.num_layers}, max_seq={self.max_seq})")
 
     # --- properties -------------------------------------------------------
     @property
@@ -410,14 +417,19 @@ class Engine:
         return self._engine.logits(ids, chunk)
 
 
-def kv_bytes_per_sequence(model, max_seq: int | None = None, skip_layers=()) -> int:
-    """KV-cache bytes one running sequence holds (its region): K and V, fp32, for every
-    retained attention of the plan, at max_seq positions (None = the engine's default)."""
+def kv_bytes_per_sequence(model, max_seq: int | None = None, skip_layers=(), kv_dtype: str = "fp32") -> int:
+    """KV-cache bytes one running sequence holds (its region): K and V in kv_dtype (int8 with
+    its row scales) for every retained attention of the plan, at max_seq positions (None = the
+    engine's default)."""
+    from . import _C
+
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"unknown kv_dtype {kv_dtype!r} (expected one of {', '.join(KV_DTYPES)})")
     m = checkpoint.load(model)
     cfg = m.model_config
     seq = max_seq if max_seq is not None else min(cfg.max_position, 2048)
     slots = sum(1 for step in m.plan(skip_layers or ()) if step.attention)
-    return 2 * 4 * slots * seq * cfg.n_kv_heads * cfg.head_dim
+    return 2 * slots * seq * cfg.n_kv_heads * _C.kv_row_bytes(kv_dtype, cfg.head_dim)
 
 
 _ENGINES: dict[tuple, Engine] = {}
@@ -425,16 +437,16 @@ _ENGINES: dict[tuple, Engine] = {}
 
 def generate(model, prompt_or_prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, stop=None, chat: bool = False, dtype: str = "fp32",
-             threads: int | None = None):
+             threads: int | None = None, kv_dtype: str = "fp32"):
     """Text continuation(s) from a model: an Engine, or a path / "default" / Model (an
-    Engine is built once per (checkpoint, dtype, threads) and reused)."""
+    Engine is built once per (checkpoint, dtype, threads, kv_dtype) and reused)."""
     if isinstance(model, Engine):
         engine = model
     else:
         path = checkpoint.load(model).path
-        key = (str(path), dtype, threads)
+        key = (str(path), dtype, threads, kv_dtype)
         engine = _ENGINES.get(key)
         if engine is None:
-            engine = _ENGINES[key] = Engine(path, dtype=dtype, threads=threads, max_batch=4)
+            engine = _ENGINES[key] = Engine(path, dtype=dtype, threads=threads, max_batch=4, kv_dtype=kv_dtype)
     return engine.generate(prompt_or_prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed, stop=stop, chat=chat)

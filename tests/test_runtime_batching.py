@@ -2,13 +2,16 @@
 pass per step, and the promise that a request gives exactly the tokens it gives alone."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
+import numpy as np
 import pytest
 
-from runtime_models import make_tiny
-from shortrt.engine import Engine
+from runtime_models import make_tiny, rel_err, write_pruned
+from shortrt import _C
+from shortrt.engine import KV_DTYPES, Engine
 
 CHUNK = 8  # small, so prompts take several prefill chunks on the tiny model
 
@@ -52,16 +55,65 @@ def run_all(eng: Engine, requests, *, submit_every: int = 0) -> dict[int, list[i
     return out
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
-def test_batched_requests_equal_each_alone(tiny, dtype):
-    alone = Engine(tiny, dtype=dtype, max_seq=128, max_batch=1, prefill_chunk=CHUNK, threads=2)
+@contextlib.contextmanager
+def kernel_path(path: str):
+    """Runs the block on one kernel path ("auto": whatever the CPU picks); skips a path it lacks."""
+    if path != "auto" and path not in _C.kernel_paths():
+        pytest.skip(f"this CPU has no {path} kernel path")
+    before = _C.kernel_active()
+    _C.set_kernels(path)
+    try:
+        yield
+    finally:
+        _C.set_kernels(before)
+
+
+PATHS = ["ref", "avx2", "avx512"]
+# (weight dtype, kv dtype, kernel path): every kv dtype on every path with fp32 weights, and
+# the packed weight formats beside an fp32 and two compact caches.
+CASES = ([("fp32", kv, path) for kv in KV_DTYPES for path in PATHS] +
+         [(dtype, kv, "auto") for dtype in ("bf16", "int8") for kv in ("fp32", "f16", "int8")])
+
+
+def check_batched_equal_alone(model, dtype, kv_dtype):
+    alone = Engine(model, dtype=dtype, kv_dtype=kv_dtype, max_seq=128, max_batch=1, prefill_chunk=CHUNK, threads=2)
     expected = {k: alone.generate_ids(p, stop=[], **o) for k, (p, o) in enumerate(REQUESTS)}
     assert all(len(expected[k]) == o["max_new_tokens"] for k, (_, o) in enumerate(REQUESTS))
-    eng = Engine(tiny, dtype=dtype, max_seq=128, max_batch=4, prefill_chunk=CHUNK, threads=2)
+    eng = Engine(model, dtype=dtype, kv_dtype=kv_dtype, max_seq=128, max_batch=4, prefill_chunk=CHUNK, threads=2)
     assert run_all(eng, REQUESTS) == expected                   # 6 requests, 4 regions: two wait
     assert run_all(eng, REQUESTS, submit_every=3) == expected   # arriving while others decode
-    one_thread = Engine(tiny, dtype=dtype, max_seq=128, max_batch=3, prefill_chunk=CHUNK, threads=1)
+    one_thread = Engine(model, dtype=dtype, kv_dtype=kv_dtype, max_seq=128, max_batch=3, prefill_chunk=CHUNK,
+                        threads=1)
     assert run_all(one_thread, REQUESTS[::-1]) == {len(REQUESTS) - 1 - k: v for k, v in expected.items()}
+    return expected
+
+
+@pytest.mark.parametrize("dtype,kv_dtype,path", CASES)
+def test_batched_requests_equal_each_alone(tiny, dtype, kv_dtype, path):
+    with kernel_path(path):
+        check_batched_equal_alone(tiny, dtype, kv_dtype)
+
+
+@pytest.fixture(scope="module")
+def attention_pruned(tiny, tmp_path_factory):
+    """3 layers, the middle one without its attention: 2 KV slots for 3 layers."""
+    return write_pruned(tiny, tmp_path_factory.mktemp("attn") / "m", keep=[0, 1, 2], flags={1: (False, True)})
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_attention_pruned_checkpoint_on_every_kv_dtype(tiny, attention_pruned, kv_dtype):
+    """Remapped KV slots (fewer than layers): regions sized for 2 slots, a request batched gives
+    its tokens alone, and the logits stay near the fp32 cache's (the same tolerances as the
+    default model's: tests/test_runtime_kv_dtype.py)."""
+    eng = Engine(attention_pruned, kv_dtype=kv_dtype, max_seq=64, max_batch=2)
+    assert (eng.num_layers, eng.num_attention_layers) == (3, 2)
+    assert eng.kv_cache_bytes == 2 * 2 * 2 * 64 * 2 * _C.kv_row_bytes(kv_dtype, 16)  # K,V x slots x regions x pos x kv heads
+    check_batched_equal_alone(attention_pruned, "fp32", kv_dtype)
+    ids = list(range(3, 60))
+    fp32 = Engine(attention_pruned, max_seq=64).logits(ids)
+    tolerance = {"fp32": 0, "f16": 2e-3, "bf16": 2e-2, "int8": 0.1}[kv_dtype]
+    assert rel_err(eng.logits(ids), fp32) <= tolerance
+    np.testing.assert_allclose(eng.logits(ids, chunk=1), eng.logits(ids), rtol=0, atol=5 * tolerance + 1e-4)
 
 
 def test_generate_is_the_step_loop(tiny):
@@ -196,3 +248,30 @@ def test_kv_pool_sized_by_a_byte_budget(tiny):
     assert kv_bytes_per_sequence(tiny, max_seq=64, skip_layers=[1]) == per_seq * 2 // 3
     with pytest.raises(ValueError, match="holds no sequence: one needs"):
         Engine(tiny, max_seq=64, kv_budget_bytes=per_seq - 1)
+
+
+def test_kv_pool_sized_in_the_kv_dtype_bytes(tiny):
+    """f16 / bf16 regions take exactly half of fp32's bytes, int8 a quarter plus one fp32 scale
+    per (kv head, position) row of 16 for K and for V: a budget holds 2x / ~3.2x the sequences."""
+    from shortrt.engine import kv_bytes_per_sequence
+
+    fp32 = kv_bytes_per_sequence(tiny, max_seq=64)
+    per_seq = {kv: kv_bytes_per_sequence(tiny, max_seq=64, kv_dtype=kv) for kv in KV_DTYPES}
+    assert per_seq == {"fp32": fp32, "f16": fp32 // 2, "bf16": fp32 // 2,
+                       "int8": 2 * 3 * 64 * 2 * (16 + 4)}  # K and V, 3 slots, 64 positions, 2 kv heads
+    for kv in KV_DTYPES:
+        eng = Engine(tiny, max_seq=64, kv_dtype=kv, kv_budget_bytes=3 * fp32)
+        assert eng.max_batch == 3 * fp32 // per_seq[kv]
+        assert eng.kv_cache_bytes == eng.stats()["kv_bytes"] == eng.max_batch * per_seq[kv]
+        assert eng.kv_dtype == kv and f"kv_dtype={kv!r}" in repr(eng)
+    assert Engine(tiny, max_seq=64, kv_dtype="f16", kv_budget_bytes=3 * fp32).max_batch == 6
+    with pytest.raises(ValueError, match="unknown kv_dtype 'fp16' \\(expected one of fp32, f16, bf16, int8\\)"):
+        kv_bytes_per_sequence(tiny, kv_dtype="fp16")
+
+
+@pytest.mark.parametrize("bad", ["fp16", "F16", "int4", ""])
+def test_bad_kv_dtype_is_refused(tiny, bad):
+    with pytest.raises(ValueError, match=f"unknown kv_dtype '{bad}' \\(expected one of fp32, f16, bf16, int8\\)"):
+        Engine(tiny, kv_dtype=bad)
+    with pytest.raises(ValueError, match=f"unknown kv_dtype '{bad}' \\(expected fp32, f16, bf16 or int8\\)"):
+        _C.Engine(str(tiny), "fp32", 1, 64, 1, [], 0, 0, bad)  # the C++ engine's own check

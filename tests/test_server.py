@@ -473,3 +473,32 @@ def test_serving_benchmark_sweeps_a_real_server_and_records_a_crash_as_a_failed_
     assert "| shortrt fp32 | dense | 2 |" in md and "FAILED: the server exited (killed by SIGSEGV)" in md
     bench.plot([row], tmp_path / "serving.png")
     assert (tmp_path / "serving.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- compact KV cache
+
+@pytest.mark.parametrize("kv_dtype", ["f16", "int8"])
+def test_requests_on_a_compact_kv_cache_equal_each_alone(tiny, kv_dtype):
+    """Per-request regions of an f16 / int8 cache: 8 concurrent requests over 4 regions each get
+    what the same cache gives them alone, and /metrics reports the cache's real bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shortrt.engine import Engine
+
+    alone = Engine(tiny, threads=1, kv_dtype=kv_dtype)
+    engine = Engine(tiny, threads=1, max_batch=4, kv_dtype=kv_dtype)
+    assert engine.kv_cache_bytes == 4 * alone.kv_cache_bytes
+    jobs = [([1] + list(range(3 + 7 * i, 3 + 7 * i + 5 + 3 * i)), 10 + 2 * i) for i in range(8)]
+    want = [expected(alone, ids, n)[1:] for ids, n in jobs]
+    with Serving(create_app(lambda: engine, model_name="tiny", max_queue=32)) as s:
+        s.wait_loaded()
+
+        def one(job):
+            r = httpx.post(s.url + "/v1/completions", timeout=60,
+                           json={"prompt": job[0], "max_tokens": job[1], "temperature": 0}).json()
+            return r["choices"][0]["text"], r["choices"][0]["finish_reason"]
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(one, jobs)) == want
+        metrics = httpx.get(s.url + "/metrics").text
+    assert f"shortrt_kv_bytes {engine.kv_cache_bytes}" in metrics

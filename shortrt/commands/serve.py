@@ -18,12 +18,15 @@ def add_arguments(parser):
     parser.add_argument("--port", type=integer(0, 65535), default=8000, help="0 = any free port (default: %(default)s)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
                         help="weight format (default: %(default)s)")
+    parser.add_argument("--kv-dtype", choices=["fp32", "f16", "bf16", "int8"], default="fp32",
+                        help="KV-cache format: f16/bf16 half the bytes of fp32, int8 a quarter plus a scale "
+                             "per row (default: %(default)s)")
     parser.add_argument("--threads", type=integer(1, 1024), default=None, help="default: all cores")
     parser.add_argument("--max-batch", type=integer(1, 4096), default=8,
                         help="sequences decoded at once, one KV region each (default: %(default)s)")
     parser.add_argument("--kv-budget", type=integer(1), default=None, metavar="MIB",
                         help="size the KV cache in MiB instead: --max-batch becomes as many sequences of "
-                             "--max-seq tokens as fit")
+                             "--max-seq tokens as fit (in --kv-dtype's bytes)")
     parser.add_argument("--max-queue", type=integer(0), default=64,
                         help="requests that may wait for a KV region; past that a request gets HTTP 429 "
                              "(default: %(default)s)")
@@ -83,7 +86,8 @@ def run(args) -> int:
     def load():
         return Engine(args.model, dtype=args.dtype, threads=args.threads, max_seq=args.max_seq,
                       max_batch=args.max_batch, skip_layers=args.skip, prefill_chunk=args.prefill_chunk,
-                      kv_budget_bytes=args.kv_budget * 2**20 if args.kv_budget else None)
+                      kv_budget_bytes=args.kv_budget * 2**20 if args.kv_budget else None,
+                      kv_dtype=args.kv_dtype)
 
     def on_load_error(exc):
         failure.append(exc)

@@ -55,6 +55,9 @@ struct ModelConfig {
 
 struct EngineOptions {
   std::string dtype = "fp32";    // weight format: "fp32" | "bf16" | "int8"
+  // KV cache format: "fp32" | "f16" | "bf16" (half the bytes) | "int8" (a quarter, plus one
+  // fp32 scale per kv head and position for K and for V).
+  std::string kv_dtype = "fp32";
   int threads = 0;               // 0 = all cores
   int max_seq = 0;               // 0 = min(max_position_embeddings, 2048)
   int max_batch = 1;             // sequences running at once (each has its own KV region)
@@ -162,7 +165,7 @@ class Engine {
   void cancel();
 
   const ModelConfig& config() const;
-  std::size_t kv_cache_bytes() const;   // K and V for all retained attentions
+  std::size_t kv_cache_bytes() const;   // K and V (and int8 scales) for all retained attentions
   std::size_t weight_bytes() const;     // weights held to run the plan (tied embedding counted once)
   std::size_t weight_bytes_per_token() const;  // weights read per decoded token
   int n_layers_run() const;             // decoder layers executed per token
@@ -172,6 +175,7 @@ class Engine {
   int max_batch() const;
   int threads() const;
   const std::string& dtype() const;
+  const std::string& kv_dtype() const;
 
  private:
   struct Impl;
