@@ -11,6 +11,7 @@
 #include <string>
 
 #include "error.h"
+#include "kernels_q4.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -79,6 +80,7 @@ const char* weight_type_name(WeightType type) {
     case WeightType::F32: return "f32";
     case WeightType::BF16: return "bf16";
     case WeightType::Q8: return "q8";
+    case WeightType::Q4: return "q4";
   }
   return "?";
 }
@@ -89,6 +91,7 @@ size_t WeightMatrix::bytes() const {
     case WeightType::F32: return n * sizeof(float);
     case WeightType::BF16: return n * sizeof(uint16_t);
     case WeightType::Q8: return n / kQ8Block * sizeof(BlockQ8);
+    case WeightType::Q4: return n / kQ4Block * sizeof(BlockQ4);
   }
   return 0;
 }
@@ -212,6 +215,12 @@ struct MatmulJob {
         k->gemm_q8(W->q8 + row0 * n_blocks, n_rows, n_blocks, x->q8 + tok0 * n_blocks, n_tok, out, ldy);
         break;
       }
+      case WeightType::Q4: {
+        const int64_t n_blocks = cols / kQ4Block;
+        k->gemm_q4(W->q4 + row0 * n_blocks, n_rows, n_blocks, x->q8 + tok0 * n_blocks, x->q8_sum + tok0 * n_blocks,
+                   n_tok, out, ldy);
+        break;
+      }
     }
   }
 };
@@ -242,6 +251,12 @@ void check_matmul_args(const WeightMatrix& W, const Activation& x, int64_t n_tok
       if (!W.q8) matmul_error(W, "q8 data pointer is null");
       if (W.cols % kQ8Block != 0) matmul_error(W, "q8 needs cols to be a multiple of 32");
       if (!x.q8) matmul_error(W, "q8 weights need the activation quantized (Activation::q8 is null)");
+      break;
+    case WeightType::Q4:
+      if (!W.q4) matmul_error(W, "q4 data pointer is null");
+      if (W.cols % kQ4Block != 0) matmul_error(W, "q4 needs cols to be a multiple of 32");
+      if (!x.q8 || !x.q8_sum)
+        matmul_error(W, "q4 weights need the activation quantized with its block sums (Activation::q8 or q8_sum is null)");
       break;
   }
 }

@@ -8,6 +8,7 @@
 
 #include "attention.h"
 #include "kernels.h"
+#include "kernels_q4.h"
 
 namespace shortrt {
 namespace {
@@ -505,6 +506,7 @@ constexpr KernelTable kAvx2Table = {
     "avx2",           dot_f32_avx2,    dot_bf16_f32_avx2, dot_q8_q8_avx2, axpy_f32_avx2,
     rmsnorm_f32_avx2, swiglu_f32_avx2, softmax_f32_avx2,  sum_f32_avx2,   quantize_row_q8_avx2,
     gemm_f32_avx2,    gemm_bf16_avx2,  gemm_q8_avx2,      detail::attend_partial_avx2,
+    detail::gemm_q4_avx2,
 };
 
 }  // namespace

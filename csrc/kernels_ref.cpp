@@ -6,6 +6,7 @@
 
 #include "attention.h"
 #include "kernels.h"
+#include "kernels_q4.h"
 
 namespace shortrt {
 namespace {
@@ -103,6 +104,7 @@ constexpr KernelTable kReferenceTable = {
     "ref",           dot_f32_ref,          dot_bf16_f32_ref, dot_q8_q8_ref,  axpy_f32_ref,
     rmsnorm_f32_ref, swiglu_f32_ref,       softmax_f32_ref,  sum_f32_ref,    quantize_row_q8_ref,
     gemm_f32_ref,    gemm_bf16_ref,        gemm_q8_ref,      attend_partial_ref,
+    detail::gemm_q4_ref,
 };
 
 }  // namespace
