@@ -187,6 +187,28 @@ def ppl_segments(tokenizer, n_tokens: int, seq_len: int, stride: int, texts=None
     return segments
 
 
+def runtime_perplexity(engine, *, n_tokens: int = 16384, seq_len: int = 512, stride: int = 256, texts=None,
+                       progress: bool = False) -> dict:
+    """Perplexity of a shortrt.Engine (the C++ runtime, in its dtype and LM-head format) on the same
+    strided windows `evaluate` scores ("ppl": Persuasion unless `texts` is given): {"ppl", "nll", "tokens"}.
+    Each window runs through Engine.logits alone, from position 0."""
+    _check_sizes(1, n_tokens, seq_len, stride, seq_len)
+    segments = ppl_segments(load(engine.checkpoint_dir).tokenizer(), n_tokens, seq_len, stride, texts)
+    total = torch.zeros(len(segments), 1, dtype=torch.float64)
+    counts = torch.zeros(len(segments), 1, dtype=torch.long)
+    bar = _progress(progress, sum(len(s.context) for s in segments), "perplexity")
+    for i, seg in enumerate(segments):
+        logp = torch.log_softmax(torch.from_numpy(engine.logits(seg.context)[:-1]).double(), dim=-1)
+        targets = torch.tensor(seg.context[1:])
+        picked = logp.gather(1, targets[:, None])[:, 0][seg.score_context_from - 1:]
+        total[i, 0], counts[i, 0] = picked.sum(), picked.numel()
+        if bar is not None:
+            bar.update(len(seg.context))
+    if bar is not None:
+        bar.close()
+    return _ppl_metrics(total, counts, range(len(segments)))
+
+
 def mc_segments(tokenizer, questions) -> list[Segment]:
     contexts = tokenizer([q.context for q in questions], add_special_tokens=False)["input_ids"]
     flat = [c for q in questions for c in q.choices]
