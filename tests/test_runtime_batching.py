@@ -52,7 +52,7 @@ def run_all(eng: Engine, requests, *, submit_every: int = 0) -> dict[int, list[i
     return out
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int4"])
 def test_batched_requests_equal_each_alone(tiny, dtype):
     alone = Engine(tiny, dtype=dtype, max_seq=128, max_batch=1, prefill_chunk=CHUNK, threads=2)
     expected = {k: alone.generate_ids(p, stop=[], **o) for k, (p, o) in enumerate(REQUESTS)}
