@@ -410,7 +410,7 @@ void register_engine(py::module_& m) {
   py::class_<Engine>(m, "Engine", "The C++ inference engine over one checkpoint directory.")
       .def(py::init(&load), py::arg("path"), py::arg("dtype") = "fp32", py::arg("threads") = 0,
            py::arg("max_seq") = 0, py::arg("max_batch") = 1, py::arg("skip_layers") = std::vector<int>{},
-           py::arg("prefill_chunk") = 0, py::arg("step_tokens") = 0, py::arg("lm_head_dtype") = "same")
+           py::arg("prefill_chunk") = 0, py::arg("step_tokens") = 0, py::arg("lm_head_dtype") = "auto")
       .def("submit", &submit, py::arg("prompt"), py::arg("max_new_tokens") = 64, py::arg("temperature") = 0.0,
            py::arg("top_k") = 0, py::arg("top_p") = 1.0, py::arg("seed") = 0, py::arg("stop") = py::none(),
            "Queue a request; returns its id. Thread-safe.")

@@ -227,6 +227,7 @@ class Loader {
         if (bf16) pack_bf16(src, len, bf16 + out + begin);
         if (q8) quantize_q8(src, len, q8 + (out + begin) / kQ8Block);
         if (q4) {
+          if (bad.count) report(*t, bad);  // the usual NaN/Inf error first; int4 then refuses them even if allowed
           try {
             quantize_q4(src, len, q4 + (out + begin) / kQ4Block);
           } catch (const Error& e) {

@@ -32,8 +32,17 @@ from . import checkpoint
 from .errors import CheckpointError
 
 DTYPES = ("fp32", "bf16", "int8", "int4")
-# The LM head's own format (Engine(lm_head_dtype=...)): "same" = the layers' dtype.
-LM_HEAD_DTYPES = ("same",) + DTYPES
+# The LM head's own format (Engine(lm_head_dtype=...)): "same" = the layers' dtype; "auto" (the
+# default) = int8 under int4 layers, else the layers' dtype (benchmarks/results/int4_quality.md:
+# an int4 head costs 9% perplexity on the default model, an int8 one 0.7%, for 17% more bytes).
+LM_HEAD_DTYPES = ("auto", "same") + DTYPES
+
+
+def resolve_lm_head_dtype(dtype: str, lm_head_dtype: str = "auto") -> str:
+    """The LM head's format an Engine(dtype=..., lm_head_dtype=...) uses (csrc/engine.cpp decides the same)."""
+    if lm_head_dtype == "auto":
+        return "int8" if dtype == "int4" else dtype
+    return dtype if lm_head_dtype == "same" else lm_head_dtype
 
 
 _INT32_MAX = 2**31 - 1
@@ -114,8 +123,9 @@ class Engine:
     dtype: "fp32" (weights used straight from the file), "bf16", "int8" or "int4" (packed at load;
     int4 = blocks of 32 with an fp16 scale and minimum, docs/internals.md). lm_head_dtype: the
     format of the LM head (output projection, read every token, never shrunk by pruning):
-    "same" (the default: dtype) or one of DTYPES; with tied embeddings the embedding table stays
-    in dtype (one copy serves both when the formats agree).
+    "auto" (the default: int8 when dtype is int4, else dtype), "same" (dtype) or one of DTYPES;
+    with tied embeddings the embedding table stays in dtype (one copy serves both when the
+    formats agree).
     threads: worker threads (None = all cores). max_seq: context length of the KV cache
     (None = min(max_position_embeddings, 2048)). max_batch: sequences running at once, each
     with its own KV region (longer prompt lists to generate() run in groups). skip_layers:
@@ -137,7 +147,7 @@ class Engine:
     def __init__(self, model="default", dtype: str = "fp32", threads: int | None = None,
                  max_seq: int | None = None, max_batch: int = 1, skip_layers: Sequence[int] | None = None,
                  prefill_chunk: int | None = None, step_tokens: int | None = None,
-                 kv_budget_bytes: int | None = None, lm_head_dtype: str = "same"):
+                 kv_budget_bytes: int | None = None, lm_head_dtype: str = "auto"):
         from . import _C
 
         if dtype not in DTYPES:
@@ -169,7 +179,7 @@ class Engine:
         except ValueError as exc:
             raise CheckpointError(f"{self.checkpoint_dir}: {exc}") from None
         self.dtype = dtype
-        self.lm_head_dtype = self._engine.lm_head_dtype  # resolved: never "same"
+        self.lm_head_dtype = self._engine.lm_head_dtype  # resolved: never "same" or "auto"
         self._tokenizer = None
         self._chat_tokenizer = None
 

@@ -54,7 +54,7 @@ def test_int4_on_grid_weights_err_only_by_the_int8_activations(tiny_untied, tmp_
             tensors[name] = _C.dequantize_q4(*_C.quantize_q4(t.ravel())).reshape(t.shape)
     save_file(tensors, str(grid / "model.safetensors"), metadata={"format": "pt"})
     ref = Engine(grid, threads=2).logits(IDS_SHORT)
-    int4 = rel_err(Engine(grid, dtype="int4", threads=2).logits(IDS_SHORT), ref)
+    int4 = rel_err(Engine(grid, dtype="int4", lm_head_dtype="same", threads=2).logits(IDS_SHORT), ref)
     int8 = rel_err(Engine(grid, dtype="int8", threads=2).logits(IDS_SHORT), ref)
     assert 0 < int4 <= 0.03 and int4 <= int8  # measured 0.016 and 0.020
 
@@ -71,16 +71,27 @@ def test_int4_decode_through_the_cache_equals_prefill(tiny_untied):
 def test_lm_head_format_and_bytes_with_tied_embeddings(tiny_tied, dtype, lm_head):
     c = Engine(tiny_tied, threads=1).config
     vocab, hidden = c["vocab_size"], c["hidden_size"]
-    same = Engine(tiny_tied, dtype=dtype, threads=1)
+    same = Engine(tiny_tied, dtype=dtype, lm_head_dtype="same", threads=1)
     eng = Engine(tiny_tied, dtype=dtype, lm_head_dtype=lm_head, threads=1)
     assert same.lm_head_dtype == dtype and eng.lm_head_dtype == lm_head
     head_same, head = matrix_bytes(vocab, hidden, dtype), matrix_bytes(vocab, hidden, lm_head)
-    assert same.weight_bytes == weight_table(tiny_tied, dtype).at(4, 4)
+    assert same.weight_bytes == weight_table(tiny_tied, dtype, "same").at(4, 4)
+    assert eng.weight_bytes == weight_table(tiny_tied, dtype, lm_head).at(4, 4)
     if lm_head == dtype:  # one copy serves the embedding and the head
         assert eng.weight_bytes == same.weight_bytes
     else:  # the embedding stays in dtype, the head is a copy of its own
         assert eng.weight_bytes == same.weight_bytes + head
     assert eng.weight_bytes_per_token == same.weight_bytes_per_token - head_same + head
+
+
+@pytest.mark.parametrize("dtype,head", [("fp32", "fp32"), ("bf16", "bf16"), ("int8", "int8"), ("int4", "int8")])
+def test_default_lm_head_is_int8_under_int4_else_the_dtype(tiny_untied, tiny_tied, dtype, head):
+    for path in (tiny_untied, tiny_tied):
+        eng = Engine(path, dtype=dtype, threads=1)
+        assert eng.lm_head_dtype == head
+        assert eng.weight_bytes == weight_table(path, dtype).at(4, 4) == weight_table(path, dtype, head).at(4, 4)
+    np.testing.assert_array_equal(Engine(tiny_untied, dtype=dtype, threads=1).logits(IDS_SHORT),
+                                  Engine(tiny_untied, dtype=dtype, lm_head_dtype=head, threads=1).logits(IDS_SHORT))
 
 
 def test_lm_head_format_changes_only_the_head(tiny_untied, tiny_tied):
@@ -92,18 +103,18 @@ def test_lm_head_format_changes_only_the_head(tiny_untied, tiny_tied):
     assert 0 < rel_err(int8_head, ref) <= 0.05
     # Tied: int4 layers with an fp32 head keep the int4 embedding rows (same inputs as int4/int4).
     a = Engine(tiny_tied, dtype="int4", lm_head_dtype="fp32", threads=2)
-    b = Engine(tiny_tied, dtype="int4", threads=2)
+    b = Engine(tiny_tied, dtype="int4", lm_head_dtype="same", threads=2)
     assert not np.array_equal(a.logits(IDS_SHORT), b.logits(IDS_SHORT))
 
 
 def test_bad_dtype_and_lm_head_dtype_are_clear_errors(tiny_untied):
     with pytest.raises(ValueError, match=r"unknown dtype 'int3' \(expected one of fp32, bf16, int8, int4\)"):
         Engine(tiny_untied, dtype="int3")
-    with pytest.raises(ValueError, match=r"unknown lm_head_dtype 'fp16' \(expected one of same, fp32, bf16, int8, int4\)"):
+    with pytest.raises(ValueError, match=r"unknown lm_head_dtype 'fp16' \(expected one of auto, same, fp32, bf16, int8, int4\)"):
         Engine(tiny_untied, lm_head_dtype="fp16")
     from shortrt import _C
 
-    with pytest.raises(ValueError, match="unknown lm_head_dtype 'fp16' \\(expected same, fp32, bf16, int8 or int4\\)"):
+    with pytest.raises(ValueError, match="unknown lm_head_dtype 'fp16' \\(expected auto, same, fp32, bf16, int8 or int4\\)"):
         _C.Engine(str(tiny_untied), "fp32", 1, 0, 1, [], 0, 0, "fp16")
     with pytest.raises(ValueError, match="unknown dtype 'q4' \\(expected fp32, bf16, int8 or int4\\)"):
         _C.Engine(str(tiny_untied), "q4", 1, 0, 1, [], 0, 0, "same")
@@ -121,3 +132,20 @@ def test_cli_choices_are_the_engines():
     from shortrt import commands
 
     assert commands.DTYPES == DTYPES and commands.LM_HEAD_DTYPES == LM_HEAD_DTYPES
+
+
+def test_int4_refuses_nan_weights_even_when_allowed(tmp_path, monkeypatch):
+    from safetensors.numpy import load_file, save_file
+
+    from shortrt.errors import CheckpointError
+
+    path = make_tiny(tmp_path / "nan")[0]
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = np.nan
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    monkeypatch.delenv("SHORTRT_ALLOW_NONFINITE", raising=False)
+    with pytest.raises(CheckpointError, match="up_proj.weight' in .* holds NaN/Inf values"):
+        Engine(path, dtype="int4")
+    monkeypatch.setenv("SHORTRT_ALLOW_NONFINITE", "1")
+    with pytest.raises(CheckpointError, match="up_proj.weight' in .*: int4 weights cannot hold NaN/Inf"):
+        Engine(path, dtype="int4")

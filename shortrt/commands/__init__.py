@@ -14,7 +14,7 @@ INT32_MAX = 2**31 - 1
 # The engine's weight formats (shortrt.engine.DTYPES / LM_HEAD_DTYPES, repeated here so that
 # building the parser does not import numpy; tests/test_cli_errors.py keeps them equal).
 DTYPES = ("fp32", "bf16", "int8", "int4")
-LM_HEAD_DTYPES = ("same",) + DTYPES
+LM_HEAD_DTYPES = ("auto", "same") + DTYPES
 
 
 def add_dtype_arguments(parser, default: str | None = "fp32") -> None:
@@ -22,9 +22,9 @@ def add_dtype_arguments(parser, default: str | None = "fp32") -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=default,
                         help="weight format; int4 = 32-weight blocks with an fp16 scale and minimum "
                              "(default: %(default)s)")
-    parser.add_argument("--lm-head-dtype", choices=LM_HEAD_DTYPES, default="same",
+    parser.add_argument("--lm-head-dtype", choices=LM_HEAD_DTYPES, default="auto",
                         help="format of the LM head (the output projection, read every token); 'same' = "
-                             "--dtype (default: %(default)s)")
+                             "--dtype; 'auto' = int8 under --dtype int4, else --dtype (default: %(default)s)")
 
 
 def integer(lo: int = 0, hi: int = INT32_MAX):

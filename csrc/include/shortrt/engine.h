@@ -56,10 +56,10 @@ struct ModelConfig {
 struct EngineOptions {
   std::string dtype = "fp32";    // weight format: "fp32" | "bf16" | "int8" | "int4"
   // Format of the LM head (the output projection, read every token and never
-  // shrunk by pruning): "same" (= dtype) | "fp32" | "bf16" | "int8" | "int4".
-  // With tied embeddings the embedding table stays in dtype; one copy serves
-  // both when the two formats agree.
-  std::string lm_head_dtype = "same";
+  // shrunk by pruning): "auto" (int8 when dtype is int4, else dtype) | "same"
+  // (= dtype) | "fp32" | "bf16" | "int8" | "int4". With tied embeddings the
+  // embedding table stays in dtype; one copy serves both when the formats agree.
+  std::string lm_head_dtype = "auto";
   int threads = 0;               // 0 = all cores
   int max_seq = 0;               // 0 = min(max_position_embeddings, 2048)
   int max_batch = 1;             // sequences running at once (each has its own KV region)
@@ -177,7 +177,7 @@ class Engine {
   int max_batch() const;
   int threads() const;
   const std::string& dtype() const;
-  const std::string& lm_head_dtype() const;  // resolved: never "same"
+  const std::string& lm_head_dtype() const;  // resolved: never "same" or "auto"
 
  private:
   struct Impl;
