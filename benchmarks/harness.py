@@ -99,7 +99,7 @@ def worker_shortrt(spec: dict) -> dict:
 
     t0 = time.perf_counter()
     eng = Engine(spec["path"], dtype=spec["dtype"], threads=spec["threads"], max_seq=spec["context"],
-                 skip_layers=spec.get("skip") or None)
+                 skip_layers=spec.get("skip") or None, lm_head_dtype=spec.get("lm_head_dtype", "same"))
     load_s = time.perf_counter() - t0
     out = measure(shortrt_run(eng), spec["prompt"], _short(spec), spec["new_tokens"], spec["reps"])
     out.update(load_s=load_s, weight_bytes=eng.weight_bytes, bytes_per_token=eng.weight_bytes_per_token,

@@ -6,7 +6,7 @@ and for each kv dtype, side by side in one run:
 
   KV-cache bytes at max_seq 2048 (one sequence),
   perplexity of the held-out Persuasion text with the runtime's logits
-  (shortrt.evaluation.runtime_ppl: the windows of the "ppl" task),
+  (shortrt.evaluation.runtime_perplexity: the windows of the "ppl" task),
   decode tokens/s after a long prompt (--context tokens of Persuasion): every kv dtype's engine
   prefills it, then their decode steps take turns one by one, each timed alone (so drift on a
   shared machine hits them alike); the median over --new-tokens steps, then over --rounds rounds.
@@ -61,7 +61,7 @@ def interleaved_decode(engines: dict, prompt: list[int], new_tokens: int) -> dic
 
 def run_variant(name: str, path: str, args, kv_dtypes: list[str], prompt: list[int]) -> list[dict]:
     from shortrt.engine import Engine
-    from shortrt.evaluation import runtime_ppl
+    from shortrt.evaluation import runtime_perplexity
 
     engines = {kv: Engine(path, dtype=args.dtype, threads=args.threads, max_seq=MAX_SEQ, kv_dtype=kv)
                for kv in kv_dtypes}
@@ -75,7 +75,7 @@ def run_variant(name: str, path: str, args, kv_dtypes: list[str], prompt: list[i
                   file=sys.stderr, flush=True)
     for kv, eng in engines.items():
         t0 = time.perf_counter()
-        rows[kv].update(runtime_ppl(eng, n_tokens=args.ppl_tokens, seq_len=args.seq_len, stride=args.stride))
+        rows[kv].update(runtime_perplexity(eng, n_tokens=args.ppl_tokens, seq_len=args.seq_len, stride=args.stride))
         print(f"  {name} {kv}: ppl {rows[kv]['ppl']:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
               flush=True)
     base = rows[kv_dtypes[0]]

@@ -2,7 +2,8 @@
 
 For a model and a list of removal counts (pruned checkpoints made with
 `shortgpt` on the fly and cached), and for each engine available — shortrt
-fp32/bf16/int8, transformers fp32/bf16, llama.cpp (F32/F16/Q8_0 GGUFs made by its quantize API,
+fp32/bf16/int8/int4 (`shortrt-int4` with the LM head in int4 too; `shortrt-int4:int8` with it in
+int8, the engine's default), transformers fp32/bf16, llama.cpp (F32/F16/Q8_0 GGUFs made by its quantize API,
 pruned by shortrt.gguf_prune, when llama-cpp-python is installed) — it measures, each engine in its own process
 (benchmarks/harness.py; a worker that crashes or hangs becomes a failed row and the run goes on):
 
@@ -31,7 +32,8 @@ import harness
 from harness import CONTEXT, fmt_mib, shown_path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_ENGINES = "shortrt-fp32,shortrt-bf16,shortrt-int8,transformers-fp32,transformers-bf16,llama.cpp"
+DEFAULT_ENGINES = ("shortrt-fp32,shortrt-bf16,shortrt-int8,shortrt-int4,shortrt-int4:int8,transformers-fp32,"
+                   "transformers-bf16,llama.cpp")
 
 
 def pruned_checkpoints(model_name: str, needed: list[tuple[str, int]], scores_file: str | None,
@@ -122,11 +124,16 @@ def make_jobs(engines: list[str], ckpts: dict, dense_variant: str) -> list[dict]
                                  "variant": variant if k else "dense", "removed": k})
             continue
         name, _, dtype = engine.partition("-")
+        dtype, _, lm_head = dtype.partition(":")  # shortrt-int4:int8 = int4 layers, int8 LM head
+        label = f"{name} {dtype}" + (f" (head {lm_head})" if lm_head else "")
         for (variant, k), path in ordered:
             if name == "transformers" and any(x in variant for x in ("attention", "mlp")) and k:
                 continue  # transformers cannot load attention-less layers
-            jobs.append({"label": f"{name} {dtype}", "engine": name, "dtype": dtype, "path": path,
-                         "variant": variant if k else "dense", "removed": k})
+            job = {"label": label, "engine": name, "dtype": dtype, "path": path,
+                   "variant": variant if k else "dense", "removed": k}
+            if lm_head:
+                job["lm_head_dtype"] = lm_head
+            jobs.append(job)
     return jobs
 
 
@@ -215,8 +222,10 @@ def render_markdown(rows, bandwidth, args, dense) -> str:
         return f"{ra[what] / rb[what]:.2f}×" if ra and rb else "n/a"
 
     for ours, theirs in [("shortrt fp32", "llama.cpp F32"), ("shortrt bf16", "llama.cpp F16"),
-                         ("shortrt int8", "llama.cpp Q8_0"), ("shortrt fp32", "transformers fp32"),
-                         ("shortrt bf16", "transformers bf16")]:
+                         ("shortrt int8", "llama.cpp Q8_0"), ("shortrt int4", "llama.cpp Q4_0"),
+                         ("shortrt fp32", "transformers fp32"), ("shortrt bf16", "transformers bf16"),
+                         ("shortrt int4", "shortrt fp32"), ("shortrt int4", "shortrt int8"),
+                         ("shortrt int4 (head int8)", "shortrt int4")]:
         lines.append(f"- decode {ours} / {theirs}: {ratio((ours, 'dense', 0), (theirs, 'dense', 0))}")
     lines.append(f"- prefill shortrt fp32 / llama.cpp F32: {ratio(('shortrt fp32', 'dense', 0), ('llama.cpp F32', 'dense', 0), 'prefill_tok_s')}; "
                  f"/ transformers fp32: {ratio(('shortrt fp32', 'dense', 0), ('transformers fp32', 'dense', 0), 'prefill_tok_s')}")

@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "attention.h"
+#include "kernels.h"
 
 namespace shortrt {
 namespace detail {

@@ -227,10 +227,11 @@ py::dict config_dict(const shortrt::ModelConfig& c) {
 
 std::unique_ptr<Engine> load(const std::string& path, const std::string& dtype, int threads, int max_seq,
                              int max_batch, const std::vector<int>& skip_layers, int prefill_chunk, int step_tokens,
-                             const std::string& kv_dtype) {
+                             const std::string& kv_dtype, const std::string& lm_head_dtype) {
   shortrt::EngineOptions o;
   o.dtype = dtype;
   o.kv_dtype = kv_dtype;
+  o.lm_head_dtype = lm_head_dtype;
   o.threads = threads;
   o.max_seq = max_seq;
   o.max_batch = max_batch;
@@ -480,7 +481,8 @@ void register_engine(py::module_& m) {
   py::class_<Engine>(m, "Engine", "The C++ inference engine over one checkpoint directory.")
       .def(py::init(&load), py::arg("path"), py::arg("dtype") = "fp32", py::arg("threads") = 0,
            py::arg("max_seq") = 0, py::arg("max_batch") = 1, py::arg("skip_layers") = std::vector<int>{},
-           py::arg("prefill_chunk") = 0, py::arg("step_tokens") = 0, py::arg("kv_dtype") = "fp32")
+           py::arg("prefill_chunk") = 0, py::arg("step_tokens") = 0, py::arg("kv_dtype") = "fp32",
+           py::arg("lm_head_dtype") = "auto")
       .def("submit", &submit, py::arg("prompt"), py::arg("max_new_tokens") = 64, py::arg("temperature") = 0.0,
            py::arg("top_k") = 0, py::arg("top_p") = 1.0, py::arg("seed") = 0, py::arg("stop") = py::none(),
            "Queue a request; returns its id. Thread-safe.")
@@ -519,7 +521,8 @@ void register_engine(py::module_& m) {
       .def_property_readonly("max_batch", &Engine::max_batch)
       .def_property_readonly("threads", &Engine::threads)
       .def_property_readonly("dtype", &Engine::dtype)
-      .def_property_readonly("kv_dtype", &Engine::kv_dtype);
+      .def_property_readonly("kv_dtype", &Engine::kv_dtype)
+      .def_property_readonly("lm_head_dtype", &Engine::lm_head_dtype);
   py::module_::import("atexit").attr("register")(py::cpp_function(&stop_generation_at_exit));
   m.def("attend_head", &attend_head, py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("scale"),
         py::arg("path"), py::arg("kv_dtype") = "fp32",

@@ -17,6 +17,7 @@
 
 #include "error.h"
 #include "kernels.h"
+#include "kernels_q4.h"
 #include "page_buffer.h"
 #include "threadpool.h"
 
@@ -97,6 +98,10 @@ OwnedWeight make_weight(int64_t rows, int64_t cols, shortrt::WeightType type, ui
       shortrt::reference_kernels().quantize_row_q8(values.data(), static_cast<int64_t>(n), w.storage.as<BlockQ8>());
       w.view.q8 = w.storage.as<BlockQ8>();
       break;
+    case shortrt::WeightType::Q4:
+      shortrt::quantize_q4(values.data(), static_cast<int64_t>(n), w.storage.as<shortrt::BlockQ4>());
+      w.view.q4 = w.storage.as<shortrt::BlockQ4>();
+      break;
   }
   return w;
 }
@@ -105,7 +110,8 @@ shortrt::WeightType weight_type_from(const std::string& name) {
   if (name == "f32") return shortrt::WeightType::F32;
   if (name == "bf16") return shortrt::WeightType::BF16;
   if (name == "q8") return shortrt::WeightType::Q8;
-  throw py::value_error("unknown weight type '" + name + "' (expected 'f32', 'bf16' or 'q8')");
+  if (name == "q4") return shortrt::WeightType::Q4;
+  throw py::value_error("unknown weight type '" + name + "' (expected 'f32', 'bf16', 'q8' or 'q4')");
 }
 
 // Seconds per pass of summing a buffer of `mbytes` MB with the path's sum_f32,
@@ -151,7 +157,7 @@ Timings bench_matmuls(const std::vector<std::pair<int64_t, int64_t>>& shapes, co
     throw py::value_error("bench_matmuls: need at least one shape, n_tokens > 0 and iters > 0");
   int64_t max_rows = 0, max_cols = 0;
   for (const auto& [rows, cols] : shapes) {
-    if (rows <= 0 || cols <= 0 || (type == shortrt::WeightType::Q8 && cols % kQ8Block != 0))
+    if (rows <= 0 || cols <= 0 || (type != shortrt::WeightType::F32 && type != shortrt::WeightType::BF16 && cols % kQ8Block != 0))
       throw py::value_error("bench_matmuls: bad shape [" + std::to_string(rows) + ", " + std::to_string(cols) + "]");
     max_rows = std::max(max_rows, rows);
     max_cols = std::max(max_cols, cols);
@@ -163,6 +169,7 @@ Timings bench_matmuls(const std::vector<std::pair<int64_t, int64_t>>& shapes, co
     weights.push_back(make_weight(shapes[i].first, shapes[i].second, type, 1000 + i, huge_pages));
   std::vector<float> x(static_cast<size_t>(n_tokens * max_cols)), y(static_cast<size_t>(n_tokens * max_rows));
   std::vector<BlockQ8> x_q8(static_cast<size_t>(n_tokens * max_cols / kQ8Block + 1));
+  std::vector<float> x_sum(x_q8.size());
   fill_random(x.data(), x.size(), 3);
   shortrt::ThreadPool pool(threads);
   shortrt::Activation act{x.data(), nullptr};
@@ -171,13 +178,17 @@ Timings bench_matmuls(const std::vector<std::pair<int64_t, int64_t>>& shapes, co
     const auto start = Clock::now();
     const double cpu_start = process_cpu_seconds();
     for (const OwnedWeight& w : weights) {
-      if (type == shortrt::WeightType::Q8) {
+      if (type == shortrt::WeightType::Q8 || type == shortrt::WeightType::Q4) {
         // quantize_activation_q8 uses the active path; do the same on the benchmarked one.
         const int64_t nb = w.view.cols / kQ8Block;
         pool.parallel_for(n_tokens, 8, [&](int64_t begin, int64_t end) {
           k.quantize_row_q8(x.data() + begin * w.view.cols, (end - begin) * w.view.cols, x_q8.data() + begin * nb);
         });
         act.q8 = x_q8.data();
+        if (type == shortrt::WeightType::Q4) {
+          shortrt::activation_block_sums(x_q8.data(), n_tokens * nb, x_sum.data());
+          act.q8_sum = x_sum.data();
+        }
       }
       shortrt::matmul(k, w.view, act, n_tokens, y.data(), w.view.rows, pool);
     }

@@ -14,6 +14,7 @@
 
 #include "error.h"
 #include "kernels.h"
+#include "kernels_q4.h"
 #include "threadpool.h"
 
 namespace py = pybind11;
@@ -28,6 +29,7 @@ namespace {
 using F32Array = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using U16Array = py::array_t<uint16_t, py::array::c_style | py::array::forcecast>;
 using I8Array = py::array_t<int8_t, py::array::c_style | py::array::forcecast>;
+using U8Array = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
 
 // shortrt::Error -> ValueError naming the problem, whatever translator is registered.
 template <class F>
@@ -83,11 +85,45 @@ std::vector<BlockQ8> quantize(const KernelTable& k, const float* x, int64_t n) {
   return blocks;
 }
 
+// int4 blocks from d and m (fp16 bits, [n]) and the levels q ([n, 32], 0..15, weight order).
+std::vector<shortrt::BlockQ4> q4_blocks_from(const U16Array& d, const U16Array& m, const U8Array& q) {
+  const int64_t n = static_cast<int64_t>(d.size());
+  require(m.size() == n && q.ndim() == 2 && q.shape(0) == n && q.shape(1) == shortrt::kQ4Block,
+          "q4 blocks: expected d [n], m [n] and q [n, 32]");
+  std::vector<shortrt::BlockQ4> blocks(static_cast<size_t>(n));
+  for (int64_t b = 0; b < n; ++b) {
+    blocks[b].d = d.data()[b];
+    blocks[b].m = m.data()[b];
+    const uint8_t* qb = q.data() + b * shortrt::kQ4Block;
+    for (int j = 0; j < shortrt::kQ4Block / 2; ++j) {
+      require(qb[j] < 16 && qb[j + 16] < 16, "q4 blocks: levels must be in 0..15");
+      blocks[b].qs[j] = static_cast<uint8_t>(qb[j] | qb[j + 16] << 4);
+    }
+  }
+  return blocks;
+}
+
+py::tuple q4_blocks_to_numpy(const std::vector<shortrt::BlockQ4>& blocks) {
+  const auto n = static_cast<py::ssize_t>(blocks.size());
+  py::array_t<uint16_t> d(n), m(n);
+  py::array_t<uint8_t> q({n, static_cast<py::ssize_t>(shortrt::kQ4Block)});
+  for (py::ssize_t b = 0; b < n; ++b) {
+    d.mutable_data()[b] = blocks[b].d;
+    m.mutable_data()[b] = blocks[b].m;
+    for (int j = 0; j < shortrt::kQ4Block / 2; ++j) {
+      q.mutable_data()[b * shortrt::kQ4Block + j] = blocks[b].qs[j] & 0x0f;
+      q.mutable_data()[b * shortrt::kQ4Block + j + 16] = blocks[b].qs[j] >> 4;
+    }
+  }
+  return py::make_tuple(d, m, q);
+}
+
 shortrt::WeightType weight_type_from(const std::string& name) {
   if (name == "f32") return shortrt::WeightType::F32;
   if (name == "bf16") return shortrt::WeightType::BF16;
   if (name == "q8") return shortrt::WeightType::Q8;
-  throw py::value_error("unknown weight type '" + name + "' (expected 'f32', 'bf16' or 'q8')");
+  if (name == "q4") return shortrt::WeightType::Q4;
+  throw py::value_error("unknown weight type '" + name + "' (expected 'f32', 'bf16', 'q8' or 'q4')");
 }
 
 // y = x @ w.T through shortrt::matmul with w stored as wtype on the given path.
@@ -109,6 +145,8 @@ py::array_t<float> kernel_matmul(const F32Array& w, const F32Array& x, const std
   W.cols = cols;
   std::vector<uint16_t> bf16;
   std::vector<BlockQ8> w_q8, x_q8;
+  std::vector<shortrt::BlockQ4> w_q4;
+  std::vector<float> x_sum;
   shortrt::Activation act;
   act.f32 = x.data();
   switch (W.type) {
@@ -124,6 +162,17 @@ py::array_t<float> kernel_matmul(const F32Array& w, const F32Array& x, const std
       x_q8 = quantize(k, x.data(), n_tokens * cols);
       W.q8 = w_q8.data();
       act.q8 = x_q8.data();
+      break;
+    case shortrt::WeightType::Q4:
+      require(cols % kQ8Block == 0, "kernel_matmul: q4 needs cols to be a multiple of 32, got " + std::to_string(cols));
+      w_q4.resize(static_cast<size_t>(rows * cols / shortrt::kQ4Block));
+      value_errors([&] { shortrt::quantize_q4(w.data(), rows * cols, w_q4.data()); });
+      x_q8 = quantize(k, x.data(), n_tokens * cols);
+      x_sum.resize(x_q8.size());
+      shortrt::activation_block_sums(x_q8.data(), static_cast<int64_t>(x_q8.size()), x_sum.data());
+      W.q4 = w_q4.data();
+      act.q8 = x_q8.data();
+      act.q8_sum = x_sum.data();
       break;
   }
   py::array_t<float> y({static_cast<py::ssize_t>(n_tokens), static_cast<py::ssize_t>(ldy)});
@@ -171,6 +220,28 @@ void register_kernels(py::module_& m) {
     return out;
   }, py::arg("scales"), py::arg("q"), "scale * q of every block, flattened.");
 
+  m.def("quantize_q4", [](const F32Array& x) {
+    std::vector<shortrt::BlockQ4> blocks(static_cast<size_t>(x.size() / shortrt::kQ4Block));
+    value_errors([&] { shortrt::quantize_q4(x.data(), x.size(), blocks.data()); });
+    return q4_blocks_to_numpy(blocks);
+  }, py::arg("x"), "Pack x (size % 32 == 0) as int4 -> (d fp16 bits [n/32], m fp16 bits [n/32], q uint8 [n/32, 32]).");
+  m.def("dequantize_q4", [](const U16Array& d, const U16Array& m, const U8Array& q) {
+    const std::vector<shortrt::BlockQ4> blocks = q4_blocks_from(d, m, q);
+    py::array_t<float> out(static_cast<py::ssize_t>(blocks.size() * shortrt::kQ4Block));
+    shortrt::dequantize_q4(blocks.data(), static_cast<int64_t>(blocks.size()), out.mutable_data());
+    return out;
+  }, py::arg("d"), py::arg("m"), py::arg("q"), "d * q + m of every block (two float roundings), flattened.");
+  m.def("f32_to_f16", [](const F32Array& x) {
+    py::array_t<uint16_t> out(x.size());
+    for (py::ssize_t i = 0; i < x.size(); ++i) out.mutable_data()[i] = shortrt::f32_to_f16(x.data()[i]);
+    return out;
+  }, py::arg("x"), "fp16 bit patterns of x (round to nearest even), flattened.");
+  m.def("f16_to_f32", [](const U16Array& h) {
+    py::array_t<float> out(h.size());
+    for (py::ssize_t i = 0; i < h.size(); ++i) out.mutable_data()[i] = shortrt::f16_to_f32(h.data()[i]);
+    return out;
+  }, py::arg("h"), "floats of fp16 bit patterns, flattened.");
+
   m.def("kernel_dot_f32", [](const F32Array& a, const F32Array& b, const std::string& path) {
     require_same_size(a, b, "kernel_dot_f32");
     return path_table(path).dot_f32(a.data(), b.data(), a.size());
@@ -216,7 +287,7 @@ void register_kernels(py::module_& m) {
 
   m.def("kernel_matmul", &kernel_matmul, py::arg("w"), py::arg("x"), py::arg("wtype") = "f32",
         py::arg("path") = "auto", py::arg("threads") = 1, py::arg("out_stride") = 0,
-        "x [n, cols] @ w [rows, cols].T with w stored as 'f32', 'bf16' or 'q8' (x quantized too for q8). "
+        "x [n, cols] @ w [rows, cols].T with w stored as 'f32', 'bf16', 'q8' or 'q4' (x quantized to q8 for q8 and q4). "
         "Returns [n, out_stride or rows]; columns past rows stay NaN.");
 
   m.def("threadpool_visits", [](int64_t n, int64_t grain, int threads, int repeats) {

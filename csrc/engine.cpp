@@ -26,7 +26,20 @@ WeightType weight_type_of(const std::string& dtype) {
   if (dtype == "fp32") return WeightType::F32;
   if (dtype == "bf16") return WeightType::BF16;
   if (dtype == "int8") return WeightType::Q8;
-  throw Error("unknown dtype '" + dtype + "' (expected fp32, bf16 or int8)");
+  if (dtype == "int4") return WeightType::Q4;
+  throw Error("unknown dtype '" + dtype + "' (expected fp32, bf16, int8 or int4)");
+}
+
+// The LM head's dtype name: "same" is the layers' dtype; "auto" is int8 under int4 layers
+// (measured: perplexity 1.0073x fp32's instead of 1.092x for 17% more bytes per token,
+// benchmarks/results/int4_quality.md), else the layers' dtype.
+std::string lm_head_dtype_of(const EngineOptions& o) {
+  if (o.lm_head_dtype == "auto") return o.dtype == "int4" ? "int8" : o.dtype;
+  if (o.lm_head_dtype == "same") return o.dtype;
+  if (o.lm_head_dtype == "fp32" || o.lm_head_dtype == "bf16" || o.lm_head_dtype == "int8" ||
+      o.lm_head_dtype == "int4")
+    return o.lm_head_dtype;
+  throw Error("unknown lm_head_dtype '" + o.lm_head_dtype + "' (expected auto, same, fp32, bf16, int8 or int4)");
 }
 
 // One request from submit() to its last event.
@@ -60,6 +73,7 @@ struct Engine::Impl {
   Impl(const std::string& dir, const EngineOptions& o)
       : options(o), config(load_config(dir)), pool(o.threads), sampler(config.vocab) {
     WeightType type = weight_type_of(o.dtype);
+    lm_head_dtype = lm_head_dtype_of(o);
     max_seq = o.max_seq > 0 ? o.max_seq : std::min(config.max_position, kDefaultMaxSeq);
     if (max_seq > config.max_position)
       throw Error("max_seq " + std::to_string(max_seq) + " exceeds the model's max_position_embeddings " +
@@ -74,7 +88,7 @@ struct Engine::Impl {
       throw Error("step_tokens " + std::to_string(step_tokens) + " is less than max_batch + prefill_chunk = " +
                   std::to_string(least) + " (a prompt chunk must fit beside every decoding sequence)");
     plan = build_plan(dir, config, o.skip_layers);
-    model = std::make_unique<Model>(config, load_weights(dir, config, plan, type), plan.n_kv_slots, max_seq);
+    model = std::make_unique<Model>(config, load_weights(dir, config, plan, type, weight_type_of(lm_head_dtype)), plan.n_kv_slots, max_seq);
     state = std::make_unique<State>(config, plan.n_kv_slots, max_seq, o.max_batch, step_tokens, kv_type_of(o.kv_dtype));
     running.resize(o.max_batch);
     for (int r = o.max_batch - 1; r >= 0; --r) free_regions.push_back(r);
@@ -246,6 +260,7 @@ struct Engine::Impl {
   }
 
   EngineOptions options;
+  std::string lm_head_dtype;  // resolved ("same" and "auto" replaced by a dtype)
   ModelConfig config;
   ThreadPool pool;
   Sampler sampler;
@@ -312,6 +327,7 @@ class Engine::Impl::CallLock {
 std::unique_ptr<Engine> Engine::load(const std::string& dir, const EngineOptions& options) {
   weight_type_of(options.dtype);
   kv_type_of(options.kv_dtype);
+  lm_head_dtype_of(options);
   if (options.threads < 0) throw Error("threads must be >= 0 (0 = all cores), got " + std::to_string(options.threads));
   if (options.max_seq < 0) throw Error("max_seq must be >= 0 (0 = default), got " + std::to_string(options.max_seq));
   if (options.max_batch < 1) throw Error("max_batch must be >= 1, got " + std::to_string(options.max_batch));
@@ -500,5 +516,6 @@ int Engine::max_batch() const { return impl_->state->max_batch; }
 int Engine::threads() const { return impl_->pool.size(); }
 const std::string& Engine::dtype() const { return impl_->options.dtype; }
 const std::string& Engine::kv_dtype() const { return impl_->options.kv_dtype; }
+const std::string& Engine::lm_head_dtype() const { return impl_->lm_head_dtype; }
 
 }  // namespace shortrt

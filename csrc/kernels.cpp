@@ -11,6 +11,7 @@
 #include <string>
 
 #include "error.h"
+#include "kernels_q4.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -79,8 +80,32 @@ const char* weight_type_name(WeightType type) {
     case WeightType::F32: return "f32";
     case WeightType::BF16: return "bf16";
     case WeightType::Q8: return "q8";
+    case WeightType::Q4: return "q4";
   }
   return "?";
+}
+
+uint16_t f32_to_f16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t mag = u & 0x7fffffffu;
+  if (mag > 0x7f800000u) return sign | 0x7e00u | static_cast<uint16_t>((mag >> 13) & 0x3ffu);  // quiet NaN
+  if (mag >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 rounds past 65504: infinity
+  if (mag >= 0x38800000u) {                       // a normal half (>= 2^-14)
+    uint32_t r = mag - 0x38000000u;               // exponent rebiased 127 -> 15, mantissa in place
+    r += 0xfffu + ((r >> 13) & 1u);               // round the 13 dropped bits to nearest, ties to even
+    return sign | static_cast<uint16_t>(r >> 13);
+  }
+  const uint32_t e = mag >> 23;
+  if (e < 102) return sign;  // below 2^-25 (half the smallest subnormal; 2^-25 itself ties to 0)
+  // A subnormal half: m * 2^(e-150) in units of 2^-24 is m >> (126 - e), rounded to nearest even.
+  const uint32_t m = (mag & 0x7fffffu) | 0x800000u;
+  const int shift = 126 - static_cast<int>(e);  // 14 .. 24
+  uint32_t q = m >> shift;
+  const uint32_t rest = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+  if (rest > half || (rest == half && (q & 1u))) ++q;  // may carry into the smallest normal: still right
+  return sign | static_cast<uint16_t>(q);
 }
 
 size_t WeightMatrix::bytes() const {
@@ -89,6 +114,7 @@ size_t WeightMatrix::bytes() const {
     case WeightType::F32: return n * sizeof(float);
     case WeightType::BF16: return n * sizeof(uint16_t);
     case WeightType::Q8: return n / kQ8Block * sizeof(BlockQ8);
+    case WeightType::Q4: return n / kQ4Block * sizeof(BlockQ4);
   }
   return 0;
 }
@@ -212,6 +238,12 @@ struct MatmulJob {
         k->gemm_q8(W->q8 + row0 * n_blocks, n_rows, n_blocks, x->q8 + tok0 * n_blocks, n_tok, out, ldy);
         break;
       }
+      case WeightType::Q4: {
+        const int64_t n_blocks = cols / kQ4Block;
+        k->gemm_q4(W->q4 + row0 * n_blocks, n_rows, n_blocks, x->q8 + tok0 * n_blocks, x->q8_sum + tok0 * n_blocks,
+                   n_tok, out, ldy);
+        break;
+      }
     }
   }
 };
@@ -242,6 +274,12 @@ void check_matmul_args(const WeightMatrix& W, const Activation& x, int64_t n_tok
       if (!W.q8) matmul_error(W, "q8 data pointer is null");
       if (W.cols % kQ8Block != 0) matmul_error(W, "q8 needs cols to be a multiple of 32");
       if (!x.q8) matmul_error(W, "q8 weights need the activation quantized (Activation::q8 is null)");
+      break;
+    case WeightType::Q4:
+      if (!W.q4) matmul_error(W, "q4 data pointer is null");
+      if (W.cols % kQ4Block != 0) matmul_error(W, "q4 needs cols to be a multiple of 32");
+      if (!x.q8 || !x.q8_sum)
+        matmul_error(W, "q4 weights need the activation quantized with its block sums (Activation::q8 or q8_sum is null)");
       break;
   }
 }

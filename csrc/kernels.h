@@ -27,8 +27,21 @@ struct BlockQ8 {
 };
 static_assert(sizeof(BlockQ8) == 36, "BlockQ8 must be a 4-byte scale followed by 32 int8, no padding");
 
-enum class WeightType { F32, BF16, Q8 };
-const char* weight_type_name(WeightType type);  // "f32" | "bf16" | "q8"
+constexpr int kQ4Block = 32;
+
+// 32 weights in 4 bits with a scale and a minimum (the layout of llama.cpp's
+// Q4_1): value = d * q + m, q in 0..15, d and m fp16 bit patterns. Byte j of
+// qs holds weight j in its low nibble and weight j + 16 in its high nibble.
+// Packing and the int4 kernels: kernels_q4.h.
+struct BlockQ4 {
+  uint16_t d;
+  uint16_t m;
+  uint8_t qs[kQ4Block / 2];
+};
+static_assert(sizeof(BlockQ4) == 20, "BlockQ4 must be two fp16 (scale, minimum) followed by 16 bytes of nibbles");
+
+enum class WeightType { F32, BF16, Q8, Q4 };
+const char* weight_type_name(WeightType type);  // "f32" | "bf16" | "q8" | "q4"
 
 // A row-major [rows, cols] weight matrix, in one of three layouts. Not owning.
 struct WeightMatrix {
@@ -37,6 +50,7 @@ struct WeightMatrix {
   const float* f32 = nullptr;      // rows*cols floats
   const uint16_t* bf16 = nullptr;  // rows*cols bf16 bit patterns
   const BlockQ8* q8 = nullptr;     // rows*(cols/32) blocks; cols % 32 == 0 required
+  const BlockQ4* q4 = nullptr;     // rows*(cols/32) blocks; cols % 32 == 0 required
   size_t bytes() const;            // bytes one pass over the matrix reads
 };
 
@@ -48,6 +62,28 @@ void quantize_q8(const float* src, int64_t n, BlockQ8* dst);
 // Quantizes x [n_tokens, cols] into dst [n_tokens, cols/32], tokens in parallel.
 void quantize_activation_q8(const float* x, int64_t n_tokens, int64_t cols, BlockQ8* dst, ThreadPool& pool);
 
+// IEEE half precision, round to nearest even (overflow to infinity, NaN stays
+// a quiet NaN, subnormals kept), and its exact inverse (vcvtps2ph / vcvtph2ps).
+uint16_t f32_to_f16(float x);
+
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  uint32_t bits;
+  if (e == 0x1f) {
+    bits = sign | 0x7f800000u | (m << 13);  // inf / NaN
+  } else if (e != 0) {
+    bits = sign | ((e + 112) << 23) | (m << 13);  // rebias 15 -> 127
+  } else {
+    const float v = static_cast<float>(m) * 5.9604644775390625e-08f;  // subnormal: m * 2^-24, exact
+    __builtin_memcpy(&bits, &v, sizeof bits);
+    bits |= sign;
+  }
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 inline float bf16_to_f32(uint16_t bits) {
   uint32_t u = static_cast<uint32_t>(bits) << 16;
   float f;
@@ -57,10 +93,12 @@ inline float bf16_to_f32(uint16_t bits) {
 
 // The input of a matmul: f32 always; q8 must also be filled (by
 // quantize_activation_q8, once per input, so one quantization serves a fused
-// q|k|v or gate|up matrix) when W.type == Q8.
+// q|k|v or gate|up matrix) when W.type == Q8 or Q4, and q8_sum (by
+// activation_block_sums, beside q8) when W.type == Q4.
 struct Activation {
   const float* f32 = nullptr;
   const BlockQ8* q8 = nullptr;
+  const float* q8_sum = nullptr;  // [n_tokens, cols/32]: scale * sum(q) of each q8 block
 };
 
 struct KernelTable;
@@ -119,6 +157,10 @@ struct KernelTable {
                             int64_t n_keys, int head_dim, float scale, float* acc, float* m, float* l);
   // f16 bits to float, exactly (prefill's copy of an f16 KV cache into its fp32 scratch).
   void (*f16_to_f32_row)(const uint16_t* x, int64_t n, float* out);
+
+  // int4 (kernels_q4*.cpp): weights x q8 activations; x_sum = Activation::q8_sum of the same tokens.
+  void (*gemm_q4)(const BlockQ4* w, int64_t n_rows, int64_t n_blocks, const BlockQ8* x, const float* x_sum,
+                  int64_t n_tok, float* y, int64_t ldy);
 };
 
 // The active path: chosen once from SHORTRT_KERNELS (ref|avx2|avx512|auto;

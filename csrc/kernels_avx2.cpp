@@ -8,6 +8,7 @@
 
 #include "attention.h"
 #include "kernels.h"
+#include "kernels_q4.h"
 
 namespace shortrt {
 namespace {
@@ -507,6 +508,7 @@ constexpr KernelTable kAvx2Table = {
     gemm_f32_avx2,    gemm_bf16_avx2,  gemm_q8_avx2,      detail::attend_partial_avx2,
     detail::attend_partial_f16_avx2, detail::attend_partial_bf16_avx2, detail::attend_partial_q8_avx2,
     detail::f16_to_f32_row_avx2,
+    detail::gemm_q4_avx2,
 };
 
 }  // namespace

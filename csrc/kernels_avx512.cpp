@@ -13,6 +13,7 @@
 #pragma GCC diagnostic pop
 
 #include "kernels.h"
+#include "kernels_q4.h"
 
 namespace shortrt {
 namespace {
@@ -218,6 +219,7 @@ KernelTable make_avx512_table() {
   t.name = "avx512";
   t.dot_q8_q8 = dot_q8_q8_avx512;
   t.gemm_q8 = gemm_q8_avx512;
+  t.gemm_q4 = detail::gemm_q4_avx512;
   return t;
 }
 

@@ -43,29 +43,6 @@ size_t kv_row_bytes(KvType type, int head_dim) {
   return kv_element_bytes(type) * static_cast<size_t>(head_dim) + (type == KvType::Q8 ? sizeof(float) : 0);
 }
 
-uint16_t f32_to_f16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
-  const uint32_t mag = u & 0x7fffffffu;
-  if (mag > 0x7f800000u) return sign | 0x7e00u | static_cast<uint16_t>((mag >> 13) & 0x3ffu);  // quiet NaN
-  if (mag >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 rounds past 65504: infinity
-  if (mag >= 0x38800000u) {                       // a normal half (>= 2^-14)
-    uint32_t r = mag - 0x38000000u;               // exponent rebiased 127 -> 15, mantissa in place
-    r += 0xfffu + ((r >> 13) & 1u);               // round the 13 dropped bits to nearest, ties to even
-    return sign | static_cast<uint16_t>(r >> 13);
-  }
-  const uint32_t e = mag >> 23;
-  if (e < 102) return sign;  // below 2^-25 (half the smallest subnormal; 2^-25 itself ties to 0)
-  // A subnormal half: m * 2^(e-150) in units of 2^-24 is m >> (126 - e), rounded to nearest even.
-  const uint32_t m = (mag & 0x7fffffu) | 0x800000u;
-  const int shift = 126 - static_cast<int>(e);  // 14 .. 24
-  uint32_t q = m >> shift;
-  const uint32_t rest = m & ((1u << shift) - 1), half = 1u << (shift - 1);
-  if (rest > half || (rest == half && (q & 1u))) ++q;  // may carry into the smallest normal: still right
-  return sign | static_cast<uint16_t>(q);
-}
-
 void kv_store_row(KvType type, const float* x, int n, void* dst, float* scale) {
   switch (type) {
     case KvType::F32:

@@ -18,6 +18,8 @@
 #include <memory>
 #include <string>
 
+#include "kernels.h"
+
 namespace shortrt {
 
 struct AttentionArgs;
@@ -31,11 +33,6 @@ const char* kv_type_name(KvType type);
 // at one position): head_dim elements, plus its fp32 scale for int8.
 size_t kv_element_bytes(KvType type);
 size_t kv_row_bytes(KvType type, int head_dim);
-
-// IEEE half precision, round to nearest even (overflow to infinity, NaN stays
-// a quiet NaN, subnormals kept), and its exact inverse (vcvtps2ph / vcvtph2ps).
-uint16_t f32_to_f16(float x);
-inline float f16_to_f32(uint16_t bits);
 
 // One row of n values into the format: dst holds n elements of it; *scale is
 // set for int8 (and left alone otherwise). kv_load_row is the inverse (the
@@ -72,23 +69,6 @@ class KvCache {
 
 // ---- inline -----------------------------------------------------------------
 
-inline float f16_to_f32(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-  uint32_t bits;
-  if (e == 0x1f) {
-    bits = sign | 0x7f800000u | (m << 13);  // inf / NaN
-  } else if (e != 0) {
-    bits = sign | ((e + 112) << 23) | (m << 13);  // rebias 15 -> 127
-  } else {
-    const float v = static_cast<float>(m) * 5.9604644775390625e-08f;  // subnormal: m * 2^-24, exact
-    __builtin_memcpy(&bits, &v, sizeof bits);
-    bits |= sign;
-  }
-  float f;
-  __builtin_memcpy(&f, &bits, sizeof f);
-  return f;
-}
 
 inline float kv_element(KvType type, const void* row, int64_t i) {
   switch (type) {

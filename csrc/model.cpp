@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "error.h"
+#include "kernels_q4.h"
 
 namespace shortrt {
 namespace {
@@ -80,6 +81,7 @@ State::State(const ModelConfig& c, int n_kv_slots, int max_seq_, int max_batch_,
   act = FloatBuffer(chunk * inter);
   size_t widest = std::max({hidden, inter, q_width});
   xq.resize(chunk * ((widest + kQ8Block - 1) / kQ8Block));
+  xq_sum.resize(xq.size());
   logits = FloatBuffer(static_cast<size_t>(max_batch_) * c.vocab);
   row_seq.resize(chunk);
   row_pos.resize(chunk);
@@ -105,9 +107,13 @@ Model::Model(const ModelConfig& config, Weights weights, int n_kv_slots, int max
 void Model::project(State& s, ThreadPool& pool, const WeightMatrix& W, const float* x, int n, float* y,
                     int64_t ldy) const {
   Activation a{x, nullptr};
-  if (W.type == WeightType::Q8) {
+  if (W.type == WeightType::Q8 || W.type == WeightType::Q4) {
     quantize_activation_q8(x, n, W.cols, s.xq.data(), pool);
     a.q8 = s.xq.data();
+  }
+  if (W.type == WeightType::Q4) {
+    activation_block_sums(s.xq.data(), n * (W.cols / kQ8Block), s.xq_sum.data());
+    a.q8_sum = s.xq_sum.data();
   }
   matmul(W, a, n, y, ldy, pool);
 }

@@ -60,6 +60,7 @@ struct State {
   FloatBuffer gate_up;  // [max_chunk][2*intermediate]
   FloatBuffer act;      // [max_chunk][intermediate]  silu(gate) * up
   std::vector<BlockQ8> xq;  // [max_chunk][max width / 32]  activation quantized once per matmul input (int8)
+  std::vector<float> xq_sum;  // [max_chunk][max width / 32]  scale * sum(q) of each xq block (int4 weights)
   FloatBuffer logits;   // [max_batch][vocab]         logits of the rows that asked for them
   std::vector<int> row_seq, row_pos;  // [max_chunk]   each row's KV region and position
   std::vector<AttentionArgs> decode_args;  // [max_batch] the decode segments of a step, attended together
@@ -95,7 +96,7 @@ class Model {
   void attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, const Segment* segs, int n_segs,
                        int n_rows) const;
   void mlp_block(State& s, ThreadPool& pool, const LayerWeights& lw, int n) const;
-  // y = W x for n tokens; quantizes x first when W is int8.
+  // y = W x for n tokens; quantizes x first when W is int8 or int4 (with block sums for int4).
   void project(State& s, ThreadPool& pool, const WeightMatrix& W, const float* x, int n, float* y, int64_t ldy) const;
 
   ModelConfig config_;

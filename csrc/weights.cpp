@@ -11,6 +11,7 @@
 #include <string>
 
 #include "error.h"
+#include "kernels_q4.h"
 #include "safetensors.h"
 
 namespace shortrt {
@@ -167,6 +168,11 @@ class Loader {
     return pack({&tensor(name, {rows, cols})}, rows, cols);
   }
 
+  // The same in another type than the engine's (the LM head's own format).
+  WeightMatrix matrix_as(const std::string& name, int64_t rows, int64_t cols, WeightType type) {
+    return pack({&tensor(name, {rows, cols})}, rows, cols, type);
+  }
+
  private:
   // Arenas are this large unless one tensor needs more; the untouched tail of
   // the last one costs address space, not memory.
@@ -187,19 +193,26 @@ class Loader {
   // Converts the tensors chunk by chunk into one packed matrix, so no second
   // full f32 copy ever exists, then drops their pages from memory.
   WeightMatrix pack(const std::vector<const TensorView*>& views, int64_t rows, int64_t cols) {
-    if (type_ == WeightType::Q8 && cols % kQ8Block != 0)
-      throw Error("int8 weights need every matrix width to be a multiple of 32; '" + views[0]->name +
-                  "' has " + std::to_string(cols) + " columns");
+    return pack(views, rows, cols, type_);
+  }
+
+  WeightMatrix pack(const std::vector<const TensorView*>& views, int64_t rows, int64_t cols, WeightType type) {
+    if ((type == WeightType::Q8 || type == WeightType::Q4) && cols % kQ8Block != 0)
+      throw Error(std::string(type == WeightType::Q8 ? "int8" : "int4") +
+                  " weights need every matrix width to be a multiple of 32; '" + views[0]->name + "' has " +
+                  std::to_string(cols) + " columns");
     WeightMatrix m;
-    m.type = type_;
+    m.type = type;
     m.rows = rows;
     m.cols = cols;
     float* f32 = nullptr;
     uint16_t* bf16 = nullptr;
     BlockQ8* q8 = nullptr;
-    if (type_ == WeightType::F32) m.f32 = f32 = alloc<float>(rows * cols);
-    if (type_ == WeightType::BF16) m.bf16 = bf16 = alloc<uint16_t>(rows * cols);
-    if (type_ == WeightType::Q8) m.q8 = q8 = alloc<BlockQ8>(rows * cols / kQ8Block);
+    BlockQ4* q4 = nullptr;
+    if (type == WeightType::F32) m.f32 = f32 = alloc<float>(rows * cols);
+    if (type == WeightType::BF16) m.bf16 = bf16 = alloc<uint16_t>(rows * cols);
+    if (type == WeightType::Q8) m.q8 = q8 = alloc<BlockQ8>(rows * cols / kQ8Block);
+    if (type == WeightType::Q4) m.q4 = q4 = alloc<BlockQ4>(rows * cols / kQ4Block);
     constexpr int64_t kChunk = 1 << 16;  // a multiple of 32, so q8 blocks never straddle chunks
     std::vector<float> tmp;
     int64_t out = 0;  // elements written so far
@@ -213,6 +226,14 @@ class Loader {
         if (f32) std::memcpy(f32 + out + begin, src, len * sizeof(float));
         if (bf16) pack_bf16(src, len, bf16 + out + begin);
         if (q8) quantize_q8(src, len, q8 + (out + begin) / kQ8Block);
+        if (q4) {
+          if (bad.count) report(*t, bad);  // the usual NaN/Inf error first; int4 then refuses them even if allowed
+          try {
+            quantize_q4(src, len, q4 + (out + begin) / kQ4Block);
+          } catch (const Error& e) {
+            throw Error("tensor '" + t->name + "' in " + ckpt_->file_of(t->name) + ": " + e.what());
+          }
+        }
         const size_t elem = t->nbytes / n;
         release_pages(t->data + begin * elem, len * elem);  // the whole pages inside this chunk
       }
@@ -246,7 +267,8 @@ std::string layer_prefix(int i) { return "model.layers." + std::to_string(i) + "
 
 }  // namespace
 
-Weights load_weights(const std::string& dir, const ModelConfig& c, const LayerPlan& plan, WeightType type) {
+Weights load_weights(const std::string& dir, const ModelConfig& c, const LayerPlan& plan, WeightType type,
+                     WeightType lm_head_type) {
   Weights w;
   w.type = type;
   Loader load(dir, type, w);
@@ -284,11 +306,13 @@ Weights load_weights(const std::string& dir, const ModelConfig& c, const LayerPl
   w.final_norm = load.vector("model.norm.weight", hidden);
   w.embed = load.matrix("model.embed_tokens.weight", c.vocab, hidden);
   w.bytes += w.embed.bytes();
-  if (c.tie_embeddings) {
-    w.lm_head = w.embed;
+  if (c.tie_embeddings && lm_head_type == type) {
+    w.lm_head = w.embed;  // one copy serves both
     w.bytes_per_token += w.lm_head.bytes();
   } else {
-    w.lm_head = load.matrix("lm_head.weight", c.vocab, hidden);
+    // Untied, or tied but the head in its own format: a second copy of the tensor.
+    w.lm_head = load.matrix_as(c.tie_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", c.vocab, hidden,
+                               lm_head_type);
     w.bytes += w.lm_head.bytes();
     w.bytes_per_token += w.lm_head.bytes();
   }
@@ -310,6 +334,9 @@ void embedding_row(const WeightMatrix& embed, int64_t row, float* out) {
         for (int i = 0; i < kQ8Block; ++i) out[b * kQ8Block + i] = blocks[b].scale * blocks[b].q[i];
       break;
     }
+    case WeightType::Q4:
+      dequantize_q4(embed.q4 + row * (cols / kQ4Block), cols / kQ4Block, out);
+      break;
   }
 }
 

@@ -1,5 +1,5 @@
 // Weights of the layers a plan runs, copied at load into huge-page arenas in the
-// engine's type (fp32, bf16 or int8), each source tensor's file pages dropped
+// engine's type (fp32, bf16, int8 or int4; the LM head in its own), each source tensor's file pages dropped
 // as soon as it is copied, so peak memory stays near one copy.
 #pragma once
 
@@ -31,13 +31,13 @@ struct LayerWeights {
 
 struct Weights {
   WeightType type = WeightType::F32;
-  WeightMatrix embed;                // [vocab, hidden]; tied: the same storage as lm_head
-  WeightMatrix lm_head;              // [vocab, hidden]
+  WeightMatrix embed;                // [vocab, hidden]; tied: the same storage as lm_head when in one type
+  WeightMatrix lm_head;              // [vocab, hidden], in the LM head's type
   const float* final_norm = nullptr; // [hidden]
   std::vector<LayerWeights> layers;  // in plan order
 
-  size_t bytes = 0;           // every weight held for the plan (embedding counted once when tied)
-  size_t bytes_per_token = 0; // weights read per decoded token (all but the untied embedding table)
+  size_t bytes = 0;           // every weight held for the plan (embedding counted once when it is the LM head)
+  size_t bytes_per_token = 0; // weights read per decoded token (all but an embedding table that is not the LM head)
 
   // Storage: every weight copied into 2 MB-aligned arenas advised for transparent
   // huge pages (see page_buffer.h), filled front to back; `arena_used` bytes of the
@@ -47,9 +47,11 @@ struct Weights {
 };
 
 // Reads exactly the tensors the plan needs (shapes checked against the
-// config), packing them to `type`. Tensors may be F32, BF16 or F16 on disk.
+// config), packing them to `type`, the LM head to `lm_head_type` (with tied
+// embeddings the embedding stays in `type`, and one copy serves both when the
+// types agree). Tensors may be F32, BF16 or F16 on disk.
 Weights load_weights(const std::string& checkpoint_dir, const ModelConfig& config, const LayerPlan& plan,
-                     WeightType type);
+                     WeightType type, WeightType lm_head_type);
 
 // Copies row `row` of an embedding matrix (any layout) into out[cols] as floats.
 void embedding_row(const WeightMatrix& embed, int64_t row, float* out);

@@ -1,6 +1,6 @@
 // Generates from token ids with the shortrt C++ API alone (no Python):
 //
-//   generate_ids CKPT_DIR [--dtype fp32|bf16|int8] [--threads N] [--max-new-tokens N]
+//   generate_ids CKPT_DIR [--dtype fp32|bf16|int8|int4] [--threads N] [--max-new-tokens N]
 //                [--temperature T] [--top-k K] [--top-p P] [--seed S] [--skip I,J,...] ID [ID ...]
 //
 // Prints the generated ids on one line, separated by spaces. Errors go to
@@ -17,7 +17,7 @@
 namespace {
 
 int usage() {
-  std::cerr << "usage: generate_ids CKPT_DIR [--dtype fp32|bf16|int8] [--threads N] [--max-new-tokens N]\n"
+  std::cerr << "usage: generate_ids CKPT_DIR [--dtype fp32|bf16|int8|int4] [--threads N] [--max-new-tokens N]\n"
                "                    [--temperature T] [--top-k K] [--top-p P] [--seed S] [--skip I,J,...] ID [ID ...]\n";
   return 2;
 }

@@ -54,6 +54,7 @@ SETTLED = 0.005
 CONFIGURATIONS = "1, 1/2, 1/4 of the layers; no attention: 1, 1/2"  # part of the cache key: change it with _configurations
 FORMAT = "shortrt.costs/1"
 _Q8_BLOCK, _Q8_BLOCK_BYTES = 32, 36  # BlockQ8 (csrc/kernels.h): a float scale + 32 int8
+_Q4_BLOCK, _Q4_BLOCK_BYTES = 32, 20  # BlockQ4 (csrc/kernels.h): fp16 scale and minimum + 32 nibbles
 _ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
 
 
@@ -73,20 +74,27 @@ class Linear:
 def _matrix_bytes(rows: int, cols: int, dtype: str) -> int:
     if dtype == "int8":
         return rows * cols // _Q8_BLOCK * _Q8_BLOCK_BYTES
+    if dtype == "int4":
+        return rows * cols // _Q4_BLOCK * _Q4_BLOCK_BYTES
     return rows * cols * _ELEMENT_BYTES[dtype]
 
 
-def weight_table(model, dtype: str) -> Linear:
+def weight_table(model, dtype: str, lm_head_dtype: str = "auto") -> Linear:
     """Weight bytes the runtime holds (Engine.weight_bytes) per plan, exactly: matrices packed in
-    `dtype`, norms and biases in fp32, the embedding once when tied (csrc/weights.cpp)."""
+    `dtype`, the LM head in its format (Engine's lm_head_dtype), norms and biases in fp32, a tied
+    embedding once when the head's format is dtype's (csrc/weights.cpp)."""
+    from .engine import resolve_lm_head_dtype
+
+    head_dtype = resolve_lm_head_dtype(dtype, lm_head_dtype)
     c = load(model).model_config
     q_rows, kv_rows = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     attention = (4 * c.hidden + _matrix_bytes(q_rows + 2 * kv_rows, c.hidden, dtype)
                  + _matrix_bytes(c.hidden, q_rows, dtype) + (4 * (q_rows + 2 * kv_rows) if c.qkv_bias else 0))
     mlp = (4 * c.hidden + _matrix_bytes(2 * c.intermediate, c.hidden, dtype)
            + _matrix_bytes(c.hidden, c.intermediate, dtype))
-    embed = _matrix_bytes(c.vocab, c.hidden, dtype)
-    return Linear(4 * c.hidden + embed * (1 if c.tie_embeddings else 2), attention, mlp)
+    embed, head = _matrix_bytes(c.vocab, c.hidden, dtype), _matrix_bytes(c.vocab, c.hidden, head_dtype)
+    shared = c.tie_embeddings and head_dtype == dtype
+    return Linear(4 * c.hidden + embed + (0 if shared else head), attention, mlp)
 
 
 def default_max_seq(model) -> int:

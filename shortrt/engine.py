@@ -31,8 +31,19 @@ import numpy as np
 from . import checkpoint
 from .errors import CheckpointError
 
-DTYPES = ("fp32", "bf16", "int8")
+DTYPES = ("fp32", "bf16", "int8", "int4")
 KV_DTYPES = ("fp32", "f16", "bf16", "int8")  # KV-cache formats (docs/internals.md: KV cache)
+# The LM head's own format (Engine(lm_head_dtype=...)): "same" = the layers' dtype; "auto" (the
+# default) = int8 under int4 layers, else the layers' dtype (benchmarks/results/int4_quality.md:
+# an int4 head costs 9% perplexity on the default model, an int8 one 0.7%, for 17% more bytes).
+LM_HEAD_DTYPES = ("auto", "same") + DTYPES
+
+
+def resolve_lm_head_dtype(dtype: str, lm_head_dtype: str = "auto") -> str:
+    """The LM head's format an Engine(dtype=..., lm_head_dtype=...) uses (csrc/engine.cpp decides the same)."""
+    if lm_head_dtype == "auto":
+        return "int8" if dtype == "int4" else dtype
+    return dtype if lm_head_dtype == "same" else lm_head_dtype
 
 
 _INT32_MAX = 2**31 - 1
@@ -110,7 +121,12 @@ class Engine:
     """The C++ inference engine over one checkpoint.
 
     model: a checkpoint directory, "default", a .gguf file, or a shortrt.Model.
-    dtype: "fp32" (weights used straight from the file), "bf16" or "int8" (packed at load).
+    dtype: "fp32" (weights used straight from the file), "bf16", "int8" or "int4" (packed at load;
+    int4 = blocks of 32 with an fp16 scale and minimum, docs/internals.md). lm_head_dtype: the
+    format of the LM head (output projection, read every token, never shrunk by pruning):
+    "auto" (the default: int8 when dtype is int4, else dtype), "same" (dtype) or one of DTYPES;
+    with tied embeddings the embedding table stays in dtype (one copy serves both when the
+    formats agree).
     threads: worker threads (None = all cores). max_seq: context length of the KV cache
     (None = min(max_position_embeddings, 2048)). max_batch: sequences running at once, each
     with its own KV region (longer prompt lists to generate() run in groups). skip_layers:
@@ -134,13 +150,15 @@ class Engine:
     def __init__(self, model="default", dtype: str = "fp32", threads: int | None = None,
                  max_seq: int | None = None, max_batch: int = 1, skip_layers: Sequence[int] | None = None,
                  prefill_chunk: int | None = None, step_tokens: int | None = None,
-                 kv_budget_bytes: int | None = None, kv_dtype: str = "fp32"):
+                 kv_budget_bytes: int | None = None, kv_dtype: str = "fp32", lm_head_dtype: str = "auto"):
         from . import _C
 
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"unknown kv_dtype {kv_dtype!r} (expected one of {', '.join(KV_DTYPES)})")
+        if lm_head_dtype not in LM_HEAD_DTYPES:
+            raise ValueError(f"unknown lm_head_dtype {lm_head_dtype!r} (expected one of {', '.join(LM_HEAD_DTYPES)})")
         if threads is not None:
             threads = _int_arg("threads", threads, 0, 4096, " (0 or None = all cores)")
         if max_seq is not None:
@@ -162,17 +180,19 @@ class Engine:
         try:
             self._engine = _C.Engine(str(self.checkpoint_dir), dtype, threads or 0, max_seq or 0, max_batch,
                                      [int(i) for i in (skip_layers or [])], prefill_chunk or 0, step_tokens or 0,
-                                     kv_dtype)
+                                     kv_dtype, lm_head_dtype)
         except ValueError as exc:
             raise CheckpointError(f"{self.checkpoint_dir}: {exc}") from None
         self.dtype = dtype
         self.kv_dtype = kv_dtype
+        self.lm_head_dtype = self._engine.lm_head_dtype  # resolved: never "same" or "auto"
         self._tokenizer = None
         self._chat_tokenizer = None
 
     def __repr__(self) -> str:
         return (f"Engine({str(self.checkpoint_dir)!r}, dtype={self.dtype!r}, kv_dtype={self.kv_dtype!r}, "
-                f"threads={self.threads}, layers={self.num_layers}, max_seq={self.max_seq})")
+                f"lm_head_dtype={self.lm_head_dtype!r}, threads={self.threads}, layers={self.num_layers}, "
+                f"max_seq={self.max_seq})")
 
     # --- properties -------------------------------------------------------
     @property

@@ -187,31 +187,26 @@ def ppl_segments(tokenizer, n_tokens: int, seq_len: int, stride: int, texts=None
     return segments
 
 
-def runtime_ppl(engine, *, n_tokens: int = 16384, seq_len: int = 512, stride: int = 256, texts=None,
-                progress: bool = False) -> dict:
-    """Perplexity of the held-out text (default: Persuasion) with the C++ runtime's logits: the
-    windows of ppl_segments, each run through `engine` (a shortrt.Engine, so its dtype and
-    kv_dtype apply) as one sequence, scoring the tokens "ppl" scores. {"ppl", "nll", "tokens"}."""
-    import numpy as np
-
+def runtime_perplexity(engine, *, n_tokens: int = 16384, seq_len: int = 512, stride: int = 256, texts=None,
+                       progress: bool = False) -> dict:
+    """Perplexity of a shortrt.Engine (the C++ runtime, in its dtype and LM-head format) on the same
+    strided windows `evaluate` scores ("ppl": Persuasion unless `texts` is given): {"ppl", "nll", "tokens"}.
+    Each window runs through Engine.logits alone, from position 0."""
     _check_sizes(1, n_tokens, seq_len, stride, seq_len)
-    segments = ppl_segments(engine.model.tokenizer(), n_tokens, seq_len, stride, texts)
-    nll, count = 0.0, 0
-    bar = _progress(progress, sum(len(s) for s in segments), "runtime ppl")
-    for seg in segments:
-        logits = engine.logits(seg.context).astype(np.float64)  # [n, vocab]: row t predicts token t + 1
-        first = max(1, seg.score_context_from)
-        rows = logits[first - 1:len(seg.context) - 1]
-        top = rows.max(axis=1, keepdims=True)
-        log_z = top[:, 0] + np.log(np.exp(rows - top).sum(axis=1))
-        targets = np.asarray(seg.context[first:])
-        nll -= float((rows[np.arange(len(targets)), targets] - log_z).sum())
-        count += len(targets)
+    segments = ppl_segments(load(engine.checkpoint_dir).tokenizer(), n_tokens, seq_len, stride, texts)
+    total = torch.zeros(len(segments), 1, dtype=torch.float64)
+    counts = torch.zeros(len(segments), 1, dtype=torch.long)
+    bar = _progress(progress, sum(len(s.context) for s in segments), "perplexity")
+    for i, seg in enumerate(segments):
+        logp = torch.log_softmax(torch.from_numpy(engine.logits(seg.context)[:-1]).double(), dim=-1)
+        targets = torch.tensor(seg.context[1:])
+        picked = logp.gather(1, targets[:, None])[:, 0][seg.score_context_from - 1:]
+        total[i, 0], counts[i, 0] = picked.sum(), picked.numel()
         if bar is not None:
-            bar.update(len(seg))
+            bar.update(len(seg.context))
     if bar is not None:
         bar.close()
-    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count}
+    return _ppl_metrics(total, counts, range(len(segments)))
 
 
 def mc_segments(tokenizer, questions) -> list[Segment]:

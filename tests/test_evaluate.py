@@ -247,3 +247,17 @@ def test_ppl_on_the_users_text_and_on_sciq(tiny, tmp_path, monkeypatch, capsys):
     assert "--data sets the text the ppl task scores: add ppl to --tasks" in capsys.readouterr().err
     assert main(["eval", str(tiny.path), "--tasks", "ppl", "--data", str(tmp_path / "gone.txt")]) == 1
     assert "data file not found" in capsys.readouterr().err
+
+
+def test_runtime_perplexity_equals_evaluate_on_the_same_windows(tiny):
+    # The C++ engine in fp32 scores evaluate's strided windows like transformers does (the
+    # runtime's logits are within 1e-4 of transformers', tests/test_runtime_logits.py).
+    from shortrt.engine import Engine
+
+    want = ev.evaluate(tiny, "ppl", n_tokens=150, seq_len=64, stride=40, progress=False)["tasks"]["ppl"]
+    got = ev.runtime_perplexity(Engine(tiny, threads=1, max_seq=64), n_tokens=150, seq_len=64, stride=40)
+    assert got["tokens"] == want["tokens"] == 150
+    assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-4)
+    int8 = ev.runtime_perplexity(Engine(tiny, dtype="int8", threads=1, max_seq=64), n_tokens=150, seq_len=64,
+                                 stride=40)
+    assert int8["ppl"] != got["ppl"] and int8["ppl"] == pytest.approx(want["ppl"], rel=0.1)

@@ -72,7 +72,8 @@ PATHS = ["ref", "avx2", "avx512"]
 # (weight dtype, kv dtype, kernel path): every kv dtype on every path with fp32 weights, and
 # the packed weight formats beside an fp32 and two compact caches.
 CASES = ([("fp32", kv, path) for kv in KV_DTYPES for path in PATHS] +
-         [(dtype, kv, "auto") for dtype in ("bf16", "int8") for kv in ("fp32", "f16", "int8")])
+         [(dtype, kv, "auto") for dtype in ("bf16", "int8", "int4") for kv in ("fp32", "f16", "int8")] +
+         [("int4", "fp32", path) for path in ("avx2", "avx512")])
 
 
 def check_batched_equal_alone(model, dtype, kv_dtype):

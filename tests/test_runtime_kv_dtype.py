@@ -106,16 +106,16 @@ def test_bad_kv_dtype_in_python(tiny):
         _C.kv_row_bytes("q8", 64)
 
 
-def test_runtime_ppl_equals_the_evaluation_perplexity(tiny):
-    """shortrt.evaluation.runtime_ppl (the runtime's logits over the "ppl" windows) against
+def test_runtime_perplexity_equals_the_evaluation_perplexity(tiny):
+    """shortrt.evaluation.runtime_perplexity (the runtime's logits over the "ppl" windows) against
     evaluate()'s transformers perplexity on the same text and windows: within 1e-4 (fp32 cache)."""
-    from shortrt.evaluation import evaluate, runtime_ppl
+    from shortrt.evaluation import evaluate, runtime_perplexity
 
     texts = ["Once upon a time there was a little model that ran on a lean runtime. " * 6,
              "The quick brown fox jumps over the lazy dog. " * 9]
     want = evaluate(tiny, ["ppl"], n_tokens=300, seq_len=64, stride=32, ppl_data=texts, progress=False)
-    got = runtime_ppl(Engine(tiny, threads=1), n_tokens=300, seq_len=64, stride=32, texts=texts)
+    got = runtime_perplexity(Engine(tiny, threads=1), n_tokens=300, seq_len=64, stride=32, texts=texts)
     assert got["tokens"] == want["tasks"]["ppl"]["tokens"] > 200
     assert got["ppl"] == pytest.approx(want["tasks"]["ppl"]["ppl"], rel=1e-4)
-    int8 = runtime_ppl(Engine(tiny, threads=1, kv_dtype="int8"), n_tokens=300, seq_len=64, stride=32, texts=texts)
+    int8 = runtime_perplexity(Engine(tiny, threads=1, kv_dtype="int8"), n_tokens=300, seq_len=64, stride=32, texts=texts)
     assert int8["ppl"] != got["ppl"] and int8["ppl"] == pytest.approx(got["ppl"], rel=0.02)

@@ -11,6 +11,27 @@ import math
 
 INT32_MAX = 2**31 - 1
 
+# The engine's weight and KV-cache formats (shortrt.engine.DTYPES / LM_HEAD_DTYPES / KV_DTYPES,
+# repeated here so that building the parser does not import numpy; tests/test_cli_errors.py keeps
+# them equal).
+DTYPES = ("fp32", "bf16", "int8", "int4")
+LM_HEAD_DTYPES = ("auto", "same") + DTYPES
+KV_DTYPES = ("fp32", "f16", "bf16", "int8")
+
+
+def add_dtype_arguments(parser, default: str | None = "fp32", kv: bool = False) -> None:
+    """--dtype and --lm-head-dtype (and with kv, --kv-dtype), as generate and serve take them."""
+    parser.add_argument("--dtype", choices=DTYPES, default=default,
+                        help="weight format; int4 = 32-weight blocks with an fp16 scale and minimum "
+                             "(default: %(default)s)")
+    parser.add_argument("--lm-head-dtype", choices=LM_HEAD_DTYPES, default="auto",
+                        help="format of the LM head (the output projection, read every token); 'same' = "
+                             "--dtype; 'auto' = int8 under --dtype int4, else --dtype (default: %(default)s)")
+    if kv:
+        parser.add_argument("--kv-dtype", choices=KV_DTYPES, default="fp32",
+                            help="KV-cache format: f16/bf16 half the bytes of fp32, int8 a quarter plus a scale "
+                                 "per row (default: %(default)s)")
+
 
 def integer(lo: int = 0, hi: int = INT32_MAX):
     """An argparse type: an integer in [lo, hi]."""

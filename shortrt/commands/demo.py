@@ -1,7 +1,7 @@
 """`shortrt demo`: the whole path on one model — calibrate, prune, and compare dense vs pruned."""
 from __future__ import annotations
 
-from . import integer, number
+from . import DTYPES, integer, number
 
 import time
 from pathlib import Path
@@ -34,7 +34,7 @@ def add_arguments(parser):
                         help="training tokens of the replacement and of healing (default %(default)s; the "
                              "commands' own defaults are larger)")
     parser.add_argument("--no-heal", action="store_true", help="only calibrate, prune and compare (about a minute)")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"])
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES)
     parser.add_argument("--threads", type=integer(0, 1024), default=0, help="runtime threads (default: all cores)")
     parser.add_argument("--new-tokens", type=integer(1), default=32, help="tokens per prompt (default %(default)s)")
     parser.add_argument("--ppl-tokens", type=integer(1), default=4096,

@@ -1,7 +1,7 @@
 """`shortrt generate [MODEL] --prompt ...`: text generation on the C++ runtime."""
 from __future__ import annotations
 
-from . import integer, layer_list, number, text
+from . import add_dtype_arguments, integer, layer_list, number, text
 
 import sys
 import time
@@ -14,11 +14,7 @@ def add_arguments(parser):
                         help="checkpoint directory, .gguf file, or 'default' (default: %(default)s)")
     parser.add_argument("--prompt", "-p", action="append", required=True, type=text,
                         help="prompt text; repeat for several prompts (generated as one batch)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
-                        help="weight format (default: %(default)s)")
-    parser.add_argument("--kv-dtype", choices=["fp32", "f16", "bf16", "int8"], default="fp32",
-                        help="KV-cache format: f16/bf16 half the bytes of fp32, int8 a quarter plus a scale "
-                             "per row (default: %(default)s)")
+    add_dtype_arguments(parser, kv=True)
     parser.add_argument("--max-new-tokens", "-n", type=integer(0), default=64,
                         help="tokens to generate per prompt (default: %(default)s)")
     parser.add_argument("--temperature", "-t", type=number(0.0), default=0.0, help="0 = greedy (default)")
@@ -39,7 +35,7 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     eng = Engine(args.model, dtype=args.dtype, threads=args.threads, max_batch=len(args.prompt),
-                 skip_layers=args.skip, kv_dtype=args.kv_dtype)
+                 skip_layers=args.skip, kv_dtype=args.kv_dtype, lm_head_dtype=args.lm_head_dtype)
     t_load = time.perf_counter() - t0
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, seed=args.seed, chat=args.chat)

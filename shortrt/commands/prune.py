@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from shortrt.iterative import DEFAULT_TOKENS
 
-from . import DATA_HELP, data_source, integer, layer_list, number, text
+from . import DATA_HELP, DTYPES, data_source, integer, layer_list, number, text
 from . import size  # the budget options' byte sizes
 
 HELP = "remove layers (or attention sublayers) and write a pruned checkpoint"
@@ -28,7 +28,7 @@ def add_arguments(parser):
                      help="remove the fewest layers (attentions) whose KV cache at --max-seq x --max-batch "
                           "fits in SIZE")
     budget = parser.add_argument_group("budget options")
-    budget.add_argument("--dtype", choices=["fp32", "bf16", "int8"], help="engine weight format of the budget "
+    budget.add_argument("--dtype", choices=DTYPES, help="engine weight format of the budget "
                         "(default: int8)")
     budget.add_argument("--threads", type=integer(1, 1024),
                         help="engine threads of --target-speedup (default: all cores)")

@@ -6,7 +6,7 @@ import signal
 import socket
 import sys
 
-from . import integer, layer_list, text
+from . import add_dtype_arguments, integer, layer_list, text
 
 HELP = "serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)"
 
@@ -16,11 +16,7 @@ def add_arguments(parser):
                         help="checkpoint directory, .gguf file, or 'default' (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", type=text, help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=integer(0, 65535), default=8000, help="0 = any free port (default: %(default)s)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
-                        help="weight format (default: %(default)s)")
-    parser.add_argument("--kv-dtype", choices=["fp32", "f16", "bf16", "int8"], default="fp32",
-                        help="KV-cache format: f16/bf16 half the bytes of fp32, int8 a quarter plus a scale "
-                             "per row (default: %(default)s)")
+    add_dtype_arguments(parser, kv=True)
     parser.add_argument("--threads", type=integer(1, 1024), default=None, help="default: all cores")
     parser.add_argument("--max-batch", type=integer(1, 4096), default=8,
                         help="sequences decoded at once, one KV region each (default: %(default)s)")
@@ -87,7 +83,7 @@ def run(args) -> int:
         return Engine(args.model, dtype=args.dtype, threads=args.threads, max_seq=args.max_seq,
                       max_batch=args.max_batch, skip_layers=args.skip, prefill_chunk=args.prefill_chunk,
                       kv_budget_bytes=args.kv_budget * 2**20 if args.kv_budget else None,
-                      kv_dtype=args.kv_dtype)
+                      kv_dtype=args.kv_dtype, lm_head_dtype=args.lm_head_dtype)
 
     def on_load_error(exc):
         failure.append(exc)

@@ -54,7 +54,12 @@ struct ModelConfig {
 };
 
 struct EngineOptions {
-  std::string dtype = "fp32";    // weight format: "fp32" | "bf16" | "int8"
+  std::string dtype = "fp32";    // weight format: "fp32" | "bf16" | "int8" | "int4"
+  // Format of the LM head (the output projection, read every token and never
+  // shrunk by pruning): "auto" (int8 when dtype is int4, else dtype) | "same"
+  // (= dtype) | "fp32" | "bf16" | "int8" | "int4". With tied embeddings the
+  // embedding table stays in dtype; one copy serves both when the formats agree.
+  std::string lm_head_dtype = "auto";
   // KV cache format: "fp32" | "f16" | "bf16" (half the bytes) | "int8" (a quarter, plus one
   // fp32 scale per kv head and position for K and for V).
   std::string kv_dtype = "fp32";
@@ -176,6 +181,7 @@ class Engine {
   int threads() const;
   const std::string& dtype() const;
   const std::string& kv_dtype() const;
+  const std::string& lm_head_dtype() const;  // resolved: never "same" or "auto"
 
  private:
   struct Impl;
