@@ -78,7 +78,8 @@ bool bool_or(const json::Value& obj, const char* key, bool fallback) {
 // (architecture, model_type) pairs: the one list.
 const std::vector<std::pair<std::string, std::string>>& architecture_table() {
   static const std::vector<std::pair<std::string, std::string>> table = {
-      {"LlamaForCausalLM", "llama"}, {"MistralForCausalLM", "mistral"}, {"Qwen2ForCausalLM", "qwen2"}};
+      {"LlamaForCausalLM", "llama"}, {"MistralForCausalLM", "mistral"}, {"Qwen2ForCausalLM", "qwen2"},
+      {"Qwen3ForCausalLM", "qwen3"}};
   return table;
 }
 
@@ -343,6 +344,10 @@ std::vector<Expected> expected_tensors(const ModelConfig& c, const std::vector<L
         out.push_back({p + "self_attn.k_proj.bias", {kv}});
         out.push_back({p + "self_attn.v_proj.bias", {kv}});
       }
+      if (c.qk_norm) {
+        out.push_back({p + "self_attn.q_norm.weight", {c.head_dim}});
+        out.push_back({p + "self_attn.k_norm.weight", {c.head_dim}});
+      }
     }
     if (layers[i].mlp) {
       out.push_back({p + "post_attention_layernorm.weight", {h}});
@@ -417,8 +422,9 @@ ModelConfig parse_config(const json::Value& root) {
   }
   if (bool_or(root, "mlp_bias", false)) throw Error("config.json: mlp_bias=true is not supported");
   const bool attention_bias = bool_or(root, "attention_bias", false);
-  if (c.architecture == "Qwen2ForCausalLM") {
-    c.qkv_bias = true;
+  if (c.architecture == "Qwen2ForCausalLM" || c.architecture == "Qwen3ForCausalLM") {
+    c.qkv_bias = c.architecture == "Qwen2ForCausalLM";
+    c.qk_norm = c.architecture == "Qwen3ForCausalLM";
     if (bool_or(root, "use_sliding_window", false)) throw Error("config.json: use_sliding_window=true is not supported");
   } else if (c.architecture == "MistralForCausalLM") {
     c.sliding_window = optional_int(root, "sliding_window", 0);

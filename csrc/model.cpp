@@ -143,6 +143,10 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
       float* row = qkv + t * qkv_dim;
       const int p = s.row_pos[t];
       if (lw.qkv_bias) k.axpy_f32(1.0f, lw.qkv_bias, row, qkv_dim);
+      if (lw.q_norm) {  // Qwen3: each head normed over head_dim, in place, before RoPE
+        for (int h = 0; h < nh; ++h) k.rmsnorm_f32(row + h * hd, lw.q_norm, c.rms_eps, row + h * hd, hd);
+        for (int h = 0; h < nkv; ++h) k.rmsnorm_f32(row + (nh + h) * hd, lw.k_norm, c.rms_eps, row + (nh + h) * hd, hd);
+      }
       const float* cos = rope_cos_.data() + static_cast<size_t>(p) * half;
       const float* sin = rope_sin_.data() + static_cast<size_t>(p) * half;
       rope_heads(row, nh + nkv, hd, cos, sin);  // q heads and k heads are adjacent

@@ -288,6 +288,10 @@ Weights load_weights(const std::string& dir, const ModelConfig& c, const LayerPl
                                            pre + "self_attn.v_proj.bias"},
                                           {q_rows, kv_rows, kv_rows});
       }
+      if (c.qk_norm) {
+        lw.q_norm = load.vector(pre + "self_attn.q_norm.weight", hd);
+        lw.k_norm = load.vector(pre + "self_attn.k_norm.weight", hd);
+      }
       lw.o = load.matrix(pre + "self_attn.o_proj.weight", hidden, q_rows);
       w.bytes += lw.qkv.bytes() + lw.o.bytes();
       w.bytes_per_token += lw.qkv.bytes() + lw.o.bytes();

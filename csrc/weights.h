@@ -22,6 +22,8 @@ struct LayerWeights {
   const float* attn_norm = nullptr;  // [hidden]
   WeightMatrix qkv;                  // [(n_heads + 2 n_kv_heads) * head_dim, hidden]
   const float* qkv_bias = nullptr;   // [(n_heads + 2 n_kv_heads) * head_dim] (Qwen2) or null
+  const float* q_norm = nullptr;     // [head_dim] (Qwen3) or null: RMSNorm weight of every q head
+  const float* k_norm = nullptr;     // [head_dim] (Qwen3) or null: of every k head
   WeightMatrix o;                    // [hidden, n_heads * head_dim]
   // mlp (plan.mlp)
   const float* mlp_norm = nullptr;   // [hidden]

@@ -38,7 +38,8 @@ from .errors import CheckpointError, MissingDependencyError
 from .layermap import FORMAT, KINDS, LayerEntry, LayerMap
 
 # The one list of architectures shortrt runs (csrc/contract.cpp has the same list, tested).
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                 "Qwen3ForCausalLM": "qwen3"}
 ROPE_TYPES = ("default", "linear", "llama3")
 WEIGHT_DTYPES = ("F32", "F16", "BF16")
 
@@ -147,6 +148,7 @@ class ModelConfig:
     rope_original_max_position: int = 0
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each q and k head before RoPE
     sliding_window: int = 0
     eos_token_ids: tuple[int, ...] = ()
 
@@ -241,9 +243,9 @@ def parse_config(c) -> ModelConfig:
     if _flag(c, "mlp_bias", False):
         raise CheckpointError("config.json: mlp_bias=true is not supported")
     attention_bias = _flag(c, "attention_bias", False)
-    qkv_bias, sliding_window = False, 0
-    if arch == "Qwen2ForCausalLM":
-        qkv_bias = True
+    qkv_bias, qk_norm, sliding_window = False, False, 0
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        qkv_bias, qk_norm = arch == "Qwen2ForCausalLM", arch == "Qwen3ForCausalLM"
         if _flag(c, "use_sliding_window", False):
             raise CheckpointError("config.json: use_sliding_window=true is not supported")
     elif arch == "MistralForCausalLM":
@@ -270,7 +272,7 @@ def parse_config(c) -> ModelConfig:
     else:
         raise CheckpointError("config.json: eos_token_id must be an integer or a list of integers")
     return ModelConfig(arch, hidden, intermediate, n_layers, n_heads, n_kv_heads, head_dim, vocab, max_position,
-                       rms_eps, tie_embeddings=tie, qkv_bias=qkv_bias, sliding_window=sliding_window,
+                       rms_eps, tie_embeddings=tie, qkv_bias=qkv_bias, qk_norm=qk_norm, sliding_window=sliding_window,
                        eos_token_ids=eos_ids, **rope)
 
 
@@ -448,6 +450,8 @@ def expected_tensors(cfg: ModelConfig, layer_map: LayerMap) -> dict[str, tuple[i
             if cfg.qkv_bias:
                 out.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                             p + "self_attn.v_proj.bias": (kv,)})
+            if cfg.qk_norm:
+                out.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
         if e.mlp:
             out.update({p + "post_attention_layernorm.weight": (h,),
                         p + "mlp.gate_proj.weight": (cfg.intermediate, h),

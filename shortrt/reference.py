@@ -59,6 +59,9 @@ class Attention(nn.Module):
         self.wqkv = torch.cat([w[prefix + f"{n}_proj.weight"] for n in "qkv"])
         self.bqkv = torch.cat([w[prefix + f"{n}_proj.bias"] for n in "qkv"]) if cfg.qkv_bias else None
         self.wo = w[prefix + "o_proj.weight"]
+        # Qwen3: each q and k head RMS-normed (over head_dim) before RoPE.
+        self.q_norm = RMSNorm(w[prefix + "q_norm.weight"], cfg.rms_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(w[prefix + "k_norm.weight"], cfg.rms_eps) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin):
         cfg = self.cfg
@@ -69,6 +72,8 @@ class Attention(nn.Module):
         q = q.view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
         k = k.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         v = v.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         group = cfg.n_heads // cfg.n_kv_heads

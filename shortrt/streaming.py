@@ -21,7 +21,7 @@ from .checkpoint import CHUNK_BYTES, Model
 from .errors import CheckpointError
 
 # The module tree under a decoder layer is the same for these (transformers' Llama family).
-STREAMED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+STREAMED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 
 
 class LayerStream:

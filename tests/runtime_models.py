@@ -1,4 +1,4 @@
-"""Tiny random checkpoints (Llama, Mistral, Qwen2) and helpers for the runtime tests."""
+"""Tiny random checkpoints (Llama, Mistral, Qwen2, Qwen3) and helpers for the runtime tests."""
 from __future__ import annotations
 
 import json
@@ -38,6 +38,7 @@ def make_tiny(path: Path, arch: str = "llama", seed: int = 0, dtype=torch.float3
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }
     config_cls, model_cls = classes[arch]
     kwargs = dict(TINY)

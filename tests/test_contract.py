@@ -235,3 +235,20 @@ def test_engine_refuses_what_the_contract_refuses(pruned, tmp_path):
         Engine(path)
     with pytest.raises(ValueError, match="layers\\[1\\].attention must be true or false, got null"):
         _C.Engine(str(path), "fp32", 1, 32, 1, [])
+
+
+@pytest.mark.parametrize("mutate,phrase", [
+    (tensors(lambda t: t.pop("model.layers.0.self_attn.q_norm.weight")), "model.layers.0.self_attn.q_norm.weight"),
+    (tensors(lambda t: t.update({"model.layers.1.self_attn.k_norm.weight": torch.ones(8)})),
+     "model.layers.1.self_attn.k_norm.weight"),
+    (config(use_sliding_window=True), "use_sliding_window=true is not supported"),
+    (config(attention_bias=True), "attention_bias=true is not supported for Qwen3ForCausalLM"),
+])
+def test_qwen3_checkpoints_are_read_alike(tmp_path, mutate, phrase):
+    """Qwen3's per-head q/k norms are part of the tensor set in both readers."""
+    path = make_tiny(tmp_path / "qwen3", "qwen3", num_hidden_layers=2)[0]
+    assert python_verdict(path) == "ok" and cpp_verdict(path) == "ok"
+    mutate(path)
+    py, cpp = python_verdict(path), cpp_verdict(path)
+    assert phrase in py, f"Python: {py}"
+    assert strip_dir(py, path) == strip_dir(cpp, path)

@@ -27,6 +27,8 @@ IDS = [1, 17, 250, 3, 99, 42, 42, 7, 123, 5, 288, 64, 11, 200, 150, 9, 33, 71, 4
     ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}),
     ("mistral", {}),
     ("qwen2", {}),                                      # q/k/v biases
+    ("qwen3", {}),                                      # q/k RMSNorm per head before RoPE
+    ("qwen3", {"head_dim": 32}),                        # Qwen3's head_dim is independent of hidden / heads
 ])
 def test_fp32_logits_match_transformers(tmp_path, arch, extra):
     path, model = make_tiny(tmp_path / arch, arch, **extra)
@@ -86,10 +88,37 @@ def test_skip_list_equals_pruned_checkpoint_and_transformers(tmp_path):
     assert skipped.generate_ids(IDS[:5], max_new_tokens=16, stop=[]) == hf_tokens
 
 
-def test_reference_model_matches_transformers(tmp_path):
-    path, model = make_tiny(tmp_path / "q", "qwen2")
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_reference_model_matches_transformers(tmp_path, arch):
+    path, model = make_tiny(tmp_path / "q", arch)
     ref = ReferenceModel.load(path)(torch.tensor([IDS]))[0].numpy()
     assert rel_err(ref, hf_logits(model, IDS)) <= TOL
+
+
+def test_qwen3_pruned_runs_greedy_like_transformers(tmp_path):
+    """Qwen3 through the pipeline: calibrate (its mid-layer residual hooks), prune 2 of 6 layers with
+    shortrt.prune (q_norm/k_norm travel with their layer), then the pruned checkpoint in transformers
+    (its KV cache) and in the runtime give the same greedy tokens and logits within TOL."""
+    import transformers
+
+    from shortrt import calibrate, prune, select
+
+    dense, _ = make_tiny(tmp_path / "dense", "qwen3", num_hidden_layers=6, head_dim=32, tokenizer=True)
+    # One text: the Qwen tokenizer class adds an <|endoftext|> past this tiny vocabulary, which
+    # calibration would put between texts.
+    texts = [" ".join(["Once upon a time there was a little model that ran on a lean runtime."] * 8)]
+    scores = calibrate(dense, texts, n_tokens=128, seq_len=32, progress=False)
+    streamed = calibrate(dense, texts, n_tokens=128, seq_len=32, progress=False, stream=True)
+    assert np.allclose(scores.bi, streamed.bi, atol=1e-6) and np.allclose(scores.attn_bi, streamed.attn_bi, atol=1e-6)
+    pruned = prune(dense, select(scores, remove=2), tmp_path / "pruned")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(pruned.path, dtype=torch.float32).eval()
+    eng = Engine(pruned.path, threads=2)
+    assert eng.num_layers == 4
+    assert rel_err(eng.logits(IDS), hf_logits(hf, IDS)) <= TOL
+    with torch.no_grad():
+        hf_tokens = hf.generate(torch.tensor([IDS[:5]]), max_new_tokens=16, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0, 5:].tolist()
+    assert eng.generate_ids(IDS[:5], max_new_tokens=16, stop=[]) == hf_tokens
 
 
 def test_attention_less_and_mlp_less_layers_equal_reference(tmp_path):

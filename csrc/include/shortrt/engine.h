@@ -31,7 +31,7 @@ struct UsageError : std::runtime_error {
 
 // The architecture as read from config.json (after validation).
 struct ModelConfig {
-  std::string architecture;  // "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM"
+  std::string architecture;  // "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM"
   int hidden = 0;            // hidden_size
   int intermediate = 0;      // intermediate_size
   int n_layers = 0;          // num_hidden_layers of the checkpoint
@@ -49,6 +49,7 @@ struct ModelConfig {
   int rope_original_max_position = 0; // llama3
   bool tie_embeddings = false;        // tie_word_embeddings
   bool qkv_bias = false;              // Qwen2
+  bool qk_norm = false;               // Qwen3: RMSNorm over each q and k head before RoPE
   int sliding_window = 0;             // Mistral's window (0 = none); max_seq may not exceed it
   std::vector<int> eos_token_ids;     // eos_token_id (int or list)
 };
