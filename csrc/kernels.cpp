@@ -186,7 +186,7 @@ int64_t decode_rows_per_chunk(const WeightMatrix& W, int n_threads) {
 // walks 3 rows x 4 tokens (int8: 4 x 3) at a time; 48 divides by both. (With
 // only a few tokens the kernels stream one row at a time instead.)
 constexpr int64_t kPrefillRowBlock = 48;
-constexpr int64_t kPrefillTokenBlock = 48;
+constexpr int64_t kPrefillTokenBlock = 64;
 
 // Everything a chunk needs, so the lambda captures one reference (no allocation).
 struct MatmulJob {

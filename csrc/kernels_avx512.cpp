@@ -9,6 +9,7 @@
 // (the _mm512_undefined_* pass-through operands; GCC bug 105593, fixed in 12.3).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 #pragma GCC diagnostic pop
 
@@ -188,6 +189,131 @@ void gemm_q8_group(const BlockQ8* w, int64_t n_rows, int64_t n_blocks, const Blo
   }
 }
 
+// ---- f32 / bf16 weights x f32 activations ---------------------------------
+//
+// One arithmetic for every output element, whatever the tile shape or the
+// number of tokens (so decode, batched decode and prefill agree bit for bit):
+//
+//   a 16-lane float accumulator from zero; for c = 0, 16, 32, ... < cols in
+//     order, acc = fma(w[c .. c+15], x[c .. c+15], acc), the last vector
+//     masked to the columns that remain (the others read as zero);
+//   then the tree of the q8 section (reduce8 / reduce1).
+//
+// bf16 weights widen to f32 exactly in registers (a bf16 is the high half of an
+// f32), so bf16 and f32 run the same FMAs on the same activations. One chain
+// per output: decode moves 64 (f32) or 32 (bf16) weight bytes per FMA latency,
+// as much as the avx2 path's two 8-lane chains, and prefill tiles have
+// kDenseTileRows x kDenseTileTokens independent chains to hide it.
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// acc[r][t] = the 16 partial sums of row w[r] times token x[t] (pointers may
+// repeat: a tile narrower than R x T repeats its last row or token, whose
+// results are then not stored).
+template <int R, int T, class W>
+inline void accumulate_dense(const W* const (&w)[R], const float* const (&x)[T], int64_t cols, __m512 (&acc)[R][T]) {
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= cols; c += 16) {
+    __m512 xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_ps(x[t] + c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = load16(w[r] + c);
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+    }
+  }
+  if (c < cols) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (cols - c)) - 1);
+    __m512 xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = _mm512_maskz_loadu_ps(m, x[t] + c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = load16(w[r] + c, m);
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+    }
+  }
+}
+
+// Rows [0, n_rows) x tokens [0, n_tok) of an R x T tile (n_rows <= R, n_tok <= T):
+// y[t * ldy + r] = the tree sum of row r times token t.
+template <int R, int T, class W>
+inline void tile_dense(const W* w, int n_rows, int64_t cols, const float* x, int n_tok, float* y, int64_t ldy) {
+  const W* wr[R];
+  const float* xt[T];
+  for (int r = 0; r < R; ++r) wr[r] = w + (r < n_rows ? r : n_rows - 1) * cols;
+  for (int t = 0; t < T; ++t) xt[t] = x + (t < n_tok ? t : n_tok - 1) * cols;
+  __m512 acc[R][T];
+  accumulate_dense<R, T>(wr, xt, cols, acc);
+  if constexpr (R * T == 1) {
+    y[0] = reduce1(acc[0][0]);
+  } else {
+    // Reduced eight at a time, in (row, token) order.
+    constexpr int kN = R * T, kGroups = (kN + 7) / 8;
+    alignas(32) float sums[kGroups * 8];
+    for (int g = 0; g < kGroups; ++g) {
+      __m512 eight[8];
+      for (int i = 0; i < 8; ++i) {
+        const int k = g * 8 + i < kN ? g * 8 + i : kN - 1;
+        eight[i] = acc[k / T][k % T];
+      }
+      _mm256_store_ps(sums + 8 * g, reduce8(eight));
+    }
+    for (int r = 0; r < n_rows; ++r)
+      for (int t = 0; t < n_tok; ++t) y[t * ldy + r] = sums[r * T + t];
+  }
+}
+
+// 4 x 6 accumulators + 6 token vectors + 1 weight vector = 31 of the 32 zmm registers.
+constexpr int kDenseTileRows = 4;
+constexpr int kDenseTileTokens = 6;
+// Up to this many tokens the matmul is bound by memory bandwidth: the weights
+// stream one row at a time (one sequential stream per core, as decode needs)
+// against up to 8 tokens kept in registers.
+constexpr int64_t kDenseStreamTokens = 8;
+
+template <class W>
+void gemm_dense(const W* w, int64_t n_rows, int64_t cols, const float* x, int64_t n_tok, float* y, int64_t ldy) {
+  if (n_tok <= kDenseStreamTokens) {
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const W* wr = w + r * cols;
+      switch (n_tok) {
+        case 1: tile_dense<1, 1>(wr, 1, cols, x, 1, y + r, ldy); break;
+        case 2: tile_dense<1, 2>(wr, 1, cols, x, 2, y + r, ldy); break;
+        case 3:
+        case 4: tile_dense<1, 4>(wr, 1, cols, x, static_cast<int>(n_tok), y + r, ldy); break;
+        default: tile_dense<1, 8>(wr, 1, cols, x, static_cast<int>(n_tok), y + r, ldy); break;
+      }
+    }
+    return;
+  }
+  for (int64_t r = 0; r < n_rows; r += kDenseTileRows) {
+    const int rows = static_cast<int>(min_i64(kDenseTileRows, n_rows - r));
+    for (int64_t t = 0; t < n_tok; t += kDenseTileTokens) {
+      const int toks = static_cast<int>(min_i64(kDenseTileTokens, n_tok - t));
+      tile_dense<kDenseTileRows, kDenseTileTokens>(w + r * cols, rows, cols, x + t * cols, toks, y + t * ldy + r, ldy);
+    }
+  }
+}
+
+void gemm_f32_avx512(const float* w, int64_t n_rows, int64_t cols, const float* x, int64_t n_tok, float* y,
+                     int64_t ldy) {
+  gemm_dense(w, n_rows, cols, x, n_tok, y, ldy);
+}
+
+void gemm_bf16_avx512(const uint16_t* w, int64_t n_rows, int64_t cols, const float* x, int64_t n_tok, float* y,
+                      int64_t ldy) {
+  gemm_dense(w, n_rows, cols, x, n_tok, y, ldy);
+}
+
 void gemm_q8_avx512(const BlockQ8* w, int64_t n_rows, int64_t n_blocks, const BlockQ8* x, int64_t n_tok, float* y,
                     int64_t ldy) {
   alignas(64) XPair xp[kGroupTokens * kChunkPairs];
@@ -218,6 +344,8 @@ KernelTable make_avx512_table() {
   t.name = "avx512";
   t.dot_q8_q8 = dot_q8_q8_avx512;
   t.gemm_q8 = gemm_q8_avx512;
+  t.gemm_f32 = gemm_f32_avx512;
+  t.gemm_bf16 = gemm_bf16_avx512;
   return t;
 }
 
