@@ -20,10 +20,10 @@ pytestmark = pytest.mark.skipif("avx512" not in _C.kernel_paths(),
                                 reason="CPU or OS lacks AVX-512 F/BW/VL/DQ/VNNI")
 
 DOT_RTOL = 1e-5
-# (rows, blocks of 32 columns): block counts that leave 0..3 blocks for the last
-# quad (1, 2, 18 = the default model's 576 columns, 19, 48), and rows longer
-# than one 48-block chunk of prepared x (65, 131).
-Q8_SHAPES = [(1, 1), (3, 2), (5, 18), (37, 19), (50, 48), (9, 65), (21, 131)]
+# (rows, blocks of 32 columns): rows of octets only (48), octets then one or two
+# quads, full or padded (1, 2, 7, 12, 13, 18 = the default model's 576 columns,
+# 19), and rows longer than one 48-block chunk of prepared x (65, 131).
+Q8_SHAPES = [(1, 1), (3, 2), (11, 7), (4, 12), (6, 13), (5, 18), (37, 19), (50, 48), (9, 65), (21, 131)]
 # (rows, cols) of the f32/bf16 matmuls: column counts below, at and around the
 # 16-lane vector (the last one masked), attention's head_dim (64) and a model's
 # widths (576, 1536).
@@ -57,7 +57,7 @@ def test_q8_matmul_equals_reference(rng, rows, blocks, n_tokens):
     assert np.all(err <= DOT_RTOL * scale + 1e-30), f"max error {(err / scale).max():.2e} of sum|w x|"
 
 
-@pytest.mark.parametrize("rows, blocks", [(37, 19), (50, 48), (9, 131)])
+@pytest.mark.parametrize("rows, blocks", [(37, 19), (6, 13), (50, 48), (9, 131)])
 def test_q8_matmul_gives_the_same_bits_for_any_number_of_tokens(rng, rows, blocks):
     # matmul hands the kernel decode row chunks (1 token) or 64-token tiles, so
     # n tokens reach it in groups of every size from 1 to 64.
@@ -80,7 +80,7 @@ def test_q8_matmul_gives_the_same_bits_for_any_block_of_rows(rng, blocks, n_toke
         np.testing.assert_array_equal(_C.kernel_matmul(w, x, "q8", "avx512", threads=threads), full)
 
 
-@pytest.mark.parametrize("blocks", [1, 2, 19, 65])
+@pytest.mark.parametrize("blocks", [1, 2, 13, 19, 65])
 def test_dot_q8_q8_is_the_matmul_of_one_row_and_one_token(rng, blocks):
     w, x = problem(rng, 1, blocks, 1)
     ws, wq = _C.quantize_q8(w.ravel(), "ref")
