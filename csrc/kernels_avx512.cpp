@@ -143,9 +143,10 @@ inline void tile_dense(const W* w, int n_rows, int64_t cols, const float* x, int
   }
 }
 
-// 4 x 6 accumulators + 6 token vectors + 1 weight vector = 31 of the 32 zmm registers.
-constexpr int kDenseTileRows = 4;
-constexpr int kDenseTileTokens = 6;
+// 6 x 4 accumulators + 4 token vectors + 1 weight vector = 29 of the 32 zmm
+// registers; measured 10-25% faster than 4 x 6 or 8 x 3 (and 3 x 8 far slower).
+constexpr int kDenseTileRows = 6;
+constexpr int kDenseTileTokens = 4;
 // Up to this many tokens the matmul is bound by memory bandwidth: the weights
 // stream one row at a time (one sequential stream per core, as decode needs)
 // against up to 8 tokens kept in registers.
