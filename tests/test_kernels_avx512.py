@@ -129,7 +129,7 @@ def test_dense_matmul_equals_reference(rng, wtype, rows, cols, n_tokens):
 @pytest.mark.parametrize("wtype", ["f32", "bf16"])
 @pytest.mark.parametrize("rows, cols", [(37, 17), (50, 576), (9, 1536)])
 def test_dense_matmul_gives_the_same_bits_for_any_number_of_tokens(rng, wtype, rows, cols):
-    # 1..8 tokens stream rows, more run in 6 x 4 tiles of 64-token blocks: every
+    # 1..4 tokens stream rows, more run in 6 x 4 tiles of 64-token blocks: every
     # count from 1 to 70 must give each token the bits it gets alone.
     w = rng.standard_normal((rows, cols)).astype(np.float32)
     x = rng.standard_normal((70, cols)).astype(np.float32)
