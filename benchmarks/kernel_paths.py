@@ -100,7 +100,11 @@ def main(argv=None) -> int:
     by = {(r["engine"], r["dtype"], r.get("kernels")): r for r in rows if "failed" not in r}
     steps = batched_steps(model, paths, batches, a.threads, a.steps, a.rounds)
 
-    lines = [f"| engine | dtype | kernel path | prefill tok/s | decode tok/s | "
+    command = " ".join(["python", "benchmarks/kernel_paths.py", *sys.argv[1:]])
+    lines = [f"`{command}` on {mach['cpu']}, {mach['cores']} cores, {mach['date']}; {a.threads} threads, batch 1, "
+             f"prefill {a.prompt_tokens} tokens, decode {a.new_tokens}, medians of {a.reps} reps x {a.rounds} rounds. "
+             "The machine may be shared: compare ratios within this table, not across runs.", "",
+             f"| engine | dtype | kernel path | prefill tok/s | decode tok/s | "
              + " | ".join(f"step ms b={b}" for b in batches) + " |",
              "|---|---|---|---:|---:|" + "---:|" * len(batches)]
     for r in rows:
@@ -139,7 +143,7 @@ def main(argv=None) -> int:
                 lines.append(f"- {d} step at b={b}: {paths[-1]} {v:.2f}x faster than {paths[0]}")
     md = "\n".join(lines)
     print(md)
-    result = dict(benchmark="kernel_paths", command=" ".join(["python", "benchmarks/kernel_paths.py", *sys.argv[1:]]),
+    result = dict(benchmark="kernel_paths", command=command,
                   machine=mach, args=harness.shown_args(a, path_keys=("json", "md")), rows=rows,
                   steps=[dict(dtype=d, path=p, batch=b, ms_per_step=v) for (d, p, b), v in steps.items()],
                   ratios=ratios)

@@ -192,175 +192,114 @@ void gemm_bf16_avx512(const uint16_t* w, int64_t n_rows, int64_t cols, const flo
 // the block of rows a call is handed (so decode, batched decode and prefill
 // agree bit for bit):
 //
-//   a 16-lane float accumulator per (row, token), from zero. A row's blocks go
-//     in column order as octets of 8 blocks while 8 remain, then as quads of 4
-//     (the last one padded with zero blocks). An octet gives each block two
-//     lanes, a quad four; each lane gathers a fixed set of the block's bytes
-//     (load_octet / load_quad). Per octet or quad:
-//       s   = vpdpbusd over it (four / two of them), exact in int32 (below)
-//       acc = fma(float(s), w.scale * x.scale, acc)   (each lane its block's scales)
+//   a 16-lane float accumulator per (row, token), from zero. For each quad of
+//     blocks 4g .. 4g+3 in column order (the last quad of a row padded with
+//     zero blocks), lanes 4i .. 4i+3 take block 4g+i, each lane 8 of its bytes
+//     (bytes 4k .. 4k+3 and 16+4k .. 16+4k+3 in lane 4i+k):
+//       s   = two vpdpbusd over the quad, exact in int32 (below)
+//       acc = fma(float(s), w.scale * x.scale, acc)
 //   then the tree sum above.
 //
-// Few lanes per block keep the float work small: per token, an octet (256
-// weights) costs four vpdpbusd, one convert, one multiply and one FMA, where
-// one vpdpbusd per pair of blocks (eight lanes each) would need four of each.
-// The weights' octets and quads are rearranged once per row and reused by up
-// to kGroupTokens tokens; x is rearranged once per call into the same layout.
+// Four lanes per block (rather than the eight one vpdpbusd of two blocks
+// gives) halve the float work per block: per token and quad, two vpdpbusd,
+// one convert, one multiply and one FMA. The weights' quad is rearranged once
+// per row and reused by up to kGroupTokens tokens; x is rearranged once per
+// call into the same layout.
 //
 // vpdpbusd multiplies unsigned by signed bytes, so x goes in as x + 128
 // (x ^ 0x80, in 1..255) and the row's 128 * sum(w) per lane is subtracted by
 // starting the int32 sums from -128 * sum(w): (x + 128) w - 128 w = x w, and
-// 16 * 255 * 127 is far inside int32, so s holds exact partial block sums (and
-// integer sums are exact in any order, so the two halves of an octet's four
-// vpdpbusd run as separate chains).
+// 8 * 255 * 127 is far inside int32, so s holds exact partial block sums.
+
+// One token's quad of x blocks as the inner loop wants them: the two halves
+// of x + 128 in the lane layout above, and each block's scale in its 4 lanes.
+struct XQuad {
+  __m512i lo_u8, hi_u8;
+  __m512 scale;
+};
 
 constexpr int kGroupTokens = 16;  // tokens whose accumulators stay in registers
-// x octets prepared at once per token: 6 (48 blocks, 1536 columns), so the
-// buffer of a group (16 tokens x (6 octets x 320 + 2 quads x 192 bytes) = 36 KB)
-// stays on the stack and in L1. Longer rows run in chunks of octets with the
-// accumulators kept in memory.
-constexpr int64_t kChunkOctets = 6;
+// x quads prepared at once per token: 12 (48 blocks, 1536 columns), so the
+// buffer of a group (16 tokens x 12 quads x 192 bytes = 36 KB) stays on the
+// stack and in L1. Longer rows run in chunks with the accumulators kept in memory.
+constexpr int64_t kChunkQuads = 12;
 constexpr int64_t kChunkRows = 8;  // rows whose accumulators a chunked pass keeps
 
-// One token's octet / quad of x blocks as the inner loop wants them: x + 128
-// in the lane layout of the weights, and each block's scale in its lanes.
-struct XOctet {
-  __m512i q_u8[4];
-  __m512 scale;
-};
-struct XQuad {
-  __m512i q_u8[2];
-  __m512 scale;
-};
-struct XPrepared {
-  XOctet octets[kChunkOctets * kGroupTokens];  // [octet - first of the chunk][token]
-  XQuad quads[2 * kGroupTokens];               // [tail quad][token]
-};
-
 inline __m256i load_q(const BlockQ8& b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.q)); }
-inline __m512i load_two(const BlockQ8& a, const BlockQ8& b) {
-  return _mm512_inserti64x4(_mm512_castsi256_si512(load_q(a)), load_q(b), 1);
-}
 
-// Octet o (blocks 8o .. 8o+7): v[j] holds the j-th 8 bytes of each block, the
-// blocks in the order 0 2 1 3 4 6 5 7 (two lanes each).
-inline void load_octet(const BlockQ8* blocks, int64_t o, __m512i (&v)[4]) {
-  const BlockQ8* b = blocks + 8 * o;
-  const __m512i a0 = load_two(b[0], b[1]), a1 = load_two(b[2], b[3]);
-  const __m512i a2 = load_two(b[4], b[5]), a3 = load_two(b[6], b[7]);
-  const __m512i u = _mm512_unpacklo_epi64(a0, a1), uh = _mm512_unpackhi_epi64(a0, a1);
-  const __m512i w = _mm512_unpacklo_epi64(a2, a3), wh = _mm512_unpackhi_epi64(a2, a3);
-  v[0] = _mm512_shuffle_i64x2(u, w, _MM_SHUFFLE(2, 0, 2, 0));
-  v[1] = _mm512_shuffle_i64x2(uh, wh, _MM_SHUFFLE(2, 0, 2, 0));
-  v[2] = _mm512_shuffle_i64x2(u, w, _MM_SHUFFLE(3, 1, 3, 1));
-  v[3] = _mm512_shuffle_i64x2(uh, wh, _MM_SHUFFLE(3, 1, 3, 1));
-}
-
-// Each block's scale of octet o in its two lanes (the order of load_octet).
-inline __m512 load_octet_scales(const BlockQ8* blocks, int64_t o) {
-  const BlockQ8* b = blocks + 8 * o;
-  const __m256 eight = _mm256_setr_ps(b[0].scale, b[1].scale, b[2].scale, b[3].scale, b[4].scale, b[5].scale,
-                                      b[6].scale, b[7].scale);
-  const __m512i spread = _mm512_setr_epi32(0, 0, 2, 2, 1, 1, 3, 3, 4, 4, 6, 6, 5, 5, 7, 7);
-  return _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(eight));
-}
-
-// The quad of blocks b0 .. b0+3: v[0] holds bytes 0..15 of each block, v[1]
-// bytes 16..31, the blocks in order (four lanes each); blocks from n_blocks on
-// read as zero.
-inline void load_quad(const BlockQ8* blocks, int64_t b0, int64_t n_blocks, __m512i (&v)[2]) {
+// Quad g of a row of n_blocks blocks in the lane layout: lo holds bytes 0..15
+// of each block, hi bytes 16..31 (blocks past the row's end read as zero).
+template <bool kFull>
+inline void load_quad(const BlockQ8* blocks, int64_t g, int64_t n_blocks, __m512i& lo, __m512i& hi) {
+  const int64_t b = 4 * g;
   __m256i q[4];
-  for (int i = 0; i < 4; ++i) q[i] = b0 + i < n_blocks ? load_q(blocks[b0 + i]) : _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) q[i] = (kFull || b + i < n_blocks) ? load_q(blocks[b + i]) : _mm256_setzero_si256();
+  // [block 0 | block 1] and [block 2 | block 3], then their 128-bit halves regrouped.
   const __m512i a = _mm512_inserti64x4(_mm512_castsi256_si512(q[0]), q[1], 1);
   const __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(q[2]), q[3], 1);
-  v[0] = _mm512_shuffle_i32x4(a, c, _MM_SHUFFLE(2, 0, 2, 0));
-  v[1] = _mm512_shuffle_i32x4(a, c, _MM_SHUFFLE(3, 1, 3, 1));
+  lo = _mm512_shuffle_i32x4(a, c, _MM_SHUFFLE(2, 0, 2, 0));
+  hi = _mm512_shuffle_i32x4(a, c, _MM_SHUFFLE(3, 1, 3, 1));
 }
 
-inline __m512 load_quad_scales(const BlockQ8* blocks, int64_t b0, int64_t n_blocks) {
+// Each block's scale of quad g in its four lanes (zero past the row's end).
+template <bool kFull>
+inline __m512 load_quad_scales(const BlockQ8* blocks, int64_t g, int64_t n_blocks) {
+  const int64_t b = 4 * g;
   float s[4];
-  for (int i = 0; i < 4; ++i) s[i] = b0 + i < n_blocks ? blocks[b0 + i].scale : 0.0f;
+  for (int i = 0; i < 4; ++i) s[i] = (kFull || b + i < n_blocks) ? blocks[b + i].scale : 0.0f;
+  const __m128 four = _mm_setr_ps(s[0], s[1], s[2], s[3]);
   const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_setr_ps(s[0], s[1], s[2], s[3])));
+  return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four));
 }
 
-// How a row of n_blocks blocks splits: n_blocks / 8 octets, then 0..2 quads.
-inline int64_t octets_of(int64_t n_blocks) { return n_blocks / 8; }
-inline int tail_quads_of(int64_t n_blocks) { return static_cast<int>((n_blocks % 8 + 3) / 4); }
-
-// Octets [o0, o1) of T tokens into xp->octets, and, when `tail`, the row's
-// tail quads into xp->quads; tokens from n_tok on repeat the last one (their
-// sums are not stored).
+// xq[(g - g0) * kGroupTokens + t] = quad g of token t, for g in [g0, g1) and
+// t < T; tokens from n_tok on repeat the last one (their sums are not stored).
 template <int T>
-void prepare_x(const BlockQ8* x, int64_t n_blocks, int n_tok, int64_t o0, int64_t o1, bool tail, XPrepared* xp) {
+void prepare_x(const BlockQ8* x, int64_t n_blocks, int n_tok, int64_t g0, int64_t g1, XQuad* xq) {
   const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
-  const int64_t quad0 = 8 * octets_of(n_blocks);
+  const int64_t full = n_blocks / 4;
   for (int t = 0; t < T; ++t) {
     const BlockQ8* xt = x + (t < n_tok ? t : n_tok - 1) * n_blocks;
-    for (int64_t o = o0; o < o1; ++o) {
-      XOctet& out = xp->octets[(o - o0) * kGroupTokens + t];
-      __m512i v[4];
-      load_octet(xt, o, v);
-      for (int j = 0; j < 4; ++j) out.q_u8[j] = _mm512_xor_si512(v[j], bias);
-      out.scale = load_octet_scales(xt, o);
-    }
-    if (!tail) continue;
-    for (int k = 0; k < tail_quads_of(n_blocks); ++k) {
-      XQuad& out = xp->quads[k * kGroupTokens + t];
-      __m512i v[2];
-      load_quad(xt, quad0 + 4 * k, n_blocks, v);
-      for (int j = 0; j < 2; ++j) out.q_u8[j] = _mm512_xor_si512(v[j], bias);
-      out.scale = load_quad_scales(xt, quad0 + 4 * k, n_blocks);
+    for (int64_t g = g0; g < g1; ++g) {
+      XQuad& out = xq[(g - g0) * kGroupTokens + t];
+      __m512i lo, hi;
+      if (g < full) {
+        load_quad<true>(xt, g, n_blocks, lo, hi);
+        out.scale = load_quad_scales<true>(xt, g, n_blocks);
+      } else {
+        load_quad<false>(xt, g, n_blocks, lo, hi);
+        out.scale = load_quad_scales<false>(xt, g, n_blocks);
+      }
+      out.lo_u8 = _mm512_xor_si512(lo, bias);
+      out.hi_u8 = _mm512_xor_si512(hi, bias);
     }
   }
 }
 
-inline __m512i minus_128_sum(const __m512i* v, int n) {
+// acc[t] += quad g of row w times token t (see the top of the section).
+template <int T, bool kFull>
+inline void accumulate_quad(const BlockQ8* w, int64_t g, int64_t n_blocks, const XQuad* xq, __m512 (&acc)[T]) {
+  __m512i w_lo, w_hi;
+  load_quad<kFull>(w, g, n_blocks, w_lo, w_hi);
+  const __m512 w_scale = load_quad_scales<kFull>(w, g, n_blocks);
   const __m512i x80 = _mm512_set1_epi8(static_cast<char>(0x80)), zero = _mm512_setzero_si512();
-  __m512i s = zero;
-  for (int j = 0; j < n; ++j) s = _mm512_dpbusd_epi32(s, x80, v[j]);
-  return _mm512_sub_epi32(zero, s);
-}
-
-// acc[t] += octet o of row w times token t.
-template <int T>
-inline void accumulate_octet(const BlockQ8* w, int64_t o, const XOctet* xo, __m512 (&acc)[T]) {
-  __m512i v[4];
-  load_octet(w, o, v);
-  const __m512 w_scale = load_octet_scales(w, o);
-  const __m512i start = minus_128_sum(v, 4), zero = _mm512_setzero_si512();
-  for (int t = 0; t < T; ++t) {
-    const XOctet& xt = xo[t];
-    const __m512i s01 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, xt.q_u8[0], v[0]), xt.q_u8[1], v[1]);
-    const __m512i s23 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, xt.q_u8[2], v[2]), xt.q_u8[3], v[3]);
-    const __m512i sums = _mm512_add_epi32(s01, s23);
-    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(w_scale, xt.scale), acc[t]);
-  }
-}
-
-// acc[t] += the quad of row w from block b0 times token t.
-template <int T>
-inline void accumulate_quad(const BlockQ8* w, int64_t b0, int64_t n_blocks, const XQuad* xq, __m512 (&acc)[T]) {
-  __m512i v[2];
-  load_quad(w, b0, n_blocks, v);
-  const __m512 w_scale = load_quad_scales(w, b0, n_blocks);
-  const __m512i start = minus_128_sum(v, 2);
+  const __m512i minus_bias_w =
+      _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, x80, w_lo), x80, w_hi));
   for (int t = 0; t < T; ++t) {
     const XQuad& xt = xq[t];
-    const __m512i sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, xt.q_u8[0], v[0]), xt.q_u8[1], v[1]);
+    const __m512i sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(minus_bias_w, xt.lo_u8, w_lo), xt.hi_u8, w_hi);
     acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(w_scale, xt.scale), acc[t]);
   }
 }
 
-// Octets [o0, o1) of one row (and its tail quads when `tail`), xp prepared for them.
+// Quads [g0, g1) of one row (n_blocks blocks), xq prepared from g0.
 template <int T>
-inline void accumulate_row(const BlockQ8* w, int64_t n_blocks, int64_t o0, int64_t o1, bool tail,
-                           const XPrepared* xp, __m512 (&acc)[T]) {
-  for (int64_t o = o0; o < o1; ++o) accumulate_octet<T>(w, o, xp->octets + (o - o0) * kGroupTokens, acc);
-  if (!tail) return;
-  const int64_t quad0 = 8 * octets_of(n_blocks);
-  for (int k = 0; k < tail_quads_of(n_blocks); ++k)
-    accumulate_quad<T>(w, quad0 + 4 * k, n_blocks, xp->quads + k * kGroupTokens, acc);
+inline void accumulate_row(const BlockQ8* w, int64_t n_blocks, int64_t g0, int64_t g1, const XQuad* xq,
+                           __m512 (&acc)[T]) {
+  const int64_t full_end = min_i64(g1, n_blocks / 4);  // quads of four real blocks
+  int64_t g = g0;
+  for (; g < full_end; ++g) accumulate_quad<T, true>(w, g, n_blocks, xq + (g - g0) * kGroupTokens, acc);
+  if (g < g1) accumulate_quad<T, false>(w, g, n_blocks, xq + (g - g0) * kGroupTokens, acc);  // the padded last
 }
 
 // y[t * ldy] = the tree sum of acc[t], for t < n_tok.
@@ -382,38 +321,36 @@ inline void store_sums(const __m512 (&acc)[T], int n_tok, float* y, int64_t ldy)
 
 // n_tok <= T tokens: every row of the block against them, one row at a time
 // (the weights stream in order; the tokens' accumulators stay in registers).
-// Each row's octets are rearranged once for all T tokens, so prefill takes
+// Each row's quads are rearranged once for all T tokens, so prefill takes
 // the most tokens that fit the registers (16; two rows of 8 measured slower).
 template <int T>
 void gemm_q8_group(const BlockQ8* w, int64_t n_rows, int64_t n_blocks, const BlockQ8* x, int n_tok, float* y,
-                   int64_t ldy, XPrepared* xp) {
-  const int64_t n_octets = octets_of(n_blocks);
-  if (n_octets <= kChunkOctets) {
-    prepare_x<T>(x, n_blocks, n_tok, 0, n_octets, true, xp);
+                   int64_t ldy, XQuad* xq) {
+  const int64_t n_quads = (n_blocks + 3) / 4;
+  if (n_quads <= kChunkQuads) {
+    prepare_x<T>(x, n_blocks, n_tok, 0, n_quads, xq);
     for (int64_t r = 0; r < n_rows; ++r) {
       __m512 acc[T];
       for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
-      accumulate_row<T>(w + r * n_blocks, n_blocks, 0, n_octets, true, xp, acc);
+      accumulate_row<T>(w + r * n_blocks, n_blocks, 0, n_quads, xq, acc);
       store_sums<T>(acc, n_tok, y + r, ldy);
     }
     return;
   }
-  // Long rows: chunks of kChunkOctets octets (the last with the tail quads) for
-  // kChunkRows rows at a time; the accumulators wait in memory between chunks
-  // (a store and a load change no bits).
+  // Long rows: chunks of kChunkQuads quads for kChunkRows rows at a time; the
+  // accumulators wait in memory between chunks (a store and a load change no bits).
   __m512 partial[kChunkRows][T];
   for (int64_t r0 = 0; r0 < n_rows; r0 += kChunkRows) {
     const int64_t rows = min_i64(kChunkRows, n_rows - r0);
     for (int64_t r = 0; r < rows; ++r)
       for (int t = 0; t < T; ++t) partial[r][t] = _mm512_setzero_ps();
-    for (int64_t o0 = 0; o0 < n_octets; o0 += kChunkOctets) {
-      const int64_t o1 = min_i64(o0 + kChunkOctets, n_octets);
-      const bool tail = o1 == n_octets;
-      prepare_x<T>(x, n_blocks, n_tok, o0, o1, tail, xp);
+    for (int64_t g0 = 0; g0 < n_quads; g0 += kChunkQuads) {
+      const int64_t g1 = min_i64(g0 + kChunkQuads, n_quads);
+      prepare_x<T>(x, n_blocks, n_tok, g0, g1, xq);
       for (int64_t r = 0; r < rows; ++r) {
         __m512 acc[T];
         for (int t = 0; t < T; ++t) acc[t] = partial[r][t];
-        accumulate_row<T>(w + (r0 + r) * n_blocks, n_blocks, o0, o1, tail, xp, acc);
+        accumulate_row<T>(w + (r0 + r) * n_blocks, n_blocks, g0, g1, xq, acc);
         for (int t = 0; t < T; ++t) partial[r][t] = acc[t];
       }
     }
@@ -423,22 +360,22 @@ void gemm_q8_group(const BlockQ8* w, int64_t n_rows, int64_t n_blocks, const Blo
 
 void gemm_q8_avx512(const BlockQ8* w, int64_t n_rows, int64_t n_blocks, const BlockQ8* x, int64_t n_tok, float* y,
                     int64_t ldy) {
-  alignas(64) XPrepared xp;
+  alignas(64) XQuad xq[kGroupTokens * kChunkQuads];
   for (int64_t t0 = 0; t0 < n_tok; t0 += kGroupTokens) {
     const BlockQ8* xt = x + t0 * n_blocks;
     float* yt = y + t0 * ldy;
     const int n = static_cast<int>(min_i64(kGroupTokens, n_tok - t0));
     // Token counts between the sizes run in the next size up (the extra tokens repeat the last).
     if (n == 1) {
-      gemm_q8_group<1>(w, n_rows, n_blocks, xt, 1, yt, ldy, &xp);
+      gemm_q8_group<1>(w, n_rows, n_blocks, xt, 1, yt, ldy, xq);
     } else if (n == 2) {
-      gemm_q8_group<2>(w, n_rows, n_blocks, xt, 2, yt, ldy, &xp);
+      gemm_q8_group<2>(w, n_rows, n_blocks, xt, 2, yt, ldy, xq);
     } else if (n <= 4) {
-      gemm_q8_group<4>(w, n_rows, n_blocks, xt, n, yt, ldy, &xp);
+      gemm_q8_group<4>(w, n_rows, n_blocks, xt, n, yt, ldy, xq);
     } else if (n <= 8) {
-      gemm_q8_group<8>(w, n_rows, n_blocks, xt, n, yt, ldy, &xp);
+      gemm_q8_group<8>(w, n_rows, n_blocks, xt, n, yt, ldy, xq);
     } else {
-      gemm_q8_group<16>(w, n_rows, n_blocks, xt, n, yt, ldy, &xp);
+      gemm_q8_group<16>(w, n_rows, n_blocks, xt, n, yt, ldy, xq);
     }
   }
 }

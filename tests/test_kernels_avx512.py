@@ -20,9 +20,9 @@ pytestmark = pytest.mark.skipif("avx512" not in _C.kernel_paths(),
                                 reason="CPU or OS lacks AVX-512 F/BW/VL/DQ/VNNI")
 
 DOT_RTOL = 1e-5
-# (rows, blocks of 32 columns): rows of octets only (48), octets then one or two
-# quads, full or padded (1, 2, 7, 12, 13, 18 = the default model's 576 columns,
-# 19), and rows longer than one 48-block chunk of prepared x (65, 131).
+# (rows, blocks of 32 columns): block counts that leave 0..3 blocks for the last
+# quad (1, 2, 7, 12, 13, 18 = the default model's 576 columns, 19, 48), and rows
+# longer than one 48-block chunk of prepared x (65, 131).
 Q8_SHAPES = [(1, 1), (3, 2), (11, 7), (4, 12), (6, 13), (5, 18), (37, 19), (50, 48), (9, 65), (21, 131)]
 # (rows, cols) of the f32/bf16 matmuls: column counts below, at and around the
 # 16-lane vector (the last one masked), attention's head_dim (64) and a model's
