@@ -238,6 +238,8 @@ def run_worker(spec: dict, timeout_s: float | None = None) -> dict:
     """The worker's RESULT dict, or {"failed": why, "returncode": ..., "stderr_tail": ...} when it
     was killed by a signal, exited non-zero, ran past timeout_s or printed no parseable result."""
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    if spec.get("kernels"):  # a shortrt kernel path forced for this worker (ref, avx2, avx512)
+        env["SHORTRT_KERNELS"] = spec["kernels"]
     try:
         proc = subprocess.run(worker_command(spec), capture_output=True, text=True, env=env, timeout=timeout_s)
     except subprocess.TimeoutExpired as e:  # subprocess.run has killed it

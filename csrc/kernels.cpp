@@ -207,12 +207,14 @@ int64_t decode_rows_per_chunk(const WeightMatrix& W, int n_threads) {
   return std::max<int64_t>(4, std::min(by_bytes, by_balance));
 }
 
-// Prefill: a thread computes a (row block x token block) tile. 48 rows and 48
-// tokens of 1536 floats (2 x 295 KB) stay in a 1 MB L2 while the micro-kernel
-// walks 3 rows x 4 tokens (int8: 4 x 3) at a time; 48 divides by both. (With
-// only a few tokens the kernels stream one row at a time instead.)
+// Prefill: a thread computes a (row block x token block) tile. 48 rows and 64
+// tokens of 1536 floats (295 + 393 KB) stay in a 1 MB L2 while the micro-kernel
+// walks a few rows x tokens at a time; 64 tokens are the engine's prompt chunk,
+// so each weight is read from memory once per call (48-token blocks read it
+// twice and measured 7-30% slower on avx2 and avx512). (With only a few
+// tokens the kernels stream one row at a time instead.)
 constexpr int64_t kPrefillRowBlock = 48;
-constexpr int64_t kPrefillTokenBlock = 48;
+constexpr int64_t kPrefillTokenBlock = 64;
 
 // Everything a chunk needs, so the lambda captures one reference (no allocation).
 struct MatmulJob {

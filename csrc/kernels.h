@@ -5,9 +5,12 @@
 // Three implementations fill the same KernelTable: "ref" (kernels_ref.cpp,
 // plain C++, the spec and the test oracle), "avx2" (kernels_avx2.cpp, the only
 // translation unit compiled with -mavx2 -mfma -mf16c) and "avx512"
-// (kernels_avx512.cpp, AVX-512 F/BW/VL/DQ/VNNI: its own int8 matmul, the avx2
-// kernels for the rest). kernels() picks one at run time by CPU feature;
-// SHORTRT_KERNELS=ref|avx2|avx512|auto overrides the choice.
+// (kernels_avx512.cpp, AVX-512 F/BW/VL/DQ/VNNI: its own f32, bf16 and int8
+// matmuls on 16 lanes — register tiles of rows x tokens for prefill and
+// batched steps, rows streamed for decode, one accumulation order per output
+// for any token count — and the avx2 kernels for the rest). kernels() picks
+// one at run time by CPU feature; SHORTRT_KERNELS=ref|avx2|avx512|auto
+// overrides the choice. AMX tiles are future work (no test machine has AMX).
 #pragma once
 
 #include <cstddef>
@@ -105,8 +108,8 @@ struct KernelTable;
 
 // y[t*ldy + r] = sum_c W[r, c] * x[t, c]   for t < n_tokens, r < rows; x is
 // [n_tokens, cols] contiguous. Decode (n_tokens == 1) hands out chunks of rows,
-// each streamed from memory one row at a time; prefill hands out (row block x
-// token block) tiles so a weight block stays in cache while it is used by many
+// each streamed from memory one row at a time; prefill hands out (48 rows x 64
+// tokens) tiles so a weight block stays in cache while it is used by many
 // tokens. Each output element is computed by the same sequence of operations
 // whatever the thread count, and (on one path) the same for one token as for
 // many, so decode, batched decode and prefill agree bit for bit.

@@ -84,6 +84,15 @@ def test_run_worker_records_every_kind_of_failure(monkeypatch, code, why):
     assert r["failed"] == why
 
 
+def test_run_worker_forces_the_jobs_kernel_path(monkeypatch):
+    # kernel_paths.py compares paths by giving each shortrt job its SHORTRT_KERNELS.
+    code = "import json, os; print('RESULT ' + json.dumps({'k': os.environ.get('SHORTRT_KERNELS', 'unset')}))"
+    monkeypatch.setattr(harness, "worker_command", lambda spec: [sys.executable, "-c", code])
+    monkeypatch.delenv("SHORTRT_KERNELS", raising=False)
+    assert harness.run_worker({"threads": 1, "kernels": "avx2"})["k"] == "avx2"
+    assert harness.run_worker({"threads": 1})["k"] == "unset"
+
+
 def test_merge_rounds_keeps_good_rounds_of_a_job_that_failed_later():
     job = {"label": "x"}
     row = harness.merge_rounds(job, [{"decode_tok_s": 10.0, "layers_run": 4},
