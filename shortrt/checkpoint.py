@@ -830,6 +830,29 @@ def staging_dir(out: Path):
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def staging_file(out: Path):
+    """A private temporary file next to `out` (a single-file artefact: an exported .gguf), removed
+    on any exception and on SIGTERM/SIGHUP; the caller renames it over `out` with os.replace when
+    it is complete, so `out` is never half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)
+    os.close(fd)
+    os.chmod(name, 0o644)  # mkstemp makes it private; the file is ordinary data
+    tmp, previous = Path(name), {}
+    if threading.current_thread() is threading.main_thread():
+        def on_signal(signum, frame):
+            raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)  # a no-op once renamed into place
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def remove_stale_staging(parent: Path) -> list[Path]:
     """Remove staging dirs (ours: .NAME.tmp-PID-* / .NAME.old-PID-*) whose writer process is gone."""
     removed = []
@@ -933,6 +956,6 @@ def rewrite_layer_map(model, layer_map: LayerMap) -> Model:
 __all__ = [
     "ARCHITECTURES", "ModelConfig", "parse_config", "parse_layer_map", "Step", "layer_map_plan",
     "expected_tensors", "check_tensors", "weight_files", "Model", "load", "layer_map_of", "cache_dir",
-    "default_gguf_path", "staging_dir", "move_into_place", "check_out_dir", "write_checkpoint",
+    "default_gguf_path", "staging_dir", "staging_file", "move_into_place", "check_out_dir", "write_checkpoint",
     "remove_stale_staging", "check_finite", "Interrupted", "rewrite_layer_map",
 ]
