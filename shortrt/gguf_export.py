@@ -407,12 +407,7 @@ def _write_pruned(reader, src: Path, blocks: list[tuple[int, bool]], dst: Path, 
                 value, vtype = [int(c) for c in counts], GGUFValueType.ARRAY
             if name.startswith(f"{arch}."):
                 name = f"{new_arch}.{name[len(arch) + 1:]}"
-            sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-            if vtype == GGUFValueType.ARRAY and sub == GGUFValueType.ARRAY:
-                sub = None
-            if vtype == GGUFValueType.ARRAY and isinstance(value, list) and value and isinstance(value[0], int) \
-                    and field.types[0] != GGUFValueType.ARRAY:
-                sub = GGUFValueType.UINT32  # a scalar count that became a per-layer array
+            sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None  # a scalar count's type stays
             w.add_key_value(name, value, vtype, sub_type=sub)
         for key, value in (extra or {}).items():
             w.add_string(key, value)
