@@ -45,7 +45,8 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def server(gguf: Path, *, ctx: int = 512, kv_type: str = "f32", threads: int = 2):
-    """A llama-server on `gguf`; yields a function ids, n -> greedy continuation token ids."""
+    """A llama-server on `gguf`; yields greedy(ids, n) -> continuation token ids, with
+    greedy.tokenize(text) -> llama.cpp's token ids of text."""
     exe = binary("llama-server")
     port = _free_port()
     log = open(Path(gguf).with_suffix(".server.log"), "wb")
@@ -68,14 +69,21 @@ def server(gguf: Path, *, ctx: int = 512, kv_type: str = "f32", threads: int = 2
                 raise RuntimeError(f"llama-server did not become ready on {gguf}")
             time.sleep(0.3)
 
+        def post(path: str, body: dict) -> dict:
+            req = urllib.request.Request(url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=600) as r:
+                return json.loads(r.read())
+
         def greedy(ids: list[int], n: int) -> list[int]:
             body = {"prompt": list(ids), "n_predict": n, "temperature": 0.0, "top_k": 1, "samplers": ["top_k"],
                     "return_tokens": True, "cache_prompt": False, "ignore_eos": True}
-            req = urllib.request.Request(url + "/completion", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=600) as r:
-                return list(json.loads(r.read())["tokens"])
+            return list(post("/completion", body)["tokens"])
 
+        def tokenize(text: str) -> list[int]:
+            return list(post("/tokenize", {"content": text, "add_special": False})["tokens"])
+
+        greedy.tokenize = tokenize
         yield greedy
     finally:
         proc.terminate()
@@ -89,7 +97,8 @@ def server(gguf: Path, *, ctx: int = 512, kv_type: str = "f32", threads: int = 2
 def perplexity(gguf: Path, text_file: Path, *, ctx: int = 512, chunks: int | None = None, threads: int = 2) -> float:
     """llama-perplexity's final estimate on `text_file` (windows of `ctx` tokens, second half scored)."""
     exe = binary("llama-perplexity")
-    cmd = [str(exe), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx), "-t", str(threads), "-b", str(ctx)]
+    cmd = [str(exe), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx), "-t", str(threads), "-b", str(ctx),
+           "-ctk", "f32", "-ctv", "f32"]
     if chunks:
         cmd += ["--chunks", str(chunks)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(exe), timeout=3600)

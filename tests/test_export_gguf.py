@@ -42,11 +42,14 @@ def prose(n_words=3000, seed=0):
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory):
+    return build_variants(tmp_path_factory.mktemp("export"))
+
+
+def build_variants(root):
     """name -> checkpoint: a tiny 6-layer Llama and every kind of checkpoint shortrt makes of it."""
     from shortrt.healing import heal
     from shortrt.replacement import replace
 
-    root = tmp_path_factory.mktemp("export")
     dense, _ = make_tiny(root / "dense", num_hidden_layers=6, tokenizer=True)
     out = {"dense": dense}
     out["shortgpt"] = shortrt.prune(dense, LayerMap.from_removed(6, [1, 4], method="shortgpt"), root / "shortgpt").path
