@@ -277,3 +277,16 @@ def test_source_type_copies_the_original_blocks(default_pruned, name, tmp_path):
     if name == "attention":
         assert r.fields["deci.attention.head_count_kv"].contents() == [3] * 20 + [0] * 8 + [3] * 2
         assert not any(t.name.startswith("blk.20.attn_") for t in r.tensors)
+
+
+def test_a_killed_exports_temporary_file_is_removed_by_the_next_one(variants, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".x.gguf.tmp-{int(dead.stdout)}-abc123"
+    stale.write_bytes(b"half")
+    mine = tmp_path / ".notes.tmp"  # not a staging name: left alone
+    mine.write_bytes(b"keep")
+    export_gguf(variants["dense"], tmp_path / "x.gguf", qtype="f16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp", "x.gguf"]
