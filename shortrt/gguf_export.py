@@ -28,7 +28,7 @@ pairwise RoPE by the same q/k row permutation Llama uses, applied to the biases 
 Tensor types (--type): f32 everything; f16 every matrix; q8_0 / q4_0 every matrix whose rows
 divide into blocks of 32 (others f16). With q4_0 the token embedding and output matrix are Q8_0
 (llama-quantize gives them Q6_K, a K-quant shortrt does not pack). Norm weights, biases and rope
-factors are always f32. shortrt_quants says which code quantized (general.quantized_by).
+factors are always f32. general.quantized_by names the code that quantized (gguf_quants.encoder()).
 """
 from __future__ import annotations
 

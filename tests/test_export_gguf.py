@@ -62,6 +62,12 @@ def build_variants(root):
                                       **FAST_REPLACE).path
     out["shortgpt+heal"] = heal(out["shortgpt"], root / "healed", texts=prose(), **FAST_HEAL).path
     out["attention+heal"] = heal(out["attention"], root / "att-healed", texts=prose(), **FAST_HEAL).path
+    out["mistral"], _ = make_tiny(root / "mistral", arch="mistral", num_hidden_layers=6, tokenizer=True)
+    out["llama3-rope"], _ = make_tiny(root / "llama3-rope", num_hidden_layers=6, tokenizer=True, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})
+    out["linear-rope"], _ = make_tiny(root / "linear-rope", num_hidden_layers=6, tokenizer=True,
+                                      rope_scaling={"rope_type": "linear", "factor": 2.0})
     qwen, _ = make_tiny(root / "qwen2", arch="qwen2", num_hidden_layers=6, tokenizer=True)
     out["qwen2"] = qwen
     out["qwen2-attention"] = shortrt.prune(qwen, LayerMap.from_removed_attention(6, [1, 5]), root / "qwen2-att").path
@@ -102,7 +108,8 @@ def check_file(path, ckpt, qtype) -> dict:
     f = fields(r)
     k = len(lmap.layers)
     attention = [e.attention for e in lmap.layers]
-    arch = "deci" if not all(attention) else {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}[cfg.architecture]
+    families = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+    arch = "deci" if not all(attention) else families[cfg.architecture]
     assert f["general.architecture"] == arch
     assert f[f"{arch}.block_count"] == k
     for key, value in f.items():
@@ -126,6 +133,12 @@ def check_file(path, ckpt, qtype) -> dict:
     assert json.loads(f["shortrt.layer_map"])["layers"] == lmap.to_json()["layers"]
     values = m.read_tensors()
     expected = {gguf_name(n): n for n in values if not (n == "lm_head.weight" and cfg.tie_embeddings)}
+    if cfg.rope_type == "llama3":
+        factors = dequantized(tensors.pop("rope_freqs.weight"))
+        assert factors.shape == (cfg.head_dim // 2,) and factors[0] == 1.0 and factors[-1] == cfg.rope_factor
+        assert np.all(np.diff(factors) >= 0)  # 1 for short wavelengths, rising to `factor` for long ones
+    if cfg.rope_type == "linear":
+        assert f["llama.rope.scaling.type"] == "linear" and f["llama.rope.scaling.factor"] == cfg.rope_factor
     assert set(tensors) == set(expected)
     for g, name in expected.items():
         want = values[name].numpy()
@@ -141,7 +154,8 @@ def check_file(path, ckpt, qtype) -> dict:
 
 @pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("name", ["dense", "shortgpt", "span", "attention", "span+layer", "span+mlp",
-                                  "shortgpt+heal", "attention+heal", "qwen2", "qwen2-attention"])
+                                  "shortgpt+heal", "attention+heal", "mistral", "llama3-rope", "linear-rope",
+                                  "qwen2", "qwen2-attention"])
 def test_every_variant_exports_a_consistent_gguf(variants, name, qtype, tmp_path):
     out = export_gguf(variants[name], tmp_path / f"{name}.gguf", qtype=qtype)
     f = check_file(out, variants[name], qtype)

@@ -76,7 +76,8 @@ def tiny_variants(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["dense", "shortgpt", "span", "attention", "span+layer", "span+mlp",
-                                  "shortgpt+heal", "attention+heal", "qwen2", "qwen2-attention"])
+                                  "shortgpt+heal", "attention+heal", "mistral", "llama3-rope", "linear-rope",
+                                  "qwen2", "qwen2-attention"])
 def test_llama_cpp_runs_tiny_exports_as_shortrt_does(tiny_variants, name, tmp_path):
     ckpt = tiny_variants[name]
     ref_model = ReferenceModel.load(ckpt)
