@@ -6,8 +6,10 @@ llama.cpp build's bin directory with llama-server, llama-perplexity and libggml-
   shortrt fp32's greedy tokens: on tiny random models until the first position where shortrt's
   top two logits tie within 1e-4 (random weights make ties), on the default model for 32 tokens;
 - llama-perplexity on held-out text (Persuasion, llama.cpp's protocol: 512-token windows, the second
-  half of each scored, f32 KV cache) from the f32 / f16 / q8_0 / q4_0 files against shortrt fp32 on the same token
-  ids: within 0.1% (f32), 0.5% (f16), 2% (q8_0) and 25% (q4_0, 4-bit weights on a 135M model).
+  half of each scored, f32 KV cache) on the same token ids: the f32 / f16 files within 0.1% / 0.5% of
+  shortrt fp32; the q8_0 / q4_0 files within 2% of shortrt fp32 running the file's dequantized
+  weights (ggml's CPU dot products quantize activations to 8 bits for those types). How far
+  q8_0 / q4_0 move perplexity from fp32 is recorded, not asserted: it is the formats' cost.
 """
 from __future__ import annotations
 
@@ -32,7 +34,9 @@ from shortrt.reference import ReferenceModel  # noqa: E402
 
 pytestmark = pytest.mark.skipif(lc.binary("llama-server") is None, reason=lc.skip_reason("llama-server"))
 
-PPL_TOLERANCE = {"f32": 0.001, "f16": 0.005, "q8_0": 0.02, "q4_0": 0.25}
+# f32, f16 against shortrt fp32; q8_0 / q4_0 against shortrt fp32 running the dequantized weights of
+# the file, within 2%: ggml's CPU dot products quantize the activations to 8 bits for these types.
+PPL_TOLERANCE = {"f32": 0.001, "f16": 0.005, "q8_0": 0.02, "q4_0": 0.02}
 # The default model's variants of benchmarks/results (ShortGPT's 8 layers, the 8 attentions of
 # `--method attention`, the 8-layer span of `--method span`).
 SHORTGPT_8 = [3, 12, 13, 14, 15, 17, 25, 26]
@@ -89,22 +93,35 @@ def test_llama_cpp_runs_tiny_exports_as_shortrt_does(tiny_variants, name, tmp_pa
     assert ok and k >= 8, f"{name}: llama.cpp {got} vs shortrt {ref} (first difference at {k})"
 
 
+class DefaultVariants:
+    """The default model's variants, each made when first asked for (training only what a test needs)."""
+
+    def __init__(self, model, root):
+        self.model, self.root, self.made = model, root, {"dense": model.path}
+
+    def __getitem__(self, name):
+        if name not in self.made:
+            self.made[name] = self._make(name)
+        return self.made[name]
+
+    def _make(self, name):
+        from shortrt.replacement import replace
+        from test_export_gguf import prose
+
+        if name == "shortgpt-8":
+            return shortrt.prune(self.model, LayerMap.from_removed(30, SHORTGPT_8, method="shortgpt"),
+                                 self.root / name).path
+        if name == "attention-8":
+            return shortrt.prune(self.model, LayerMap.from_removed_attention(30, ATTENTION_8), self.root / name).path
+        kind = {"span+layer-8": "layer", "span+mlp-8": "mlp"}[name]
+        # a short training run: this checks loading and equality, not quality
+        return replace(self.model, LayerMap.from_removed(30, SPAN_8, method="span"), self.root / name, kind=kind,
+                       texts=prose(), n_tokens=4096, seq_len=128, steps=5, progress=False).path
+
+
 @pytest.fixture(scope="module")
 def default_variants(default_model, tmp_path_factory):
-    from shortrt.replacement import replace
-    from test_export_gguf import prose
-
-    root = tmp_path_factory.mktemp("llama-cpp-default")
-    out = {"dense": default_model.path,
-           "shortgpt-8": shortrt.prune(default_model, LayerMap.from_removed(30, SHORTGPT_8, method="shortgpt"),
-                                       root / "shortgpt-8").path,
-           "attention-8": shortrt.prune(default_model, LayerMap.from_removed_attention(30, ATTENTION_8),
-                                        root / "attention-8").path}
-    span = LayerMap.from_removed(30, SPAN_8, method="span")
-    for kind in ("layer", "mlp"):  # a short training run: this checks loading and equality, not quality
-        out[f"span+{kind}-8"] = replace(default_model, span, root / f"span+{kind}-8", kind=kind, texts=prose(),
-                                        n_tokens=4096, seq_len=128, steps=5, progress=False).path
-    return out
+    return DefaultVariants(default_model, tmp_path_factory.mktemp("llama-cpp-default"))
 
 
 def heldout_text(tmp_path) -> Path:
@@ -152,6 +169,33 @@ def test_llama_cpp_f32_gives_shortrt_fp32_greedy_tokens_on_the_default_model(def
     assert got == ref
 
 
+def rope_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of shortrt.gguf_export.rope_permute."""
+    d = w.shape[0] // n_head
+    return w.reshape(n_head, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def model_of_file(ckpt, gguf_file) -> ReferenceModel:
+    """shortrt's fp32 reference model running the weights a GGUF file holds (dequantized)."""
+    from shortrt.gguf_export import gguf_name
+
+    m = shortrt.load(ckpt)
+    cfg, tensors = m.model_config, m.read_tensors()
+    stored = {t.name: t for t in gguf.GGUFReader(str(gguf_file)).tensors}
+    for name in tensors:
+        g = gguf_name(name)
+        if g not in stored:  # a tied lm_head
+            continue
+        t = stored[g]
+        x = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(tensors[name].shape)
+        if g.endswith(".attn_q.weight"):
+            x = rope_unpermute(x, cfg.n_heads)
+        elif g.endswith(".attn_k.weight"):
+            x = rope_unpermute(x, cfg.n_kv_heads)
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return ReferenceModel(cfg, tensors, m.plan())
+
+
 @pytest.mark.skipif(lc.binary("llama-perplexity") is None, reason=lc.skip_reason("llama-perplexity"))
 @pytest.mark.parametrize("name", ["dense", "attention-8"])
 def test_llama_cpp_perplexity_of_each_type_is_near_shortrt_fp32(default_variants, name, tmp_path):
@@ -162,7 +206,13 @@ def test_llama_cpp_perplexity_of_each_type_is_near_shortrt_fp32(default_variants
         ids = client.tokenize(text.read_text())
     assert len(ids) >= ctx * chunks
     want = llama_cpp_ppl_protocol(ReferenceModel.load(ckpt), ids, ctx, chunks)
+    # Q8_0 / Q4_0 cost perplexity by themselves; what the export must get right is that llama.cpp
+    # runs the weights the file holds: shortrt fp32 on those weights, dequantized, is the reference.
+    same_weights = {t: llama_cpp_ppl_protocol(model_of_file(ckpt, files[t]), ids, ctx, chunks)
+                    for t in ("q8_0", "q4_0")}
     got = {t: lc.perplexity(f, text, ctx=ctx, chunks=chunks) for t, f in files.items()}
-    record(f"ppl/{name}", {"shortrt fp32": want, **got})
+    record(f"ppl/{name}", {"shortrt fp32": want, **got,
+                           **{f"shortrt fp32 on the {t} weights": v for t, v in same_weights.items()}})
     for t, tol in PPL_TOLERANCE.items():
-        assert abs(got[t] / want - 1) <= tol, f"{name} {t}: llama.cpp ppl {got[t]:.4f}, shortrt fp32 {want:.4f}"
+        ref = same_weights.get(t, want)
+        assert abs(got[t] / ref - 1) <= tol, f"{name} {t}: llama.cpp ppl {got[t]:.4f}, shortrt fp32 {ref:.4f}"
