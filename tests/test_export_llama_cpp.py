@@ -192,7 +192,7 @@ def model_of_file(ckpt, gguf_file) -> ReferenceModel:
             x = rope_unpermute(x, cfg.n_heads)
         elif g.endswith(".attn_k.weight"):
             x = rope_unpermute(x, cfg.n_kv_heads)
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        tensors[name] = torch.from_numpy(np.array(x, dtype=np.float32))  # a writable copy
     return ReferenceModel(cfg, tensors, m.plan())
 
 
