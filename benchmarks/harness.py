@@ -385,7 +385,7 @@ def llamacpp_ggufs(types=LLAMACPP_TYPES) -> dict[str, Path]:
 def pruned_gguf(dense_gguf, ckpt_dir) -> Path | None:
     """The dense GGUF with the layers the pruned checkpoint removed taken out (cached), or None
     when the checkpoint has entries a GGUF of plain layers cannot hold (no attention, replacements)."""
-    from shortrt.gguf_prune import prune_gguf
+    from shortrt.gguf_export import prune_gguf
     from shortrt.layermap import layer_map_of
 
     lmap = layer_map_of(ckpt_dir)

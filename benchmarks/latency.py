@@ -4,7 +4,7 @@ For a model and a list of removal counts (pruned checkpoints made with
 `shortgpt` on the fly and cached), and for each engine available — shortrt
 fp32/bf16/int8/int4 (`shortrt-int4` with the LM head in int4 too; `shortrt-int4:int8` with it in
 int8, the engine's default), transformers fp32/bf16, llama.cpp (F32/F16/Q8_0 GGUFs made by its quantize API,
-pruned by shortrt.gguf_prune, when llama-cpp-python is installed) — it measures, each engine in its own process
+pruned by shortrt.gguf_export.prune_gguf, when llama-cpp-python is installed) — it measures, each engine in its own process
 (benchmarks/harness.py; a worker that crashes or hangs becomes a failed row and the run goes on):
 
   time to first token and prefill tokens/s for a 512-token prompt,

@@ -896,15 +896,46 @@ def staging_dir(out: Path):
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def staging_file(out: Path):
+    """A private temporary file next to `out` (a single-file artefact: an exported .gguf), removed
+    on any exception and on SIGTERM/SIGHUP; the caller renames it over `out` with os.replace when
+    it is complete, so `out` is never half-written (one left by a SIGKILLed writer is removed by
+    the next writer in that directory)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)
+    os.close(fd)
+    os.chmod(name, 0o644)  # mkstemp makes it private; the file is ordinary data
+    tmp, previous = Path(name), {}
+    if threading.current_thread() is threading.main_thread():
+        def on_signal(signum, frame):
+            raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)  # a no-op once renamed into place
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def remove_stale_staging(parent: Path) -> list[Path]:
-    """Remove staging dirs (ours: .NAME.tmp-PID-* / .NAME.old-PID-*) whose writer process is gone."""
+    """Remove staging dirs (ours: .NAME.tmp-PID-* / .NAME.old-PID-*) and staging files (.NAME.tmp-PID-*)
+    whose writer process is gone."""
     removed = []
     with contextlib.suppress(OSError):
         for p in parent.iterdir():
             m = _STAGING.match(p.name)
-            if not m or not p.is_dir() or _alive(int(m.group("pid"))):
+            if not m or _alive(int(m.group("pid"))):
                 continue
-            shutil.rmtree(p, ignore_errors=True)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.is_file() and not p.is_symlink() and ".tmp-" in p.name:  # a staging_file's
+                p.unlink(missing_ok=True)
+            else:
+                continue
             removed.append(p)
     return removed
 
@@ -999,6 +1030,6 @@ def rewrite_layer_map(model, layer_map: LayerMap) -> Model:
 __all__ = [
     "ARCHITECTURES", "ModelConfig", "parse_config", "parse_layer_map", "Step", "layer_map_plan",
     "expected_tensors", "check_tensors", "weight_files", "Model", "load", "layer_map_of", "cache_dir",
-    "default_gguf_path", "staging_dir", "move_into_place", "check_out_dir", "write_checkpoint",
+    "default_gguf_path", "staging_dir", "staging_file", "move_into_place", "check_out_dir", "write_checkpoint",
     "remove_stale_staging", "check_finite", "Interrupted", "rewrite_layer_map",
 ]

@@ -7,7 +7,7 @@ import sys
 
 # name -> module under shortrt.commands; each module defines
 #   HELP: str, add_arguments(parser), run(args) -> int
-COMMANDS = ["info", "calibrate", "prune", "replace", "heal", "generate", "serve", "eval", "demo"]
+COMMANDS = ["info", "calibrate", "prune", "replace", "heal", "generate", "serve", "eval", "export", "demo"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,10 +1,10 @@
-"""shortrt.gguf_prune: blocks removed and renumbered, everything else copied bit for bit."""
+"""shortrt.gguf_export.prune_gguf: blocks removed and renumbered, everything else copied bit for bit."""
 import numpy as np
 import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from shortrt.gguf_prune import prune_gguf  # noqa: E402
+from shortrt.gguf_export import prune_gguf  # noqa: E402
 
 
 def write_tiny_gguf(path, n_blocks=4):

@@ -1,0 +1,457 @@
+"""Write GGUF files: any shortrt checkpoint for llama.cpp / ollama, and pruned copies of a GGUF.
+
+    export_gguf("out/smollm2-p8", "smollm2-p8.Q8_0.gguf", qtype="q8_0")   # `shortrt export --to gguf`
+    prune_gguf("model.gguf", retained=[0, 1, 3], dst="pruned.gguf")          # blocks copied as stored
+
+This is the one module that writes GGUF. The architecture written follows the layer map:
+- every layer keeps attention and MLP (dense, shortgpt, span, last, random, `replace --kind layer`,
+  healed versions of these): the model's own GGUF architecture (`llama` for Llama and Mistral,
+  `qwen2`), `block_count` = layers written, per-layer keys scalar;
+- some layers have no attention (attention-only pruning, `replace --kind mlp`): llama.cpp's `deci`
+  architecture, whose `attention.head_count` / `head_count_kv` are per-layer arrays, 0 meaning
+  the layer has no attention (no attn_norm / attn_* tensors, no KV cache). Read from llama.cpp at
+  the commit vendored by llama-cpp-python 0.3.36 (0c1e57098bba): src/models/deci.cpp passes the
+  hidden state of a head-count-0 layer straight to its MLP, and src/llama-model.cpp's
+  load_hparams reads the arrays with get_key_or_arr; conversion/deci.py writes the same keys.
+
+Refused before anything is written, with the reason (`deci` constraints in that llama.cpp):
+- a layer that keeps attention but drops its MLP: deci.cpp `continue`s past a layer whose
+  feed_forward_length is 0 before adding the attention output to the residual, so that attention
+  would be silently discarded;
+- layer 0 without attention: llama.cpp derives the head size (n_embd_head_k) from layer 0's head
+  count and sets it to 0 when that count is 0;
+- Mistral with a sliding window shorter than the context (llama.cpp's `llama` has none).
+Qwen2 (q/k/v biases) goes to `deci` too: deci loads the optional attn_q/k/v biases
+(create_tensor_qkv) and applies them (build_qkv); Qwen2's rotate-half RoPE becomes deci's
+pairwise RoPE by the same q/k row permutation Llama uses, applied to the biases too.
+
+Tensor types (--type): f32 everything; f16 every matrix; q8_0 / q4_0 every matrix whose rows
+divide into blocks of 32 (others f16). With q4_0 the token embedding and output matrix are Q8_0
+(llama-quantize gives them Q6_K, a K-quant shortrt does not pack). Norm weights, biases and rope
+factors are always f32. general.quantized_by names the code that quantized (gguf_quants.encoder()).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import gguf_quants, gguf_vocab
+from .checkpoint import Model, ModelConfig, default_gguf_path, expected_tensors, load, staging_file
+from .errors import MissingDependencyError, ShortrtError
+from .layermap import LayerMap
+
+TYPES = gguf_quants.TYPES + ("source",)
+FAMILY = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}  # enum llama_ftype
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+_ATTENTION_TENSORS = ("attn_norm.", "attn_q.", "attn_k.", "attn_v.", "attn_output.")
+_PER_LAYER_KEYS = ("feed_forward_length", "attention.head_count", "attention.head_count_kv",
+                   "attention.sliding_window_pattern")
+
+
+class ExportError(ShortrtError, ValueError):
+    """The checkpoint (or its combination with the requested format) cannot be exported."""
+
+
+# ============================================================================ what is written
+
+@dataclass(frozen=True)
+class Layout:
+    """The GGUF architecture and per-block head counts of an export."""
+    arch: str
+    n_head: tuple[int, ...]
+    n_head_kv: tuple[int, ...]
+    n_ff: int
+
+    @property
+    def heterogeneous(self) -> bool:
+        return self.arch == "deci"
+
+
+def gguf_layout(cfg: ModelConfig, lmap: LayerMap) -> Layout:
+    """The architecture a checkpoint exports to, or ExportError saying why it cannot be."""
+    family = FAMILY.get(cfg.architecture)
+    if family is None:
+        raise ExportError(f"{cfg.architecture} has no GGUF export (export writes {', '.join(FAMILY)})")
+    if cfg.sliding_window and cfg.sliding_window < cfg.max_position:
+        raise ExportError(f"a sliding window of {cfg.sliding_window} tokens (< the {cfg.max_position}-token "
+                          "context) has no equivalent in llama.cpp's llama architecture")
+    no_mlp = [i for i, e in enumerate(lmap.layers) if not e.mlp]
+    if no_mlp:
+        raise ExportError(f"layers {no_mlp} keep attention but have no MLP; llama.cpp's deci architecture skips "
+                          "such a layer's attention output (src/models/deci.cpp), so the GGUF would run a "
+                          "different model")
+    heads = tuple(cfg.n_heads if e.attention else 0 for e in lmap.layers)
+    kv = tuple(cfg.n_kv_heads if e.attention else 0 for e in lmap.layers)
+    if all(heads):
+        return Layout(family, heads, kv, cfg.intermediate)
+    if not heads[0]:
+        raise ExportError("layer 0 has no attention; llama.cpp takes the head size from layer 0's head count "
+                          "(src/llama-model.cpp), so a deci GGUF needs attention in its first layer")
+    return Layout("deci", heads, kv, cfg.intermediate)
+
+
+def tensor_type(gguf_name: str, shape: tuple[int, ...], qtype: str) -> str:
+    """The type one tensor is written in at --type `qtype` (see the module doc)."""
+    if len(shape) == 1 or qtype == "f32":
+        return "f32"
+    if qtype == "f16" or shape[-1] % gguf_quants.BLOCK:
+        return "f16"
+    if qtype == "q4_0" and gguf_name in ("token_embd.weight", "output.weight"):
+        return "q8_0"
+    return qtype
+
+
+_HF_TO_GGUF = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+               "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+               "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_proj.bias": "attn_q.bias",
+               "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
+               "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+               "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+
+
+def gguf_name(hf_name: str) -> str:
+    """GGUF's name of a checkpoint tensor (model.layers.3.mlp.up_proj.weight -> blk.3.ffn_up.weight)."""
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    if hf_name in fixed:
+        return fixed[hf_name]
+    parts = hf_name.split(".", 3)
+    return f"blk.{parts[2]}.{_HF_TO_GGUF[parts[3]]}"
+
+
+def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Rows of q/k (and their biases) from rotate-half order (transformers) to the pairwise order
+    llama.cpp's llama/deci RoPE rotates: per head, rows (i, i + d/2) become rows (2i, 2i + 1)."""
+    d = w.shape[0] // n_head
+    return w.reshape(n_head, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(cfg: ModelConfig) -> np.ndarray:
+    """Llama 3's per-frequency RoPE scaling as llama.cpp takes it: a rope_freqs.weight tensor of
+    wavelength-dependent divisors (1 for short wavelengths, `factor` for long ones, smooth between)."""
+    dim, base = cfg.head_dim, cfg.rope_theta
+    inv_freq = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    old = cfg.rope_original_max_position
+    low_wave, high_wave = old / cfg.rope_low_freq_factor, old / cfg.rope_high_freq_factor
+    out = []
+    for f in inv_freq:
+        wave = 2 * math.pi / f
+        if wave < high_wave:
+            out.append(1.0)
+        elif wave > low_wave:
+            out.append(cfg.rope_factor)
+        else:
+            s = (old / wave - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+            out.append(1.0 / ((1 - s) / cfg.rope_factor + s))
+    return np.array(out, dtype=np.float32)
+
+
+# ============================================================================ sources
+
+def origin_gguf(model: Model) -> Path | None:
+    """The GGUF file a checkpoint's weights were converted from, following shortrt.json sources."""
+    m = model
+    for _ in range(16):
+        record = m.path / "source.json"
+        if record.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                p = Path(json.loads(record.read_text())["gguf"])
+                return p if p.is_file() else None
+        src = m.layer_map.source if m.is_pruned else None
+        if src is None:
+            return None
+        if src == "default":
+            return default_gguf_path()
+        if src.lower().endswith(".gguf"):
+            return Path(src) if Path(src).is_file() else None
+        if not Path(src, "config.json").is_file():
+            return None
+        m = load(src)
+    return None
+
+
+def _check_type(qtype: str) -> None:
+    if qtype not in TYPES:
+        raise ExportError(f"unknown --type {qtype!r}: choose one of {', '.join(TYPES)}")
+
+
+def _check_dst(dst: Path, overwrite: bool, sources: list[Path]) -> None:
+    if dst.is_dir():
+        raise ExportError(f"output {dst} is a directory; give a file name such as {dst / 'model.gguf'}")
+    for s in sources:
+        if dst.exists() and s.exists() and os.path.samefile(dst, s):
+            raise ExportError(f"output {dst} is the GGUF being read; choose another file name")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass overwrite=True (--force on the command line) to replace it")
+
+
+def _progress(items, show: bool, desc: str):
+    if not show:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="tensor")
+
+
+# ============================================================================ checkpoint -> GGUF
+
+def export_gguf(model, dst, *, qtype: str = "f16", overwrite: bool = False, progress: bool = False) -> Path:
+    """Write checkpoint `model` ("default", a directory, a .gguf, a Model) as the GGUF file `dst`.
+
+    qtype: f32, f16, q8_0, q4_0 (tensors encoded from the checkpoint's weights), or "source": the
+    tensors of the GGUF the checkpoint was converted from, copied as stored (no dequantizing),
+    for checkpoints whose weights are that file's (plain layers, not healed).
+    """
+    _check_type(qtype)
+    m = load(model, progress=progress)
+    cfg, lmap = m.model_config, m.layer_map
+    layout = gguf_layout(cfg, lmap)
+    origin = origin_gguf(m)
+    dst = Path(dst).expanduser()
+    _check_dst(dst, overwrite, [origin] if origin else [])
+    if qtype == "source":
+        return _export_from_source(m, origin, dst, layout, progress=progress)
+    try:
+        import gguf
+    except ImportError:
+        raise MissingDependencyError("writing GGUF needs the gguf package: pip install gguf") from None
+
+    plan = []  # (gguf name, checkpoint name or None, numpy shape, type)
+    m.tensors  # noqa: B018 (validates the tensor set against config.json and shortrt.json)
+    for name, shape in expected_tensors(cfg, lmap).items():
+        g = gguf_name(name)
+        plan.append((g, name, tuple(shape), tensor_type(g, tuple(shape), qtype)))
+    if cfg.rope_type == "llama3":
+        plan.append(("rope_freqs.weight", None, (cfg.head_dim // 2,), "f32"))
+    plan.sort(key=lambda p: _order(p[0]))
+    with contextlib.ExitStack() as stack:
+        # header first (it names every tensor), then one tensor at a time: memory stays one tensor
+        tmp = stack.enter_context(staging_file(dst))
+        writer = gguf.GGUFWriter(str(tmp), layout.arch)
+        _add_model_keys(writer, m, cfg, layout, qtype)
+        if not (origin and _tokenizer_from_gguf(writer, origin, cfg.vocab)):
+            gguf_vocab.add_from_tokenizer_json(writer, m.path, cfg.vocab)
+        for g, _, shape, t in plan:
+            writer.add_tensor_info(g, _stored_shape(shape, t), _np_dtype(t), _nbytes(shape, t),
+                                   raw_dtype=_ggml_type(t))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        handles = m.open_tensors(stack)
+        for g, name, shape, t in _progress(plan, progress, "export"):
+            data = (llama3_rope_factors(cfg) if name is None
+                    else _prepared(g, handles[name].get_tensor(name), cfg, layout))
+            writer.write_tensor_data(gguf_quants.encode(data, t))
+        writer.close()
+        os.replace(tmp, dst)
+    return dst
+
+
+def _order(name: str):
+    m = _BLOCK.match(name)
+    return (1, int(m.group(1)), m.group(2)) if m else (0, 0, name)
+
+
+def _prepared(g: str, tensor, cfg: ModelConfig, layout: Layout) -> np.ndarray:
+    """A checkpoint tensor as GGUF stores it: float32, q/k rows permuted for pairwise RoPE."""
+    from .checkpoint import check_finite
+
+    check_finite(g, tensor, "the checkpoint")
+    x = tensor.float().numpy()
+    if layout.arch in ("llama", "deci"):
+        if g.endswith((".attn_q.weight", ".attn_q.bias")):
+            x = rope_permute(x, cfg.n_heads)
+        elif g.endswith((".attn_k.weight", ".attn_k.bias")):
+            x = rope_permute(x, cfg.n_kv_heads)
+    return x
+
+
+def _stored_shape(shape, t: str):
+    """add_tensor_info's shape: elements for float types, bytes per row for block types."""
+    return shape if t in ("f32", "f16") else (*shape[:-1], gguf_quants.row_bytes(t, shape[-1]))
+
+
+def _np_dtype(t: str):
+    return {"f32": np.float32, "f16": np.float16}.get(t, np.uint8)
+
+
+def _nbytes(shape, t: str) -> int:
+    return int(np.prod(shape[:-1], dtype=np.int64)) * gguf_quants.row_bytes(t, shape[-1])
+
+
+def _ggml_type(t: str):
+    from gguf import GGMLQuantizationType as Q
+
+    return {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[t]
+
+
+def _add_model_keys(w, m: Model, cfg: ModelConfig, layout: Layout, qtype: str) -> None:
+    from gguf import RopeScalingType
+
+    w.add_type("model")
+    w.add_name(m.path.name)
+    w.add_block_count(len(layout.n_head))
+    w.add_context_length(cfg.max_position)
+    w.add_embedding_length(cfg.hidden)
+    w.add_feed_forward_length(layout.n_ff)
+    w.add_head_count(list(layout.n_head) if layout.heterogeneous else layout.n_head[0])
+    w.add_head_count_kv(list(layout.n_head_kv) if layout.heterogeneous else layout.n_head_kv[0])
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    if cfg.rope_type == "linear":
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_factor)
+    w.add_layer_norm_rms_eps(cfg.rms_eps)
+    w.add_vocab_size(cfg.vocab)
+    w.add_file_type(FILE_TYPE[qtype])
+    if qtype in ("q8_0", "q4_0"):
+        w.add_quantization_version(2)  # GGML_QNT_VERSION
+        w.add_quantized_by(f"shortrt export ({gguf_quants.encoder()})")
+    w.add_string("shortrt.layer_map", json.dumps(m.layer_map.to_json()))
+
+
+def _tokenizer_from_gguf(writer, origin: Path, vocab: int) -> bool:
+    from gguf import GGUFReader
+
+    return gguf_vocab.add_from_gguf(writer, GGUFReader(str(origin)), vocab)
+
+
+# ============================================================================ GGUF -> pruned GGUF
+
+def _export_from_source(m: Model, origin: Path | None, dst: Path, layout: Layout, *, progress: bool) -> Path:
+    lmap = m.layer_map
+    if origin is None:
+        raise ExportError(f"--type source copies the tensors of the GGUF a checkpoint was converted from, and "
+                          f"{m.path} was not converted from one; choose f32, f16, q8_0 or q4_0")
+    odd = sorted({e.kind for e in lmap.layers} - {"layer"})
+    if odd or lmap.healing is not None:
+        what = f"trained {', '.join(odd)} entries" if odd else "healed weights"
+        raise ExportError(f"{m.path} has {what}, which {origin.name} does not hold; choose f32, f16, q8_0 or q4_0")
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(origin))
+    _check_same_weights(m, reader, origin)
+    blocks = [(e.source, e.attention) for e in lmap.layers]
+    return _write_pruned(reader, origin, blocks, dst, layout, progress=progress,
+                         extra={"shortrt.layer_map": json.dumps(lmap.to_json())})
+
+
+def _check_same_weights(m: Model, reader, origin: Path) -> None:
+    """The checkpoint's final norm must be the GGUF's output_norm (a cheap proof they are one model)."""
+    mine = m.read_tensors(["model.norm.weight"])["model.norm.weight"].numpy()
+    theirs = next((t for t in reader.tensors if t.name == "output_norm.weight"), None)
+    if theirs is None or theirs.tensor_type.name not in ("F32", "F16") or \
+            not np.array_equal(np.asarray(theirs.data, dtype=np.float32).reshape(mine.shape), mine):
+        raise ExportError(f"{m.path}'s weights are not those of {origin} (output_norm differs); "
+                          "choose f32, f16, q8_0 or q4_0")
+
+
+def prune_gguf(src, retained: list[int], dst, *, overwrite: bool = False, progress: bool = False) -> Path:
+    """Write `dst`: GGUF `src` with only the blocks in `retained` (original indices, in order),
+    renumbered 0..k-1, tensors copied as stored."""
+    from gguf import GGUFReader
+
+    src, dst = Path(src), Path(dst)
+    _check_dst(dst, overwrite, [src])
+    reader = GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    n_blocks = int(reader.fields[f"{arch}.block_count"].contents())
+    if not retained:
+        raise ValueError("retained is empty: at least one block must remain")
+    bad = [i for i in retained if not 0 <= i < n_blocks]
+    if bad:
+        raise ValueError(f"block indices {bad} out of range for {src.name} ({n_blocks} blocks)")
+    if len(set(retained)) != len(retained):
+        raise ValueError(f"retained has duplicate blocks: {retained}")
+    return _write_pruned(reader, src, [(i, True) for i in retained], dst, None, progress=progress)
+
+
+def _write_pruned(reader, src: Path, blocks: list[tuple[int, bool]], dst: Path, layout: Layout | None, *,
+                  progress: bool, extra: dict | None = None) -> Path:
+    """Copy `reader`'s keys and tensors, keeping blocks (original index, keeps attention) in order."""
+    from gguf import GGUFValueType, GGUFWriter
+
+    arch = reader.fields["general.architecture"].contents()
+    n_blocks = int(reader.fields[f"{arch}.block_count"].contents())
+    if layout is not None and layout.arch not in (arch, "deci"):
+        raise ExportError(f"{src.name} is a {arch} GGUF but the checkpoint exports as {layout.arch}")
+    new_arch = layout.arch if layout is not None else arch
+    if new_arch == "deci" and arch != "llama":
+        raise ExportError(f"{src.name} is a {arch} GGUF; its blocks can go to deci only from llama "
+                          "(choose f32, f16, q8_0 or q4_0 to re-encode)")
+    keep = {old: (new, attention) for new, (old, attention) in enumerate(blocks)}
+    per_layer = {f"{arch}.{k}" for k in _PER_LAYER_KEYS}
+    with staging_file(dst) as tmp:
+        w = GGUFWriter(str(tmp), new_arch)
+        for name, field in reader.fields.items():
+            if name.startswith("GGUF.") or name == "general.architecture":
+                continue
+            vtype = field.types[0]
+            value = field.contents()
+            if name == f"{arch}.block_count":
+                value = len(blocks)
+            elif name in per_layer and vtype == GGUFValueType.ARRAY and len(value) == n_blocks:
+                value = [value[old] for old, _ in blocks]
+            if new_arch == "deci" and name in (f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv"):
+                counts = layout.n_head if name.endswith(".head_count") else layout.n_head_kv
+                value, vtype = [int(c) for c in counts], GGUFValueType.ARRAY
+            if name.startswith(f"{arch}."):
+                name = f"{new_arch}.{name[len(arch) + 1:]}"
+            sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None  # a scalar count's type stays
+            w.add_key_value(name, value, vtype, sub_type=sub)
+        for key, value in (extra or {}).items():
+            w.add_string(key, value)
+        for t in _progress(reader.tensors, progress, "export"):
+            m = _BLOCK.match(t.name)
+            name = t.name
+            if m:
+                old = int(m.group(1))
+                if old not in keep:
+                    continue
+                new, attention = keep[old]
+                if not attention and m.group(2).startswith(_ATTENTION_TENSORS):
+                    continue
+                name = f"blk.{new}.{m.group(2)}"
+            # t.data is in numpy order: elements for float types, bytes per row for block types
+            w.add_tensor(name, t.data, raw_dtype=t.tensor_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, dst)
+    return dst
+
+
+def describe(path) -> str:
+    """A few lines about a GGUF file: architecture, blocks, attention, tensor types, size, quantizer."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    arch = r.fields["general.architecture"].contents()
+    n = int(r.fields[f"{arch}.block_count"].contents())
+    heads = r.fields[f"{arch}.attention.head_count"].contents()
+    with_attention = sum(1 for h in heads if h) if isinstance(heads, list) else n
+    types = Counter(t.tensor_type.name for t in r.tensors)
+    by = r.fields.get("general.quantized_by")
+    lines = [f"architecture {arch}", f"blocks       {n}, {with_attention} with attention",
+             f"tensors      {', '.join(f'{c} {k}' for k, c in sorted(types.items()))}",
+             f"written to   {path} ({Path(path).stat().st_size / 2**20:.1f} MiB)"]
+    if by is not None:
+        lines.append(f"quantized by {by.contents()}")
+    return "\n".join(lines)
+
+
+__all__ = ["export_gguf", "prune_gguf", "gguf_layout", "Layout", "ExportError", "tensor_type", "gguf_name",
+           "rope_permute", "origin_gguf", "TYPES", "describe"]
