@@ -245,10 +245,9 @@ def export_gguf(model, dst, *, qtype: str = "f16", overwrite: bool = False, prog
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        handles = m.open_tensors(stack)
         for g, name, shape, t in _progress(plan, progress, "export"):
             data = (llama3_rope_factors(cfg) if name is None
-                    else _prepared(g, handles[name].get_tensor(name), cfg, layout))
+                    else _prepared(g, m.read_rows(name), cfg, layout))
             writer.write_tensor_data(gguf_quants.encode(data, t))
         writer.close()
         os.replace(tmp, dst)
