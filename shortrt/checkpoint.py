@@ -882,6 +882,17 @@ def staging_dir(out: Path):
     remove_stale_staging(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is ordinary data
+    with _interrupted_by_signals():
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # a no-op once moved into place
+
+
+@contextlib.contextmanager
+def _interrupted_by_signals():
+    """Inside the block SIGTERM and SIGHUP raise Interrupted (in the main thread, where Python
+    delivers signals), so a writer's cleanup runs; the previous handlers come back after it."""
     previous = {}
     if threading.current_thread() is threading.main_thread():
         def on_signal(signum, frame):
@@ -889,9 +900,8 @@ def staging_dir(out: Path):
         for sig in (signal.SIGTERM, signal.SIGHUP):
             previous[sig] = signal.signal(sig, on_signal)
     try:
-        yield tmp
+        yield
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once moved into place
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -907,18 +917,12 @@ def staging_file(out: Path):
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)
     os.close(fd)
     os.chmod(name, 0o644)  # mkstemp makes it private; the file is ordinary data
-    tmp, previous = Path(name), {}
-    if threading.current_thread() is threading.main_thread():
-        def on_signal(signum, frame):
-            raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            previous[sig] = signal.signal(sig, on_signal)
-    try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)  # a no-op once renamed into place
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    tmp = Path(name)
+    with _interrupted_by_signals():
+        try:
+            yield tmp
+        finally:
+            tmp.unlink(missing_ok=True)  # a no-op once renamed into place
 
 
 def remove_stale_staging(parent: Path) -> list[Path]:
