@@ -27,6 +27,18 @@ def make_tiny_llama(path, *, num_layers=4, hidden=64, heads=4, kv_heads=2, inter
     return path
 
 
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """`shortrt ARGV` in this process: (exit code, stdout, stderr); argparse's exits become codes."""
+    from shortrt.cli import main
+
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
 def tensors_of(path):
     """Every tensor of a checkpoint directory's safetensors files, by name."""
     from safetensors import safe_open

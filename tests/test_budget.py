@@ -9,12 +9,12 @@ import math
 import os
 
 import pytest
+from conftest import run_cli
 
 from runtime_models import make_tiny, write_pruned
 from shortrt import costs as costs_mod
 from shortrt.budget import Budget, BudgetError, count_for_budget, layers_for_budget
 from shortrt.checkpoint import load, rewrite_layer_map
-from shortrt.cli import main
 from shortrt.commands import size
 from shortrt.costs import Costs, Linear, kv_table, measure_costs, weight_table
 from shortrt.engine import Engine
@@ -32,14 +32,6 @@ def private_cache(tmp_path, monkeypatch):
 def tiny(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("budget") / "m", num_hidden_layers=6, tokenizer=True)[0]
 
-
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse
-        rc = exc.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 # ----------------------------------------------------------------------------- the count, from a table

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 import shortrt
-from conftest import read_meta
+from conftest import read_meta, run_cli
 from runtime_models import make_tiny, rel_err
 from shortrt.calibration import calibrate
-from shortrt.cli import main
 from shortrt.engine import Engine
 from shortrt.iterative import iterative_select
 from shortrt.layer_plan import load_for_plan, plan_logits
@@ -119,14 +118,6 @@ def test_bad_arguments(tiny, tmp_path):
         select({"bi": [0.1] * 6}, remove=2, method="iterative")
     assert iterative_select(tiny, remove=0, **FAST).removed == []
 
-
-def run_cli(argv, capsys):
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse
-        rc = exc.code
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
 
 
 def test_cli_prunes_iteratively(tiny, tmp_path, capsys):

@@ -10,10 +10,10 @@ dtype and kernel path in tests/test_runtime_batching.py.
 """
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from runtime_models import make_tiny, rel_err
 from shortrt import _C
-from shortrt.cli import main
 from shortrt.engine import KV_DTYPES, Engine
 
 PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
@@ -68,14 +68,6 @@ def test_default_model_kv_bytes_exact(default_model):
 def tiny(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("kvd") / "m", tokenizer=True)[0]
 
-
-def run_cli(argv, capsys):
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse
-        rc = exc.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def test_generate_command_and_function_take_kv_dtype(tiny, capsys):
