@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         rows += run_variant(name, paths[v], args, kv_dtypes, prompt)
     for r in rows:
         del r["decode"], r["prefill"]
-    result = {"settings": {**{k: harness.shown_path(x) if k in ("json", "md") else x for k, x in vars(args).items()},
+    result = {"settings": {**harness.shown_args(args, ("json", "md")),
                            "kernels": _C.kernel_active(), "checkpoints": {v: harness.shown_path(p) for v, p in paths.items()}},
               "machine": harness.machine(), "seconds": time.perf_counter() - t0, "rows": rows}
     md = markdown(result)
