@@ -277,21 +277,23 @@ def _check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def check_options(*, n_tokens, seq_len, batch_size, backend) -> None:
-    """calibrate's own argument checks (shared with shortrt.iterative), before anything is loaded."""
-    import torch
-
+def check_options(*, n_tokens, seq_len, batch_size, backend, device="cpu"):
+    """calibrate's own argument checks (shared with shortrt.iterative), before anything is loaded;
+    returns the checked torch.device."""
+    from .devices import resolve_device
     from .kernels.cosine import BACKENDS, KernelUnavailableError, require_triton
 
     for name, value in (("n_tokens", n_tokens), ("seq_len", seq_len), ("batch_size", batch_size)):
         _check_positive(name, value)
     if backend not in BACKENDS:
         raise ValueError(f"unknown cosine backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    dev = resolve_device(device)
     if backend == "triton":
         try:
-            require_triton(torch.device("cpu"))  # fail before loading anything: the model runs on the CPU
+            require_triton(dev)  # fail before loading anything
         except KernelUnavailableError as exc:
             raise ShortrtError(str(exc)) from None
+    return dev
 
 
 def check_seq_len(config: dict, seq_len: int) -> None:
@@ -302,7 +304,7 @@ def check_seq_len(config: dict, seq_len: int) -> None:
 
 def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, max_span: int | None = None,
               batch_size: int = 4, backend: str = "auto", stream: bool | None = None,
-              state_bytes: int = DEFAULT_STATE_BYTES, progress: bool = True) -> Scores:
+              state_bytes: int = DEFAULT_STATE_BYTES, device: str = "cpu", progress: bool = True) -> Scores:
     """Measure every layer's Block Influence, angular distance, sublayer scores and span similarities.
 
     model: "default", a checkpoint directory, a .gguf file or a shortrt Model.
@@ -315,6 +317,8 @@ def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, m
     over groups of tokens whose states of max_span + 1 depths fit in `state_bytes`; None (default)
     streams when the model's fp32 weights would take more than a quarter of the available memory.
     The scores are the same either way (to fp32 rounding: tests/test_calibrate.py).
+    device: "cpu" (the model in fp32), "cuda" or "cuda:N" (the model in bf16 on that GPU, the
+    cosine kernel compiled there; checked before anything is loaded).
     """
     import torch
     from tqdm.auto import tqdm
@@ -322,7 +326,9 @@ def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, m
     from . import data
     from .checkpoint import load
 
-    check_options(n_tokens=n_tokens, seq_len=seq_len, batch_size=batch_size, backend=backend)
+    from .devices import work_dtype
+
+    dev = check_options(n_tokens=n_tokens, seq_len=seq_len, batch_size=batch_size, backend=backend, device=device)
     ckpt = load(model)
     config = ckpt.config()
     num_layers = int(config["num_hidden_layers"])
@@ -345,14 +351,14 @@ def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, m
     started = time.perf_counter()
     if stream:
         _calibrate_streaming(ckpt, sequences, batch_size, acc, sublayers=sublayers, state_bytes=state_bytes,
-                             progress=progress)
+                             device=dev, progress=progress)
     else:
-        hf = ckpt.load_hf(torch.float32)
+        hf = ckpt.load_hf(work_dtype(dev)).to(dev)
         decoder = hf.base_model  # the stack without lm_head: its logits are not needed
         with torch.no_grad(), LayerStateHooks(decoder.layers, acc, sublayers=sublayers) as hooks, \
                 tqdm(total=used_tokens, unit="tok", desc="calibrate", disable=not progress) as bar:
             for batch in sequence_batches(sequences, batch_size):
-                decoder(input_ids=batch, use_cache=False)
+                decoder(input_ids=batch.to(dev), use_cache=False)
                 hooks.reset()  # drop this batch's states before the next forward allocates its own
                 bar.update(batch.numel())
     seconds = time.perf_counter() - started
@@ -370,7 +376,7 @@ def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, m
         span_angular=span[..., 1].tolist(),
         data={"source": description, "n_tokens": used_tokens, "seq_len": seq_len,
               "n_sequences": len(sequences), "seconds": round(seconds, 2), "backend": backend,
-              "streamed": bool(stream)},
+              "streamed": bool(stream), "device": dev.type, "dtype": str(work_dtype(dev)).removeprefix("torch.")},
     )
 
 
@@ -393,7 +399,7 @@ def available_memory() -> int:
 
 
 def _calibrate_streaming(ckpt, sequences, batch_size: int, acc: SimilarityAccumulator, *, sublayers: bool,
-                         state_bytes: int, progress: bool) -> None:
+                         state_bytes: int, device, progress: bool) -> None:
     """The statistics `LayerStateHooks` gathers, with the loops turned around: for each group of
     batches, every layer in turn over all of the group's batches, its weights loaded for that turn
     only (shortrt.streaming). A group holds the hidden states of max_span + 1 depths (the span
@@ -404,10 +410,12 @@ def _calibrate_streaming(ckpt, sequences, batch_size: int, acc: SimilarityAccumu
     from .layer_plan import causal_mask, run_layer
     from .streaming import LayerStream
 
-    stream = LayerStream(ckpt)
+    from .devices import work_dtype
+
+    stream = LayerStream(ckpt, work_dtype(device), device=device)
     hidden = ckpt.model_config.hidden
     batches = list(sequence_batches(sequences, batch_size))
-    per_token = (acc.max_span + 1) * hidden * 4
+    per_token = (acc.max_span + 1) * hidden * torch.empty((), dtype=stream.dtype).element_size()
     group_tokens = max(state_bytes // per_token, max(b.numel() for b in batches))
     groups, size = [[]], 0
     for batch in batches:
@@ -427,7 +435,7 @@ def _calibrate_streaming(ckpt, sequences, batch_size: int, acc: SimilarityAccumu
                 with stream.layer(i) as layer:
                     outs = []
                     for b, h in enumerate(states):
-                        mid, out = run_layer(layer, h, stream.rotary(h), causal_mask(h.shape[1], h.dtype))
+                        mid, out = run_layer(layer, h, stream.rotary(h), causal_mask(h.shape[1], h.dtype, h.device))
                         x, y = flat(h), flat(out)
                         block = acc.add_layer(acc.BLOCK, i, x, y)
                         if sublayers:

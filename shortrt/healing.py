@@ -44,6 +44,7 @@ from torch import nn
 
 from . import lora as _lora
 from .checkpoint import Model, check_out_dir, load, write_checkpoint
+from .devices import is_cuda, resolve_device
 from .errors import ShortrtError
 
 DEFAULT_TOKENS = 65536
@@ -66,7 +67,7 @@ def heal(ckpt, out_dir, *, teacher=None, texts=None, n_tokens: int = DEFAULT_TOK
          batch: int = DEFAULT_BATCH, rank: int = DEFAULT_RANK, alpha: float | None = None, full: bool = False,
          temperature: float = 1.0, hidden_weight: float = 0.0, seed: int = 0,
          time_limit: float | None = DEFAULT_TIME_LIMIT,
-         precision: str = "auto", overwrite: bool = False, progress: bool = True) -> Model:
+         precision: str = "auto", device: str = "cpu", overwrite: bool = False, progress: bool = True) -> Model:
     """Distill `teacher` into the pruned checkpoint `ckpt` and write the healed checkpoint to `out_dir`.
 
     ckpt: a pruned checkpoint directory (or Model). teacher: None (the source its shortrt.json
@@ -81,12 +82,15 @@ def heal(ckpt, out_dir, *, teacher=None, texts=None, n_tokens: int = DEFAULT_TOK
     and backward passes: "fp32"; "bf16" (LoRA: the frozen weights and the teacher in bf16, the
     adapters fp32 and merged into the checkpoint's own fp32 weights; full: fp32 weights under
     torch autocast); "auto": bf16 where the CPU has bf16 dot-product instructions (AVX512-BF16,
-    AMX), else fp32. Returns the written checkpoint as a loaded Model.
+    AMX) or on a GPU, else fp32. device: "cpu", "cuda" or "cuda:N" (checked before anything is
+    loaded; both models and the training run there, the written values come back to the CPU).
+    Returns the written checkpoint as a loaded Model.
     """
     from . import data
     from .layer_plan import load_for_plan
 
-    precision = resolve_precision(precision)
+    dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
     lr = (DEFAULT_FULL_LR if full else DEFAULT_LR) if lr is None else lr
     alpha = 2.0 * rank if alpha is None else alpha
     _check_settings(n_tokens=n_tokens, seq_len=seq_len, steps=steps, batch=batch, rank=rank, seed=seed, lr=lr,
@@ -102,7 +106,7 @@ def heal(ckpt, out_dir, *, teacher=None, texts=None, n_tokens: int = DEFAULT_TOK
 
     texts, description = data.calibration_texts("default" if texts is None else texts)
     batches, used_tokens = data.training_batches(student.tokenizer(), texts, n_tokens, seq_len, batch)
-    ids = torch.cat(batches)
+    ids = torch.cat(batches).to(dev)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(ids), generator=gen)
     n_held = min(len(ids) - 1, MAX_HELDOUT_SEQUENCES, max(1, round(len(ids) * HELDOUT_FRACTION)))
@@ -110,7 +114,7 @@ def heal(ckpt, out_dir, *, teacher=None, texts=None, n_tokens: int = DEFAULT_TOK
 
     work_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     teacher_hf, teacher_plan = load_for_plan(teacher_model)
-    teacher_hf.to(work_dtype)  # frozen: its weights may be bf16 outright (no per-call casts)
+    teacher_hf.to(dev, work_dtype)  # frozen: its weights may be bf16 outright (no per-call casts)
     t0 = time.perf_counter()
     targets = teacher_targets(teacher_hf, teacher_plan, ids, temperature, batch, progress=progress)
     teacher_ppl = math.exp(_nll(targets.nll[held]))
@@ -119,11 +123,12 @@ def heal(ckpt, out_dir, *, teacher=None, texts=None, n_tokens: int = DEFAULT_TOK
         del teacher_hf  # the targets are all the training needs from it
 
     hf, plan = load_for_plan(student)
+    hf.to(dev)
     if not full:
         hf.to(work_dtype)  # frozen base weights; the adapters stay fp32
     params, trained = make_trainable(hf, plan, rank=rank, alpha=alpha, full=full, seed=seed)
     # Full training keeps fp32 weights (Adam's updates need them) and multiplies in bf16 under autocast.
-    amp = (lambda: autocast(precision)) if full else contextlib.nullcontext
+    amp = (lambda: autocast(precision, dev.type)) if full else contextlib.nullcontext
     fit = _train(hf, plan, params, ids, train, held, targets, steps=steps, lr=lr, batch=batch,
                  temperature=temperature, hidden_weight=hidden_weight, seed=seed, time_limit=time_limit,
                  teacher=(teacher_hf, teacher_plan, boundaries) if hidden_weight else None, amp=amp,
@@ -140,6 +145,7 @@ def heal(ckpt, out_dir, *, teacher=None, texts=None, n_tokens: int = DEFAULT_TOK
         "temperature": temperature, "hidden_weight": hidden_weight, "top_k": targets.top_k,
         "steps": fit["steps"], "max_steps": steps, "last_lr": fit["last_lr"], "best_step": fit["best_step"], "stopped": fit["stopped"],
         "time_limit": time_limit, "batch": batch, "lr": lr, "seed": seed, "precision": precision,
+        "device": dev.type,
         "kl_before": fit["history"][0][2], "kl_after": fit["best_kl"],
         "ppl_before": fit["history"][0][3], "ppl_after": fit["best_ppl"], "teacher_ppl": teacher_ppl,
         "history": fit["history"],
@@ -162,7 +168,7 @@ def healed_checkpoint(student, **kw) -> Model:
     wanted = {"n_tokens": kw.get("n_tokens", DEFAULT_TOKENS), "seq_len": kw.get("seq_len", DEFAULT_SEQ_LEN),
               "max_steps": kw.get("steps", DEFAULT_STEPS), "batch": kw.get("batch", DEFAULT_BATCH),
               "mode": "full" if kw.get("full") else "lora", "seed": kw.get("seed", 0),
-              "precision": resolve_precision(kw.get("precision", "auto"))}
+              "precision": resolve_precision(kw.get("precision", "auto"), kw.get("device"))}
     if (out / "shortrt.json").is_file():
         try:
             cached = load(out)
@@ -182,21 +188,23 @@ def healed_checkpoint(student, **kw) -> Model:
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def resolve_precision(precision: str) -> str:
-    """"fp32" or "bf16" for a `precision` argument ("auto": bf16 where the CPU multiplies bf16
-    natively -- there it is several times faster than fp32 -- else fp32, which emulated bf16 would
-    not beat)."""
+def resolve_precision(precision: str, device=None) -> str:
+    """"fp32" or "bf16" for a `precision` argument ("auto": bf16 on a GPU and where the CPU
+    multiplies bf16 natively -- there it is several times faster than fp32 -- else fp32, which
+    emulated bf16 would not beat)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
+        if is_cuda(device):
+            return "bf16"
         native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         return "bf16" if native else "fp32"
     return precision
 
 
-def autocast(precision: str):
+def autocast(precision: str, device_type: str = "cpu"):
     """The forward passes' context: bf16 matrix products under torch autocast, or plain fp32."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _check_settings(*, lr, alpha, temperature, hidden_weight, time_limit, **counts) -> None:
@@ -435,12 +443,12 @@ def trained_values(student: Model, hf, plan, trained: list[str], full: bool) -> 
         missing = [name for name in trained if name not in values]
         if missing:
             raise ShortrtError(f"trained tensors {missing[:3]} are not in the model")
-        return {name: values[name].float() for name in trained}
+        return {name: values[name].float().cpu() for name in trained}
     new = {}
     for step in plan:
         layer, prefix = hf.model.layers[step.index], f"model.layers.{step.index}."
         for path, delta in _lora.deltas(layer).items():
-            new[prefix + path + ".weight"] = delta
+            new[prefix + path + ".weight"] = delta.cpu()
         _lora.merge(layer)
     missing = [name for name in new if name not in student.tensors]
     if missing:

@@ -55,7 +55,7 @@ def _load_partial(m: Model):
 
 def attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean may-attend mask as the additive mask every attention implementation accepts."""
-    additive = torch.zeros(mask.shape, dtype=dtype)
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
     return additive.masked_fill_(~mask, torch.finfo(dtype).min)
 
 
@@ -72,9 +72,9 @@ def run_layer(layer, h, pe, mask, *, attention: bool = True, mlp: bool = True):
     return mid, h
 
 
-def causal_mask(T: int, dtype: torch.dtype) -> torch.Tensor:
+def causal_mask(T: int, dtype: torch.dtype, device=None) -> torch.Tensor:
     """The additive causal mask [1, 1, T, T] of a plain batch (every row at positions 0..T-1)."""
-    return attention_mask(torch.ones(T, T, dtype=torch.bool).tril()[None, None], dtype)
+    return attention_mask(torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None], dtype)
 
 
 def _run_steps(hf, h, steps, pe, mask):
@@ -122,8 +122,8 @@ def plan_steps(hf, input_ids: torch.Tensor, plan: tuple[Step, ...], start: torch
     layers computed earlier: shortrt.iterative keeps it between rounds)."""
     rows, T = input_ids.shape
     h = hf.model.embed_tokens(input_ids) if start is None else start
-    pe = hf.model.rotary_emb(h, position_ids=torch.arange(T).repeat(rows, 1))
-    additive = causal_mask(T, h.dtype)  # broadcasts over rows
+    pe = hf.model.rotary_emb(h, position_ids=torch.arange(T, device=h.device).repeat(rows, 1))
+    additive = causal_mask(T, h.dtype, h.device)  # broadcasts over rows
     for p, step in enumerate(plan):
         out = _run_steps(hf, h, (step,), pe, additive)
         yield p, h, out
@@ -146,7 +146,7 @@ def plan_states(hf, input_ids: torch.Tensor, plan: tuple[Step, ...], keep=()):
 def plan_logits(hf, input_ids: torch.Tensor, plan: tuple[Step, ...]) -> torch.Tensor:
     """Causal logits [rows, T, vocab] of a plain batch under `plan` (for tests and checks)."""
     rows, T = input_ids.shape
-    pos = torch.arange(T).repeat(rows, 1)
-    mask = torch.ones(T, T, dtype=torch.bool).tril().expand(rows, 1, T, T)
+    pos = torch.arange(T, device=input_ids.device).repeat(rows, 1)
+    mask = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril().expand(rows, 1, T, T)
     (h,) = forward_plans(hf, input_ids, pos, mask, [plan])
     return hf.lm_head(h)

@@ -30,8 +30,10 @@ class LoRALinear(nn.Module):
         a = torch.empty(rank, base.in_features).uniform_(-bound, bound, generator=generator)
         # The adapter stays fp32 when the frozen base runs in bf16 (healing's fast path): its
         # updates are small next to its values, and bf16 would round them away.
-        self.lora_A = nn.Parameter(a)
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        # Drawn on the CPU (the generator's device), so the init is the same whatever the device.
+        device = base.weight.device
+        self.lora_A = nn.Parameter(a.to(device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         low_rank = (x.to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T * self.scale

@@ -133,14 +133,16 @@ class _LayerRunner:
     with a causal mask and the model's rotary embeddings computed once."""
 
     def __init__(self, hf, seq_len: int):
-        example = torch.zeros(1, seq_len, hf.config.hidden_size)
-        positions = torch.arange(seq_len)[None]
+        device = hf.model.embed_tokens.weight.device
+        example = torch.zeros(1, seq_len, hf.config.hidden_size, device=device)
+        positions = torch.arange(seq_len, device=device)[None]
         with torch.no_grad():
             self.position_embeddings = tuple(t.detach() for t in hf.model.rotary_emb(example, position_ids=positions))
-        causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
         # An additive mask works with every attention implementation (eager, sdpa); [1, 1, T, T]
         # broadcasts over the batch.
-        self.mask = torch.zeros(1, 1, seq_len, seq_len).masked_fill_(~causal, torch.finfo(torch.float32).min)
+        self.mask = torch.zeros(1, 1, seq_len, seq_len, device=device).masked_fill_(
+            ~causal, torch.finfo(torch.float32).min)
         self.positions = positions
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:

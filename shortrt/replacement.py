@@ -69,7 +69,7 @@ def _check_positive(name: str, value) -> None:
 def replace(model, layer_map: LayerMap, out_dir, *, kind: str = "layer", texts=None,
             n_tokens: int = DEFAULT_TOKENS, seq_len: int = DEFAULT_SEQ_LEN, steps: int = DEFAULT_STEPS,
             lr: float = DEFAULT_LR, batch: int = DEFAULT_BATCH, cosine_weight: float = 0.0, seed: int = 0,
-            overwrite: bool = False, progress: bool = True):
+            device: str = "cpu", overwrite: bool = False, progress: bool = True):
     """Train a replacement for the span `layer_map` removes and write the checkpoint to `out_dir`.
 
     model: "default", a dense checkpoint directory, a .gguf file, or a Model.
@@ -78,9 +78,14 @@ def replace(model, layer_map: LayerMap, out_dir, *, kind: str = "layer", texts=N
     block with one layer's MLP parameters). texts: calibration text (None = the packaged Austen
     chapters; a .txt/.jsonl path or a list of strings). n_tokens, seq_len: calibration tokens and
     tokens per sequence. steps, lr, batch: most Adam steps, peak learning rate, sequences per step.
-    cosine_weight: weight of a (1 - cos) term added to the MSE loss. Returns the written Model.
+    cosine_weight: weight of a (1 - cos) term added to the MSE loss. device: "cpu", "cuda" or
+    "cuda:N" (checked before anything is loaded): on a GPU the frozen model runs in bf16 and the
+    replacement trains there in fp32. Returns the written Model.
     """
     from . import data
+    from .devices import resolve_device, work_dtype
+
+    dev = resolve_device(device)
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -103,19 +108,19 @@ def replace(model, layer_map: LayerMap, out_dir, *, kind: str = "layer", texts=N
 
     texts, description = data.calibration_texts("default" if texts is None else texts)
     batches, used_tokens = data.training_batches(src.tokenizer(), texts, n_tokens, seq_len, batch)
-    hf = src.load_hf(torch.float32)
-    result = train_replacement(hf, span, batches, kind=kind, steps=steps, lr=lr, batch=batch,
+    hf = src.load_hf(work_dtype(dev)).to(dev)
+    result = train_replacement(hf, span, [b.to(dev) for b in batches], kind=kind, steps=steps, lr=lr, batch=batch,
                                cosine_weight=cosine_weight, seed=seed, progress=progress)
     del hf
     record = replacement_record(result, span, kind=kind, lr=lr, batch=batch, cosine_weight=cosine_weight,
-                                seed=seed, max_steps=steps,
+                                seed=seed, max_steps=steps, device=dev.type,
                                 data={"source": description, "n_tokens": used_tokens, "seq_len": seq_len,
                                       "n_sequences": result.n_train + result.n_heldout})
     return _write_checkpoint(src, config, layer_map, span, result, record, out, overwrite)
 
 
 def replacement_record(result: TrainResult, span: list[int], *, kind: str, lr: float, batch: int,
-                       cosine_weight: float, seed: int, max_steps: int, data: dict) -> dict:
+                       cosine_weight: float, seed: int, max_steps: int, data: dict, device: str = "cpu") -> dict:
     """The "replacement" object of shortrt.json."""
     return {
         "kind": kind,
@@ -137,6 +142,7 @@ def replacement_record(result: TrainResult, span: list[int], *, kind: str, lr: f
         "init_candidates": {str(k): v for k, v in result.init_candidates.items()},
         "history": [[step, train, held] for step, train, held in result.history],
         "seconds": {"capture": round(result.capture_seconds, 2), "train": round(result.train_seconds, 2)},
+        "device": device,
     }
 
 
@@ -161,7 +167,7 @@ def _write_checkpoint(src: Model, config: dict, layer_map: LayerMap, span: list[
                        layer_map.method, [], scores=layer_map.scores, calibration=layer_map.calibration,
                        replacement=record, source=src.origin)
     prefix = f"model.layers.{position}."
-    trained = {prefix + name: t for name, t in result.module.state_dict().items()}
+    trained = {prefix + name: t.cpu() for name, t in result.module.state_dict().items()}
 
     plan = layer_tensors(src, stored)
     slot = [t.name for t in plan if t.name.startswith(prefix)]

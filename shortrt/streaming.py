@@ -25,10 +25,10 @@ STREAMED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", 
 
 
 class LayerStream:
-    def __init__(self, model: Model, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: Model, dtype: torch.dtype = torch.float32, device="cpu"):
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        self.model, self.dtype = model, dtype
+        self.model, self.dtype, self.device = model, dtype, torch.device(device)
         arch = model.model_config.architecture
         if arch not in STREAMED_ARCHS:
             raise CheckpointError(f"layer streaming supports {', '.join(sorted(STREAMED_ARCHS))}, not {arch}")
@@ -39,11 +39,13 @@ class LayerStream:
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.num_layers = len(self.skeleton.model.layers)
-        self._rotary = type(self.skeleton.model.rotary_emb)(config=config)  # built on the CPU: its buffers are real
+        # Built off the meta device, so its buffers are real.
+        self._rotary = type(self.skeleton.model.rotary_emb)(config=config).to(self.device)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The token embeddings of input_ids [...] as [..., hidden] in the compute dtype. The table is
-        scanned in pieces of CHUNK_BYTES, so memory holds one piece, not the (vocab x hidden) table."""
+        scanned in pieces of CHUNK_BYTES, so memory holds one piece, not the (vocab x hidden) table.
+        The rows are gathered on the CPU and the result moved to the stream's device."""
         name = "model.embed_tokens.weight"
         _, _, (vocab, hidden) = self.model.tensors[name]
         flat = input_ids.reshape(-1)
@@ -57,12 +59,12 @@ class LayerStream:
             if hit.numel():
                 table = self.model.read_rows(name, start, stop, dtype=self.dtype)
                 out[hit] = table[flat[hit] - start]
-        return out.reshape(*input_ids.shape, hidden)
+        return out.reshape(*input_ids.shape, hidden).to(self.device)
 
     def rotary(self, h: torch.Tensor):
         """(cos, sin) for a plain batch h [rows, T, hidden] at positions 0..T-1."""
         rows, T = h.shape[:2]
-        return self._rotary(h, position_ids=torch.arange(T).repeat(rows, 1))
+        return self._rotary(h, position_ids=torch.arange(T, device=h.device).repeat(rows, 1))
 
     @contextlib.contextmanager
     def layer(self, i: int):
@@ -72,7 +74,7 @@ class LayerStream:
         module = self.skeleton.model.layers[i]
         prefix = f"model.layers.{i}."
         names = [n for n in self.model.tensors if n.startswith(prefix)]
-        weights = {n[len(prefix):]: self.model.read_rows(n, dtype=self.dtype) for n in names}
+        weights = {n[len(prefix):]: self.model.read_rows(n, dtype=self.dtype).to(self.device) for n in names}
         missing, unexpected = module.load_state_dict(weights, strict=False, assign=True)
         del weights
         if missing or unexpected:

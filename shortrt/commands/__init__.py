@@ -33,6 +33,13 @@ def add_dtype_arguments(parser, default: str | None = "fp32", kv: bool = False) 
                                  "per row (default: %(default)s)")
 
 
+def add_device_argument(parser, what: str) -> None:
+    """--device, as calibrate, replace and heal take it (checked by shortrt.devices before loading)."""
+    parser.add_argument("--device", default="cpu", metavar="DEVICE",
+                        help=f"where {what} runs: cpu, cuda or cuda:N (on a GPU the frozen model is bf16) "
+                             "(default: %(default)s)")
+
+
 def integer(lo: int = 0, hi: int = INT32_MAX):
     """An argparse type: an integer in [lo, hi]."""
     def parse(text: str) -> int:

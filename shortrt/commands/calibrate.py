@@ -1,7 +1,7 @@
 """`shortrt calibrate`: per-layer Block Influence, angular distance and span similarities, saved as JSON + PNGs."""
 from __future__ import annotations
 
-from . import add_data_argument, data_source, integer, size
+from . import add_device_argument, add_data_argument, data_source, integer, size
 
 import math
 from pathlib import Path
@@ -29,6 +29,7 @@ def add_arguments(parser):
     parser.add_argument("--state-memory", type=size, default=None, metavar="BYTES",
                         help="with --stream: memory for the hidden states of max-span + 1 depths (fp32); more tokens "
                              "run in further groups, each reading the weights once more (default: 1.5GiB)")
+    add_device_argument(parser, "the model")
     parser.add_argument("--plots", default=None, help="directory for the two PNGs (default: next to --out)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -64,7 +65,7 @@ def run(args) -> int:
 
     scores = calibrate(args.model, data_source(args.data), n_tokens=args.tokens, seq_len=args.seq_len,
                        max_span=args.max_span, batch_size=args.batch_size, backend=args.backend,
-                       stream=args.stream, progress=not args.no_progress,
+                       stream=args.stream, device=args.device, progress=not args.no_progress,
                        **({} if args.state_memory is None else {"state_bytes": args.state_memory}))
 
     out.parent.mkdir(parents=True, exist_ok=True)

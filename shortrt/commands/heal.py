@@ -1,7 +1,7 @@
 """`shortrt heal`: distill the source model back into a pruned checkpoint (LoRA or full), write it healed."""
 from __future__ import annotations
 
-from . import add_data_argument, data_source, integer, number
+from . import add_device_argument, add_data_argument, data_source, integer, number
 
 HELP = "heal a pruned checkpoint by distillation from its source model (LoRA adapters merged, or --full)"
 
@@ -40,8 +40,9 @@ def add_arguments(parser):
                              "to them), 0 for no limit: then --steps alone bounds it (default: %(default)g)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="of the forward and backward passes: bf16 (LoRA: frozen weights and teacher in bf16, "
-                             "fp32 adapters merged into the fp32 weights; --full: autocast) or fp32; auto = bf16 "
+                             "fp32 adapters merged into the fp32 weights; --full: autocast) or fp32; auto = bf16 on a GPU and "
                              "where the CPU has bf16 instructions (AVX512-BF16, AMX), else fp32 (default: %(default)s)")
+    add_device_argument(parser, "the teacher and the training")
     parser.add_argument("--seed", type=integer(0), default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -55,7 +56,7 @@ def run(args) -> int:
         model = heal(args.model, args.out, teacher=args.teacher, texts=data_source(args.data), n_tokens=args.tokens,
                      seq_len=args.seq_len, steps=args.steps, lr=args.lr, batch=args.batch, rank=args.rank,
                      alpha=args.alpha, full=args.full, temperature=args.temperature,
-                     hidden_weight=args.hidden_weight, seed=args.seed, precision=args.precision, time_limit=args.time_limit or None, overwrite=args.force,
+                     hidden_weight=args.hidden_weight, seed=args.seed, precision=args.precision, device=args.device, time_limit=args.time_limit or None, overwrite=args.force,
                      progress=not args.no_progress)
     except FileExistsError as exc:
         message = str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")

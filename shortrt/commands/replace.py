@@ -1,7 +1,7 @@
 """`shortrt replace`: remove the most redundant span of layers and train one module in its place."""
 from __future__ import annotations
 
-from . import add_data_argument, data_source, integer, number
+from . import add_device_argument, add_data_argument, data_source, integer, number
 
 HELP = "replace the most redundant span of N layers with one trained layer or MLP (LLM-Streamline)"
 
@@ -29,6 +29,7 @@ def add_arguments(parser):
     parser.add_argument("--lr", type=number(0.0, lo_open=True), default=DEFAULT_LR, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--cosine-weight", type=number(0.0), default=0.0,
                         help="weight of a (1 - cosine) term added to the MSE loss (default: %(default)s)")
+    add_device_argument(parser, "capture and training")
     parser.add_argument("--seed", type=integer(0), default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -43,7 +44,7 @@ def run(args) -> int:
     try:
         model = replace(args.model, layer_map, args.out, kind=args.kind, texts=data_source(args.data), n_tokens=args.tokens,
                         seq_len=args.seq_len, steps=args.steps, lr=args.lr, batch=args.batch,
-                        cosine_weight=args.cosine_weight, seed=args.seed, overwrite=args.force,
+                        cosine_weight=args.cosine_weight, seed=args.seed, device=args.device, overwrite=args.force,
                         progress=not args.no_progress)
     except FileExistsError as exc:
         message = str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")
