@@ -205,10 +205,31 @@ def main() -> None:
         result["bandwidth_gb_s"] = bandwidth / 1e9
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    result = merged_with_earlier(out / f"{args.shape}.json", result, steps)
     (out / f"{args.shape}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
     (out / f"{args.shape}.md").write_text(md + "\n")
     print(md)
+
+
+def merged_with_earlier(path: Path, result: dict, steps: list[str]) -> dict:
+    """`result` plus the rows of the steps this run did not take from an earlier result of the same
+    shape and weights (a step can be rerun alone, e.g. generate once the machine is quiet); each
+    kept row says which command and machine produced it."""
+    if not path.is_file():
+        return result
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return result
+    if earlier.get("shape") != result["shape"] or earlier.get("weights_bytes") != result["weights_bytes"]:
+        return result
+    kept = [{"command": earlier.get("command"), "machine": earlier.get("machine"), **r}
+            for r in earlier.get("rows", []) if r["step"].split()[0] not in steps]
+    merged = {**result, "rows": kept + result["rows"]}
+    if "bandwidth_gb_s" not in result and "bandwidth_gb_s" in earlier:
+        merged["bandwidth_gb_s"] = earlier["bandwidth_gb_s"]
+    return merged
 
 
 def markdown(result: dict) -> str:
@@ -229,6 +250,11 @@ def markdown(result: dict) -> str:
                      f"{share} | {speed} |")
     if "bandwidth_gb_s" in result:
         lines += ["", f"Measured read bandwidth: {result['bandwidth_gb_s']:.1f} GB/s."]
+    earlier = {(r["command"], r["machine"]["date"] if r.get("machine") else "") for r in result["rows"]
+               if r.get("command")}
+    for command, date in sorted(earlier):
+        steps = ", ".join(r["step"] for r in result["rows"] if r.get("command") == command)
+        lines += ["", f"Rows {steps}: from an earlier run, `{command}` ({date})."]
     return "\n".join(lines)
 
 

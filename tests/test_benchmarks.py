@@ -160,3 +160,27 @@ def test_healing_benchmark_variants_and_report(tmp_path):
     assert "| r8 | 1.79 M | 40 (40) | 81920 | 111.3 → 55.3 | 60.00 (×1.50) | 25.00 (×1.25) | 191 | 594 s |" in md
     healing.plot(doc, tmp_path / "h.png")
     assert (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_scale_rerun_of_one_step_keeps_the_other_steps_rows(tmp_path):
+    import scale
+
+    machine = {"cpu": "AMD EPYC", "cores": 2, "date": "2026-12-01"}
+    first = {"command": "python benchmarks/scale.py --steps calibrate,prune", "machine": machine, "shape": "s",
+             "weights_bytes": 10, "rows": [{"step": "calibrate", "seconds": 5, "peak_rss_bytes": 2**30},
+                                           {"step": "prune", "seconds": 1, "peak_rss_bytes": 2**29}]}
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(first))
+    second = {"command": "python benchmarks/scale.py --steps generate", "machine": machine, "shape": "s",
+              "weights_bytes": 10, "bandwidth_gb_s": 19.0,
+              "rows": [{"step": "generate bf16 dense", "seconds": 3, "peak_rss_bytes": 2**31, "decode_tok_s": 1.0,
+                        "bytes_per_token": 1e9, "bandwidth_share": 0.5}]}
+    merged = scale.merged_with_earlier(path, second, ["generate"])
+    assert [r["step"] for r in merged["rows"]] == ["calibrate", "prune", "generate bf16 dense"]
+    assert merged["rows"][0]["command"] == first["command"] and "command" not in merged["rows"][2]
+    assert "from an earlier run, `python benchmarks/scale.py --steps calibrate,prune`" in scale.markdown(merged)
+    # Rerunning a step replaces its row; another shape or other weights start afresh.
+    assert [r["step"] for r in scale.merged_with_earlier(path, first, ["calibrate", "prune"])["rows"]] == \
+        ["calibrate", "prune"]
+    assert scale.merged_with_earlier(path, {**second, "weights_bytes": 11}, ["generate"]) == \
+        {**second, "weights_bytes": 11}
