@@ -2,7 +2,9 @@
 
 The dense model runs once over calibration sequences; hooks keep the span's input h_s and
 output h_e (the model stops right after the span, so later layers and the unembedding never
-run). A module then learns h_s -> h_e:
+run). For models larger than memory the same states come from a layer stream
+(shortrt.streaming: one decoder layer's weights at a time, `capture_span_states_streaming`).
+A module then learns h_s -> h_e:
 
 - kind="layer": one decoder layer (attention + MLP), a copy of the span layer that already maps
   h_s to h_e best, so the result is a standard decoder layer;
@@ -122,9 +124,72 @@ def capture_span_states(hf, token_batches, span: list[int], *, progress: bool = 
     return SpanStates(torch.cat(inputs), torch.cat(targets), time.perf_counter() - t0)
 
 
-def make_module(hf, layer_index: int, kind: str) -> nn.Module:
-    layer = hf.model.layers[layer_index]
-    module = copy.deepcopy(layer) if kind == "layer" else MLPBlock(layer)
+def capture_span_states_streaming(stream, token_batches, span: list[int], *, progress: bool = True) -> SpanStates:
+    """capture_span_states from a shortrt.streaming.LayerStream: every batch through layers
+    0..span[-1], one layer's weights in memory at a time (the states of all batches are kept:
+    tokens x hidden x 4 bytes, three times)."""
+    from tqdm.auto import tqdm
+
+    from .layer_plan import causal_mask, run_layer
+
+    start, last = span[0], span[-1]
+    t0 = time.perf_counter()
+    token_batches = list(token_batches)
+    if not token_batches:
+        raise ShortrtError("no calibration sequences to capture")
+    states, inputs = [stream.embed(ids) for ids in token_batches], None
+    with torch.no_grad(), tqdm(total=last + 1, desc=f"capture layers {start}-{last} (streaming)", unit="layer",
+                               disable=not progress) as bar:
+        for i in range(last + 1):
+            if i == start:
+                inputs = [h.float() for h in states]
+            with stream.layer(i) as layer:
+                states = [run_layer(layer, h, stream.rotary(h), causal_mask(h.shape[1], h.dtype, h.device))[1]
+                          for h in states]
+            bar.update(1)
+    return SpanStates(torch.cat(inputs), torch.cat([h.float() for h in states]), time.perf_counter() - t0)
+
+
+class HFLayers:
+    """What training a replacement needs of the source model, from a transformers model in memory."""
+
+    def __init__(self, hf):
+        self.rotary_emb, self.hidden = hf.model.rotary_emb, hf.config.hidden_size
+        self.device = hf.model.embed_tokens.weight.device
+        self._layers = hf.model.layers
+
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    def layer(self, i: int) -> nn.Module:
+        """A copy of decoder layer i (the caller owns it)."""
+        return copy.deepcopy(self._layers[i])
+
+
+class StreamLayers:
+    """The same from a shortrt.streaming.LayerStream: layer i's weights are read for each copy."""
+
+    def __init__(self, stream):
+        self.stream, self.rotary_emb = stream, stream.rotary_emb
+        self.hidden, self.device = stream.model.model_config.hidden, stream.device
+
+    def num_layers(self) -> int:
+        return self.stream.num_layers
+
+    def layer(self, i: int) -> nn.Module:
+        with self.stream.layer(i) as layer:
+            return copy.deepcopy(layer)
+
+
+def _layers_of(source):
+    return source if isinstance(source, (HFLayers, StreamLayers)) else HFLayers(source)
+
+
+def make_module(source, layer_index: int, kind: str) -> nn.Module:
+    """The starting module: a copy of decoder layer `layer_index` (kind "layer") or its MLP half,
+    in fp32, on the source's device. source: a transformers model, HFLayers or StreamLayers."""
+    layer = _layers_of(source).layer(layer_index)
+    module = layer if kind == "layer" else MLPBlock(layer)
     return module.float().eval()
 
 
@@ -132,12 +197,13 @@ class _LayerRunner:
     """Calls a decoder layer (or an MLPBlock) on [batch, T, hidden] states at positions 0..T-1,
     with a causal mask and the model's rotary embeddings computed once."""
 
-    def __init__(self, hf, seq_len: int):
-        device = hf.model.embed_tokens.weight.device
-        example = torch.zeros(1, seq_len, hf.config.hidden_size, device=device)
+    def __init__(self, source, seq_len: int):
+        layers = _layers_of(source)
+        device = layers.device
+        example = torch.zeros(1, seq_len, layers.hidden, device=device)
         positions = torch.arange(seq_len, device=device)[None]
         with torch.no_grad():
-            self.position_embeddings = tuple(t.detach() for t in hf.model.rotary_emb(example, position_ids=positions))
+            self.position_embeddings = tuple(t.detach() for t in layers.rotary_emb(example, position_ids=positions))
         causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
         # An additive mask works with every attention implementation (eager, sdpa); [1, 1, T, T]
         # broadcasts over the batch.
@@ -203,14 +269,18 @@ def train_replacement(hf, span, token_batches, *, kind: str = "layer", steps: in
                       progress: bool = True) -> TrainResult:
     """Train a module mapping the input of layers `span` of `hf` to their output.
 
-    hf: the dense transformers model (float32). span: contiguous layer indices.
+    hf: the dense transformers model (float32), or a shortrt.streaming.LayerStream over the dense
+    checkpoint (states captured and layers read one at a time). span: contiguous layer indices.
     token_batches: [batch, T] token id tensors, all with the same T (calibration sequences).
     steps: most optimizer steps (each on `batch` sequences); eval_every: steps between
     held-out evaluations; patience: evaluations without a gain of 0.1 % before stopping.
     """
     _check_settings(kind, steps, lr, batch, cosine_weight, heldout_fraction, eval_every, patience)
+    from .streaming import LayerStream
+
     span = [int(i) for i in span]
-    n_layers = len(hf.model.layers)
+    streamed = isinstance(hf, LayerStream)
+    n_layers = hf.num_layers if streamed else len(hf.model.layers)
     if not span or span != list(range(span[0], span[-1] + 1)) or not 0 <= span[0] <= span[-1] < n_layers:
         raise ShortrtError(f"span must be contiguous layer indices within 0..{n_layers - 1}, got {span}")
     token_batches = list(token_batches)
@@ -218,7 +288,11 @@ def train_replacement(hf, span, token_batches, *, kind: str = "layer", steps: in
     if len(lengths) > 1:
         raise ShortrtError(f"calibration sequences must all have the same length, got lengths {sorted(lengths)}")
 
-    states = capture_span_states(hf, token_batches, span, progress=progress)
+    if streamed:
+        states = capture_span_states_streaming(hf, token_batches, span, progress=progress)
+        hf = StreamLayers(hf)
+    else:
+        states = capture_span_states(hf, token_batches, span, progress=progress)
     return fit_replacement(hf, span, states, kind=kind, steps=steps, lr=lr, batch=batch,
                            cosine_weight=cosine_weight, heldout_fraction=heldout_fraction,
                            eval_every=eval_every, patience=patience, seed=seed, progress=progress)
@@ -228,7 +302,8 @@ def fit_replacement(hf, span: list[int], states: SpanStates, *, kind: str = "lay
                     lr: float = DEFAULT_LR, batch: int = DEFAULT_BATCH, cosine_weight: float = 0.0,
                     heldout_fraction: float = 0.125, eval_every: int = 25, patience: int = 4, seed: int = 0,
                     progress: bool = True) -> TrainResult:
-    """The training half of train_replacement, on already captured span states."""
+    """The training half of train_replacement, on already captured span states.
+    hf: a transformers model, or HFLayers / StreamLayers."""
     from tqdm.auto import tqdm
 
     _check_settings(kind, steps, lr, batch, cosine_weight, heldout_fraction, eval_every, patience)
@@ -241,6 +316,7 @@ def fit_replacement(hf, span: list[int], states: SpanStates, *, kind: str = "lay
     order = torch.randperm(n_seq, generator=gen)
     n_held = min(n_seq - 1, max(1, round(n_seq * heldout_fraction)))
     held, train = order[:n_held], order[n_held:]
+    hf = _layers_of(hf)
     run = _LayerRunner(hf, seq_len)
 
     # Start from whichever layer of the span already maps the span best.

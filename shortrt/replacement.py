@@ -69,7 +69,7 @@ def _check_positive(name: str, value) -> None:
 def replace(model, layer_map: LayerMap, out_dir, *, kind: str = "layer", texts=None,
             n_tokens: int = DEFAULT_TOKENS, seq_len: int = DEFAULT_SEQ_LEN, steps: int = DEFAULT_STEPS,
             lr: float = DEFAULT_LR, batch: int = DEFAULT_BATCH, cosine_weight: float = 0.0, seed: int = 0,
-            device: str = "cpu", overwrite: bool = False, progress: bool = True):
+            stream: bool | None = None, device: str = "cpu", overwrite: bool = False, progress: bool = True):
     """Train a replacement for the span `layer_map` removes and write the checkpoint to `out_dir`.
 
     model: "default", a dense checkpoint directory, a .gguf file, or a Model.
@@ -80,7 +80,10 @@ def replace(model, layer_map: LayerMap, out_dir, *, kind: str = "layer", texts=N
     tokens per sequence. steps, lr, batch: most Adam steps, peak learning rate, sequences per step.
     cosine_weight: weight of a (1 - cos) term added to the MSE loss. device: "cpu", "cuda" or
     "cuda:N" (checked before anything is loaded): on a GPU the frozen model runs in bf16 and the
-    replacement trains there in fp32. Returns the written Model.
+    replacement trains there in fp32. stream: capture the span's states one decoder layer at a
+    time with only its weights in memory (shortrt.streaming); None (default) streams when the
+    model's fp32 weights would take more than a quarter of the available memory, as calibrate does.
+    Returns the written Model.
     """
     from . import data
     from .devices import resolve_device, work_dtype
@@ -108,19 +111,25 @@ def replace(model, layer_map: LayerMap, out_dir, *, kind: str = "layer", texts=N
 
     texts, description = data.calibration_texts("default" if texts is None else texts)
     batches, used_tokens = data.training_batches(src.tokenizer(), texts, n_tokens, seq_len, batch)
-    hf = src.load_hf(work_dtype(dev)).to(dev)
+    from .calibration import should_stream
+    from .streaming import LayerStream
+
+    if stream is None:
+        stream = should_stream(src)
+    hf = LayerStream(src, work_dtype(dev), device=dev) if stream else src.load_hf(work_dtype(dev)).to(dev)
     result = train_replacement(hf, span, [b.to(dev) for b in batches], kind=kind, steps=steps, lr=lr, batch=batch,
                                cosine_weight=cosine_weight, seed=seed, progress=progress)
     del hf
     record = replacement_record(result, span, kind=kind, lr=lr, batch=batch, cosine_weight=cosine_weight,
-                                seed=seed, max_steps=steps, device=dev.type,
+                                seed=seed, max_steps=steps, device=dev.type, streamed=bool(stream),
                                 data={"source": description, "n_tokens": used_tokens, "seq_len": seq_len,
                                       "n_sequences": result.n_train + result.n_heldout})
     return _write_checkpoint(src, config, layer_map, span, result, record, out, overwrite)
 
 
 def replacement_record(result: TrainResult, span: list[int], *, kind: str, lr: float, batch: int,
-                       cosine_weight: float, seed: int, max_steps: int, data: dict, device: str = "cpu") -> dict:
+                       cosine_weight: float, seed: int, max_steps: int, data: dict, device: str = "cpu",
+                       streamed: bool = False) -> dict:
     """The "replacement" object of shortrt.json."""
     return {
         "kind": kind,
@@ -143,6 +152,7 @@ def replacement_record(result: TrainResult, span: list[int], *, kind: str, lr: f
         "history": [[step, train, held] for step, train, held in result.history],
         "seconds": {"capture": round(result.capture_seconds, 2), "train": round(result.train_seconds, 2)},
         "device": device,
+        "streamed": streamed,
     }
 
 

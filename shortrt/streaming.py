@@ -61,6 +61,11 @@ class LayerStream:
                 out[hit] = table[flat[hit] - start]
         return out.reshape(*input_ids.shape, hidden).to(self.device)
 
+    @property
+    def rotary_emb(self):
+        """The model's rotary-embedding module (real buffers, on the stream's device)."""
+        return self._rotary
+
     def rotary(self, h: torch.Tensor):
         """(cos, sin) for a plain batch h [rows, T, hidden] at positions 0..T-1."""
         rows, T = h.shape[:2]

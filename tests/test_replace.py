@@ -130,6 +130,47 @@ def test_early_stop_keeps_the_initial_weights_when_training_only_hurts(dense):
     assert all(torch.equal(init[k], hf.model.layers[2].state_dict()[k]) for k in init)  # dense model untouched
 
 
+def test_streamed_capture_gives_the_in_memory_states(dense):
+    """A LayerStream (one layer's weights at a time) captures the span's states that the hooks on
+    the whole model capture, to fp32 rounding of a different summation order (1e-5 relative)."""
+    from shortrt.replace_training import capture_span_states, capture_span_states_streaming
+    from shortrt.streaming import LayerStream
+
+    m = shortrt.load(dense)
+    batches = _batches(4)
+    whole = capture_span_states(m.load_hf(), batches, SPAN, progress=False)
+    streamed = capture_span_states_streaming(LayerStream(m), batches, SPAN, progress=False)
+    for a, b in ((whole.inputs, streamed.inputs), (whole.targets, streamed.targets)):
+        assert a.shape == b.shape and a.dtype == b.dtype == torch.float32
+        assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
+
+
+def test_streamed_training_matches_the_in_memory_training(dense):
+    from shortrt.streaming import LayerStream
+
+    m = shortrt.load(dense)
+    kw = dict(kind="layer", steps=6, eval_every=3, lr=1e-3, progress=False)
+    whole = train_replacement(m.load_hf(), SPAN, _batches(8), **kw)
+    streamed = train_replacement(LayerStream(m), SPAN, _batches(8), **kw)
+    assert streamed.init_layer == whole.init_layer and streamed.steps == whole.steps
+    assert streamed.heldout_loss == pytest.approx(whole.heldout_loss, rel=1e-3)
+    a, b = whole.module.state_dict(), streamed.module.state_dict()
+    assert sorted(a) == sorted(b)
+    assert all(float((a[k] - b[k]).abs().max()) <= 1e-4 * max(float(a[k].abs().max()), 1e-6) for k in a)
+
+
+def test_replace_streams_when_told_and_records_it(dense, span_map, tmp_path, replaced):
+    out = replace(dense, span_map, tmp_path / "streamed", kind="mlp", texts=prose(), stream=True, **FAST)
+    rec = out.layer_map.replacement
+    assert rec["streamed"] is True and replaced["mlp"].layer_map.replacement["streamed"] is False
+    assert rec["init_layer"] == replaced["mlp"].layer_map.replacement["init_layer"]
+    assert rec["heldout_loss"] == pytest.approx(replaced["mlp"].layer_map.replacement["heldout_loss"], rel=1e-2)
+    got, want = tensors_of(out.path), tensors_of(replaced["mlp"].path)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert float((got[name] - want[name]).abs().max()) <= 1e-3 * max(float(want[name].abs().max()), 1e-6), name
+
+
 # ---- the written checkpoints ----------------------------------------------------------------
 
 def test_layer_replacement_checkpoint_layout_and_record(replaced, dense):

@@ -29,6 +29,12 @@ def add_arguments(parser):
     parser.add_argument("--lr", type=number(0.0, lo_open=True), default=DEFAULT_LR, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--cosine-weight", type=number(0.0), default=0.0,
                         help="weight of a (1 - cosine) term added to the MSE loss (default: %(default)s)")
+    stream = parser.add_mutually_exclusive_group()
+    stream.add_argument("--stream", dest="stream", action="store_true", default=None,
+                        help="capture the span's states one decoder layer at a time with only its weights in memory "
+                             "(default: when the model's fp32 weights would take more than a quarter of the "
+                             "available memory)")
+    stream.add_argument("--no-stream", dest="stream", action="store_false", help="load the whole model")
     add_device_argument(parser, "capture and training")
     parser.add_argument("--seed", type=integer(0), default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
@@ -44,7 +50,8 @@ def run(args) -> int:
     try:
         model = replace(args.model, layer_map, args.out, kind=args.kind, texts=data_source(args.data), n_tokens=args.tokens,
                         seq_len=args.seq_len, steps=args.steps, lr=args.lr, batch=args.batch,
-                        cosine_weight=args.cosine_weight, seed=args.seed, device=args.device, overwrite=args.force,
+                        cosine_weight=args.cosine_weight, seed=args.seed, stream=args.stream, device=args.device,
+                        overwrite=args.force,
                         progress=not args.no_progress)
     except FileExistsError as exc:
         message = str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")
