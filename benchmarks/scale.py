@@ -12,6 +12,8 @@ both) and wall time:
 
   calibrate   shortrt calibrate --stream (one layer's weights at a time), --tokens, all spans
   prune       shortrt prune --remove K from those scores (tensors copied in bounded pieces)
+  replace     shortrt replace --kind mlp --stream over the same span length: states captured one
+              layer at a time, --replace-steps Adam steps of the one MLP block (few: cost, not quality)
   generate    the C++ runtime, --dtypes each, dense and pruned: load time, decode tok/s after a
               short prompt, bytes read per token, and decode as a share of the measured
               memory bandwidth (bytes per token x tok/s / bandwidth)
@@ -43,7 +45,7 @@ SHAPES = {
                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
                         tie_word_embeddings=True),
 }
-STEPS = ("calibrate", "prune", "generate")
+STEPS = ("calibrate", "prune", "replace", "generate")
 
 
 def synthetic_checkpoint(shape: str, out: Path) -> Path:
@@ -142,6 +144,7 @@ def main() -> None:
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     p.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
     p.add_argument("--remove", type=int, default=8, help="layers prune removes")
+    p.add_argument("--replace-steps", type=int, default=10, help="Adam steps of the replace step")
     p.add_argument("--dtypes", default="bf16,int8")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -178,6 +181,15 @@ def main() -> None:
     if "prune" in steps:
         record("prune", {"step": "cli", "argv": ["prune", str(src), "--scores", str(scores), "--remove",
                                                  str(args.remove), "--out", str(pruned), "--force"]})
+    if "replace" in steps:
+        import shutil
+
+        replaced = bench / f"synthetic-{args.shape}-r{args.remove}"
+        record("replace", {"step": "cli", "argv": ["replace", str(src), "--scores", str(scores), "--remove",
+                                                   str(args.remove), "--kind", "mlp", "--stream", "--tokens",
+                                                   str(args.tokens), "--steps", str(args.replace_steps),
+                                                   "--out", str(replaced), "--force"]})
+        shutil.rmtree(replaced, ignore_errors=True)  # measured for its cost only; it is as large as the pruned copy
     if "generate" in steps:
         from transformers import AutoTokenizer
 
