@@ -11,7 +11,8 @@ runs a table of malformed checkpoints through both).
     m.plan(skip_layers=[3])          # the executed Steps, as the runtime plans them
     m.read_tensors()                 # float32 tensors, non-finite values refused
 
-A GGUF file is dequantized by transformers once and saved as an fp32 checkpoint in the cache.
+A GGUF file is dequantized once, tensor by tensor (shortrt.gguf_export.gguf_to_checkpoint), and
+saved as an fp32 checkpoint in the cache.
 """
 from __future__ import annotations
 
@@ -830,30 +831,17 @@ def _converted_gguf(gguf: Path, *, progress: bool) -> Path:
     out = cache_dir() / "models" / f"{stem}-{_gguf_cache_key(gguf)}"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
-    for mod, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate"), ("transformers", "transformers")):
+    for mod, pip_name in (("gguf", "gguf"), ("transformers", "transformers")):
         if importlib.util.find_spec(mod) is None:
             raise MissingDependencyError(f"reading a .gguf file needs the {pip_name} package: pip install {pip_name}")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .gguf_export import gguf_to_checkpoint
 
     if progress:
-        print(f"shortrt: converting {gguf.name} to a safetensors checkpoint in {out} (once; ~40 s)",
+        print(f"shortrt: converting {gguf.name} to a safetensors checkpoint in {out} (once)",
               file=sys.stderr, flush=True)
     t0 = time.time()
     with staging_dir(out) as tmp:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # A GGUF-loaded model carries its quantizer, and save_pretrained refuses such a model;
-        # the weights are already dequantized to fp32, so the quantizer has nothing left to do.
-        model.hf_quantizer = None
-        for attr in ("is_quantized", "_is_quantized"):
-            if hasattr(model, attr):
-                with contextlib.suppress(AttributeError):
-                    setattr(model, attr, False)
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        gguf_to_checkpoint(gguf, tmp, progress=progress)
         (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}, indent=2) + "\n")
         if not out.exists():  # else another process finished first; staging_dir removes ours
             move_into_place(tmp, out)

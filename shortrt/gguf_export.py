@@ -1,9 +1,13 @@
-"""Write GGUF files: any shortrt checkpoint for llama.cpp / ollama, and pruned copies of a GGUF.
+"""GGUF in and out: any shortrt checkpoint for llama.cpp / ollama, pruned copies of a GGUF, and a
+GGUF source read into a checkpoint.
 
     export_gguf("out/smollm2-p8", "smollm2-p8.Q8_0.gguf", qtype="q8_0")   # `shortrt export --to gguf`
     prune_gguf("model.gguf", retained=[0, 1, 3], dst="pruned.gguf")          # blocks copied as stored
+    gguf_to_checkpoint("model.gguf", tmp_dir)                               # shortrt.load("model.gguf")
 
-This is the one module that writes GGUF. The architecture written follows the layer map:
+This is the one module that writes GGUF, and the one that reads a GGUF's tensors (tensor by tensor,
+each dequantized to fp32 in pieces of rows, so memory stays flat in the model's size; see
+gguf_to_checkpoint). The architecture written follows the layer map:
 - every layer keeps attention and MLP (dense, shortgpt, span, last, random, `replace --kind layer`,
   healed versions of these): the model's own GGUF architecture (`llama` for Llama and Mistral,
   `qwen2`), `block_count` = layers written, per-layer keys scalar;
@@ -114,7 +118,8 @@ _HF_TO_GGUF = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.w
                "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_proj.bias": "attn_q.bias",
                "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
                "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-               "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+               "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+               "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
 
 
 def gguf_name(hf_name: str) -> str:
@@ -132,6 +137,12 @@ def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     llama.cpp's llama/deci RoPE rotates: per head, rows (i, i + d/2) become rows (2i, 2i + 1)."""
     d = w.shape[0] // n_head
     return w.reshape(n_head, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def rope_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of rope_permute: llama.cpp's pairwise row order back to rotate-half order."""
+    d = w.shape[0] // n_head
+    return w.reshape(n_head, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def llama3_rope_factors(cfg: ModelConfig) -> np.ndarray:
@@ -323,6 +334,138 @@ def _tokenizer_from_gguf(writer, origin: Path, vocab: int) -> bool:
     from gguf import GGUFReader
 
     return gguf_vocab.add_from_gguf(writer, GGUFReader(str(origin)), vocab)
+
+
+# ============================================================================ GGUF -> checkpoint
+
+# GGUF architectures read as sources, and whether their q/k rows are stored in llama.cpp's pairwise
+# RoPE order (llama.cpp's converter permutes them for `llama` only; Qwen2/Qwen3 use NEOX RoPE there).
+SOURCE_ARCHS = {"llama": True, "qwen2": False, "qwen3": False}
+
+
+def gguf_to_checkpoint(gguf_path, out: Path, *, progress: bool = False) -> None:
+    """Write the GGUF file's model into directory `out` (the caller's staging directory) as an fp32
+    safetensors checkpoint: config.json and the tokenizer from the GGUF's metadata (transformers'
+    GGUF config and tokenizer readers; no tensors), then every tensor read, dequantized to fp32 and
+    written one piece of rows at a time, so peak memory is one piece (CHUNK_BYTES) plus one q/k
+    matrix (whose rows are un-permuted whole), whatever the model's size. The values are those
+    transformers' own GGUF loading gives (gguf's dequantize, the same q/k row order: tested)."""
+    import torch
+    from gguf import GGUFReader, dequantize
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from .checkpoint import CHUNK_BYTES, parse_config
+    from .layermap import LayerMap
+    from .safetensors_writer import TensorSource, write_sharded
+
+    gguf_path = Path(gguf_path)
+    arch = _gguf_architecture(gguf_path)
+    if arch not in SOURCE_ARCHS:
+        raise ShortrtError(f"{gguf_path.name}: GGUF architecture {arch!r} cannot be read "
+                           f"(shortrt reads {', '.join(SOURCE_ARCHS)})")
+    # The config and tokenizer first: transformers' readers parse every field (the vocabulary too)
+    # and are freed before ours is opened for the tensors.
+    config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    config.dtype = torch.float32
+    config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(out)
+    cfg = parse_config(json.loads((out / "config.json").read_text()))
+    reader = GGUFReader(gguf_path)
+    by_gguf = {gguf_name(n): (n, shape) for n, shape in expected_tensors(cfg, LayerMap.dense(cfg.n_layers)).items()}
+    stored = {t.name: t for t in reader.tensors}
+    missing = sorted(set(by_gguf) - set(stored))
+    extra = sorted(set(stored) - set(by_gguf) - {"rope_freqs.weight"})  # llama3 rope factors: in the config
+    if missing or extra:
+        raise ShortrtError(f"{gguf_path.name}: its tensors do not match its metadata (missing {missing[:3]}, "
+                           f"unexpected {extra[:3]})")
+
+    total = sum(4 * math.prod(shape) for _, shape in by_gguf.values())
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"reading {gguf_path.name}")
+
+    def pieces(t, hf_name: str, shape):
+        rows = shape[0] if len(shape) > 1 else 1
+        width = math.prod(shape) // rows
+        data = t.data.reshape(rows, -1) if len(shape) > 1 else t.data.reshape(1, -1)
+        unpermute = SOURCE_ARCHS[arch] and hf_name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias",
+                                                             "k_proj.bias"))
+        # A quarter of CHUNK_BYTES of fp32 per piece: gguf's dequantize holds a few temporaries of
+        # the output's size while it runs.
+        step = rows if unpermute else max(1, CHUNK_BYTES // (16 * width))
+        row_bytes = t.n_bytes // rows
+        for start in range(0, rows, step):
+            x = np.asarray(dequantize(data[start:start + step], t.tensor_type), dtype=np.float32)
+            _drop_pages(reader.data, t.data_offset + start * row_bytes, min(step, rows - start) * row_bytes)
+            if unpermute:
+                heads = cfg.n_heads if ".q_proj." in hf_name else cfg.n_kv_heads
+                x = rope_unpermute(x.reshape(shape), heads)
+            if not np.isfinite(x).all():
+                raise ShortrtError(f"{gguf_path.name}: tensor {t.name} has non-finite values")
+            if bar is not None:
+                bar.update(x.nbytes)
+            yield memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
+
+    sources = []
+    for g, (hf_name, shape) in sorted(by_gguf.items(), key=lambda kv: _order(kv[0])):
+        t = stored[g]
+        if tuple(int(d) for d in reversed(t.shape)) != tuple(shape):
+            raise ShortrtError(f"{gguf_path.name}: tensor {g} has shape {list(reversed(t.shape.tolist()))}, "
+                               f"its metadata says {list(shape)}")
+        sources.append(TensorSource(hf_name, "F32", list(shape), lambda t=t, n=hf_name, s=shape: pieces(t, n, s)))
+    try:
+        write_sharded(out, sources, max_shard_bytes=4 << 30, metadata={"format": "pt"})
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _gguf_architecture(path: Path) -> str:
+    """general.architecture of a GGUF file, read from its header without parsing the other fields
+    (GGUF v2/v3: magic, version, tensor count, field count, then key/value pairs; the architecture
+    is the first key writers put there -- else the whole reader is used)."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    try:
+        if head[:4] != b"GGUF":
+            raise ShortrtError(f"{path}: not a GGUF file (its first bytes are {head[:4]!r})")
+        pos = 24
+        (klen,) = struct.unpack_from("<Q", head, pos)
+        key = head[pos + 8:pos + 8 + klen].decode()
+        pos += 8 + klen
+        (vtype,) = struct.unpack_from("<I", head, pos)
+        if key == "general.architecture" and vtype == 8:  # a string
+            (vlen,) = struct.unpack_from("<Q", head, pos + 4)
+            return head[pos + 12:pos + 12 + vlen].decode()
+    except (struct.error, UnicodeDecodeError):
+        raise ShortrtError(f"{path}: truncated or damaged GGUF header") from None
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get("general.architecture")
+    return bytes(field.parts[field.data[0]]).decode() if field else "?"
+
+
+def _drop_pages(mapped, offset: int, length: int) -> None:
+    """Tell the kernel the file pages [offset, offset + length) of a memory-mapped GGUF are done
+    with, so they leave this process's resident set (they stay in the page cache): without it
+    reading a model maps every page of the file in, and the resident set grows to the file's size."""
+    import mmap
+
+    m = getattr(mapped, "_mmap", None)
+    if m is None or not hasattr(m, "madvise") or length <= 0:
+        return
+    page = mmap.PAGESIZE
+    start = offset // page * page
+    stop = min(len(m), -(-(offset + length) // page) * page)
+    with contextlib.suppress(OSError, ValueError):
+        m.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 # ============================================================================ GGUF -> pruned GGUF
