@@ -529,9 +529,10 @@ void check_tensors(const Checkpoint& ckpt, const ModelConfig& c, const std::vect
                                     starts_with(rest, c.post_norm ? "post_attention_layernorm." : "input_layernorm.");
       const bool mlp_tensor = starts_with(rest, "mlp.") ||
                               starts_with(rest, c.post_norm ? "post_feedforward_layernorm." : "post_attention_layernorm.");
-      if (attention_tensor)
+      // Named only when shortrt.json says the layer lacks that sublayer (else the tensor is simply foreign).
+      if (attention_tensor && !layers[index].attention)
         throw Error(where + "tensor '" + name + "' exists but shortrt.json says layer " + layer + " has no attention");
-      if (mlp_tensor)
+      if (mlp_tensor && !layers[index].mlp)
         throw Error(where + "tensor '" + name + "' exists but shortrt.json says layer " + layer + " has no MLP");
     }
     throw Error(where + "unexpected tensor '" + name + "' (not part of a " + c.architecture + ")");

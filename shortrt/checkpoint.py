@@ -522,10 +522,11 @@ def check_tensors(cfg: ModelConfig, layer_map: LayerMap, found: dict[str, tuple[
         if m and int(m.group(1)) >= k:
             raise CheckpointError(f"{where}: tensor '{name}' is for layer {m.group(1)} but config.json has "
                                   f"num_hidden_layers = {k}")
-        if m and m.group(2).startswith(owners["attention"]):
+        # A sublayer's tensor in a layer shortrt.json says lacks it (else it is simply not part of the family).
+        if m and not layer_map.layers[int(m.group(1))].attention and m.group(2).startswith(owners["attention"]):
             raise CheckpointError(f"{where}: tensor '{name}' exists but shortrt.json says layer {m.group(1)} "
                                   "has no attention")
-        if m and m.group(2).startswith(owners["mlp"]):
+        if m and not layer_map.layers[int(m.group(1))].mlp and m.group(2).startswith(owners["mlp"]):
             raise CheckpointError(f"{where}: tensor '{name}' exists but shortrt.json says layer {m.group(1)} "
                                   "has no MLP")
         raise CheckpointError(f"{where}: unexpected tensor '{name}' (not part of a {cfg.architecture})")
