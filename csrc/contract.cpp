@@ -21,6 +21,15 @@ namespace {
 
 const char* const kFormat = "shortrt.layermap/1";
 
+// Python's repr of a float: the shortest round-trip digits, ".0" on whole numbers.
+std::string render_number(double x) {
+  char buf[64];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof buf, x);
+  std::string s(buf, ec == std::errc() ? end : buf);
+  if (s.find_first_of(".en") == std::string::npos) s += ".0";
+  return s;
+}
+
 // A short rendering of a JSON value for messages (as Python's json.dumps writes scalars).
 std::string render(const json::Value& v) {
   switch (v.type()) {
@@ -31,12 +40,7 @@ std::string render(const json::Value& v) {
     case json::Value::Type::Object: return "{...}";
     case json::Value::Type::Number: {
       if (v.is_integer_literal()) return std::to_string(v.as_int());
-      // Python's repr of a float: the shortest round-trip digits, ".0" on whole numbers.
-      char buf[64];
-      auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v.as_number());
-      std::string s(buf, ec == std::errc() ? end : buf);
-      if (s.find_first_of(".en") == std::string::npos) s += ".0";
-      return s;
+      return render_number(v.as_number());
     }
   }
   return "?";
@@ -79,7 +83,7 @@ bool bool_or(const json::Value& obj, const char* key, bool fallback) {
 const std::vector<std::pair<std::string, std::string>>& architecture_table() {
   static const std::vector<std::pair<std::string, std::string>> table = {
       {"LlamaForCausalLM", "llama"}, {"MistralForCausalLM", "mistral"}, {"Qwen2ForCausalLM", "qwen2"},
-      {"Qwen3ForCausalLM", "qwen3"}};
+      {"Qwen3ForCausalLM", "qwen3"}, {"Olmo2ForCausalLM", "olmo2"}, {"Phi3ForCausalLM", "phi3"}};
   return table;
 }
 
@@ -115,8 +119,9 @@ std::string architecture_of(const json::Value& root) {
 }
 
 // transformers 5 keeps theta and scaling in 'rope_parameters'; older configs use
-// 'rope_theta' + 'rope_scaling'. Both are accepted.
-void parse_rope(const json::Value& root, ModelConfig& c) {
+// 'rope_theta' + 'rope_scaling'. Both are accepted. partial_rotary: the family may rotate part of each
+// head (Phi-3: 'partial_rotary_factor' in the rope object, else at the top level); returns that factor.
+double parse_rope(const json::Value& root, ModelConfig& c, bool partial_rotary) {
   const json::Value* params = field(root, "rope_parameters");
   const json::Value* scaling = field(root, "rope_scaling");
   if (params && !params->is_object()) throw Error("config.json: 'rope_parameters' must be an object");
@@ -126,7 +131,10 @@ void parse_rope(const json::Value& root, ModelConfig& c) {
   if (!(theta > 0) || !std::isfinite(theta)) throw Error("config.json: rope_theta must be positive");
   c.rope_theta = static_cast<float>(theta);
   const json::Value* spec = params ? params : scaling;
-  if (!spec) return;
+  double factor = partial_rotary ? number_or(root, "partial_rotary_factor", 1.0) : 1.0;
+  if (spec) factor = number_or(*spec, "partial_rotary_factor", factor, "rope.");
+  if (factor != 1.0 && !partial_rotary) throw Error("config.json: partial_rotary_factor != 1 is not supported");
+  if (!spec) return factor;
   std::string type = "default";
   for (const char* key : {"rope_type", "type"}) {
     if (const json::Value* t = field(*spec, key)) {
@@ -135,12 +143,13 @@ void parse_rope(const json::Value& root, ModelConfig& c) {
       break;
     }
   }
-  if (number_or(*spec, "partial_rotary_factor", 1.0, "rope.") != 1.0)
-    throw Error("config.json: partial_rotary_factor != 1 is not supported");
+  if (partial_rotary && (type == "longrope" || type == "su" || type == "yarn"))
+    throw Error("config.json: rope scaling '" + type + "' (Phi-3's long-context RoPE, whose frequencies switch with "
+                "the sequence length) is not supported; use the model's short-context variant (plain RoPE)");
   if (type != "default" && type != "linear" && type != "llama3")
     throw Error("config.json: unsupported rope scaling type '" + type + "' (shortrt supports default, linear, llama3)");
   c.rope_type = type;
-  if (type == "default") return;
+  if (type == "default") return factor;
   c.rope_factor = static_cast<float>(number_or(*spec, "factor", 0.0, "rope."));
   if (!(c.rope_factor > 0)) throw Error("config.json: rope scaling '" + type + "' needs a positive 'factor'");
   if (type == "llama3") {
@@ -150,6 +159,7 @@ void parse_rope(const json::Value& root, ModelConfig& c) {
     if (!(c.rope_high_freq_factor > c.rope_low_freq_factor))
       throw Error("config.json: llama3 rope needs high_freq_factor > low_freq_factor");
   }
+  return factor;
 }
 
 // ---------------------------------------------------------------- shortrt.json
@@ -334,10 +344,14 @@ std::vector<Expected> expected_tensors(const ModelConfig& c, const std::vector<L
   for (size_t i = 0; i < layers.size(); ++i) {
     const std::string p = "model.layers." + std::to_string(i) + ".";
     if (layers[i].attention) {
-      out.push_back({p + "input_layernorm.weight", {h}});
-      out.push_back({p + "self_attn.q_proj.weight", {q, h}});
-      out.push_back({p + "self_attn.k_proj.weight", {kv, h}});
-      out.push_back({p + "self_attn.v_proj.weight", {kv, h}});
+      out.push_back({p + (c.post_norm ? "post_attention_layernorm.weight" : "input_layernorm.weight"), {h}});
+      if (c.fused_projections) {
+        out.push_back({p + "self_attn.qkv_proj.weight", {q + 2 * kv, h}});
+      } else {
+        out.push_back({p + "self_attn.q_proj.weight", {q, h}});
+        out.push_back({p + "self_attn.k_proj.weight", {kv, h}});
+        out.push_back({p + "self_attn.v_proj.weight", {kv, h}});
+      }
       out.push_back({p + "self_attn.o_proj.weight", {h, q}});
       if (c.qkv_bias) {
         out.push_back({p + "self_attn.q_proj.bias", {q}});
@@ -345,14 +359,18 @@ std::vector<Expected> expected_tensors(const ModelConfig& c, const std::vector<L
         out.push_back({p + "self_attn.v_proj.bias", {kv}});
       }
       if (c.qk_norm) {
-        out.push_back({p + "self_attn.q_norm.weight", {c.head_dim}});
-        out.push_back({p + "self_attn.k_norm.weight", {c.head_dim}});
+        out.push_back({p + "self_attn.q_norm.weight", {c.qk_norm_whole ? q : c.head_dim}});
+        out.push_back({p + "self_attn.k_norm.weight", {c.qk_norm_whole ? kv : c.head_dim}});
       }
     }
     if (layers[i].mlp) {
-      out.push_back({p + "post_attention_layernorm.weight", {h}});
-      out.push_back({p + "mlp.gate_proj.weight", {inter, h}});
-      out.push_back({p + "mlp.up_proj.weight", {inter, h}});
+      out.push_back({p + (c.post_norm ? "post_feedforward_layernorm.weight" : "post_attention_layernorm.weight"), {h}});
+      if (c.fused_projections) {
+        out.push_back({p + "mlp.gate_up_proj.weight", {2 * inter, h}});
+      } else {
+        out.push_back({p + "mlp.gate_proj.weight", {inter, h}});
+        out.push_back({p + "mlp.up_proj.weight", {inter, h}});
+      }
       out.push_back({p + "mlp.down_proj.weight", {h, inter}});
     }
   }
@@ -422,11 +440,13 @@ ModelConfig parse_config(const json::Value& root) {
   }
   if (bool_or(root, "mlp_bias", false)) throw Error("config.json: mlp_bias=true is not supported");
   const bool attention_bias = bool_or(root, "attention_bias", false);
+  c.qk_norm = c.architecture == "Qwen3ForCausalLM" || c.architecture == "Olmo2ForCausalLM";
+  c.qk_norm_whole = c.post_norm = c.architecture == "Olmo2ForCausalLM";
+  c.fused_projections = c.architecture == "Phi3ForCausalLM";
   if (c.architecture == "Qwen2ForCausalLM" || c.architecture == "Qwen3ForCausalLM") {
     c.qkv_bias = c.architecture == "Qwen2ForCausalLM";
-    c.qk_norm = c.architecture == "Qwen3ForCausalLM";
     if (bool_or(root, "use_sliding_window", false)) throw Error("config.json: use_sliding_window=true is not supported");
-  } else if (c.architecture == "MistralForCausalLM") {
+  } else if (c.architecture == "MistralForCausalLM" || c.architecture == "Phi3ForCausalLM") {
     c.sliding_window = optional_int(root, "sliding_window", 0);
   }
   if (attention_bias && c.architecture != "Qwen2ForCausalLM")
@@ -439,7 +459,16 @@ ModelConfig parse_config(const json::Value& root) {
       if (!t.is_string() || t.as_string() != "full_attention")
         throw Error("config.json: layer_types " + render(t) + " is not supported (shortrt runs full_attention layers only)");
   }
-  parse_rope(root, c);
+  const double factor = parse_rope(root, c, c.architecture == "Phi3ForCausalLM");
+  c.rotary_dim = c.head_dim;
+  if (factor != 1.0) {
+    // transformers rotates int(head_dim * factor) leading dims of each head (Phi-3).
+    c.rotary_dim = static_cast<int>(c.head_dim * factor);
+    if (!(factor > 0.0 && factor < 1.0 && c.rotary_dim >= 2 && c.rotary_dim % 2 == 0))
+      throw Error("config.json: partial_rotary_factor " + render_number(factor) + " must lie in (0, 1] and rotate an "
+                  "even number of head_dim " + std::to_string(c.head_dim) + "'s dims (got " +
+                  std::to_string(c.rotary_dim) + ")");
+  }
   c.tie_embeddings = bool_or(root, "tie_word_embeddings", false);
   if (const json::Value* eos = field(root, "eos_token_id")) {
     bool ok = eos->is_integer_literal() || eos->is_array();
@@ -494,9 +523,16 @@ void check_tensors(const Checkpoint& ckpt, const ModelConfig& c, const std::vect
       if (index >= k)
         throw Error(where + "tensor '" + name + "' is for layer " + layer + " but config.json has num_hidden_layers = " +
                     std::to_string(k));
-      if (starts_with(rest, "input_layernorm.") || starts_with(rest, "self_attn."))
+      // Which sublayer a tensor belongs to (shortrt.checkpoint.sublayer_prefixes): the norm goes with the
+      // sublayer it wraps, before it or (OLMo-2) after it.
+      const bool attention_tensor = starts_with(rest, "self_attn.") ||
+                                    starts_with(rest, c.post_norm ? "post_attention_layernorm." : "input_layernorm.");
+      const bool mlp_tensor = starts_with(rest, "mlp.") ||
+                              starts_with(rest, c.post_norm ? "post_feedforward_layernorm." : "post_attention_layernorm.");
+      // Named only when shortrt.json says the layer lacks that sublayer (else the tensor is simply foreign).
+      if (attention_tensor && !layers[index].attention)
         throw Error(where + "tensor '" + name + "' exists but shortrt.json says layer " + layer + " has no attention");
-      if (starts_with(rest, "post_attention_layernorm.") || starts_with(rest, "mlp."))
+      if (mlp_tensor && !layers[index].mlp)
         throw Error(where + "tensor '" + name + "' exists but shortrt.json says layer " + layer + " has no MLP");
     }
     throw Error(where + "unexpected tensor '" + name + "' (not part of a " + c.architecture + ")");

@@ -11,13 +11,13 @@
 namespace shortrt {
 namespace {
 
-// Inverse RoPE frequencies as transformers computes them (float32 arithmetic),
-// including its linear and llama3 rescaling.
+// Inverse RoPE frequencies as transformers computes them (float32 arithmetic) over the rotated
+// dims (rotary_dim: head_dim, or Phi-3's partial share), including its linear and llama3 rescaling.
 std::vector<float> rope_inv_freq(const ModelConfig& c) {
-  const int half = c.head_dim / 2;
+  const int half = c.rotary_dim / 2;
   std::vector<float> inv(half);
   for (int i = 0; i < half; ++i) {
-    float exponent = static_cast<float>(2 * i) / static_cast<float>(c.head_dim);
+    float exponent = static_cast<float>(2 * i) / static_cast<float>(c.rotary_dim);
     inv[i] = 1.0f / std::pow(c.rope_theta, exponent);
   }
   if (c.rope_type == "linear") {
@@ -41,9 +41,10 @@ std::vector<float> rope_inv_freq(const ModelConfig& c) {
   return inv;
 }
 
-// Rotate-half RoPE (transformers' layout): pairs (i, i + head_dim/2) rotate by angle pos * inv_freq[i].
-void rope_heads(float* x, int n_heads, int head_dim, const float* cos, const float* sin) {
-  const int half = head_dim / 2;
+// Rotate-half RoPE (transformers' layout) over each head's first rotary_dim dims: pairs
+// (i, i + rotary_dim/2) rotate by angle pos * inv_freq[i]; the dims past rotary_dim pass through.
+void rope_heads(float* x, int n_heads, int head_dim, int rotary_dim, const float* cos, const float* sin) {
+  const int half = rotary_dim / 2;
   for (int h = 0; h < n_heads; ++h, x += head_dim) {
     for (int i = 0; i < half; ++i) {
       float a = x[i], b = x[i + half];
@@ -91,7 +92,7 @@ State::State(const ModelConfig& c, int n_kv_slots, int max_seq_, int max_batch_,
 
 Model::Model(const ModelConfig& config, Weights weights, int n_kv_slots, int max_seq)
     : config_(config), weights_(std::move(weights)), n_kv_slots_(n_kv_slots) {
-  const int half = config_.head_dim / 2;
+  const int half = config_.rotary_dim / 2;
   std::vector<float> inv = rope_inv_freq(config_);
   rope_cos_.resize(static_cast<size_t>(max_seq) * half);
   rope_sin_.resize(static_cast<size_t>(max_seq) * half);
@@ -122,7 +123,7 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
                             int n) const {
   const KernelTable& k = kernels();
   const ModelConfig& c = config_;
-  const int hidden = c.hidden, hd = c.head_dim, nh = c.n_heads, nkv = c.n_kv_heads, half = hd / 2;
+  const int hidden = c.hidden, hd = c.head_dim, nh = c.n_heads, nkv = c.n_kv_heads, half = c.rotary_dim / 2;
   const int64_t qkv_dim = s.qkv_dim, kv_width = static_cast<int64_t>(nkv) * hd;
   const int64_t q_width = static_cast<int64_t>(nh) * hd;
   float* x = s.x.data();
@@ -130,10 +131,14 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
   float* qkv = s.qkv.data();
   float* attn = s.attn.data();
 
-  pool.parallel_for(n, 16, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) k.rmsnorm_f32(x + t * hidden, lw.attn_norm, c.rms_eps, xn + t * hidden, hidden);
-  });
-  project(s, pool, lw.qkv, xn, n, qkv, qkv_dim);
+  if (c.post_norm) {  // OLMo-2: the attention reads the residual stream itself; its norm comes after
+    project(s, pool, lw.qkv, x, n, qkv, qkv_dim);
+  } else {
+    pool.parallel_for(n, 16, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) k.rmsnorm_f32(x + t * hidden, lw.attn_norm, c.rms_eps, xn + t * hidden, hidden);
+    });
+    project(s, pool, lw.qkv, xn, n, qkv, qkv_dim);
+  }
 
   // Each row's key and value go to its sequence's region of this layer's KV slot, converted
   // to the kv_dtype ([kv_head][pos][head_dim]: each kv head's keys are one stream).
@@ -143,13 +148,16 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
       float* row = qkv + t * qkv_dim;
       const int p = s.row_pos[t];
       if (lw.qkv_bias) k.axpy_f32(1.0f, lw.qkv_bias, row, qkv_dim);
-      if (lw.q_norm) {  // Qwen3: each head normed over head_dim, in place, before RoPE
+      if (lw.q_norm && c.qk_norm_whole) {  // OLMo-2: q and k each normed as one vector, in place, before RoPE
+        k.rmsnorm_f32(row, lw.q_norm, c.rms_eps, row, q_width);
+        k.rmsnorm_f32(row + q_width, lw.k_norm, c.rms_eps, row + q_width, kv_width);
+      } else if (lw.q_norm) {  // Qwen3: each head normed over head_dim, in place, before RoPE
         for (int h = 0; h < nh; ++h) k.rmsnorm_f32(row + h * hd, lw.q_norm, c.rms_eps, row + h * hd, hd);
         for (int h = 0; h < nkv; ++h) k.rmsnorm_f32(row + (nh + h) * hd, lw.k_norm, c.rms_eps, row + (nh + h) * hd, hd);
       }
       const float* cos = rope_cos_.data() + static_cast<size_t>(p) * half;
       const float* sin = rope_sin_.data() + static_cast<size_t>(p) * half;
-      rope_heads(row, nh + nkv, hd, cos, sin);  // q heads and k heads are adjacent
+      rope_heads(row, nh + nkv, hd, c.rotary_dim, cos, sin);  // q heads and k heads are adjacent
       s.kv.write(slot, s.row_seq[t], p, row + nh * hd, row + nh * hd + kv_width);
     }
   });
@@ -179,7 +187,19 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
   if (n_decode > 0) attention_decode_batch(s.decode_args.data(), n_decode, s.attention, pool, kernels());
 
   project(s, pool, lw.o, attn, n, s.delta.data(), hidden);
+  if (c.post_norm) post_norm_rows(s, pool, lw.attn_norm, n);
   k.axpy_f32(1.0f, s.delta.data(), x, static_cast<int64_t>(n) * hidden);
+}
+
+// OLMo-2: a sublayer's output rows (s.delta) RMS-normed in place before the residual add.
+void Model::post_norm_rows(State& s, ThreadPool& pool, const float* weight, int n) const {
+  const KernelTable& k = kernels();
+  const int hidden = config_.hidden;
+  float* delta = s.delta.data();
+  pool.parallel_for(n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      k.rmsnorm_f32(delta + t * hidden, weight, config_.rms_eps, delta + t * hidden, hidden);
+  });
 }
 
 void Model::mlp_block(State& s, ThreadPool& pool, const LayerWeights& lw, int n) const {
@@ -189,16 +209,19 @@ void Model::mlp_block(State& s, ThreadPool& pool, const LayerWeights& lw, int n)
   float* xn = s.xn.data();
   float* gate_up = s.gate_up.data();
   float* act = s.act.data();
-  pool.parallel_for(n, 16, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t)
-      k.rmsnorm_f32(x + t * hidden, lw.mlp_norm, config_.rms_eps, xn + t * hidden, hidden);
-  });
-  project(s, pool, lw.gate_up, xn, n, gate_up, 2 * inter);
+  if (!config_.post_norm) {
+    pool.parallel_for(n, 16, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t)
+        k.rmsnorm_f32(x + t * hidden, lw.mlp_norm, config_.rms_eps, xn + t * hidden, hidden);
+    });
+  }
+  project(s, pool, lw.gate_up, config_.post_norm ? x : xn, n, gate_up, 2 * inter);
   pool.parallel_for(n, 4, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t)
       k.swiglu_f32(gate_up + t * 2 * inter, gate_up + t * 2 * inter + inter, act + t * inter, inter);
   });
   project(s, pool, lw.down, act, n, s.delta.data(), hidden);
+  if (config_.post_norm) post_norm_rows(s, pool, lw.mlp_norm, n);
   k.axpy_f32(1.0f, s.delta.data(), x, static_cast<int64_t>(n) * hidden);
 }
 

@@ -96,6 +96,7 @@ class Model {
   void attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, const Segment* segs, int n_segs,
                        int n_rows) const;
   void mlp_block(State& s, ThreadPool& pool, const LayerWeights& lw, int n) const;
+  void post_norm_rows(State& s, ThreadPool& pool, const float* weight, int n) const;
   // y = W x for n tokens; quantizes x first when W is int8 or int4 (with block sums for int4).
   void project(State& s, ThreadPool& pool, const WeightMatrix& W, const float* x, int n, float* y, int64_t ldy) const;
 

@@ -279,27 +279,38 @@ Weights load_weights(const std::string& dir, const ModelConfig& c, const LayerPl
     lw.plan = p;
     std::string pre = layer_prefix(p.index);
     if (p.attention) {
-      lw.attn_norm = load.vector(pre + "input_layernorm.weight", hidden);
-      lw.qkv = load.stacked({pre + "self_attn.q_proj.weight", pre + "self_attn.k_proj.weight",
-                             pre + "self_attn.v_proj.weight"},
-                            {q_rows, kv_rows, kv_rows}, hidden);
+      lw.attn_norm = load.vector(pre + (c.post_norm ? "post_attention_layernorm.weight" : "input_layernorm.weight"),
+                                 hidden);
+      if (c.fused_projections) {  // Phi-3 stores q|k|v as one tensor, already in the runtime's row order
+        lw.qkv = load.matrix(pre + "self_attn.qkv_proj.weight", q_rows + 2 * kv_rows, hidden);
+      } else {
+        lw.qkv = load.stacked({pre + "self_attn.q_proj.weight", pre + "self_attn.k_proj.weight",
+                               pre + "self_attn.v_proj.weight"},
+                              {q_rows, kv_rows, kv_rows}, hidden);
+      }
       if (c.qkv_bias) {
         lw.qkv_bias = load.stacked_vector({pre + "self_attn.q_proj.bias", pre + "self_attn.k_proj.bias",
                                            pre + "self_attn.v_proj.bias"},
                                           {q_rows, kv_rows, kv_rows});
       }
       if (c.qk_norm) {
-        lw.q_norm = load.vector(pre + "self_attn.q_norm.weight", hd);
-        lw.k_norm = load.vector(pre + "self_attn.k_norm.weight", hd);
+        lw.q_norm = load.vector(pre + "self_attn.q_norm.weight", c.qk_norm_whole ? q_rows : hd);
+        lw.k_norm = load.vector(pre + "self_attn.k_norm.weight", c.qk_norm_whole ? kv_rows : hd);
       }
       lw.o = load.matrix(pre + "self_attn.o_proj.weight", hidden, q_rows);
       w.bytes += lw.qkv.bytes() + lw.o.bytes();
       w.bytes_per_token += lw.qkv.bytes() + lw.o.bytes();
     }
     if (p.mlp) {
-      lw.mlp_norm = load.vector(pre + "post_attention_layernorm.weight", hidden);
-      lw.gate_up = load.stacked({pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"},
-                                {c.intermediate, c.intermediate}, hidden);
+      lw.mlp_norm =
+          load.vector(pre + (c.post_norm ? "post_feedforward_layernorm.weight" : "post_attention_layernorm.weight"),
+                      hidden);
+      if (c.fused_projections) {  // Phi-3's gate_up_proj: gate rows, then up rows, as the runtime stacks them
+        lw.gate_up = load.matrix(pre + "mlp.gate_up_proj.weight", 2 * static_cast<int64_t>(c.intermediate), hidden);
+      } else {
+        lw.gate_up = load.stacked({pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"},
+                                  {c.intermediate, c.intermediate}, hidden);
+      }
       lw.down = load.matrix(pre + "mlp.down_proj.weight", hidden, c.intermediate);
       w.bytes += lw.gate_up.bytes() + lw.down.bytes();
       w.bytes_per_token += lw.gate_up.bytes() + lw.down.bytes();

@@ -19,14 +19,14 @@ namespace shortrt {
 struct LayerWeights {
   PlannedLayer plan;
   // attention (plan.attention)
-  const float* attn_norm = nullptr;  // [hidden]
+  const float* attn_norm = nullptr;  // [hidden]: input_layernorm, or (OLMo-2) post_attention_layernorm on its output
   WeightMatrix qkv;                  // [(n_heads + 2 n_kv_heads) * head_dim, hidden]
   const float* qkv_bias = nullptr;   // [(n_heads + 2 n_kv_heads) * head_dim] (Qwen2) or null
-  const float* q_norm = nullptr;     // [head_dim] (Qwen3) or null: RMSNorm weight of every q head
-  const float* k_norm = nullptr;     // [head_dim] (Qwen3) or null: of every k head
+  const float* q_norm = nullptr;     // [head_dim] (Qwen3: every q head), [n_heads * head_dim] (OLMo-2) or null
+  const float* k_norm = nullptr;     // [head_dim] (Qwen3: every k head), [n_kv_heads * head_dim] (OLMo-2) or null
   WeightMatrix o;                    // [hidden, n_heads * head_dim]
   // mlp (plan.mlp)
-  const float* mlp_norm = nullptr;   // [hidden]
+  const float* mlp_norm = nullptr;   // [hidden]: post_attention_layernorm, or (OLMo-2) post_feedforward_layernorm after
   WeightMatrix gate_up;              // [2 * intermediate, hidden]
   WeightMatrix down;                 // [hidden, intermediate]
 };

@@ -1,8 +1,10 @@
 """Calibration: how much each layer, sublayer and span of layers changes the hidden state.
 
 One pass of the model (transformers, fp32, no grad) over calibration text. Hooks see, per
-decoder layer i, its input h_i, the mid-layer residual m_i = h_i + attn(h_i) (the input of
-``post_attention_layernorm``) and its output h_{i+1}, and feed each pair of [tokens, hidden]
+decoder layer i, its input h_i, the mid-layer residual m_i = h_i + attn(norm(h_i)) (the input of
+``post_attention_layernorm``; in OLMo-2, whose norms follow the sublayers, m_i = h_i +
+post_attention_layernorm(attn(h_i)), the input of ``mlp``) and its output h_{i+1}: each sublayer's
+scores compare the residual stream before and after it. They feed each pair of [tokens, hidden]
 states straight to the fused cosine kernel (shortrt.kernels.cosine), which returns running sums.
 States are dropped as soon as no statistic needs them, so memory is one batch's states at most
 and the accumulator holds O(layers x max_span) numbers whatever the number of tokens.
@@ -37,9 +39,17 @@ SCORES_FORMAT = "shortrt.scores/1"
 # within this many bytes (fp32); more tokens are calibrated in further groups.
 DEFAULT_STATE_BYTES = 1536 << 20
 # Architectures whose decoder layer computes m = h + attn(norm(h)); h' = m + mlp(post_attention_layernorm(m)),
-# so the input of post_attention_layernorm is the mid-layer residual. (Gemma and OLMo-2 norm the
-# sublayer outputs instead, and their sublayer scores would mean something else.)
-_MID_RESIDUAL_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "smollm3"}
+# so the input of post_attention_layernorm is the mid-layer residual, and OLMo-2's, m = h +
+# post_attention_layernorm(attn(h)); h' = m + post_feedforward_layernorm(mlp(m)), where it is the input of mlp
+# (mid_residual_module). (Gemma's sandwich norms are not among them.)
+_MID_RESIDUAL_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "phi3"}
+
+
+def mid_residual_module(layer):
+    """The submodule of a transformers decoder layer whose input is the mid-layer residual m."""
+    from .layer_plan import is_post_norm
+
+    return layer.mlp if is_post_norm(layer) else layer.post_attention_layernorm
 
 
 @dataclass
@@ -181,7 +191,7 @@ class LayerStateHooks:
             self.handles.append(layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
             self.handles.append(layer.register_forward_hook(self._post_hook(i)))
             if self.sublayers:
-                self.handles.append(layer.post_attention_layernorm.register_forward_pre_hook(self._mid_hook(i)))
+                self.handles.append(mid_residual_module(layer).register_forward_pre_hook(self._mid_hook(i)))
         return self
 
     def __exit__(self, *exc) -> None:

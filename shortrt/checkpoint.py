@@ -40,7 +40,7 @@ from .layermap import FORMAT, KINDS, LayerEntry, LayerMap
 
 # The one list of architectures shortrt runs (csrc/contract.cpp has the same list, tested).
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                 "Qwen3ForCausalLM": "qwen3"}
+                 "Qwen3ForCausalLM": "qwen3", "Olmo2ForCausalLM": "olmo2", "Phi3ForCausalLM": "phi3"}
 ROPE_TYPES = ("default", "linear", "llama3")
 WEIGHT_DTYPES = ("F32", "F16", "BF16")
 
@@ -149,7 +149,11 @@ class ModelConfig:
     rope_original_max_position: int = 0
     tie_embeddings: bool = False
     qkv_bias: bool = False
-    qk_norm: bool = False  # Qwen3: RMSNorm over each q and k head before RoPE
+    qk_norm: bool = False  # Qwen3, OLMo-2: RMSNorm of q and k before RoPE
+    qk_norm_whole: bool = False  # OLMo-2: that norm spans the whole projection [n_heads*head_dim], not each head
+    post_norm: bool = False  # OLMo-2: the layer norms are applied to each sublayer's output (no input norms)
+    fused_projections: bool = False  # Phi-3: self_attn.qkv_proj and mlp.gate_up_proj tensors
+    rotary_dim: int = 0  # the leading dims of each head RoPE rotates (Phi-3's partial_rotary_factor); head_dim
     sliding_window: int = 0
     eos_token_ids: tuple[int, ...] = ()
 
@@ -244,12 +248,12 @@ def parse_config(c) -> ModelConfig:
     if _flag(c, "mlp_bias", False):
         raise CheckpointError("config.json: mlp_bias=true is not supported")
     attention_bias = _flag(c, "attention_bias", False)
-    qkv_bias, qk_norm, sliding_window = False, False, 0
+    qkv_bias, qk_norm, sliding_window = False, arch in ("Qwen3ForCausalLM", "Olmo2ForCausalLM"), 0
     if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-        qkv_bias, qk_norm = arch == "Qwen2ForCausalLM", arch == "Qwen3ForCausalLM"
+        qkv_bias = arch == "Qwen2ForCausalLM"
         if _flag(c, "use_sliding_window", False):
             raise CheckpointError("config.json: use_sliding_window=true is not supported")
-    elif arch == "MistralForCausalLM":
+    elif arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
         sliding_window = _positive_int(c, "sliding_window", 0) if _field(c, "sliding_window") is not None else 0
     if attention_bias and arch != "Qwen2ForCausalLM":
         raise CheckpointError(f"config.json: attention_bias=true is not supported for {arch}")
@@ -261,7 +265,15 @@ def parse_config(c) -> ModelConfig:
         if odd:
             raise CheckpointError(f"config.json: layer_types {json.dumps(odd[0])} is not supported "
                                   "(shortrt runs full_attention layers only)")
-    rope = _parse_rope(c)
+    rope = _parse_rope(c, partial_rotary=arch == "Phi3ForCausalLM")
+    rotary_dim = head_dim
+    factor = rope.pop("partial_rotary_factor", 1.0)
+    if factor != 1.0:
+        # transformers rotates int(head_dim * factor) leading dims of each head (Phi-3).
+        rotary_dim = int(head_dim * factor)
+        if not (0.0 < factor < 1.0 and rotary_dim >= 2 and rotary_dim % 2 == 0):
+            raise CheckpointError(f"config.json: partial_rotary_factor {factor!r} must lie in (0, 1] and rotate an "
+                                  f"even number of head_dim {head_dim}'s dims (got {rotary_dim})")
     tie = _flag(c, "tie_word_embeddings", False)
     eos = _field(c, "eos_token_id")
     if eos is None:
@@ -273,13 +285,17 @@ def parse_config(c) -> ModelConfig:
     else:
         raise CheckpointError("config.json: eos_token_id must be an integer or a list of integers")
     return ModelConfig(arch, hidden, intermediate, n_layers, n_heads, n_kv_heads, head_dim, vocab, max_position,
-                       rms_eps, tie_embeddings=tie, qkv_bias=qkv_bias, qk_norm=qk_norm, sliding_window=sliding_window,
-                       eos_token_ids=eos_ids, **rope)
+                       rms_eps, tie_embeddings=tie, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                       qk_norm_whole=arch == "Olmo2ForCausalLM", post_norm=arch == "Olmo2ForCausalLM",
+                       fused_projections=arch == "Phi3ForCausalLM", rotary_dim=rotary_dim,
+                       sliding_window=sliding_window, eos_token_ids=eos_ids, **rope)
 
 
-def _parse_rope(c: dict) -> dict:
+def _parse_rope(c: dict, partial_rotary: bool = False) -> dict:
     """transformers 5 keeps theta and scaling in 'rope_parameters'; older configs in
-    'rope_theta' + 'rope_scaling'. Both are accepted."""
+    'rope_theta' + 'rope_scaling'. Both are accepted. partial_rotary: the family may rotate part of
+    each head (Phi-3: 'partial_rotary_factor' in the rope object, else at the top level), returned
+    as out["partial_rotary_factor"]; any other family refuses a factor other than 1."""
     params, scaling = _field(c, "rope_parameters"), _field(c, "rope_scaling")
     for key, v in (("rope_parameters", params), ("rope_scaling", scaling)):
         if v is not None and not isinstance(v, dict):
@@ -291,6 +307,13 @@ def _parse_rope(c: dict) -> dict:
         raise CheckpointError("config.json: rope_theta must be positive")
     out = {"rope_theta": theta}
     spec = params if params is not None else scaling
+    factor = _number(c, "partial_rotary_factor", 1.0) if partial_rotary else 1.0
+    if spec is not None:
+        factor = _number(spec, "partial_rotary_factor", factor, "rope.")
+    if factor != 1.0:
+        if not partial_rotary:
+            raise CheckpointError("config.json: partial_rotary_factor != 1 is not supported")
+        out["partial_rotary_factor"] = factor
     if spec is None:
         return out
     kind = "default"
@@ -300,8 +323,10 @@ def _parse_rope(c: dict) -> dict:
             if not isinstance(kind, str):
                 raise CheckpointError(f"config.json: rope '{key}' must be a string")
             break
-    if _number(spec, "partial_rotary_factor", 1.0, "rope.") != 1.0:
-        raise CheckpointError("config.json: partial_rotary_factor != 1 is not supported")
+    if kind in ("longrope", "su", "yarn") and partial_rotary:
+        raise CheckpointError(f"config.json: rope scaling '{kind}' (Phi-3's long-context RoPE, whose frequencies "
+                              "switch with the sequence length) is not supported; use the model's short-context "
+                              "variant (plain RoPE)")
     if kind not in ROPE_TYPES:
         raise CheckpointError(f"config.json: unsupported rope scaling type '{kind}' "
                               f"(shortrt supports {', '.join(ROPE_TYPES)})")
@@ -435,29 +460,50 @@ def layer_map_plan(layer_map: LayerMap, skip_layers=()) -> tuple[Step, ...]:
 
 # ============================================================================ tensors
 
+def sublayer_prefixes(post_norm: bool) -> dict[str, tuple[str, ...]]:
+    """Which tensors of a decoder layer (names after "model.layers.{i}.") belong to its attention and
+    which to its MLP: a layer without one has none of its tensors. The norm goes with the sublayer it
+    wraps: before it (input_layernorm, post_attention_layernorm for the MLP) or, in OLMo-2, after it
+    (post_attention_layernorm for the attention, post_feedforward_layernorm for the MLP).
+    post_norm: ModelConfig.post_norm (OLMo-2)."""
+    if post_norm:
+        return {"attention": ("self_attn.", "post_attention_layernorm."),
+                "mlp": ("mlp.", "post_feedforward_layernorm.")}
+    return {"attention": ("input_layernorm.", "self_attn."), "mlp": ("post_attention_layernorm.", "mlp.")}
+
+
 def expected_tensors(cfg: ModelConfig, layer_map: LayerMap) -> dict[str, tuple[int, ...]]:
     """Every tensor the checkpoint must hold, with its shape (lm_head only when untied)."""
-    h, hd = cfg.hidden, cfg.head_dim
+    h, hd, inter = cfg.hidden, cfg.head_dim, cfg.intermediate
     q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
     out = {"model.embed_tokens.weight": (cfg.vocab, h), "model.norm.weight": (h,)}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = (cfg.vocab, h)
+    attn_norm = "post_attention_layernorm.weight" if cfg.post_norm else "input_layernorm.weight"
+    mlp_norm = "post_feedforward_layernorm.weight" if cfg.post_norm else "post_attention_layernorm.weight"
     for i, e in enumerate(layer_map.layers):
         p = f"model.layers.{i}."
         if e.attention:
-            out.update({p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (q, h),
-                        p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.v_proj.weight": (kv, h),
-                        p + "self_attn.o_proj.weight": (h, q)})
+            out[p + attn_norm] = (h,)
+            if cfg.fused_projections:
+                out[p + "self_attn.qkv_proj.weight"] = (q + 2 * kv, h)
+            else:
+                out.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                            p + "self_attn.v_proj.weight": (kv, h)})
+            out[p + "self_attn.o_proj.weight"] = (h, q)
             if cfg.qkv_bias:
                 out.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                             p + "self_attn.v_proj.bias": (kv,)})
             if cfg.qk_norm:
-                out.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+                qn, kn = (q, kv) if cfg.qk_norm_whole else (hd, hd)
+                out.update({p + "self_attn.q_norm.weight": (qn,), p + "self_attn.k_norm.weight": (kn,)})
         if e.mlp:
-            out.update({p + "post_attention_layernorm.weight": (h,),
-                        p + "mlp.gate_proj.weight": (cfg.intermediate, h),
-                        p + "mlp.up_proj.weight": (cfg.intermediate, h),
-                        p + "mlp.down_proj.weight": (h, cfg.intermediate)})
+            out[p + mlp_norm] = (h,)
+            if cfg.fused_projections:
+                out[p + "mlp.gate_up_proj.weight"] = (2 * inter, h)
+            else:
+                out.update({p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h)})
+            out[p + "mlp.down_proj.weight"] = (h, inter)
     return out
 
 
@@ -466,6 +512,7 @@ def check_tensors(cfg: ModelConfig, layer_map: LayerMap, found: dict[str, tuple[
     """The tensor set is exactly what config.json and shortrt.json say: every expected tensor with
     its shape and a float dtype, nothing else (a tied lm_head.weight is tolerated and unused)."""
     expected = expected_tensors(cfg, layer_map)
+    owners = sublayer_prefixes(cfg.post_norm)
     k = len(layer_map.layers)
     for name in sorted(found, key=_tensor_order):
         if name in expected or _IGNORED_TENSOR.search(name):
@@ -476,10 +523,11 @@ def check_tensors(cfg: ModelConfig, layer_map: LayerMap, found: dict[str, tuple[
         if m and int(m.group(1)) >= k:
             raise CheckpointError(f"{where}: tensor '{name}' is for layer {m.group(1)} but config.json has "
                                   f"num_hidden_layers = {k}")
-        if m and m.group(2).startswith(("input_layernorm.", "self_attn.")):
+        # A sublayer's tensor in a layer shortrt.json says lacks it (else it is simply not part of the family).
+        if m and not layer_map.layers[int(m.group(1))].attention and m.group(2).startswith(owners["attention"]):
             raise CheckpointError(f"{where}: tensor '{name}' exists but shortrt.json says layer {m.group(1)} "
                                   "has no attention")
-        if m and m.group(2).startswith(("post_attention_layernorm.", "mlp.")):
+        if m and not layer_map.layers[int(m.group(1))].mlp and m.group(2).startswith(owners["mlp"]):
             raise CheckpointError(f"{where}: tensor '{name}' exists but shortrt.json says layer {m.group(1)} "
                                   "has no MLP")
         raise CheckpointError(f"{where}: unexpected tensor '{name}' (not part of a {cfg.architecture})")
@@ -1021,7 +1069,7 @@ def rewrite_layer_map(model, layer_map: LayerMap) -> Model:
 
 __all__ = [
     "ARCHITECTURES", "ModelConfig", "parse_config", "parse_layer_map", "Step", "layer_map_plan",
-    "expected_tensors", "check_tensors", "weight_files", "Model", "load", "layer_map_of", "cache_dir",
+    "sublayer_prefixes", "expected_tensors", "check_tensors", "weight_files", "Model", "load", "layer_map_of", "cache_dir",
     "default_gguf_path", "staging_dir", "staging_file", "move_into_place", "check_out_dir", "write_checkpoint",
     "remove_stale_staging", "check_finite", "Interrupted", "rewrite_layer_map",
 ]

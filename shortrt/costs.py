@@ -88,8 +88,10 @@ def weight_table(model, dtype: str, lm_head_dtype: str = "auto") -> Linear:
     head_dtype = resolve_lm_head_dtype(dtype, lm_head_dtype)
     c = load(model).model_config
     q_rows, kv_rows = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    qk_norms = (q_rows + kv_rows if c.qk_norm_whole else 2 * c.head_dim) if c.qk_norm else 0  # Qwen3, OLMo-2
     attention = (4 * c.hidden + _matrix_bytes(q_rows + 2 * kv_rows, c.hidden, dtype)
-                 + _matrix_bytes(c.hidden, q_rows, dtype) + (4 * (q_rows + 2 * kv_rows) if c.qkv_bias else 0))
+                 + _matrix_bytes(c.hidden, q_rows, dtype) + (4 * (q_rows + 2 * kv_rows) if c.qkv_bias else 0)
+                 + 4 * qk_norms)
     mlp = (4 * c.hidden + _matrix_bytes(2 * c.intermediate, c.hidden, dtype)
            + _matrix_bytes(c.hidden, c.intermediate, dtype))
     embed, head = _matrix_bytes(c.vocab, c.hidden, dtype), _matrix_bytes(c.vocab, c.hidden, head_dtype)

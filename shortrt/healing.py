@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from . import lora as _lora
-from .checkpoint import Model, check_out_dir, load, write_checkpoint
+from .checkpoint import Model, check_out_dir, load, sublayer_prefixes, write_checkpoint
 from .devices import is_cuda, resolve_device
 from .errors import ShortrtError
 
@@ -252,6 +252,8 @@ def make_trainable(hf, plan, *, rank: int, alpha: float, full: bool, seed: int):
     """Freeze `hf`, then make the layers `plan` runs trainable: LoRA adapters on their projections
     (only the sublayers the plan runs), or with full=True all their sublayers' weights.
     Returns (parameters to optimize, checkpoint tensor names the training changes)."""
+    from .layer_plan import is_post_norm
+
     hf.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     params, trained = [], []
@@ -259,14 +261,13 @@ def make_trainable(hf, plan, *, rank: int, alpha: float, full: bool, seed: int):
         layer, prefix = hf.model.layers[step.index], f"model.layers.{step.index}."
         parts = (("attention",) if step.attention else ()) + (("mlp",) if step.mlp else ())
         if full:
-            owners = {"attention": ("input_layernorm.", "self_attn."), "mlp": ("post_attention_layernorm.", "mlp.")}
+            owners = sublayer_prefixes(is_post_norm(layer))  # a sublayer's norm trains with it
             for name, p in layer.named_parameters():
                 if name.startswith(sum((owners[part] for part in parts), ())):
                     params.append(p.requires_grad_(True))
                     trained.append(prefix + name)
             continue
-        projections = sum(((_lora.ATTENTION_PROJECTIONS if part == "attention" else _lora.MLP_PROJECTIONS)
-                           for part in parts), ())
+        projections = _lora.projections_of(layer, parts)
         for adapter in _lora.attach(layer, projections, rank, alpha, gen):
             params += [adapter.lora_A, adapter.lora_B]
         trained += [prefix + path + ".weight" for path in projections]

@@ -59,16 +59,25 @@ def attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return additive.masked_fill_(~mask, torch.finfo(dtype).min)
 
 
+def is_post_norm(layer) -> bool:
+    """Whether a transformers decoder layer norms its sublayers' outputs (OLMo-2: no input_layernorm,
+    post_attention_layernorm after the attention, post_feedforward_layernorm after the MLP)."""
+    return not hasattr(layer, "input_layernorm") and hasattr(layer, "post_feedforward_layernorm")
+
+
 def run_layer(layer, h, pe, mask, *, attention: bool = True, mlp: bool = True):
-    """One decoder layer (a transformers module of the Llama family) on h [rows, T, hidden]:
-    (mid-layer residual h + attn(norm(h)), output), either sublayer skipped when told.
-    pe: the rotary (cos, sin) for the rows' positions; mask: additive, broadcastable to [rows, 1, T, T]."""
+    """One decoder layer (a transformers module of the Llama family, Phi-3 or OLMo-2) on h [rows, T, hidden]:
+    (mid-layer residual h + attn(norm(h)) -- OLMo-2: h + norm(attn(h)) --, output), either sublayer
+    skipped when told. pe: the rotary (cos, sin) for the rows' positions; mask: additive,
+    broadcastable to [rows, 1, T, T]."""
+    post = is_post_norm(layer)
     if attention:
-        a, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=pe, attention_mask=mask)
-        h = h + a
+        x = h if post else layer.input_layernorm(h)
+        a, _ = layer.self_attn(hidden_states=x, position_embeddings=pe, attention_mask=mask)
+        h = h + (layer.post_attention_layernorm(a) if post else a)
     mid = h
     if mlp:
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = h + (layer.post_feedforward_layernorm(layer.mlp(h)) if post else layer.mlp(layer.post_attention_layernorm(h)))
     return mid, h
 
 

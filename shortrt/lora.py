@@ -13,9 +13,24 @@ import math
 import torch
 from torch import nn
 
-# The projections of a decoder layer's two sublayers (transformers' Llama/Mistral/Qwen2 names).
+# The projections of a decoder layer's two sublayers (transformers' Llama/Mistral/Qwen2/Qwen3/OLMo-2 names;
+# Phi-3 fuses them: FUSED_*).
 ATTENTION_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP_PROJECTIONS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+FUSED_ATTENTION_PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj")
+FUSED_MLP_PROJECTIONS = ("mlp.gate_up_proj", "mlp.down_proj")
+
+
+def projections_of(layer: nn.Module, parts) -> tuple[str, ...]:
+    """The projections of `layer`'s sublayers named in parts ("attention", "mlp"), as the layer names them."""
+    fused = hasattr(layer.mlp, "gate_up_proj")  # Phi-3
+    out: tuple[str, ...] = ()
+    for part in parts:
+        if part == "attention":
+            out += FUSED_ATTENTION_PROJECTIONS if fused else ATTENTION_PROJECTIONS
+        else:
+            out += FUSED_MLP_PROJECTIONS if fused else MLP_PROJECTIONS
+    return out
 
 
 class LoRALinear(nn.Module):

@@ -15,13 +15,11 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from .checkpoint import MAX_SHARD_BYTES, Model, check_out_dir, load, write_checkpoint
+from .checkpoint import MAX_SHARD_BYTES, Model, check_out_dir, load, sublayer_prefixes, write_checkpoint
 from .layermap import LayerEntry, LayerMap
 from .safetensors_writer import TensorSource
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_ATTENTION_PREFIXES = ("input_layernorm.", "self_attn.")
-_MLP_PREFIXES = ("post_attention_layernorm.", "mlp.")
 # Config lists that may happen to have num_hidden_layers items without being per-layer.
 _NOT_PER_LAYER = {"architectures", "eos_token_id", "bos_token_id", "pad_token_id", "bad_words_ids",
                   "suppress_tokens", "begin_suppress_tokens", "forced_decoder_ids", "id2label", "label2id"}
@@ -62,7 +60,10 @@ def layer_tensors(src: Model, layers: list[LayerEntry]) -> list[TensorSource]:
     """The tensors of a checkpoint whose layer i is `src`'s layer layers[i].source (its attention
     and MLP only where the entry keeps them): non-layer tensors, then each layer renamed. Each is
     copied in pieces of at most checkpoint.CHUNK_BYTES, so memory stays flat whatever the model's
-    size. (`src.tensors` is already checked to be exactly what its config and layer map say.)"""
+    size. (`src.tensors` is already checked to be exactly what its config and layer map say.)
+    A dropped sublayer takes its norm with it (checkpoint.sublayer_prefixes: OLMo-2's
+    post_attention_layernorm goes with its attention)."""
+    owners = sublayer_prefixes(src.model_config.post_norm)
     by_layer: dict[int, list[tuple[str, str]]] = {}
     plan: list[TensorSource] = []
     for name in sorted(src.tensors):
@@ -73,9 +74,9 @@ def layer_tensors(src: Model, layers: list[LayerEntry]) -> list[TensorSource]:
             plan.append(_source(src, name, name))
     for new_index, entry in enumerate(layers):
         for name, rest in by_layer[entry.source]:
-            if not entry.attention and rest.startswith(_ATTENTION_PREFIXES):
+            if not entry.attention and rest.startswith(owners["attention"]):
                 continue
-            if not entry.mlp and rest.startswith(_MLP_PREFIXES):
+            if not entry.mlp and rest.startswith(owners["mlp"]):
                 continue
             plan.append(_source(src, name, f"model.layers.{new_index}.{rest}"))
     return plan

@@ -20,8 +20,9 @@ from torch import nn
 from .checkpoint import ModelConfig, Step, load
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse RoPE frequencies, with transformers' linear and llama3 rescaling."""
-    dim = cfg.head_dim
+    """Inverse RoPE frequencies over the rotated dims of a head (rotary_dim), with transformers'
+    linear and llama3 rescaling."""
+    dim = cfg.rotary_dim or cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if cfg.rope_type == "linear":
         inv = inv / cfg.rope_factor
@@ -42,6 +43,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first cos.shape[-1] dims of each head of x [..., head_dim]; the rest pass through (Phi-3)."""
+    d = cos.shape[-1]
+    rot, rest = x[..., :d], x[..., d:]
+    return torch.cat([rot * cos + rotate_half(rot) * sin, rest], dim=-1)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
@@ -55,11 +63,14 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, w: dict, prefix: str):
         super().__init__()
         self.cfg = cfg
-        # q|k|v fused into one weight, as the runtime does.
-        self.wqkv = torch.cat([w[prefix + f"{n}_proj.weight"] for n in "qkv"])
+        # q|k|v fused into one weight, as the runtime does (Phi-3's checkpoint stores it so).
+        if cfg.fused_projections:
+            self.wqkv = w[prefix + "qkv_proj.weight"]
+        else:
+            self.wqkv = torch.cat([w[prefix + f"{n}_proj.weight"] for n in "qkv"])
         self.bqkv = torch.cat([w[prefix + f"{n}_proj.bias"] for n in "qkv"]) if cfg.qkv_bias else None
         self.wo = w[prefix + "o_proj.weight"]
-        # Qwen3: each q and k head RMS-normed (over head_dim) before RoPE.
+        # Qwen3: each q and k head RMS-normed (over head_dim) before RoPE; OLMo-2: all of q, all of k.
         self.q_norm = RMSNorm(w[prefix + "q_norm.weight"], cfg.rms_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(w[prefix + "k_norm.weight"], cfg.rms_eps) if cfg.qk_norm else None
 
@@ -69,13 +80,14 @@ class Attention(nn.Module):
         q_size, kv_size = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         qkv = F.linear(x, self.wqkv, self.bqkv)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        if self.q_norm is not None and cfg.qk_norm_whole:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
         k = k.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         v = v.view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not cfg.qk_norm_whole:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         group = cfg.n_heads // cfg.n_kv_heads
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
@@ -84,9 +96,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, w: dict, prefix: str):
+    def __init__(self, cfg: ModelConfig, w: dict, prefix: str):
         super().__init__()
-        self.w_gate_up = torch.cat([w[prefix + "gate_proj.weight"], w[prefix + "up_proj.weight"]])
+        if cfg.fused_projections:  # Phi-3: gate rows then up rows in one tensor
+            self.w_gate_up = w[prefix + "gate_up_proj.weight"]
+        else:
+            self.w_gate_up = torch.cat([w[prefix + "gate_proj.weight"], w[prefix + "up_proj.weight"]])
         self.w_down = w[prefix + "down_proj.weight"]
 
     def forward(self, x):
@@ -95,22 +110,28 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer; attention and/or MLP may be absent (shortrt.json flags)."""
+    """One decoder layer; attention and/or MLP may be absent (shortrt.json flags). Each sublayer's
+    norm is applied to its input, or (OLMo-2, cfg.post_norm) to its output before the residual add."""
 
     def __init__(self, cfg: ModelConfig, w: dict, i: int, attention: bool, mlp: bool):
         super().__init__()
         p = f"model.layers.{i}."
-        self.index = i
-        self.attn_norm = RMSNorm(w[p + "input_layernorm.weight"], cfg.rms_eps) if attention else None
+        self.index, self.post_norm = i, cfg.post_norm
+        attn_norm, mlp_norm = (("post_attention_layernorm", "post_feedforward_layernorm") if cfg.post_norm
+                               else ("input_layernorm", "post_attention_layernorm"))
+        self.attn_norm = RMSNorm(w[p + attn_norm + ".weight"], cfg.rms_eps) if attention else None
         self.attn = Attention(cfg, w, p + "self_attn.") if attention else None
-        self.mlp_norm = RMSNorm(w[p + "post_attention_layernorm.weight"], cfg.rms_eps) if mlp else None
-        self.mlp = MLP(w, p + "mlp.") if mlp else None
+        self.mlp_norm = RMSNorm(w[p + mlp_norm + ".weight"], cfg.rms_eps) if mlp else None
+        self.mlp = MLP(cfg, w, p + "mlp.") if mlp else None
 
     def forward(self, h, cos, sin):
         if self.attn is not None:
-            h = h + self.attn(self.attn_norm(h), cos, sin)
+            if self.post_norm:
+                h = h + self.attn_norm(self.attn(h, cos, sin))
+            else:
+                h = h + self.attn(self.attn_norm(h), cos, sin)
         if self.mlp is not None:
-            h = h + self.mlp(self.mlp_norm(h))
+            h = h + (self.mlp_norm(self.mlp(h)) if self.post_norm else self.mlp(self.mlp_norm(h)))
         return h
 
 

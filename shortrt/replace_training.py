@@ -40,7 +40,8 @@ _MIN_REL_GAIN = 1e-3
 
 
 class MLPBlock(nn.Module):
-    """h + mlp(post_attention_layernorm(h)): a decoder layer without its attention.
+    """h + mlp(post_attention_layernorm(h)) -- OLMo-2: h + post_feedforward_layernorm(mlp(h)) --: a
+    decoder layer without its attention.
 
     Its parameter names are those of the layer's MLP half, so its state_dict slots into a
     checkpoint as an attention-less layer.
@@ -48,10 +49,18 @@ class MLPBlock(nn.Module):
 
     def __init__(self, layer: nn.Module):
         super().__init__()
-        self.post_attention_layernorm = copy.deepcopy(layer.post_attention_layernorm)
+        from .layer_plan import is_post_norm
+
+        self.post_norm = is_post_norm(layer)
+        if self.post_norm:
+            self.post_feedforward_layernorm = copy.deepcopy(layer.post_feedforward_layernorm)
+        else:
+            self.post_attention_layernorm = copy.deepcopy(layer.post_attention_layernorm)
         self.mlp = copy.deepcopy(layer.mlp)
 
     def forward(self, hidden: torch.Tensor, **_) -> torch.Tensor:
+        if self.post_norm:
+            return hidden + self.post_feedforward_layernorm(self.mlp(hidden))
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 

@@ -20,8 +20,9 @@ import torch
 from .checkpoint import CHUNK_BYTES, Model
 from .errors import CheckpointError
 
-# The module tree under a decoder layer is the same for these (transformers' Llama family).
-STREAMED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+# Decoder layers that shortrt.layer_plan.run_layer runs (transformers' Llama family, Phi-3, OLMo-2).
+STREAMED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                  "Olmo2ForCausalLM", "Phi3ForCausalLM"}
 
 
 class LayerStream:

@@ -1,4 +1,4 @@
-"""Tiny random checkpoints (Llama, Mistral, Qwen2, Qwen3) and helpers for the runtime tests."""
+"""Tiny random checkpoints (Llama, Mistral, Qwen2, Qwen3, OLMo-2, Phi-3) and helpers for the runtime tests."""
 from __future__ import annotations
 
 import json
@@ -39,6 +39,8 @@ def make_tiny(path: Path, arch: str = "llama", seed: int = 0, dtype=torch.float3
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }
     config_cls, model_cls = classes[arch]
     kwargs = dict(TINY)
@@ -82,8 +84,11 @@ def write_pruned(src: Path, dst: Path, keep: list[int], flags: dict[int, tuple[b
     shortrt.json written; flags[new_index] = (attention, mlp) drops those tensors too."""
     from safetensors.torch import load_file, save_file
 
+    from shortrt.checkpoint import sublayer_prefixes
+
     dst.mkdir(parents=True, exist_ok=True)
     flags = flags or {}
+    owners = sublayer_prefixes(json.loads((src / "config.json").read_text()).get("model_type") == "olmo2")
     tensors = load_file(src / "model.safetensors")
     out = {}
     for name, t in tensors.items():
@@ -95,9 +100,10 @@ def write_pruned(src: Path, dst: Path, keep: list[int], flags: dict[int, tuple[b
             continue
         new = keep.index(old)
         attention, mlp = flags.get(new, (True, True))
-        if not attention and ("self_attn" in name or "input_layernorm" in name):
+        rest = name.split(".", 3)[3]
+        if not attention and rest.startswith(owners["attention"]):
             continue
-        if not mlp and (".mlp." in name or "post_attention_layernorm" in name):
+        if not mlp and rest.startswith(owners["mlp"]):
             continue
         out[name.replace(f"model.layers.{old}.", f"model.layers.{new}.")] = t.contiguous()
     save_file(out, dst / "model.safetensors", metadata={"format": "pt"})

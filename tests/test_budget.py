@@ -128,7 +128,8 @@ def test_size_errors(text, phrase):
 
 # ----------------------------------------------------------------------------- exact bytes
 
-@pytest.mark.parametrize("arch,tie", [("llama", True), ("llama", False), ("qwen2", False)])
+@pytest.mark.parametrize("arch,tie", [("llama", True), ("llama", False), ("qwen2", False), ("qwen3", False),
+                                      ("olmo2", False), ("phi3", True)])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int4"])
 def test_weight_and_kv_tables_equal_the_engine(tmp_path, arch, tie, dtype):
     path = make_tiny(tmp_path / "m", arch=arch, tie_word_embeddings=tie)[0]

@@ -32,6 +32,7 @@ struct UsageError : std::runtime_error {
 // The architecture as read from config.json (after validation).
 struct ModelConfig {
   std::string architecture;  // "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM"
+                             // | "Olmo2ForCausalLM" | "Phi3ForCausalLM"
   int hidden = 0;            // hidden_size
   int intermediate = 0;      // intermediate_size
   int n_layers = 0;          // num_hidden_layers of the checkpoint
@@ -49,7 +50,11 @@ struct ModelConfig {
   int rope_original_max_position = 0; // llama3
   bool tie_embeddings = false;        // tie_word_embeddings
   bool qkv_bias = false;              // Qwen2
-  bool qk_norm = false;               // Qwen3: RMSNorm over each q and k head before RoPE
+  bool qk_norm = false;               // Qwen3, OLMo-2: RMSNorm of q and k before RoPE
+  bool qk_norm_whole = false;         // OLMo-2: that norm spans the whole projection, not each head (Qwen3)
+  bool post_norm = false;             // OLMo-2: layer norms on each sublayer's output, no input norms
+  bool fused_projections = false;     // Phi-3: self_attn.qkv_proj and mlp.gate_up_proj tensors
+  int rotary_dim = 0;                 // leading dims of each head RoPE rotates (head_dim; Phi-3 partial_rotary_factor)
   int sliding_window = 0;             // Mistral's window (0 = none); max_seq may not exceed it
   std::vector<int> eos_token_ids;     // eos_token_id (int or list)
 };
