@@ -80,7 +80,7 @@ def _reproduces(ffn_mult: float, hidden: int, intermediate: int) -> bool:
 
 
 def ffn_mult_for(intermediate: int, hidden: int) -> float:
-    """The shortest decimal ffn_mult that gives exactly `intermediate` (see _reproduces), or
+    """An ffn_mult of at most 6 decimals that gives exactly `intermediate` (see _reproduces), or
     HeterogeneousExportError when none can: the format only expresses multiples of 256."""
     if intermediate % FFN_MULTIPLE:
         raise HeterogeneousExportError(
@@ -88,7 +88,9 @@ def ffn_mult_for(intermediate: int, hidden: int) -> float:
             f"width as int(2 * ffn_mult * hidden_size / 3) rounded up to a multiple of {FFN_MULTIPLE} (vLLM's "
             "_ffn_mult_to_intermediate_size), so only multiples of 256 are expressible")
     exact = 3 * intermediate / (2 * hidden)
-    for digits in range(7):
+    # the ratio itself where 6 decimals hold it (Llama 3 8B: 5.25), else the nearest 6-decimal value
+    # (NVIDIA's block_config keeps 6), so a reader that forgot the round-up is off by at most 1
+    for digits in range(6, -1, -1):
         candidate = round(exact, digits)
         if _reproduces(candidate, hidden, intermediate):
             return float(candidate)
