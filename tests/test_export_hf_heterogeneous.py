@@ -296,3 +296,21 @@ def test_cli_refuses_type_and_names_the_reason(variants, tmp_path, capsys):
     qwen2, _ = make_tiny(tmp_path / "q2", arch="qwen2", **WIDE)
     rc, _, err = run_cli(["export", qwen2, "--to", "hf-heterogeneous", "--out", tmp_path / "y"], capsys)
     assert rc == 1 and "no q/k/v bias" in err and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 2.0},
+                                     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
+def test_rope_scaling_travels(tmp_path, scaling):
+    """transformers reads the export's RoPE as the source's; llama.cpp's converter finds Llama 3's
+    original context at the top level, where it looks for it."""
+    from transformers import AutoConfig
+
+    src, _ = make_tiny(tmp_path / "src", rope_scaling=scaling, **WIDE)
+    out = export(src, tmp_path)
+    mine = AutoConfig.from_pretrained(out, trust_remote_code=True).rope_parameters
+    assert mine == AutoConfig.from_pretrained(src).rope_parameters
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["rope_scaling"]["rope_type"] == scaling["rope_type"]
+    if scaling["rope_type"] == "llama3":
+        assert raw["original_max_position_embeddings"] == 64
