@@ -137,7 +137,7 @@ def test_decode_attention_launcher_limits_the_temporaries():
     pytest.importorskip("triton")
     for nq, nkv, hd in ((32, 8, 128), (28, 4, 128), (9, 3, 64), (16, 16, 256)):
         cfg = attention.launch_config(1, nq, nkv, 4096, hd)
-        assert cfg["G_PAD"] * cfg["BLOCK_N"] * cfg["HD_PAD"] <= 8192 or cfg["BLOCK_N"] == 8
+        assert cfg["G_PAD"] * cfg["BLOCK_N"] * cfg["HD_PAD"] <= 4096 * cfg["num_warps"] // 4
         assert 1 <= cfg["n_splits"] <= 64
 
 

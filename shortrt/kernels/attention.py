@@ -163,19 +163,24 @@ def launch_config(B: int, nq: int, nkv: int, S: int, hd: int, *, sm_count: int =
                   interpreted: bool = False) -> dict:
     """Key block, splits and warps for the split kernel (the one place they are chosen).
 
-    The [G_PAD, BLOCK_N, HD_PAD] products are the largest temporaries: BLOCK_N keeps them at 8192
-    values (64 fp32 a thread over 4 warps). Splits: about two programs per SM in all, at most one
-    per BLOCK_N keys of S and 64 in all. The interpreter gets one or two splits (programs run serially).
+    The [G_PAD, BLOCK_N, HD_PAD] products are the largest temporaries: BLOCK_N keeps them at 4096
+    values (32 fp32 a thread over 4 warps; 8192 spilled on sm_90, see targets.py), at least 8 keys. Splits: about two programs per SM in all, at most
+    one per BLOCK_N keys of S and 64 in all. The interpreter gets one or two splits (programs run
+    serially). The combine kernel holds [SPLITS_PAD, HD_PAD] partials: 4 warps.
     """
     g_pad = triton.next_power_of_2(nq // nkv)
     hd_pad = triton.next_power_of_2(hd)
-    block_n = max(8, min(64, 8192 // (g_pad * hd_pad)))
+    block_n = max(8, min(64, 4096 // (g_pad * hd_pad)))
+    # 8 warps where the product or the K/V tiles alone reach 4096 values (G = 1: a 32 x 128 tile over
+    # 4 warps spilled on sm_80).
+    num_warps = 8 if g_pad * block_n * hd_pad > 4096 or block_n * hd_pad >= 4096 else 4
     max_splits = max(1, triton.cdiv(S, block_n))
     if interpreted:
         n_splits = min(2, max_splits)
     else:
         n_splits = max(1, min(64, max_splits, triton.cdiv(2 * sm_count, B * nkv)))
-    return {"G_PAD": g_pad, "HD_PAD": hd_pad, "BLOCK_N": block_n, "n_splits": n_splits, "num_warps": 4}
+    return {"G_PAD": g_pad, "HD_PAD": hd_pad, "BLOCK_N": block_n, "n_splits": n_splits, "num_warps": num_warps,
+            "combine_warps": 4}
 
 
 def decode_attention_triton(q, k_cache, v_cache, rows, lengths, scale: float, *, window: int = 0,
@@ -202,7 +207,7 @@ def decode_attention_triton(q, k_cache, v_cache, rows, lengths, scale: float, *,
         int(window), G=nq // nkv, G_PAD=cfg["G_PAD"], HD_PAD=cfg["HD_PAD"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"])
     _attention_combine_kernel[(B * nq,)](m, l, acc, out, ns, hd, SPLITS_PAD=triton.next_power_of_2(ns),
-                                         HD_PAD=cfg["HD_PAD"], num_warps=1)
+                                         HD_PAD=cfg["HD_PAD"], num_warps=cfg["combine_warps"])
     return out
 
 
