@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from shortrt.kernels import cosine
+from shortrt.kernels import _triton, cosine
 
 SIZES = [(37, 100), (257, 576), (1, 3)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -116,7 +116,7 @@ def test_auto_backend_on_cpu_is_the_torch_reference():
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     pytest.importorskip("triton")
-    monkeypatch.setattr(cosine, "triton_interpreted", lambda: False)
+    monkeypatch.setattr(_triton, "triton_interpreted", lambda: False)
     x, y = random_pair(4, 8, torch.float32)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         cosine.cosine_stats(x, y, backend="triton")

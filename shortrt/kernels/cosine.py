@@ -30,19 +30,7 @@ import math
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is optional: the torch path needs nothing else
-    triton = None
-    tl = None
-
-BACKENDS = ("auto", "triton", "torch")
-
-
-class KernelUnavailableError(RuntimeError):
-    """The Triton backend was asked for where it cannot run (callers turn it into their own error)."""
-
+from ._triton import BACKENDS, KernelUnavailableError, require_triton, tl, triton, triton_interpreted  # noqa: F401
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -124,31 +112,6 @@ if triton is not None:
         ok = offs < n
         c = tl.load(c_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, _arccos_over_pi(c), mask=ok)
-
-
-def triton_interpreted() -> bool:
-    """True if Triton and this module's kernels were both set up for Triton's CPU interpreter.
-
-    Triton's own jit'd builtins (tl.sum, tl.zeros) are fixed when triton is first imported, so
-    TRITON_INTERPRET=1 set after that import is not enough: check them as well as our kernel.
-    """
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_cosine_stats_kernel, InterpretedFunction) and isinstance(tl.sum, InterpretedFunction)
-
-
-def require_triton(device: torch.device) -> None:
-    """Raise KernelUnavailableError, saying what to do, unless the Triton kernel can run on `device`."""
-    if triton is None:
-        raise KernelUnavailableError("backend='triton' needs the triton package: pip install 'triton==3.9.*'")
-    if device.type == "cpu" and not triton_interpreted():
-        raise KernelUnavailableError(
-            "backend='triton' on CPU tensors runs only in Triton's interpreter: set "
-            "TRITON_INTERPRET=1 before triton is first imported (transformers imports it too), "
-            "or use backend='torch'"
-        )
 
 
 # ----------------------------------------------------------------------------- launchers

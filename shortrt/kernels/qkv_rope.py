@@ -1,0 +1,146 @@
+"""The decode front of attention: q|k|v projection, optional per-head q/k RMSNorm, RoPE, KV-cache write.
+
+For B decode tokens, x [B, d] and w_qkv [(nq + 2 nkv) * hd, d] (rows: q heads | k heads | v heads; a
+plain tensor or an Int8Weight):
+
+* qkv = x @ w_qkv^T (+ b_qkv), fp32;
+* q and k heads optionally RMS-normalized over hd with q_norm / k_norm (Qwen3), eps norm_eps;
+* RoPE in transformers' rotate_half convention: pairs (i, i + hd/2) turned by the angle table row
+  positions[b] (cos, sin [S, hd/2]);
+* roped k and v written into k_cache / v_cache [R, nkv, S, hd] at [rows[b], :, positions[b], :], in the
+  cache's dtype; roped q returned [B, nq, hd] in x's dtype.
+
+``qkv_rope_write_torch`` is the reference. The Triton path runs the projection with ``linear`` (cuBLAS for
+plain weights, the int8 kernel for Int8Weight) into an fp32 qkv, then ``_rope_write_kernel``: one program
+per (token, head) that normalizes, ropes and stores that head.
+
+Positions and rows are checked against S and R only for CPU tensors (on a GPU that would cost a sync, and
+the decode step is captured in a CUDA graph); on a GPU an out-of-range position is not written.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton import (ACTIVATION_DTYPES, check_dtype, check_same_device, check_shape, choose_backend,
+                      require_triton, tl, triton)
+from .linear import Int8Weight, linear
+
+
+def _check(x, w_qkv, b_qkv, cos, sin, positions, k_cache, v_cache, rows, n_heads, n_kv_heads, head_dim,
+           q_norm, k_norm):
+    name = "qkv_rope_write"
+    check_dtype(name, "x", x)
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"{name}: head_dim must be even and positive, got {head_dim}")
+    if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
+        raise ValueError(f"{name}: n_heads ({n_heads}) must be a positive multiple of n_kv_heads ({n_kv_heads})")
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"{name}: x must be a non-empty [B, d] tensor, got shape {list(x.shape)}")
+    B, d = x.shape
+    n_out = (n_heads + 2 * n_kv_heads) * head_dim
+    if isinstance(w_qkv, Int8Weight):
+        w_shape = w_qkv.shape
+    elif isinstance(w_qkv, torch.Tensor):
+        check_dtype(name, "w_qkv", w_qkv)
+        w_shape = tuple(w_qkv.shape)
+    else:
+        raise TypeError(f"{name}: w_qkv must be a tensor or an Int8Weight, got {type(w_qkv).__name__}")
+    if w_shape != (n_out, d):
+        raise ValueError(f"{name}: w_qkv must be [(n_heads + 2 n_kv_heads) * head_dim, d] = [{n_out}, {d}], "
+                         f"got {list(w_shape)}")
+    if b_qkv is not None:
+        check_dtype(name, "b_qkv", b_qkv)
+        check_shape(name, "b_qkv", b_qkv, (n_out,))
+    check_dtype(name, "k_cache", k_cache)
+    if k_cache.dim() != 4 or k_cache.shape[1] != n_kv_heads or k_cache.shape[3] != head_dim:
+        raise ValueError(f"{name}: k_cache must be [R, {n_kv_heads}, S, {head_dim}], got {list(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"{name}: v_cache ({list(v_cache.shape)}, {v_cache.dtype}) must match k_cache "
+                         f"({list(k_cache.shape)}, {k_cache.dtype})")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError(f"{name}: the caches must be contiguous")
+    R, _, S, _ = k_cache.shape
+    for what, t in (("cos", cos), ("sin", sin)):
+        check_dtype(name, what, t, (torch.float32, torch.bfloat16, torch.float16))
+        if t.dim() != 2 or t.shape[1] != head_dim // 2 or t.shape[0] < S:
+            raise ValueError(f"{name}: {what} must be [>= S = {S}, head_dim / 2 = {head_dim // 2}], got {list(t.shape)}")
+    for what, t in (("positions", positions), ("rows", rows)):
+        check_dtype(name, what, t, (torch.int64,))
+        check_shape(name, what, t, (B,))
+    for what, t in (("q_norm", q_norm), ("k_norm", k_norm)):
+        if t is not None:
+            check_dtype(name, what, t)
+            check_shape(name, what, t, (head_dim,))
+    device = check_same_device(name, x=x, q=w_qkv.q if isinstance(w_qkv, Int8Weight) else w_qkv, b=b_qkv,
+                               cos=cos, sin=sin, positions=positions, k_cache=k_cache, v_cache=v_cache,
+                               rows=rows, q_norm=q_norm, k_norm=k_norm)
+    if device.type == "cpu":
+        if positions.min().item() < 0 or positions.max().item() >= S:
+            raise ValueError(f"{name}: positions must be in [0, S = {S}), got {positions.tolist()}")
+        if rows.min().item() < 0 or rows.max().item() >= R:
+            raise ValueError(f"{name}: rows must be in [0, R = {R}), got {rows.tolist()}")
+    return device
+
+
+def _head_rmsnorm(t, weight, eps, plus_one):
+    w = weight.float() + 1.0 if plus_one else weight.float()
+    return t * torch.rsqrt(t.square().mean(dim=-1, keepdim=True) + eps) * w
+
+
+def _rope(t, cos, sin):
+    """t [B, heads, hd] fp32, cos/sin [B, hd/2] fp32: pairs (i, i + hd/2) rotated (rotate_half)."""
+    half = t.shape[-1] // 2
+    t1, t2 = t[..., :half], t[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat([t1 * c - t2 * s, t2 * c + t1 * s], dim=-1)
+
+
+def qkv_rope_write_torch(x, w_qkv, b_qkv, cos, sin, positions, k_cache, v_cache, rows, n_heads, n_kv_heads,
+                         head_dim, *, q_norm=None, k_norm=None, norm_eps: float = 1e-6,
+                         norm_plus_one: bool = False) -> torch.Tensor:
+    """Reference: fp32 math throughout; writes the caches in place and returns roped q [B, nq, hd]."""
+    _check(x, w_qkv, b_qkv, cos, sin, positions, k_cache, v_cache, rows, n_heads, n_kv_heads, head_dim,
+           q_norm, k_norm)
+    B = x.shape[0]
+    w = w_qkv.dequantize() if isinstance(w_qkv, Int8Weight) else w_qkv.float()
+    qkv = x.float() @ w.T
+    if b_qkv is not None:
+        qkv = qkv + b_qkv.float()
+    nq, nkv, hd = n_heads, n_kv_heads, head_dim
+    q = qkv[:, : nq * hd].reshape(B, nq, hd)
+    k = qkv[:, nq * hd: (nq + nkv) * hd].reshape(B, nkv, hd)
+    v = qkv[:, (nq + nkv) * hd:].reshape(B, nkv, hd)
+    if q_norm is not None:
+        q = _head_rmsnorm(q, q_norm, norm_eps, norm_plus_one)
+    if k_norm is not None:
+        k = _head_rmsnorm(k, k_norm, norm_eps, norm_plus_one)
+    c, s = cos[positions].float(), sin[positions].float()
+    q, k = _rope(q, c, s), _rope(k, c, s)
+    k_cache[rows, :, positions, :] = k.to(k_cache.dtype)
+    v_cache[rows, :, positions, :] = v.to(v_cache.dtype)
+    return q.to(x.dtype)
+
+
+def qkv_rope_write_triton(x, w_qkv, b_qkv, cos, sin, positions, k_cache, v_cache, rows, n_heads, n_kv_heads,
+                          head_dim, *, q_norm=None, k_norm=None, norm_eps: float = 1e-6,
+                          norm_plus_one: bool = False) -> torch.Tensor:
+    device = _check(x, w_qkv, b_qkv, cos, sin, positions, k_cache, v_cache, rows, n_heads, n_kv_heads,
+                    head_dim, q_norm, k_norm)
+    require_triton(device)
+    # replaced by the kernel in the next step
+    return qkv_rope_write_torch(x, w_qkv, b_qkv, cos, sin, positions, k_cache, v_cache, rows, n_heads,
+                                n_kv_heads, head_dim, q_norm=q_norm, k_norm=k_norm, norm_eps=norm_eps,
+                                norm_plus_one=norm_plus_one)
+
+
+def qkv_rope_write(x, w_qkv, b_qkv, cos, sin, positions, k_cache, v_cache, rows, n_heads, n_kv_heads, head_dim,
+                   *, q_norm=None, k_norm=None, norm_eps: float = 1e-6, norm_plus_one: bool = False,
+                   backend: str = "auto") -> torch.Tensor:
+    """Project x [B, d] to q|k|v, norm (optional) and rope q and k, write k and v into the caches; return q.
+
+    norm_plus_one: the q/k norms scale by (1 + weight) (Gemma's convention) instead of weight.
+    """
+    fn = qkv_rope_write_triton if choose_backend("qkv_rope_write", backend, x.device) == "triton" \
+        else qkv_rope_write_torch
+    return fn(x, w_qkv, b_qkv, cos, sin, positions, k_cache, v_cache, rows, n_heads, n_kv_heads, head_dim,
+              q_norm=q_norm, k_norm=k_norm, norm_eps=norm_eps, norm_plus_one=norm_plus_one)
