@@ -160,3 +160,26 @@ def test_healing_benchmark_variants_and_report(tmp_path):
     assert "| r8 | 1.79 M | 40 (40) | 81920 | 111.3 → 55.3 | 60.00 (×1.50) | 25.00 (×1.25) | 191 | 594 s |" in md
     healing.plot(doc, tmp_path / "h.png")
     assert (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_gpu_benchmark_dry_run_records_rows_and_a_crashed_worker(tmp_path, monkeypatch, capsys):
+    """benchmarks/gpu.py's code path on the CPU (tiny shape, torch kernels): every gpueng row measured,
+    the transformers worker's segfault recorded as its rows' failure, gpu.json and gpu.md written."""
+    import gpu
+
+    crash_where(monkeypatch, lambda spec: spec["engine"] == "transformers-gpu")
+    result = gpu.main(["--dry-run", "--dtypes", "bf16", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    assert rows == json.loads(json.dumps(result["rows"]))
+    mine = [r for r in rows if r["engine"] == "gpueng"]
+    assert [(r["variant"], r["batch"]) for r in mine] == [(v, b) for v in gpu.VARIANTS for b in (1, 2)]
+    for r in mine:
+        assert "failed" not in r and r["tok_s"] > 0 and r["step_ms"] > 0 and r["bytes_per_step"] > 0
+    layers = {r["variant"]: r["layers"] for r in mine}
+    assert layers == {"dense": 6, "layers": 4, "attention": 6}
+    assert {r["variant"]: r["attentions"] for r in mine} == {"dense": 6, "layers": 4, "attention": 4}
+    peers = [r for r in rows if r["engine"] == "transformers-gpu"]
+    assert len(peers) == 4 and all(r["failed"] == "killed by SIGSEGV" for r in peers)
+    md = (tmp_path / "gpu.md").read_text()
+    assert "| transformers-gpu | tiny | bf16 | dense | 1 | FAILED: killed by SIGSEGV |" in md
+    assert md in capsys.readouterr().out
