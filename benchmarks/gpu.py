@@ -304,6 +304,9 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=50, help="timed replays of the decode step per row")
     p.add_argument("--context", type=int, default=512, help="max_seq of the KV cache")
     p.add_argument("--worker-timeout", type=float, default=240)
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds for the whole run: a worker gets at most what is left, and jobs not started by "
+                        "then are recorded as failed rows (benchmarks/gpu_check.sh fits its time slot this way)")
     args = p.parse_args(argv)
     common = {"device": "cuda", "threads": 1, "module": "gpu", "context": args.context, "batches": args.batches,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "steps": args.steps}
@@ -320,8 +323,12 @@ def main(argv=None) -> dict:
     for job in jobs_for(args):
         spec = {**common, **job}
         t = time.time()
+        left = args.worker_timeout if args.deadline is None else min(args.worker_timeout, args.deadline - (t - started))
         print(f"gpu.py: {job['engine']} {job['shape']} {job['dtype']} ...", file=sys.stderr, flush=True)
-        out = harness.run_worker(spec, args.worker_timeout)
+        if left < 5:
+            out = {"failed": f"not run: the run's --deadline of {args.deadline:g} s was reached", "stderr_tail": None}
+        else:
+            out = harness.run_worker(spec, left)
         base = {"engine": job["engine"], "shape": job["shape"], "dtype": job["dtype"]}
         if "failed" in out:  # the whole worker died: each of its rows failed for that reason
             rows += [{**base, "variant": v, "batch": b, "failed": out["failed"], "stderr_tail": out.get("stderr_tail")}

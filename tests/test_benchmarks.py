@@ -183,3 +183,22 @@ def test_gpu_benchmark_dry_run_records_rows_and_a_crashed_worker(tmp_path, monke
     md = (tmp_path / "gpu.md").read_text()
     assert "| transformers-gpu | tiny | bf16 | dense | 1 | FAILED: killed by SIGSEGV |" in md
     assert md in capsys.readouterr().out
+
+
+def test_gpu_check_script_parses_and_its_dry_run_writes_every_file(tmp_path):
+    """benchmarks/gpu_check.sh on the CPU (--dry-run): the gpu-marked tests collected (skipped without a
+    GPU), the tiny benchmark run, every result in the one folder. It has never run on a GPU here."""
+    import subprocess
+
+    script = BENCH / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = dict(__import__("os").environ, PYTHON=sys.executable, PYTHONPATH=str(BENCH.parent))
+    proc = subprocess.run(["bash", str(script), "--dry-run", str(tmp_path / "out")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert files == {"env.txt", "pytest-gpu.txt", "pytest-gpu.xml", "gpu.json", "gpu.md", "gpu-bench.txt",
+                     "summary.txt"}
+    assert "skipped" in (tmp_path / "out" / "pytest-gpu.txt").read_text()
+    rows = json.loads((tmp_path / "out" / "gpu.json").read_text())["rows"]
+    assert rows and all("failed" not in r and r["tok_s"] > 0 for r in rows)
