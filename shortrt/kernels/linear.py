@@ -95,10 +95,68 @@ def linear_int8_torch(x: torch.Tensor, w: Int8Weight, *, out_dtype: torch.dtype 
     return (x.float() @ w.dequantize().T).to(out_dtype or x.dtype)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _linear_int8_kernel(x_ptr, q_ptr, s_ptr, y_ptr, n, m, k, stride_x, stride_y,
+                            BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                            DOT_BF16: tl.constexpr):
+        """y[n, m] = x[n, k] @ (scale * q)[m, k]^T; one program per (BLOCK_M weight rows, BLOCK_N tokens).
+
+        Each 32-column block is one dot of exact operands (int8 levels are exact in bf16 and fp32)
+        scaled by its per-row scale after the dot, so the products never round; fp32 accumulation.
+        """
+        rows_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok = rows_m < m
+        n_ok = rows_n < n
+        n_blocks = k // 32
+        cols = tl.arange(0, 32)
+        x_rows = x_ptr + rows_n.to(tl.int64)[:, None] * stride_x
+        q_rows = q_ptr + rows_m.to(tl.int64)[None, :] * k
+        s_rows = s_ptr + rows_m.to(tl.int64) * n_blocks
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            for j in tl.static_range(BLOCK_K // 32):
+                kk = k0 + j * 32 + cols
+                k_ok = kk < k
+                x = tl.load(x_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                w = tl.load(q_rows + kk[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0).to(tl.float32)
+                scale = tl.load(s_rows + (k0 // 32 + j), mask=m_ok & (rows_m * 0 + k0 + j * 32 < k), other=0.0)
+                if DOT_BF16:
+                    part = tl.dot(x.to(tl.bfloat16), w.to(tl.bfloat16))
+                else:
+                    part = tl.dot(x, w, input_precision="ieee")
+                acc += part * scale[None, :]
+        y_ptrs = y_ptr + rows_n.to(tl.int64)[:, None] * stride_y + rows_m[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+
+
+def launch_config(n: int, m: int, k: int, *, x_dtype=torch.bfloat16, interpreted: bool = False) -> dict:
+    """Tiles for y[n, m] = x[n, k] W^T (the one place they are chosen).
+
+    Decode is weight-bandwidth bound: 16 tokens a tile (tl.dot's smallest), BLOCK_M small enough that
+    m / BLOCK_M programs fill the GPU, 128 columns (4 int8 blocks) a step. The interpreter runs
+    programs one after another, so there the tiles are as large as the matrix allows.
+    """
+    if interpreted:
+        return {"BLOCK_N": 16, "BLOCK_M": min(128, max(16, triton.next_power_of_2(m))), "BLOCK_K": 128,
+                "DOT_BF16": False, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_N": 16, "BLOCK_M": 32 if m <= 16384 else 64, "BLOCK_K": 128,
+            "DOT_BF16": x_dtype == torch.bfloat16, "num_warps": 4, "num_stages": 3}
+
+
 def linear_int8_triton(x: torch.Tensor, w: Int8Weight, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    _check(x, w)
-    require_triton(x.device)
-    return linear_int8_torch(x, w, out_dtype=out_dtype)  # replaced by the kernel below in the next step
+    device = _check(x, w)
+    require_triton(device)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    n, k = x.shape
+    m = w.shape[0]
+    y = torch.empty((n, m), dtype=out_dtype or x.dtype, device=device)
+    cfg = launch_config(n, m, k, x_dtype=x.dtype, interpreted=device.type == "cpu")
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    _linear_int8_kernel[grid](x, w.q, w.scale, y, n, m, k, x.stride(0), y.stride(0), **cfg)
+    return y
 
 
 def linear_int8(x: torch.Tensor, w: Int8Weight, *, out_dtype: torch.dtype | None = None,

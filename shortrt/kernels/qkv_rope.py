@@ -121,16 +121,91 @@ def qkv_rope_write_torch(x, w_qkv, b_qkv, cos, sin, positions, k_cache, v_cache,
     return q.to(x.dtype)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _rope_write_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, rows_ptr, norm_ptr, out_ptr, v_out_ptr,
+                           stride_qkv, stride_cos, stride_sin, head0, n_out_heads, v_offset, S, eps,
+                           HALF: tl.constexpr, HALF_PAD: tl.constexpr, NORM: tl.constexpr,
+                           PLUS_ONE: tl.constexpr, IS_Q: tl.constexpr):
+        """One program per (token b, head h): norm (optional) and rope head head0 + h of qkv[b].
+
+        IS_Q: store into out [B, n_out_heads, hd]. Otherwise h is a kv head: store roped k into
+        out = k_cache[rows[b], h, positions[b]] and copy v (v_offset values further on in qkv) to v_cache.
+        """
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        pos = tl.load(pos_ptr + b)
+        i = tl.arange(0, HALF_PAD)
+        ok = i < HALF
+        src = qkv_ptr + b * stride_qkv + (head0 + h) * (2 * HALF)
+        t1 = tl.load(src + i, mask=ok, other=0.0).to(tl.float32)
+        t2 = tl.load(src + HALF + i, mask=ok, other=0.0).to(tl.float32)
+        if NORM:
+            inv_rms = 1.0 / tl.sqrt((tl.sum(t1 * t1, axis=0) + tl.sum(t2 * t2, axis=0)) / (2 * HALF) + eps)
+            w1 = tl.load(norm_ptr + i, mask=ok, other=0.0).to(tl.float32)
+            w2 = tl.load(norm_ptr + HALF + i, mask=ok, other=0.0).to(tl.float32)
+            if PLUS_ONE:
+                w1 = w1 + 1.0
+                w2 = w2 + 1.0
+            t1 = t1 * inv_rms * w1
+            t2 = t2 * inv_rms * w2
+        c = tl.load(cos_ptr + pos * stride_cos + i, mask=ok, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + pos * stride_sin + i, mask=ok, other=0.0).to(tl.float32)
+        r1 = t1 * c - t2 * s
+        r2 = t2 * c + t1 * s
+        if IS_Q:
+            dst = out_ptr + (b * n_out_heads + h) * (2 * HALF)
+            tl.store(dst + i, r1.to(out_ptr.dtype.element_ty), mask=ok)
+            tl.store(dst + HALF + i, r2.to(out_ptr.dtype.element_ty), mask=ok)
+        else:
+            row = tl.load(rows_ptr + b)
+            pos_i = i * 0 + pos  # as a vector: the interpreter cannot mask with scalar booleans
+            in_range = ok & (pos_i >= 0) & (pos_i < S)  # on a GPU a bad position is dropped, not written astray
+            off = ((row * n_out_heads + h) * S + pos) * (2 * HALF)
+            tl.store(out_ptr + off + i, r1.to(out_ptr.dtype.element_ty), mask=in_range)
+            tl.store(out_ptr + off + HALF + i, r2.to(out_ptr.dtype.element_ty), mask=in_range)
+            v1 = tl.load(src + v_offset + i, mask=ok, other=0.0)
+            v2 = tl.load(src + v_offset + HALF + i, mask=ok, other=0.0)
+            tl.store(v_out_ptr + off + i, v1.to(v_out_ptr.dtype.element_ty), mask=in_range)
+            tl.store(v_out_ptr + off + HALF + i, v2.to(v_out_ptr.dtype.element_ty), mask=in_range)
+
+
+def launch_config(head_dim: int) -> dict:
+    half_pad = triton.next_power_of_2(head_dim // 2)
+    return {"HALF_PAD": half_pad, "num_warps": 1 if half_pad <= 64 else 2}
+
+
 def qkv_rope_write_triton(x, w_qkv, b_qkv, cos, sin, positions, k_cache, v_cache, rows, n_heads, n_kv_heads,
                           head_dim, *, q_norm=None, k_norm=None, norm_eps: float = 1e-6,
                           norm_plus_one: bool = False) -> torch.Tensor:
     device = _check(x, w_qkv, b_qkv, cos, sin, positions, k_cache, v_cache, rows, n_heads, n_kv_heads,
                     head_dim, q_norm, k_norm)
     require_triton(device)
-    # replaced by the kernel in the next step
-    return qkv_rope_write_torch(x, w_qkv, b_qkv, cos, sin, positions, k_cache, v_cache, rows, n_heads,
-                                n_kv_heads, head_dim, q_norm=q_norm, k_norm=k_norm, norm_eps=norm_eps,
-                                norm_plus_one=norm_plus_one)
+    B = x.shape[0]
+    nq, nkv, hd = n_heads, n_kv_heads, head_dim
+    if isinstance(w_qkv, Int8Weight):
+        qkv = linear(x, w_qkv, out_dtype=torch.float32, backend="triton")
+    else:
+        qkv = linear(x, w_qkv) if w_qkv.dtype == x.dtype else x.float() @ w_qkv.float().T
+    if b_qkv is not None:
+        qkv = qkv.float() + b_qkv.float()  # fp32 from here on (the kernel casts after its loads anyway)
+    qkv = qkv.contiguous()
+    cos, sin = (t if t.stride(1) == 1 else t.contiguous() for t in (cos, sin))
+    q_norm = q_norm.contiguous() if q_norm is not None else None
+    k_norm = k_norm.contiguous() if k_norm is not None else None
+    q = torch.empty((B, nq, hd), dtype=x.dtype, device=device)
+    S = k_cache.shape[2]
+    cfg = launch_config(hd)
+    common = dict(HALF=hd // 2, HALF_PAD=cfg["HALF_PAD"], PLUS_ONE=bool(norm_plus_one), num_warps=cfg["num_warps"])
+    dummy = qkv  # never read when NORM is off
+    _rope_write_kernel[(B, nq)](qkv, cos, sin, positions, rows, q_norm if q_norm is not None else dummy, q, q,
+                                qkv.stride(0), cos.stride(0), sin.stride(0), 0, nq, 0, S, float(norm_eps),
+                                NORM=q_norm is not None, IS_Q=True, **common)
+    _rope_write_kernel[(B, nkv)](qkv, cos, sin, positions, rows, k_norm if k_norm is not None else dummy,
+                                 k_cache, v_cache, qkv.stride(0), cos.stride(0), sin.stride(0), nq, nkv,
+                                 nkv * hd, S, float(norm_eps), NORM=k_norm is not None, IS_Q=False, **common)
+    return q
 
 
 def qkv_rope_write(x, w_qkv, b_qkv, cos, sin, positions, k_cache, v_cache, rows, n_heads, n_kv_heads, head_dim,

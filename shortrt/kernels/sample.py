@@ -74,10 +74,106 @@ def sample_torch(logits, temperature, top_k, top_p, uniform) -> torch.Tensor:
     return torch.where(greedy, logits.argmax(dim=1), token)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _exp_tile(row_ptr, v0, V, inv_t, z_max, BLOCK_V: tl.constexpr):
+        """e = exp((logits - max) / T) of one tile (0 outside the row), its indices and validity."""
+        idx = v0 + tl.arange(0, BLOCK_V)
+        ok = idx < V
+        x = tl.load(row_ptr + idx, mask=ok, other=0.0)
+        e = tl.where(ok, tl.exp(x * inv_t - z_max), 0.0)
+        return e, idx, ok
+
+    @triton.jit
+    def _mass_above(row_ptr, V, inv_t, z_max, threshold, BLOCK_V: tl.constexpr):
+        """(count, sum) of the e whose bits are >= threshold (an int32 bit pattern of a float >= 0)."""
+        count = 0
+        total = 0.0
+        for v0 in range(0, V, BLOCK_V):
+            e, idx, ok = _exp_tile(row_ptr, v0, V, inv_t, z_max, BLOCK_V)
+            kept = ok & (e.to(tl.int32, bitcast=True) >= threshold)
+            count += tl.sum(kept.to(tl.int32), axis=0)
+            total += tl.sum(tl.where(kept, e, 0.0), axis=0)
+        return count, total
+
+    @triton.jit
+    def _sample_kernel(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, uniform_ptr, out_ptr, V, stride,
+                       min_temperature, BLOCK_V: tl.constexpr):
+        """One program per row; see the module docstring for the rule. Bisection keeps lo a threshold
+        that holds (count >= k, or mass >= target) and hi one that does not, over the bit patterns of
+        e in [0, 1]: 30 halvings take hi - lo from 2^30 to 1, leaving lo the exact kept value."""
+        b = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + b * stride
+        t = tl.load(temperature_ptr + b)
+        # pass 1: the argmax (lowest index on ties) and the largest scaled logit
+        best = -float("inf")
+        best_idx = V * 0
+        for v0 in range(0, V, BLOCK_V):
+            idx = v0 + tl.arange(0, BLOCK_V)
+            x = tl.load(row_ptr + idx, mask=idx < V, other=-float("inf"))
+            tile_max = tl.max(x, axis=0)
+            tile_idx = tl.min(tl.where(x == tile_max, idx, V), axis=0)
+            better = tile_max > best
+            best_idx = tl.where(better, tile_idx, best_idx)
+            best = tl.where(better, tile_max, best)
+        token = best_idx
+        if t >= min_temperature:
+            inv_t = 1.0 / t
+            z_max = best * inv_t
+            k = tl.load(top_k_ptr + b)
+            top_p = tl.load(top_p_ptr + b)
+            one_up = 0x3F800001  # just above the bits of 1.0, the largest e: nothing is kept
+            lo = 0
+            if (k > 0) & (k < V):
+                hi = one_up
+                for _ in range(30):
+                    mid = lo + (hi - lo) // 2
+                    count, _total = _mass_above(row_ptr, V, inv_t, z_max, mid, BLOCK_V)
+                    lo = tl.where(count >= k, mid, lo)
+                    hi = tl.where(count >= k, hi, mid)
+            if top_p < 1.0:
+                _count, kept_total = _mass_above(row_ptr, V, inv_t, z_max, lo, BLOCK_V)
+                target = top_p * kept_total
+                hi = one_up
+                for _ in range(30):
+                    mid = lo + (hi - lo) // 2
+                    _count, mass = _mass_above(row_ptr, V, inv_t, z_max, mid, BLOCK_V)
+                    lo = tl.where(mass >= target, mid, lo)
+                    hi = tl.where(mass >= target, hi, mid)
+            _count, kept_mass = _mass_above(row_ptr, V, inv_t, z_max, lo, BLOCK_V)
+            draw = tl.load(uniform_ptr + b) * kept_mass
+            # last pass: the first kept index where the running sum of kept e exceeds draw
+            run = 0.0
+            found = V * 0 - 1
+            last = V * 0 - 1
+            for v0 in range(0, V, BLOCK_V):
+                e, idx, ok = _exp_tile(row_ptr, v0, V, inv_t, z_max, BLOCK_V)
+                kept = ok & (e.to(tl.int32, bitcast=True) >= lo)
+                ek = tl.where(kept, e, 0.0)
+                running = run + tl.cumsum(ek, axis=0)
+                first = tl.min(tl.where(kept & (running > draw), idx, V), axis=0)
+                found = tl.where((found < 0) & (first < V), first, found)
+                last = tl.maximum(last, tl.max(tl.where(kept, idx, -1), axis=0))
+                run += tl.sum(ek, axis=0)
+            token = tl.where(found >= 0, found, last)
+        tl.store(out_ptr + b, token.to(tl.int64))
+
+
+def launch_config(V: int) -> dict:
+    return {"BLOCK_V": min(2048, triton.next_power_of_2(V)), "num_warps": 8 if V >= 8192 else 4}
+
+
 def sample_triton(logits, temperature, top_k, top_p, uniform) -> torch.Tensor:
     device = _check(logits, temperature, top_k, top_p, uniform)
     require_triton(device)
-    return sample_torch(logits, temperature, top_k, top_p, uniform)  # next step: the kernel
+    logits = logits if logits.stride(1) == 1 else logits.contiguous()
+    B, V = logits.shape
+    out = torch.empty(B, dtype=torch.int64, device=device)
+    cfg = launch_config(V)
+    _sample_kernel[(B,)](logits, temperature, top_k, top_p, uniform, out, V, logits.stride(0), MIN_TEMPERATURE,
+                         BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"])
+    return out
 
 
 def sample(logits, temperature, top_k, top_p, uniform, *, backend: str = "auto") -> torch.Tensor:
