@@ -251,8 +251,7 @@ class GpuEngine(TextEngine):
         self.rope_cos = angles.cos().to(dev)  # [max_seq, head_dim / 2]
         self.rope_sin = angles.sin().to(dev)
         self.scale = cfg.head_dim ** -0.5
-        self._graphs: dict[int, _GraphStep] = {}
-        self._graph_pool = None
+        self._graphs: dict[tuple[int, bool], _GraphStep] = {}  # by (batch size, greedy)
         self.graph_error: str | None = None  # why decoding runs without CUDA graphs, once capture failed
         # Requests (as csrc/engine.cpp): _lock guards what follows, _step_lock makes steps one at a time.
         self._lock = threading.Lock()
@@ -366,8 +365,9 @@ class GpuEngine(TextEngine):
     # --- the model --------------------------------------------------------
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         e = self.embed
-        if isinstance(e, Int8Weight):  # dequantize the rows looked up
-            return (e.q[tokens].float() * e.scale[tokens].repeat_interleave(32, dim=-1)).to(self.act_dtype)
+        if isinstance(e, Int8Weight):  # dequantize the rows looked up (blocks of 32, one fp32 product each)
+            rows = e.q[tokens].float().unflatten(-1, (-1, 32)) * e.scale[tokens][..., None]
+            return rows.flatten(-2).to(self.act_dtype)
         return e[tokens].to(self.act_dtype)
 
     def _linear(self, x, w):
@@ -386,9 +386,11 @@ class GpuEngine(TextEngine):
         x = self._norm(h, layer.mlp_norm)
         return h + lin(swiglu(lin(x, layer.w_gate_up), backend=self._kernel_backend), layer.w_down)
 
-    def _forward_decode(self, ints: torch.Tensor, floats: torch.Tensor):
+    def _forward_decode(self, ints: torch.Tensor, floats: torch.Tensor, greedy: bool = False):
         """One token for each of B sequences. ints [4, B] int64: token, position, KV row, top_k;
         floats [3, B] fp32: temperature, top_p, uniform. Returns (logits [B, vocab] fp32, next [B] int64).
+        greedy: every row has temperature 0, so the next token is the argmax (lowest index on ties,
+        as sample() picks at temperature 0) without the sampler's passes over the vocabulary.
         Only kernels and shape-determined work: this is what a CUDA graph captures."""
         cfg, kb = self.cfg, self._kernel_backend
         tokens, positions, rows, top_k = ints[0], ints[1], ints[2], ints[3]
@@ -406,7 +408,12 @@ class GpuEngine(TextEngine):
             if layer.w_gate_up is not None:
                 h = self._mlp(layer, h, self._linear)
         logits = self._linear(self._norm(h, self.final_norm), self.lm_head).float()
-        return logits, sample(logits, floats[0], top_k, floats[1], floats[2], backend=kb)
+        return logits, self._next_tokens(logits, top_k, floats, greedy)
+
+    def _next_tokens(self, logits, top_k, floats, greedy: bool):
+        if greedy:
+            return logits.argmax(dim=1)
+        return sample(logits, floats[0], top_k, floats[1], floats[2], backend=self._kernel_backend)
 
     def _forward_prefill(self, row: int, ids: list[int], start: int, all_logits: bool) -> torch.Tensor:
         """Prompt tokens ids at positions start.. of KV row `row`: K/V written, logits [T or 1, vocab] fp32."""
@@ -446,29 +453,28 @@ class GpuEngine(TextEngine):
 
     def _decode(self, ints: np.ndarray, floats: np.ndarray):
         """_forward_decode for host inputs: a replayed CUDA graph when one is (or can be) captured."""
-        B = ints.shape[1]
+        B, greedy = ints.shape[1], not floats[0].any()
         if self.cuda_graphs:
-            graph = self._graphs.get(B)
+            graph = self._graphs.get((B, greedy))
             if graph is None:
-                graph = self._capture(B)
+                graph = self._capture(B, greedy)
             if graph is not None:
                 return graph.run(ints, floats)
-        return self._forward_decode(torch.from_numpy(ints).to(self.device), torch.from_numpy(floats).to(self.device))
+        return self._forward_decode(torch.from_numpy(ints).to(self.device), torch.from_numpy(floats).to(self.device),
+                                    greedy)
 
-    def _capture(self, B: int):
-        """The CUDA graph of the decode step for B sequences, or None (and graph_error set, a line on
+    def _capture(self, B: int, greedy: bool):
+        """The CUDA graph of the decode step for B sequences (greedy or sampling), or None (and graph_error set, a line on
         stderr) when capture fails; decoding then launches the kernels one by one."""
         try:
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
-            graph = _GraphStep(self, B, self._graph_pool)
+            graph = _GraphStep(self, B, greedy)
         except Exception as exc:  # the kernels could not be captured: run eagerly, say so once
             torch.cuda.synchronize(self.device)
             self.graph_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
             print(f"shortrt: CUDA-graph capture of the decode step failed ({self.graph_error}); "
                   "decoding without graphs (slower)", file=sys.stderr)
             return None
-        self._graphs[B] = graph
+        self._graphs[B, greedy] = graph
         return graph
 
     # --- requests (continuous batching) -------------------------------------
@@ -586,8 +592,7 @@ class GpuEngine(TextEngine):
             if r.prefilled == len(r.prompt):
                 top_k, floats = self._sampling_inputs([r])
                 f = torch.tensor(floats, dtype=torch.float32, device=self.device)
-                token = sample(logits, f[0], torch.tensor(top_k, device=self.device), f[1], f[2],
-                               backend=self._kernel_backend)
+                token = self._next_tokens(logits, torch.tensor(top_k, device=self.device), f, floats[0][0] == 0)
                 sampled.append((r, int(token[0])))
         return sampled
 
@@ -781,7 +786,7 @@ class _GraphStep:
     before writing it (a request's last fed token sits at prompt + max_new_tokens - 2 <= max_seq - 2,
     and logits() writes each position before attending to it)."""
 
-    def __init__(self, engine: GpuEngine, B: int, pool):
+    def __init__(self, engine: GpuEngine, B: int, greedy: bool):
         dev = engine.device
         self.ints = torch.zeros(4, B, dtype=torch.int64, device=dev)
         self.floats = torch.zeros(3, B, dtype=torch.float32, device=dev)
@@ -792,11 +797,11 @@ class _GraphStep:
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(2):
-                engine._forward_decode(self.ints, self.floats)
+                engine._forward_decode(self.ints, self.floats, greedy)
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits, self.next = engine._forward_decode(self.ints, self.floats)
+        with torch.cuda.graph(self.graph):  # its own memory pool: graphs of other batch sizes never alias it
+            self.logits, self.next = engine._forward_decode(self.ints, self.floats, greedy)
         self._host_ints = torch.empty(4, B, dtype=torch.int64).pin_memory()
         self._host_floats = torch.empty(3, B, dtype=torch.float32).pin_memory()
 
