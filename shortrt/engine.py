@@ -133,8 +133,11 @@ class TextEngine:
     def tokenizer(self):
         """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer`."""
         if self._tokenizer is None:
-            path = self.checkpoint_dir / "tokenizer.json" if self.checkpoint_dir is not None else None
-            if path is None or not path.is_file():
+            if self.checkpoint_dir is None:
+                raise CheckpointError("this engine runs weights without a checkpoint directory, so it has no "
+                                      "tokenizer; use generate_ids() with token ids")
+            path = self.checkpoint_dir / "tokenizer.json"
+            if not path.is_file():
                 raise CheckpointError(f"{self.checkpoint_dir} has no tokenizer.json; use generate_ids() with token ids")
             from tokenizers import Tokenizer
 
