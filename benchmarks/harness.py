@@ -208,6 +208,10 @@ WORKERS = {"shortrt": worker_shortrt, "shortrt-pair": worker_shortrt_pair,
 
 def worker_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
+    if spec.get("module"):  # a benchmark with workers of its own (gpu.py): its WORKERS dict
+        import importlib
+
+        WORKERS.update(importlib.import_module(spec["module"]).WORKERS)
     base = rss_bytes("VmRSS")  # interpreter + imports, before any engine exists
     result = WORKERS[spec["engine"]](spec)
     result.update(peak_rss_bytes=rss_bytes(), base_rss_bytes=base)

@@ -10,7 +10,7 @@
 import importlib as _importlib
 
 from .checkpoint import Model, load
-from .errors import CheckpointError, MissingDependencyError, ShortrtError
+from .errors import CheckpointError, DeviceUnavailableError, MissingDependencyError, ShortrtError
 
 __version__ = "0.1.0"
 
@@ -49,5 +49,5 @@ __all__ = [
     "load", "Model", "calibrate", "Scores", "select", "iterative_select", "LayerMap", "LayerEntry", "prune",
     "evaluate", "Engine", "generate", "replace", "heal",
     "Budget", "layers_for_budget", "measure_costs",
-    "ShortrtError", "CheckpointError", "MissingDependencyError",
+    "ShortrtError", "CheckpointError", "MissingDependencyError", "DeviceUnavailableError",
 ]

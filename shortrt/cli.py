@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ShortrtError, OSError, ValueError) as exc:
         text = str(exc).replace("\n", " ")
         print(f"shortrt {args.command}: error: {text}", file=sys.stderr)
-        return 1
+        return getattr(exc, "exit_code", 1)  # 2 for a --device that is not usable here
     except KeyboardInterrupt:
         print(f"shortrt {args.command}: interrupted", file=sys.stderr)
         return 130

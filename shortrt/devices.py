@@ -5,18 +5,23 @@
 
 Accepted: "cpu", "cuda", "cuda:N" (or a torch.device of those types). A CUDA device that cannot be
 used is refused with the reason: torch built without CUDA, no driver or device visible, an index
-past the devices present. Calibration, replacement training and healing call this before they load
-a model, so a wrong device costs nothing.
+past the devices present. The GPU engine, calibration, replacement training and healing call this
+before they load a model, so a wrong device costs nothing.
 """
 from __future__ import annotations
 
-from .errors import ShortrtError
+from .errors import DeviceUnavailableError, ShortrtError
 
 DEVICE_CHOICES = "cpu, cuda or cuda:N"
 
 
+class UnknownDeviceError(ShortrtError, ValueError):
+    """A device name that is neither cpu nor cuda[:N]."""
+
+
 def resolve_device(device="cpu"):
-    """torch.device for `device`, checked usable now; ShortrtError naming the problem otherwise."""
+    """torch.device for `device`, checked usable now. An unknown name is a ValueError (a
+    ShortrtError); a CUDA device that cannot be used a DeviceUnavailableError (the CLI's exit code 2)."""
     import torch
 
     if isinstance(device, torch.device):
@@ -24,32 +29,26 @@ def resolve_device(device="cpu"):
     elif isinstance(device, str):
         name = device.strip().lower()
     else:
-        raise ShortrtError(f"device must be a string ({DEVICE_CHOICES}), got {type(device).__name__}")
+        raise UnknownDeviceError(f"device must be a string ({DEVICE_CHOICES}), got {type(device).__name__}")
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise ShortrtError(f"unknown device {device!r}; choose {DEVICE_CHOICES}") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UnknownDeviceError(f"unknown device {device!r}; choose {DEVICE_CHOICES}")
     if dev.type == "cpu":
         return torch.device("cpu")
-    if dev.type != "cuda":
-        raise ShortrtError(f"unknown device {device!r}; choose {DEVICE_CHOICES}")
-    _require_cuda(name, dev.index)
-    return torch.device("cuda", dev.index or 0)
-
-
-def _require_cuda(name: str, index) -> None:
-    import torch
-
     if torch.version.cuda is None:
-        raise ShortrtError(f"device {name!r}: this torch ({torch.__version__}) was built without CUDA; "
-                           "install a CUDA build of torch, or use --device cpu")
-    if not torch.cuda.is_available():
-        raise ShortrtError(f"device {name!r}: no usable CUDA GPU (torch.cuda.is_available() is False: "
-                           "no driver or no visible device; check nvidia-smi and CUDA_VISIBLE_DEVICES)")
-    count = torch.cuda.device_count()
-    if index is not None and index >= count:
-        raise ShortrtError(f"device {name!r}: there {'is' if count == 1 else 'are'} only {count} CUDA "
-                           f"device{'s' * (count != 1)} (cuda:0..cuda:{count - 1})")
+        why = f"this torch ({torch.__version__}) was built without CUDA; install a CUDA build of torch"
+    elif not torch.cuda.is_available():
+        why = ("no usable CUDA GPU (torch.cuda.is_available() is False: no driver or no visible device; "
+               "check nvidia-smi and CUDA_VISIBLE_DEVICES)")
+    elif (dev.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        why = f"torch sees {count} CUDA device{'s' * (count != 1)} (cuda:0..cuda:{count - 1})"
+    else:
+        return torch.device("cuda", dev.index or 0)
+    raise DeviceUnavailableError(f"device {name!r} is not usable: {why}; without a GPU use --device cpu")
 
 
 def is_cuda(device) -> bool:

@@ -117,7 +117,92 @@ class Detokenizer:
         return after[len(before):]
 
 
-class Engine:
+class TextEngine:
+    """What every shortrt engine shares on top of its generate_ids(): the checkpoint's tokenizer,
+    encode/decode (chat template included), stop tokens given as text, and text generate().
+
+    A subclass sets checkpoint_dir (None: token ids only), _tokenizer = _chat_tokenizer = None,
+    and defines generate_ids(); shortrt.Engine (C++) and shortrt.gpu_engine.GpuEngine are two."""
+
+    checkpoint_dir: Path | None = None
+    _tokenizer = None
+    _chat_tokenizer = None
+
+    # --- tokens <-> text ------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer`."""
+        if self._tokenizer is None:
+            if self.checkpoint_dir is None:
+                raise CheckpointError("this engine runs weights without a checkpoint directory, so it has no "
+                                      "tokenizer; use generate_ids() with token ids")
+            path = self.checkpoint_dir / "tokenizer.json"
+            if not path.is_file():
+                raise CheckpointError(f"{self.checkpoint_dir} has no tokenizer.json; use generate_ids() with token ids")
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(path))
+        return self._tokenizer
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"a prompt must be a str, got {type(text).__name__}")
+        if chat:
+            if self._chat_tokenizer is None:  # transformers renders the checkpoint's chat template
+                from transformers import AutoTokenizer
+
+                self._chat_tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_dir)
+            text = self._chat_tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                          add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _stop_ids(self, stop) -> list[int] | None:
+        if stop is None:
+            return None
+        if isinstance(stop, (int, str)):
+            stop = [stop]
+        ids = []
+        for s in stop:
+            if isinstance(s, str):
+                token = self.tokenizer.token_to_id(s)
+                if token is None:
+                    raise ValueError(f"stop token {s!r} is not a single token of the vocabulary")
+                ids.append(token)
+            else:
+                ids.append(int(s))
+        return ids
+
+    def generate(self, prompt_or_prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stop=None, chat: bool = False):
+        """Text continuation of a prompt (str) or of each prompt in a list (-> list of str)."""
+        single = isinstance(prompt_or_prompts, str)
+        prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        encoded = [self.encode(p, chat=chat) for p in prompts]
+        for p, ids in zip(prompts, encoded):
+            if not ids:
+                raise ValueError(f"empty prompt: {p!r} encodes to no tokens")
+        out = self.generate_ids(encoded, max_new_tokens, temperature, top_k, top_p, seed, stop)
+        texts = [self.decode(ids) for ids in out]
+        return texts[0] if single else texts
+
+
+def prompt_lists(ids) -> tuple[bool, list[list[int]]]:
+    """(single, prompts) of generate_ids' argument: one prompt (a list of ids) or several (a list
+    of lists); an empty prompt is a ValueError."""
+    single = len(ids) == 0 or not isinstance(ids[0], (list, tuple, np.ndarray))
+    prompts = [list(map(int, ids))] if single else [list(map(int, p)) for p in ids]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: give at least one token")
+    return single, prompts
+
+
+class Engine(TextEngine):
     """The C++ inference engine over one checkpoint.
 
     model: a checkpoint directory, "default", a .gguf file, or a shortrt.Model.
@@ -142,16 +227,39 @@ class Engine:
     read for all of them) and returns their new tokens, cancel_request() ends one;
     shortrt.serving wraps that loop for asyncio.
 
+    device: "cpu" (this C++ runtime, the default) or "cuda" / "cuda:N": then Engine(...) returns a
+    shortrt.gpu_engine.GpuEngine (torch + Triton on the GPU: same API, dtype "bf16" by default,
+    or "fp32" / "int8"; threads and step_tokens do not apply there). Without a usable GPU that
+    is a DeviceUnavailableError before anything is loaded.
+
     Raises CheckpointError for a checkpoint the runtime cannot load, ValueError for a bad
     argument, RuntimeError when the OS refuses a worker thread (ask for fewer threads).
     See the module docstring for threads, Ctrl-C and interpreter exit.
     """
 
+    def __new__(cls, model="default", *args, device: str = "cpu", **kwargs):
+        if cls is not Engine or device == "cpu":
+            return super().__new__(cls)
+        import inspect
+
+        from .gpu_engine import GpuEngine  # torch is imported only for a GPU engine
+
+        given = inspect.signature(cls.__init__).bind(None, model, *args, **kwargs).arguments
+        given.pop("self")
+        for name in ("threads", "step_tokens"):
+            if given.pop(name, None) is not None:
+                raise ValueError(f"{name} applies to the CPU runtime, not to device={device!r}")
+        return GpuEngine(given.pop("model"), device=device, **given)
+
     def __init__(self, model="default", dtype: str = "fp32", threads: int | None = None,
                  max_seq: int | None = None, max_batch: int = 1, skip_layers: Sequence[int] | None = None,
                  prefill_chunk: int | None = None, step_tokens: int | None = None,
-                 kv_budget_bytes: int | None = None, kv_dtype: str = "fp32", lm_head_dtype: str = "auto"):
+                 kv_budget_bytes: int | None = None, kv_dtype: str = "fp32", lm_head_dtype: str = "auto",
+                 *, device: str = "cpu"):
         from . import _C
+
+        if device != "cpu":  # only a subclass gets here with another device
+            raise ValueError(f"{type(self).__name__} runs on the CPU; got device={device!r}")
 
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
@@ -237,51 +345,6 @@ class Engine:
     def threads(self) -> int:
         return self._engine.threads
 
-    # --- tokens <-> text ------------------------------------------------------
-    @property
-    def tokenizer(self):
-        """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer`."""
-        if self._tokenizer is None:
-            path = self.checkpoint_dir / "tokenizer.json"
-            if not path.is_file():
-                raise CheckpointError(f"{self.checkpoint_dir} has no tokenizer.json; use generate_ids() with token ids")
-            from tokenizers import Tokenizer
-
-            self._tokenizer = Tokenizer.from_file(str(path))
-        return self._tokenizer
-
-    def encode(self, text: str, chat: bool = False) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"a prompt must be a str, got {type(text).__name__}")
-        if chat:
-            if self._chat_tokenizer is None:  # transformers renders the checkpoint's chat template
-                from transformers import AutoTokenizer
-
-                self._chat_tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_dir)
-            text = self._chat_tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                          add_generation_prompt=True)
-            return self.tokenizer.encode(text, add_special_tokens=False).ids
-        return self.tokenizer.encode(text).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    def _stop_ids(self, stop) -> list[int] | None:
-        if stop is None:
-            return None
-        if isinstance(stop, (int, str)):
-            stop = [stop]
-        ids = []
-        for s in stop:
-            if isinstance(s, str):
-                token = self.tokenizer.token_to_id(s)
-                if token is None:
-                    raise ValueError(f"stop token {s!r} is not a single token of the vocabulary")
-                ids.append(token)
-            else:
-                ids.append(int(s))
-        return ids
-
     # --- generation -------------------------------------------------------
     def generate_ids(self, ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                      top_p: float = 1.0, seed: int = 0, stop=None, callback=None):
@@ -298,10 +361,7 @@ class Engine:
         """
         max_new_tokens, temperature, top_k, top_p, seed = _check_sampling(
             max_new_tokens, temperature, top_k, top_p, seed)
-        single = len(ids) == 0 or not isinstance(ids[0], (list, tuple, np.ndarray))
-        prompts = [list(map(int, ids))] if single else [list(map(int, p)) for p in ids]
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt: give at least one token")
+        single, prompts = prompt_lists(ids)
         stop_ids = self._stop_ids(stop)
         results = []
         for start in range(0, len(prompts), self.max_batch):  # groups of max_batch sequences
@@ -311,21 +371,6 @@ class Engine:
             results += self._engine.generate(prompts[start:start + self.max_batch], max_new_tokens,
                                              temperature, top_k, top_p, seed, stop_ids, group_cb)
         return results[0] if single else results
-
-    def generate(self, prompt_or_prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int = 0, stop=None, chat: bool = False):
-        """Text continuation of a prompt (str) or of each prompt in a list (-> list of str)."""
-        single = isinstance(prompt_or_prompts, str)
-        prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
-        if not prompts:
-            raise ValueError("no prompts given")
-        encoded = [self.encode(p, chat=chat) for p in prompts]
-        for p, ids in zip(prompts, encoded):
-            if not ids:
-                raise ValueError(f"empty prompt: {p!r} encodes to no tokens")
-        out = self.generate_ids(encoded, max_new_tokens, temperature, top_k, top_p, seed, stop)
-        texts = [self.decode(ids) for ids in out]
-        return texts[0] if single else texts
 
     def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, stop=None, chat: bool = False) -> Iterator[str]:
@@ -452,21 +497,27 @@ def kv_bytes_per_sequence(model, max_seq: int | None = None, skip_layers=(), kv_
     return 2 * slots * seq * cfg.n_kv_heads * _C.kv_row_bytes(kv_dtype, cfg.head_dim)
 
 
-_ENGINES: dict[tuple, Engine] = {}
+_ENGINES: dict[tuple, TextEngine] = {}
 
 
 def generate(model, prompt_or_prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, stop=None, chat: bool = False, dtype: str = "fp32",
-             threads: int | None = None, kv_dtype: str = "fp32"):
-    """Text continuation(s) from a model: an Engine, or a path / "default" / Model (an
-    Engine is built once per (checkpoint, dtype, threads, kv_dtype) and reused)."""
-    if isinstance(model, Engine):
+             top_p: float = 1.0, seed: int = 0, stop=None, chat: bool = False, dtype: str | None = None,
+             threads: int | None = None, kv_dtype: str | None = None, device: str = "cpu"):
+    """Text continuation(s) from a model: an Engine (or GpuEngine), or a path / "default" / Model
+    (an engine is built once per (checkpoint, device, dtype, threads, kv_dtype) and reused).
+    device "cuda" runs the GPU engine (dtype default "bf16"; the CPU's default is "fp32")."""
+    if isinstance(model, TextEngine):
         engine = model
     else:
+        if device != "cpu":
+            from .gpu_engine import check_device
+
+            check_device(device)  # before the checkpoint is loaded
         path = checkpoint.load(model).path
-        key = (str(path), dtype, threads, kv_dtype)
+        key = (str(path), device, dtype, threads, kv_dtype)
         engine = _ENGINES.get(key)
         if engine is None:
-            engine = _ENGINES[key] = Engine(path, dtype=dtype, threads=threads, max_batch=4, kv_dtype=kv_dtype)
+            options = {k: v for k, v in (("dtype", dtype), ("kv_dtype", kv_dtype)) if v is not None}
+            engine = _ENGINES[key] = Engine(path, threads=threads, max_batch=4, device=device, **options)
     return engine.generate(prompt_or_prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed, stop=stop, chat=chat)

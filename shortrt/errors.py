@@ -11,3 +11,10 @@ class MissingDependencyError(ShortrtError):
 
 class CheckpointError(ShortrtError, ValueError):
     """A checkpoint directory or file is missing, corrupt, or contradicts its config."""
+
+
+class DeviceUnavailableError(ShortrtError):
+    """The device asked for (--device cuda) is not usable here: no GPU, no CUDA build of torch, or
+    a GPU without what the engine needs. Raised before anything is loaded; the CLI exits with 2."""
+
+    exit_code = 2

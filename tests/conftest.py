@@ -69,3 +69,18 @@ def default_model():
     import shortrt
 
     return shortrt.load("default")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: without it they are skipped, saying so."""
+    marked = [item for item in items if item.get_closest_marker("gpu")]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False); "
+                                   "benchmarks/gpu_check.sh runs it on one")
+    for item in marked:
+        item.add_marker(skip)

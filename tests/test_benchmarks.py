@@ -184,3 +184,45 @@ def test_scale_rerun_of_one_step_keeps_the_other_steps_rows(tmp_path):
         ["calibrate", "prune"]
     assert scale.merged_with_earlier(path, {**second, "weights_bytes": 11}, ["generate"]) == \
         {**second, "weights_bytes": 11}
+
+
+def test_gpu_benchmark_dry_run_records_rows_and_a_crashed_worker(tmp_path, monkeypatch, capsys):
+    """benchmarks/gpu.py's code path on the CPU (tiny shape, torch kernels): every gpueng row measured,
+    the transformers worker's segfault recorded as its rows' failure, gpu.json and gpu.md written."""
+    import gpu
+
+    crash_where(monkeypatch, lambda spec: spec["engine"] == "transformers-gpu")
+    result = gpu.main(["--dry-run", "--dtypes", "bf16", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    assert rows == json.loads(json.dumps(result["rows"]))
+    mine = [r for r in rows if r["engine"] == "gpueng"]
+    assert [(r["variant"], r["batch"]) for r in mine] == [(v, b) for v in gpu.VARIANTS for b in (1, 2)]
+    for r in mine:
+        assert "failed" not in r and r["tok_s"] > 0 and r["step_ms"] > 0 and r["bytes_per_step"] > 0
+    layers = {r["variant"]: r["layers"] for r in mine}
+    assert layers == {"dense": 6, "layers": 4, "attention": 6}
+    assert {r["variant"]: r["attentions"] for r in mine} == {"dense": 6, "layers": 4, "attention": 4}
+    peers = [r for r in rows if r["engine"] == "transformers-gpu"]
+    assert len(peers) == 4 and all(r["failed"] == "killed by SIGSEGV" for r in peers)
+    md = (tmp_path / "gpu.md").read_text()
+    assert "| transformers-gpu | tiny | bf16 | dense | 1 | FAILED: killed by SIGSEGV |" in md
+    assert md in capsys.readouterr().out
+
+
+def test_gpu_check_script_parses_and_its_dry_run_writes_every_file(tmp_path):
+    """benchmarks/gpu_check.sh on the CPU (--dry-run): the gpu-marked tests collected (skipped without a
+    GPU), the tiny benchmark run, every result in the one folder. It has never run on a GPU here."""
+    import subprocess
+
+    script = BENCH / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = dict(__import__("os").environ, PYTHON=sys.executable, PYTHONPATH=str(BENCH.parent))
+    proc = subprocess.run(["bash", str(script), "--dry-run", str(tmp_path / "out")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert files == {"env.txt", "pytest-gpu.txt", "pytest-gpu.xml", "gpu.json", "gpu.md", "gpu-bench.txt",
+                     "summary.txt"}
+    assert "skipped" in (tmp_path / "out" / "pytest-gpu.txt").read_text()
+    rows = json.loads((tmp_path / "out" / "gpu.json").read_text())["rows"]
+    assert rows and all("failed" not in r and r["tok_s"] > 0 for r in rows)

@@ -12,7 +12,7 @@ import shortrt
 from conftest import run_cli
 from runtime_models import make_tiny
 from shortrt.devices import resolve_device, work_dtype
-from shortrt.errors import ShortrtError
+from shortrt.errors import DeviceUnavailableError, ShortrtError
 from shortrt.layermap import LayerMap
 
 HAS_CUDA = torch.cuda.is_available()
@@ -44,7 +44,7 @@ def test_cpu_spellings():
 
 @pytest.mark.parametrize("bad", ["gpu", "xpu", "metal", "cuda:x", ""])
 def test_unknown_devices_are_named(bad):
-    with pytest.raises(ShortrtError, match=r"unknown device .*choose cpu, cuda or cuda:N"):
+    with pytest.raises(ValueError, match=r"unknown device .*choose cpu, cuda or cuda:N"):
         resolve_device(bad)
 
 
@@ -56,8 +56,8 @@ def test_a_device_must_be_a_string():
 @no_gpu
 @pytest.mark.parametrize("name", ["cuda", "cuda:0", "CUDA:1"])
 def test_cuda_without_a_gpu_says_why(name):
-    with pytest.raises(ShortrtError, match=r"device 'cuda(:\d)?': (this torch .* was built without CUDA|no usable "
-                                           r"CUDA GPU)"):
+    with pytest.raises(DeviceUnavailableError, match=r"device 'cuda(:\d)?' is not usable: (this torch .* was built "
+                                                    r"without CUDA|no usable CUDA GPU)"):
         resolve_device(name)
 
 
@@ -71,7 +71,7 @@ def test_python_functions_refuse_cuda_before_loading(tmp_path):
              lambda: shortrt.replace(missing, lmap, tmp_path / "r", device="cuda", progress=False),
              lambda: shortrt.heal(missing, tmp_path / "h", device="cuda", progress=False)]
     for call in calls:
-        with pytest.raises(ShortrtError, match="device 'cuda'"):
+        with pytest.raises(DeviceUnavailableError, match="device 'cuda' is not usable"):
             call()
     assert not (tmp_path / "r").exists() and not (tmp_path / "h").exists()
 
@@ -82,8 +82,8 @@ def test_python_functions_refuse_cuda_before_loading(tmp_path):
 def test_commands_refuse_cuda_in_one_line(command, tmp_path, capsys):
     argv = [command[0], str(tmp_path / "no-such-model")] + [a.format(tmp=tmp_path) for a in command[1:]]
     rc, out, err = run_cli(argv + ["--device", "cuda"], capsys)
-    assert rc == 1
-    assert "device 'cuda'" in err and len(err.strip().splitlines()) == 1, err
+    assert rc == 2
+    assert "device 'cuda' is not usable" in err and len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -93,13 +93,13 @@ def test_replace_command_refuses_cuda(dense, tmp_path, capsys):
     scores.save(tmp_path / "scores.json")
     rc, _, err = run_cli(["replace", dense, "--scores", tmp_path / "scores.json", "--remove", "2",
                           "--out", tmp_path / "r", "--device", "cuda:0"], capsys)
-    assert rc == 1 and "device 'cuda:0'" in err, err
+    assert rc == 2 and "device 'cuda:0' is not usable" in err, err
     assert not (tmp_path / "r").exists()
 
 
 def test_bad_device_value_on_the_command_line(tmp_path, capsys):
     rc, _, err = run_cli(["calibrate", tmp_path / "m", "--out", tmp_path / "s.json", "--device", "tpu"], capsys)
-    assert rc == 1 and "unknown device 'tpu'" in err
+    assert rc == 2 and "argument --device: expected cpu, cuda or cuda:N, got 'tpu'" in err
 
 
 # ---- the GPU code path's bf16 on the CPU ------------------------------------------------------

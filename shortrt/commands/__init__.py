@@ -19,23 +19,60 @@ LM_HEAD_DTYPES = ("auto", "same") + DTYPES
 KV_DTYPES = ("fp32", "f16", "bf16", "int8")
 
 
-def add_dtype_arguments(parser, default: str | None = "fp32", kv: bool = False) -> None:
-    """--dtype and --lm-head-dtype (and with kv, --kv-dtype), as generate and serve take them."""
+def add_dtype_arguments(parser, default: str | None = "fp32", kv: bool = False, device: bool = False) -> None:
+    """--dtype and --lm-head-dtype (and with kv, --kv-dtype; with device, --device), as generate and
+    serve take them. With device, --dtype and --kv-dtype default to None: resolve_device_dtypes()
+    picks the CPU runtime's fp32 or the GPU engine's bf16."""
+    if device:
+        parser.add_argument("--device", default="cpu", type=device_name, metavar="{cpu,cuda,cuda:N}",
+                            help="cpu = the C++ runtime; cuda = the GPU engine (torch + Triton kernels, dtypes "
+                                 "fp32/bf16/int8, KV cache fp32/bf16) (default: %(default)s)")
+        default = None
+    shown = "fp32 on the CPU, bf16 with --device cuda" if default is None else "%(default)s"
     parser.add_argument("--dtype", choices=DTYPES, default=default,
                         help="weight format; int4 = 32-weight blocks with an fp16 scale and minimum "
-                             "(default: %(default)s)")
+                             f"(default: {shown})")
     parser.add_argument("--lm-head-dtype", choices=LM_HEAD_DTYPES, default="auto",
                         help="format of the LM head (the output projection, read every token); 'same' = "
                              "--dtype; 'auto' = int8 under --dtype int4, else --dtype (default: %(default)s)")
     if kv:
-        parser.add_argument("--kv-dtype", choices=KV_DTYPES, default="fp32",
+        kv_shown = ("fp32 on the CPU; with --device cuda fp32 under --dtype fp32, else bf16" if device
+                    else "%(default)s")
+        parser.add_argument("--kv-dtype", choices=KV_DTYPES, default=None if device else "fp32",
                             help="KV-cache format: f16/bf16 half the bytes of fp32, int8 a quarter plus a scale "
-                                 "per row (default: %(default)s)")
+                                 f"per row (default: {kv_shown})")
+
+
+def device_name(value: str) -> str:
+    """An argparse type: cpu, cuda or cuda:N (whether that device is usable is checked later)."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", value):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
+def resolve_device_dtypes(args) -> dict:
+    """The engine keywords for --device/--dtype/--kv-dtype (add_dtype_arguments(device=True)): the
+    device checked first, so `--device cuda` without a usable GPU is one error line before any
+    loading (DeviceUnavailableError: exit code 2); on the CPU the defaults are fp32."""
+    options = {"device": args.device}
+    if args.device != "cpu":
+        from shortrt.gpu_engine import check_device
+
+        check_device(args.device)
+    else:
+        options.update(dtype="fp32", kv_dtype="fp32")
+    if args.dtype is not None:
+        options["dtype"] = args.dtype
+    if getattr(args, "kv_dtype", None) is not None:
+        options["kv_dtype"] = args.kv_dtype
+    return options
 
 
 def add_device_argument(parser, what: str) -> None:
     """--device, as calibrate, replace and heal take it (checked by shortrt.devices before loading)."""
-    parser.add_argument("--device", default="cpu", metavar="DEVICE",
+    parser.add_argument("--device", default="cpu", type=device_name, metavar="{cpu,cuda,cuda:N}",
                         help=f"where {what} runs: cpu, cuda or cuda:N (on a GPU the frozen model is bf16) "
                              "(default: %(default)s)")
 

@@ -1,12 +1,12 @@
-"""`shortrt generate [MODEL] --prompt ...`: text generation on the C++ runtime."""
+"""`shortrt generate [MODEL] --prompt ...`: text generation on the C++ runtime (or, with --device cuda, the GPU engine)."""
 from __future__ import annotations
 
-from . import add_dtype_arguments, integer, layer_list, number, text
+from . import add_dtype_arguments, integer, layer_list, number, resolve_device_dtypes, text
 
 import sys
 import time
 
-HELP = "generate text from a prompt with shortrt's C++ runtime"
+HELP = "generate text from a prompt with shortrt's C++ runtime (or its GPU engine: --device cuda)"
 
 
 def add_arguments(parser):
@@ -14,7 +14,7 @@ def add_arguments(parser):
                         help="checkpoint directory, .gguf file, or 'default' (default: %(default)s)")
     parser.add_argument("--prompt", "-p", action="append", required=True, type=text,
                         help="prompt text; repeat for several prompts (generated as one batch)")
-    add_dtype_arguments(parser, kv=True)
+    add_dtype_arguments(parser, kv=True, device=True)
     parser.add_argument("--max-new-tokens", "-n", type=integer(0), default=64,
                         help="tokens to generate per prompt (default: %(default)s)")
     parser.add_argument("--temperature", "-t", type=number(0.0), default=0.0, help="0 = greedy (default)")
@@ -33,9 +33,10 @@ def add_arguments(parser):
 def run(args) -> int:
     from shortrt.engine import Engine
 
+    options = resolve_device_dtypes(args)  # a --device cuda without a GPU stops here, before loading
     t0 = time.perf_counter()
-    eng = Engine(args.model, dtype=args.dtype, threads=args.threads, max_batch=len(args.prompt),
-                 skip_layers=args.skip, kv_dtype=args.kv_dtype, lm_head_dtype=args.lm_head_dtype)
+    eng = Engine(args.model, threads=args.threads, max_batch=len(args.prompt), skip_layers=args.skip,
+                 lm_head_dtype=args.lm_head_dtype, **options)
     t_load = time.perf_counter() - t0
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, seed=args.seed, chat=args.chat)

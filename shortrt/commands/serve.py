@@ -1,4 +1,4 @@
-"""`shortrt serve [MODEL]`: an OpenAI-compatible HTTP server (shortrt/server.py) on the C++ runtime."""
+"""`shortrt serve [MODEL]`: an OpenAI-compatible HTTP server (shortrt/server.py) on the C++ runtime or the GPU engine."""
 from __future__ import annotations
 
 import contextlib
@@ -6,7 +6,7 @@ import signal
 import socket
 import sys
 
-from . import add_dtype_arguments, integer, layer_list, text
+from . import add_dtype_arguments, integer, layer_list, resolve_device_dtypes, text
 
 HELP = "serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)"
 
@@ -16,7 +16,7 @@ def add_arguments(parser):
                         help="checkpoint directory, .gguf file, or 'default' (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", type=text, help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=integer(0, 65535), default=8000, help="0 = any free port (default: %(default)s)")
-    add_dtype_arguments(parser, kv=True)
+    add_dtype_arguments(parser, kv=True, device=True)
     parser.add_argument("--threads", type=integer(1, 1024), default=None, help="default: all cores")
     parser.add_argument("--max-batch", type=integer(1, 4096), default=8,
                         help="sequences decoded at once, one KV region each (default: %(default)s)")
@@ -62,6 +62,7 @@ def run(args) -> int:
     from shortrt.engine import Engine
     from shortrt.server import create_app
 
+    options = resolve_device_dtypes(args)  # a --device cuda without a GPU stops here, before loading
     sock = listen(args.host, args.port)
     failure: list[BaseException] = []
     stopped_by: list[int] = []
@@ -80,10 +81,10 @@ def run(args) -> int:
                 stopped_by.extend(self._captured_signals[:1])
 
     def load():
-        return Engine(args.model, dtype=args.dtype, threads=args.threads, max_seq=args.max_seq,
+        return Engine(args.model, threads=args.threads, max_seq=args.max_seq,
                       max_batch=args.max_batch, skip_layers=args.skip, prefill_chunk=args.prefill_chunk,
                       kv_budget_bytes=args.kv_budget * 2**20 if args.kv_budget else None,
-                      kv_dtype=args.kv_dtype, lm_head_dtype=args.lm_head_dtype)
+                      lm_head_dtype=args.lm_head_dtype, **options)
 
     def on_load_error(exc):
         failure.append(exc)
