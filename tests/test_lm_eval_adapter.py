@@ -163,7 +163,7 @@ def test_multiple_choice_through_simple_evaluate_tiny(lm_eval_env, tiny, tmp_pat
 
 @pytest.mark.slow
 def test_multiple_choice_default_model_equals_shortrt_eval(lm_eval_env, default_model, tmp_path):
-    out, samples, questions = check_against_shortrt_eval(lm_eval_env, default_model.path, tmp_path / "tasks", 40)
+    out, samples, questions = check_against_shortrt_eval(lm_eval_env, default_model.path, tmp_path / "tasks", 24)
     from shortrt import Engine
 
     engine = Engine(default_model.path)
