@@ -293,6 +293,29 @@ def test_generate_until_gives_the_runtime_greedy_tokens(lm_eval_env, tiny):
     assert got == short.tok_decode(short.engine.generate_ids(ids[-(20 - 6):], max_new_tokens=6))
 
 
+def test_generate_until_sampling_uses_the_runtime_sampler(lm_eval_env, tiny):
+    lm = make_lm(tiny, batch_size=2)
+    prompts = ["Once upon a time", "The quick brown fox"]
+    kw = {"until": [], "max_gen_toks": 10, "do_sample": True, "temperature": 0.8, "top_k": 20, "seed": 3}
+    out = lm.generate_until(requests("generate_until", [(p, dict(kw)) for p in prompts]), disable_tqdm=True)
+    expected = [lm.tok_decode(lm.engine.generate_ids(lm.tok_encode(p), max_new_tokens=10, temperature=0.8, top_k=20,
+                                                     seed=3 + i)) for i, p in enumerate(prompts)]
+    assert out == expected
+    greedy = lm.tok_decode(lm.engine.generate_ids(lm.tok_encode(prompts[0]), max_new_tokens=10))
+    assert out[0] != greedy  # sampling did happen
+
+
+@pytest.mark.slow
+def test_generate_until_default_model(lm_eval_env, default_model):
+    lm = make_lm(default_model.path, dtype="int8", batch_size=2)
+    prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"]
+    greedy = [lm.tok_decode(lm.engine.generate_ids(lm.tok_encode(p), max_new_tokens=24)) for p in prompts]
+    out = lm.generate_until(requests("generate_until", [(p, {"until": ["\n\n"], "max_gen_toks": 24})
+                                                        for p in prompts]), disable_tqdm=True)
+    assert out == [g.split("\n\n")[0] for g in greedy]
+    assert any(len(o) < len(g) for o, g in zip(out, greedy))  # a stop string did cut (" Paris.\n\nThe ...")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"flavour": 1}, "unknown shortrt model argument"),
     ({"batch_size": "auto"}, "'auto' is not supported"),
