@@ -79,8 +79,8 @@ class ShortrtLM(TemplateLM):
             raise ValueError(f"unknown shortrt model argument(s) {sorted(unknown)}; known: pretrained, dtype, "
                              "lm_head_dtype, kv_dtype, threads, max_seq, max_length, prefill_chunk, batch_size, "
                              "max_gen_toks")
-        if device not in (None, "cpu"):
-            raise ValueError(f"the shortrt model runs on the CPU (C++ runtime); device={device!r} is not supported")
+        if device not in (None, "cpu"):  # lm-eval's command line passes cuda:0 unless told otherwise
+            logger.warning("the shortrt model runs on the CPU (the C++ runtime): device=%r is ignored", device)
         if isinstance(batch_size, str):
             if not batch_size.isdigit():
                 raise ValueError(f"batch_size must be a positive integer for the shortrt model (it is the number "

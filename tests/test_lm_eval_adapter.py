@@ -319,13 +319,17 @@ def test_generate_until_default_model(lm_eval_env, default_model):
 @pytest.mark.parametrize("kwargs, message", [
     ({"flavour": 1}, "unknown shortrt model argument"),
     ({"batch_size": "auto"}, "'auto' is not supported"),
-    ({"device": "cuda"}, "runs on the CPU"),
     ({"dtype": "fp8"}, "unknown dtype"),
     ({"max_length": 10**6}, "max_length must be at most"),
 ])
 def test_bad_model_arguments_are_clear_errors(lm_eval_env, tiny, kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_lm(tiny, **kwargs)
+
+
+def test_a_gpu_device_is_ignored_with_a_warning(lm_eval_env, tiny, caplog):
+    lm = make_lm(tiny, device="cuda:0")  # what lm-eval's command line passes by default
+    assert "runs on the CPU" in caplog.text and lm.engine.num_layers == 4
 
 
 def test_bad_generation_arguments_are_clear_errors(lm_eval_env, tiny):
