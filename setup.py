@@ -64,6 +64,7 @@ setup(
         "fastapi>=0.110",  # shortrt serve
         "uvicorn>=0.29",
     ],
-    extras_require={"triton": ["triton==3.9.*"], "test": ["pytest", "openai>=1.0", "httpx>=0.27"]},
+    extras_require={"triton": ["triton==3.9.*"], "lm-eval": ["lm-eval==0.4.13"],  # shortrt lm-eval
+                    "test": ["pytest", "openai>=1.0", "httpx>=0.27", "lm-eval==0.4.13"]},
     entry_points={"console_scripts": ["shortrt=shortrt.cli:main"]},
 )

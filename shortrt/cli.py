@@ -5,9 +5,9 @@ import argparse
 import importlib
 import sys
 
-# name -> module under shortrt.commands; each module defines
+# name -> module under shortrt.commands (dashes as underscores); each module defines
 #   HELP: str, add_arguments(parser), run(args) -> int
-COMMANDS = ["info", "calibrate", "prune", "replace", "heal", "generate", "serve", "eval", "export", "demo"]
+COMMANDS = ["info", "calibrate", "prune", "replace", "heal", "generate", "serve", "eval", "export", "lm-eval", "demo"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        module = importlib.import_module(f"shortrt.commands.{name}")
+        module = importlib.import_module(f"shortrt.commands.{name.replace('-', '_')}")
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
