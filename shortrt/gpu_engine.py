@@ -53,6 +53,9 @@ from .reference import rope_inv_freq, rotate_half
 DTYPES = ("fp32", "bf16", "int8")  # int4 runs on the CPU runtime only
 KV_DTYPES = ("fp32", "bf16")
 LM_HEAD_DTYPES = ("auto", "same") + DTYPES
+# The families whose decoder layer the GPU engine builds (pre-norm, separate q/k/v and gate/up, full
+# RoPE; Qwen2's biases, Qwen3's per-head q/k norm). Others are refused before any weight is read.
+GPU_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
 DEFAULT_MAX_SEQ = 2048
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill pass (and per step beside the decoding rows)
 INT8_PREFILL_DEQUANT_ROWS = 16  # above this many rows an int8 prefill matmul dequantizes the weight first
@@ -198,6 +201,10 @@ class GpuEngine(TextEngine):
 
     def _build(self, cfg: checkpoint.ModelConfig, plan, read) -> None:
         o = self._options
+        if cfg.architecture not in GPU_ARCHITECTURES:
+            raise CheckpointError(f"the GPU engine runs {', '.join(sorted(GPU_ARCHITECTURES))} checkpoints, not "
+                                  f"{cfg.architecture} (its layer structure is not built here); run it on the CPU "
+                                  "runtime (device='cpu')")
         self.cfg = cfg
         self.plan = plan
         max_seq = o["max_seq"] or min(cfg.max_position, DEFAULT_MAX_SEQ)
