@@ -60,6 +60,9 @@ class LayerStream:
             if hit.numel():
                 table = self.model.read_rows(name, start, stop, dtype=self.dtype)
                 out[hit] = table[flat[hit] - start]
+        scale = self.model.model_config.embed_scale
+        if scale != 1.0:  # Gemma 3: times sqrt(hidden), a float32 scalar cast to the table's dtype as transformers does
+            out = out * torch.tensor(scale, dtype=torch.float32).to(self.dtype)
         return out.reshape(*input_ids.shape, hidden).to(self.device)
 
     @property
