@@ -24,7 +24,7 @@ from shortrt import _C, calibrate, checkpoint, prune, select
 from shortrt.engine import Engine
 from shortrt.layer_plan import load_for_plan, plan_logits
 from shortrt.reference import ReferenceModel
-from test_families import cpp_verdict, edit_config, edit_tensors, hand_scores as _unused, hf_greedy, python_verdict  # noqa: F401
+from test_families import cpp_verdict, edit_config, edit_tensors, hf_greedy, python_verdict
 
 TOL = 1e-4
 WINDOW = 8
@@ -94,7 +94,6 @@ def test_a_sliding_layer_caches_only_its_window(tmp_path):
     path, _ = tiny(tmp_path / "g")
     max_seq, max_batch, chunk = 128, 2, 4
     step = max_batch + chunk
-    row = _C.kv_row_bytes("fp32", 32)  # one kv head, head_dim 32
     for kv_dtype in ("fp32", "int8"):
         row = _C.kv_row_bytes(kv_dtype, 32)
         eng = Engine(path, threads=2, max_seq=max_seq, max_batch=max_batch, prefill_chunk=chunk, kv_dtype=kv_dtype)
@@ -283,3 +282,24 @@ def test_exports_and_replace_refuse_gemma3(tmp_path):
     with pytest.raises(ShortrtError, match="replace does not support Gemma3ForCausalLM"):
         replace(path, LayerMap.from_removed(2, [1], method="span"), tmp_path / "r", texts=TEXTS, progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_healed_checkpoint_keeps_the_layout_and_runs(tmp_path):
+    """heal (LoRA on q/k/v/o and the MLP projections, through layer_plan's per-type masks and RoPE) writes
+    a Gemma 3 checkpoint whose trained projections moved and that the runtime runs as shortrt.reference."""
+    from shortrt import heal
+
+    dense, _ = tiny(tmp_path / "dense", tokenizer=True)
+    scores = calibrate(dense, TEXTS, n_tokens=128, seq_len=32, progress=False)
+    student = prune(dense, select(scores, remove=2), tmp_path / "s")
+    healed = heal(student, tmp_path / "h", texts=TEXTS, n_tokens=512, seq_len=32, steps=10, batch=4,
+                  lr=1e-4, precision="fp32", time_limit=None, progress=False)
+    assert healed.layer_map.healing["best_step"] > 0
+    before, after = load_file(student.path / "model.safetensors"), load_file(healed.path / "model.safetensors")
+    assert set(before) == set(after)
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    plain = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj"]
+    assert moved == {f"model.layers.{i}.{p}.weight" for i in range(4) for p in plain}
+    ref = ReferenceModel.load(healed.path)(torch.tensor([IDS]))[0].numpy()
+    assert rel_err(Engine(healed.path, threads=2, prefill_chunk=6).logits(IDS), ref) <= TOL
