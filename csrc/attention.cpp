@@ -26,8 +26,9 @@ AttentionScratch::AttentionScratch(int max_seq, int n_heads, int n_kv_heads, int
                 std::to_string(kMaxHeadDim));
   const int group = n_heads / n_kv_heads, sub = std::min(group, kMaxAttendGroup);
   const int n_sub = (group + sub - 1) / sub;
+  // (+1: a sliding window's keys may wrap around its ring once, splitting one range in two)
   decode_items = static_cast<int64_t>(std::max(1, max_segments)) * kMaxDecodeTokens * n_kv_heads * n_sub *
-                 ((max_seq + kAttendChunk - 1) / kAttendChunk);
+                 ((max_seq + kAttendChunk - 1) / kAttendChunk + 1);
   decode_item_floats = static_cast<int64_t>(sub) * (head_dim + 2);
   const size_t rows = static_cast<size_t>(kTokenBlock) * group;
   const size_t seq = max_seq, hd = head_dim;
@@ -132,6 +133,41 @@ void attend_partial_q8_ref(const float* q, int group, const int8_t* keys, const 
              hd, scale, acc, m, l);
 }
 
+namespace {
+
+float scale_of(const AttentionArgs& a) {
+  return a.scale > 0.0f ? a.scale : 1.0f / std::sqrt(static_cast<float>(a.head_dim));
+}
+
+int64_t row_of(const AttentionArgs& a, int64_t position) { return a.ring > 0 ? position % a.ring : position; }
+
+// The keys decode token t reads, in position order: positions lo..hi-1 (lo = 0, or the window's
+// first), cut where they wrap around the ring, each piece in ranges of kAttendChunk keys, so every
+// range is contiguous in the cache. The ranges depend only on (pos + t, window, ring).
+struct DecodeKeys {
+  int64_t lo, hi, wrap, first_piece_chunks, n_chunks;
+  DecodeKeys(const AttentionArgs& a, int t) {
+    const int64_t p = a.pos + t;
+    hi = p + 1;
+    lo = a.window > 0 ? std::max<int64_t>(0, p - a.window + 1) : 0;
+    wrap = a.ring > 0 ? std::min(hi, (lo / a.ring + 1) * a.ring) : hi;
+    first_piece_chunks = (wrap - lo + kAttendChunk - 1) / kAttendChunk;
+    n_chunks = first_piece_chunks + (hi - wrap + kAttendChunk - 1) / kAttendChunk;
+  }
+  // Range c as positions [begin, end).
+  void range(int64_t c, int64_t& begin, int64_t& end) const {
+    if (c < first_piece_chunks) {
+      begin = lo + c * kAttendChunk;
+      end = std::min(wrap, begin + kAttendChunk);
+    } else {
+      begin = wrap + (c - first_piece_chunks) * kAttendChunk;
+      end = std::min(hi, begin + kAttendChunk);
+    }
+  }
+};
+
+}  // namespace
+
 void attention_decode(const AttentionArgs& a, AttentionScratch& scratch, ThreadPool& pool) {
   attention_decode(a, scratch, pool, kernels());
 }
@@ -146,7 +182,7 @@ void attention_decode_batch(const AttentionArgs* segs, int n_segs, AttentionScra
   const AttentionArgs& a0 = segs[0];  // every segment has the same head layout (one model)
   const int hd = a0.head_dim, nh = a0.n_heads, group = a0.n_heads / a0.n_kv_heads;
   const int sub = std::min(group, kMaxAttendGroup), n_sub = (group + sub - 1) / sub;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const float scale = scale_of(a0);
   const int64_t per_item = static_cast<int64_t>(sub) * (hd + 2);  // acc, then m, then l
   if (per_item > scratch.decode_item_floats)
     throw Error("internal: attention_decode needs more scratch than was allocated at load");
@@ -160,8 +196,7 @@ void attention_decode_batch(const AttentionArgs* segs, int n_segs, AttentionScra
     if (a.n < 1 || a.n > kMaxDecodeTokens)
       throw Error("internal: attention_decode takes 1.." + std::to_string(kMaxDecodeTokens) + " tokens, got " +
                   std::to_string(a.n));
-    for (int t = 0; t < a.n; ++t)
-      total += static_cast<int64_t>(a.n_kv_heads) * n_sub * ((a.pos + t + 1 + kAttendChunk - 1) / kAttendChunk);
+    for (int t = 0; t < a.n; ++t) total += static_cast<int64_t>(a.n_kv_heads) * n_sub * DecodeKeys(a, t).n_chunks;
   }
   if (total > scratch.decode_items)
     throw Error("internal: attention_decode needs more scratch than was allocated at load");
@@ -176,7 +211,7 @@ void attention_decode_batch(const AttentionArgs* segs, int n_segs, AttentionScra
     int64_t first = 0;
     for (int i = 0; i < n_segs; ++i)
       for (int t = 0; t < segs[i].n; ++t) {
-        const int64_t nc = (segs[i].pos + t + 1 + kAttendChunk - 1) / kAttendChunk;
+        const int64_t nc = DecodeKeys(segs[i], t).n_chunks;
         const int64_t count = static_cast<int64_t>(segs[i].n_kv_heads) * n_sub * nc;
         if (u < first + count) return Row{i, t, nc, first};
         first += count;
@@ -191,11 +226,12 @@ void attention_decode_batch(const AttentionArgs* segs, int n_segs, AttentionScra
       const int t = row.t;
       const int64_t r = u - row.first, nc = row.n_chunks;
       const int kv = static_cast<int>(r / (n_sub * nc)), s = static_cast<int>(r / nc % n_sub);
-      const int64_t begin = r % nc * kAttendChunk, end = std::min<int64_t>(a.pos + t + 1, begin + kAttendChunk);
+      int64_t begin, end;
+      DecodeKeys(a, t).range(r % nc, begin, end);
       const int heads = std::min(sub, group - s * sub);
       const int h0 = kv * group + s * sub;
       float* st = state + u * per_item;
-      const int64_t at = kv * a.kv_head_stride + begin * a.kv_row_stride;
+      const int64_t at = kv * a.kv_head_stride + row_of(a, begin) * a.kv_row_stride;
       const float* q = a.qkv + t * a.qkv_dim + h0 * hd;
       float *acc = st, *m = st + sub * hd, *l = st + sub * hd + sub;
       switch (a.kv_type) {
@@ -214,7 +250,7 @@ void attention_decode_batch(const AttentionArgs* segs, int n_segs, AttentionScra
                                 acc, m, l);
           break;
         case KvType::Q8: {
-          const int64_t s_at = kv * a.scale_head_stride + begin * a.scale_row_stride;
+          const int64_t s_at = kv * a.scale_head_stride + row_of(a, begin) * a.scale_row_stride;
           k.attend_partial_q8(q, heads, static_cast<const int8_t*>(a.keys) + at,
                               static_cast<const int8_t*>(a.values) + at, a.kv_row_stride, a.key_scales + s_at,
                               a.value_scales + s_at, a.scale_row_stride, end - begin, hd, scale, acc, m, l);
@@ -229,7 +265,7 @@ void attention_decode_batch(const AttentionArgs* segs, int n_segs, AttentionScra
   for (int i = 0; i < n_segs; ++i) {
     const AttentionArgs& a = segs[i];
     for (int t = 0; t < a.n; ++t) {
-      const int64_t nc = (a.pos + t + 1 + kAttendChunk - 1) / kAttendChunk;
+      const int64_t nc = DecodeKeys(a, t).n_chunks;
       for (int h = 0; h < nh; ++h) {
         const int kv = h / group, s = (h % group) / sub, g = (h % group) % sub;
         const int64_t u0 = row_first + (static_cast<int64_t>(kv) * n_sub + s) * nc;
@@ -283,20 +319,28 @@ void attention_matmul(const AttentionArgs& a, AttentionScratch& s, ThreadPool& p
   const KernelTable& k = kernels();
   const int hd = a.head_dim, group = a.n_heads / a.n_kv_heads;
   const int64_t total_keys = a.pos + a.n;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const float scale = scale_of(a);
+  const bool windowed = a.window > 0;
 
   for (int g = 0; g < a.n_kv_heads; ++g) {
     // This kv head's keys as a contiguous fp32 [keys][head_dim] matrix (a prefix serves every
-    // block): the cache's own rows when they are contiguous fp32, else a converted copy.
+    // block): the cache's own rows when they are contiguous fp32, else a converted copy. A sliding
+    // window's keys are copied per block, in position order, out of its ring.
     const float* keys = static_cast<const float*>(a.keys) + g * a.kv_head_stride;
-    if (a.kv_type != KvType::F32 || a.kv_row_stride != hd) {
+    if (!windowed && (a.kv_type != KvType::F32 || a.kv_row_stride != hd)) {
       for (int64_t j = 0; j < total_keys; ++j) load_row(k, a, a.keys, a.key_scales, g, j, s.keys + j * hd);
       keys = s.keys;
     }
-
     for (int t0 = 0; t0 < a.n; t0 += kTokenBlock) {
       const int nt = std::min(kTokenBlock, a.n - t0);
-      const int64_t n_keys = a.pos + t0 + nt;  // the block's last token sees this many keys
+      // The block sees keys at positions lo..lo+n_keys-1 (lo: its first token's window start).
+      const int64_t lo = windowed ? std::max<int64_t>(0, a.pos + t0 - a.window + 1) : 0;
+      const int64_t n_keys = a.pos + t0 + nt - lo;
+      if (windowed) {
+        for (int64_t j = 0; j < n_keys; ++j)
+          load_row(k, a, a.keys, a.key_scales, g, row_of(a, lo + j), s.keys + j * hd);
+        keys = s.keys;
+      }
       const int rows = nt * group;             // row r = (token t0 + r / group, head g*group + r % group)
       for (int r = 0; r < rows; ++r) {
         const float* q = a.qkv + (t0 + r / group) * a.qkv_dim + (g * group + r % group) * hd;
@@ -305,7 +349,7 @@ void attention_matmul(const AttentionArgs& a, AttentionScratch& s, ThreadPool& p
       // V^T with row stride n_keys, as the second matmul's weight.
       for (int64_t j = 0; j < n_keys; ++j) {
         float v[kMaxHeadDim];
-        load_row(k, a, a.values, a.value_scales, g, j, v);
+        load_row(k, a, a.values, a.value_scales, g, row_of(a, lo + j), v);
         for (int i = 0; i < hd; ++i) s.values_t[i * n_keys + j] = v[i];
       }
 
@@ -319,8 +363,11 @@ void attention_matmul(const AttentionArgs& a, AttentionScratch& s, ThreadPool& p
       pool.parallel_for(rows, 8, [&](int64_t b, int64_t e) {
         for (int64_t r = b; r < e; ++r) {
           float* row = s.scores + r * n_keys;
-          const int64_t visible = a.pos + t0 + r / group + 1;
-          k.softmax_f32(row, visible);
+          const int64_t p = a.pos + t0 + r / group;  // the row's position: keys first..p - lo of the block
+          const int64_t first = windowed ? std::max<int64_t>(lo, p - a.window + 1) - lo : 0;
+          const int64_t visible = p + 1 - lo;
+          k.softmax_f32(row + first, visible - first);
+          std::fill(row, row + first, 0.0f);  // outside the window
           std::fill(row + visible, row + n_keys, 0.0f);  // causal mask
         }
       });

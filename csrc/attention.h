@@ -34,6 +34,12 @@ struct AttentionArgs {
   int64_t scale_row_stride = 0, scale_head_stride = 0;
   int n = 0, pos = 0;
   int n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  float scale = 0.0f;  // scores = scale * q.k; 0: 1/sqrt(head_dim) (Gemma 3: query_pre_attn_scalar ** -0.5)
+  // Sliding-window attention (Gemma 3): window > 0 lets the query at position p see keys p-window+1..p only.
+  // ring > 0: the cache holds `ring` positions per kv head and position j lives at row j % ring
+  // (KvCache::view sets it; a full-attention slot's ring is max_seq, so j % ring = j).
+  int window = 0;
+  int64_t ring = 0;
   float* out = nullptr;            // [n][n_heads * head_dim]
 };
 

@@ -83,7 +83,8 @@ bool bool_or(const json::Value& obj, const char* key, bool fallback) {
 const std::vector<std::pair<std::string, std::string>>& architecture_table() {
   static const std::vector<std::pair<std::string, std::string>> table = {
       {"LlamaForCausalLM", "llama"}, {"MistralForCausalLM", "mistral"}, {"Qwen2ForCausalLM", "qwen2"},
-      {"Qwen3ForCausalLM", "qwen3"}, {"Olmo2ForCausalLM", "olmo2"}, {"Phi3ForCausalLM", "phi3"}};
+      {"Qwen3ForCausalLM", "qwen3"}, {"Olmo2ForCausalLM", "olmo2"}, {"Phi3ForCausalLM", "phi3"},
+      {"Gemma3ForCausalLM", "gemma3_text"}};
   return table;
 }
 
@@ -121,12 +122,11 @@ std::string architecture_of(const json::Value& root) {
 // transformers 5 keeps theta and scaling in 'rope_parameters'; older configs use
 // 'rope_theta' + 'rope_scaling'. Both are accepted. partial_rotary: the family may rotate part of each
 // head (Phi-3: 'partial_rotary_factor' in the rope object, else at the top level); returns that factor.
-double parse_rope(const json::Value& root, ModelConfig& c, bool partial_rotary) {
-  const json::Value* params = field(root, "rope_parameters");
-  const json::Value* scaling = field(root, "rope_scaling");
+// params / scaling: those objects (or null); theta: rope_theta where params does not give it.
+double parse_rope_spec(const json::Value& root, const json::Value* params, const json::Value* scaling, double theta,
+                       ModelConfig& c, bool partial_rotary) {
   if (params && !params->is_object()) throw Error("config.json: 'rope_parameters' must be an object");
   if (scaling && !scaling->is_object()) throw Error("config.json: 'rope_scaling' must be an object");
-  double theta = number_or(root, "rope_theta", 10000.0);
   if (params) theta = number_or(*params, "rope_theta", theta, "rope_parameters.");
   if (!(theta > 0) || !std::isfinite(theta)) throw Error("config.json: rope_theta must be positive");
   c.rope_theta = static_cast<float>(theta);
@@ -160,6 +160,86 @@ double parse_rope(const json::Value& root, ModelConfig& c, bool partial_rotary) 
       throw Error("config.json: llama3 rope needs high_freq_factor > low_freq_factor");
   }
   return factor;
+}
+
+double parse_rope(const json::Value& root, ModelConfig& c, bool partial_rotary) {
+  return parse_rope_spec(root, field(root, "rope_parameters"), field(root, "rope_scaling"),
+                         number_or(root, "rope_theta", 10000.0), c, partial_rotary);
+}
+
+// Gemma 3's fields beyond the Llama family's (engine.h's ModelConfig); refuses what shortrt does not match.
+// As shortrt/checkpoint.py's _parse_gemma3 and _gemma3_rope.
+void parse_gemma3(const json::Value& root, ModelConfig& c) {
+  if (const json::Value* act = field(root, "hidden_activation")) {
+    if (!act->is_string() || act->as_string() != "gelu_pytorch_tanh")
+      throw Error("config.json: unsupported hidden_activation " + render(*act) +
+                  " (shortrt implements Gemma 3's GeGLU with gelu_pytorch_tanh)");
+  }
+  if (bool_or(root, "use_bidirectional_attention", false))
+    throw Error("config.json: use_bidirectional_attention=true is not supported (shortrt is causal)");
+  if (field(root, "attn_logit_softcapping"))
+    throw Error("config.json: attn_logit_softcapping is not supported (set it to null)");
+  const double cap = number_or(root, "final_logit_softcapping", 0.0);
+  if (cap < 0 || !std::isfinite(cap)) throw Error("config.json: final_logit_softcapping must be positive or null");
+  const double scalar = number_or(root, "query_pre_attn_scalar", 256.0);
+  if (!(scalar > 0) || !std::isfinite(scalar)) throw Error("config.json: query_pre_attn_scalar must be positive");
+  c.sandwich_norm = c.norm_unit_offset = c.gelu_tanh = c.qk_norm = true;
+  c.final_softcap = static_cast<float>(cap);
+  c.attn_scale = static_cast<float>(std::pow(scalar, -0.5));
+  c.embed_scale = static_cast<float>(std::sqrt(static_cast<double>(c.hidden)));
+  // layer_types, or as transformers derives them: every sliding_window_pattern-th layer full.
+  bool any_sliding = false;
+  c.layer_sliding.assign(c.n_layers, 0);
+  if (const json::Value* types = field(root, "layer_types")) {
+    if (!types->is_array() || static_cast<int>(types->as_array().size()) != c.n_layers)
+      throw Error("config.json: 'layer_types' must list num_hidden_layers = " + std::to_string(c.n_layers) +
+                  " entries");
+    for (int i = 0; i < c.n_layers; ++i) {
+      const json::Value& t = types->as_array()[i];
+      const bool sliding = t.is_string() && t.as_string() == "sliding_attention";
+      if (!sliding && !(t.is_string() && t.as_string() == "full_attention"))
+        throw Error("config.json: layer_types " + render(t) +
+                    " is not supported (Gemma 3 layers are sliding_attention or full_attention)");
+      c.layer_sliding[i] = sliding;
+    }
+  } else {
+    const int pattern = optional_int(root, "sliding_window_pattern", 6);
+    for (int i = 0; i < c.n_layers; ++i) c.layer_sliding[i] = (i + 1) % pattern != 0;
+  }
+  for (char s : c.layer_sliding) any_sliding = any_sliding || s;
+  c.sliding_window = any_sliding ? optional_int(root, "sliding_window", 4096) : 0;
+  // Two RoPEs: rope_parameters keyed by layer type, or rope_theta (+ rope_scaling) and rope_local_base_freq.
+  const json::Value* params = field(root, "rope_parameters");
+  const json::Value* full = nullptr;
+  const json::Value* local = nullptr;
+  if (params) {
+    bool keyed = params->is_object();
+    if (keyed)
+      for (const auto& [key, v] : params->as_object()) keyed = keyed && (key == "full_attention" || key == "sliding_attention");
+    if (!keyed)
+      throw Error("config.json: Gemma 3's 'rope_parameters' must be keyed by layer type (full_attention, "
+                  "sliding_attention)");
+    full = field(*params, "full_attention");
+    local = field(*params, "sliding_attention");
+    if ((full && !full->is_object()) || (local && !local->is_object()))
+      throw Error("config.json: each 'rope_parameters' entry must be an object");
+  }
+  if (local) {
+    for (const char* key : {"rope_type", "type"}) {
+      if (const json::Value* t = field(*local, key)) {
+        if (!t->is_string() || t->as_string() != "default")
+          throw Error("config.json: scaled RoPE on sliding_attention layers is not supported");
+        break;
+      }
+    }
+  }
+  parse_rope_spec(root, full, params ? nullptr : field(root, "rope_scaling"), number_or(root, "rope_theta", 1e6), c,
+                  false);
+  double local_theta = number_or(root, "rope_local_base_freq", 10000.0);
+  if (local) local_theta = number_or(*local, "rope_theta", local_theta, "rope_parameters.sliding_attention.");
+  if (!(local_theta > 0) || !std::isfinite(local_theta))
+    throw Error("config.json: the sliding_attention rope_theta must be positive");
+  c.rope_local_theta = static_cast<float>(local_theta);
 }
 
 // ---------------------------------------------------------------- shortrt.json
@@ -353,6 +433,7 @@ std::vector<Expected> expected_tensors(const ModelConfig& c, const std::vector<L
         out.push_back({p + "self_attn.v_proj.weight", {kv, h}});
       }
       out.push_back({p + "self_attn.o_proj.weight", {h, q}});
+      if (c.sandwich_norm) out.push_back({p + "post_attention_layernorm.weight", {h}});
       if (c.qkv_bias) {
         out.push_back({p + "self_attn.q_proj.bias", {q}});
         out.push_back({p + "self_attn.k_proj.bias", {kv}});
@@ -364,7 +445,10 @@ std::vector<Expected> expected_tensors(const ModelConfig& c, const std::vector<L
       }
     }
     if (layers[i].mlp) {
-      out.push_back({p + (c.post_norm ? "post_feedforward_layernorm.weight" : "post_attention_layernorm.weight"), {h}});
+      out.push_back({p + (c.sandwich_norm ? "pre_feedforward_layernorm.weight"
+                          : c.post_norm   ? "post_feedforward_layernorm.weight"
+                                          : "post_attention_layernorm.weight"),
+                     {h}});
       if (c.fused_projections) {
         out.push_back({p + "mlp.gate_up_proj.weight", {2 * inter, h}});
       } else {
@@ -372,6 +456,7 @@ std::vector<Expected> expected_tensors(const ModelConfig& c, const std::vector<L
         out.push_back({p + "mlp.up_proj.weight", {inter, h}});
       }
       out.push_back({p + "mlp.down_proj.weight", {h, inter}});
+      if (c.sandwich_norm) out.push_back({p + "post_feedforward_layernorm.weight", {h}});
     }
   }
   return out;
@@ -419,8 +504,9 @@ ModelConfig parse_config(const json::Value& root) {
   c.n_kv_heads = optional_int(root, "num_key_value_heads", c.n_heads);
   c.vocab = positive_int(root, "vocab_size");
   c.max_position = optional_int(root, "max_position_embeddings", 2048);
-  if (field(root, "head_dim")) {
-    c.head_dim = positive_int(root, "head_dim");
+  const bool gemma = c.architecture == "Gemma3ForCausalLM";
+  if (field(root, "head_dim") || gemma) {
+    c.head_dim = optional_int(root, "head_dim", 256);  // Gemma 3's default is 256, not hidden / heads
   } else {
     if (c.hidden % c.n_heads != 0)
       throw Error("config.json: hidden_size " + std::to_string(c.hidden) + " is not divisible by num_attention_heads " +
@@ -434,7 +520,7 @@ ModelConfig parse_config(const json::Value& root) {
   double eps = number_or(root, "rms_norm_eps", 1e-6);
   if (!(eps > 0)) throw Error("config.json: rms_norm_eps must be positive");
   c.rms_eps = static_cast<float>(eps);
-  if (const json::Value* act = field(root, "hidden_act")) {
+  if (const json::Value* act = gemma ? nullptr : field(root, "hidden_act")) {
     if (!act->is_string() || act->as_string() != "silu")
       throw Error("config.json: unsupported hidden_act " + render(*act) + " (shortrt implements SwiGLU with silu)");
   }
@@ -451,7 +537,9 @@ ModelConfig parse_config(const json::Value& root) {
   }
   if (attention_bias && c.architecture != "Qwen2ForCausalLM")
     throw Error("config.json: attention_bias=true is not supported for " + c.architecture);
-  if (const json::Value* types = field(root, "layer_types")) {
+  if (gemma) {
+    parse_gemma3(root, c);
+  } else if (const json::Value* types = field(root, "layer_types")) {
     if (!types->is_array() || static_cast<int>(types->as_array().size()) != c.n_layers)
       throw Error("config.json: 'layer_types' must list num_hidden_layers = " + std::to_string(c.n_layers) +
                   " entries");
@@ -459,7 +547,7 @@ ModelConfig parse_config(const json::Value& root) {
       if (!t.is_string() || t.as_string() != "full_attention")
         throw Error("config.json: layer_types " + render(t) + " is not supported (shortrt runs full_attention layers only)");
   }
-  const double factor = parse_rope(root, c, c.architecture == "Phi3ForCausalLM");
+  const double factor = gemma ? 1.0 : parse_rope(root, c, c.architecture == "Phi3ForCausalLM");
   c.rotary_dim = c.head_dim;
   if (factor != 1.0) {
     // transformers rotates int(head_dim * factor) leading dims of each head (Phi-3).
@@ -469,7 +557,7 @@ ModelConfig parse_config(const json::Value& root) {
                   "even number of head_dim " + std::to_string(c.head_dim) + "'s dims (got " +
                   std::to_string(c.rotary_dim) + ")");
   }
-  c.tie_embeddings = bool_or(root, "tie_word_embeddings", false);
+  c.tie_embeddings = bool_or(root, "tie_word_embeddings", gemma);  // Gemma 3 ties by default
   if (const json::Value* eos = field(root, "eos_token_id")) {
     bool ok = eos->is_integer_literal() || eos->is_array();
     if (eos->is_array())
@@ -525,10 +613,15 @@ void check_tensors(const Checkpoint& ckpt, const ModelConfig& c, const std::vect
                     std::to_string(k));
       // Which sublayer a tensor belongs to (shortrt.checkpoint.sublayer_prefixes): the norm goes with the
       // sublayer it wraps, before it or (OLMo-2) after it.
-      const bool attention_tensor = starts_with(rest, "self_attn.") ||
-                                    starts_with(rest, c.post_norm ? "post_attention_layernorm." : "input_layernorm.");
-      const bool mlp_tensor = starts_with(rest, "mlp.") ||
-                              starts_with(rest, c.post_norm ? "post_feedforward_layernorm." : "post_attention_layernorm.");
+      // Gemma 3's sublayers own the norms on both sides.
+      const bool attention_tensor =
+          starts_with(rest, "self_attn.") ||
+          starts_with(rest, c.post_norm ? "post_attention_layernorm." : "input_layernorm.") ||
+          (c.sandwich_norm && starts_with(rest, "post_attention_layernorm."));
+      const bool mlp_tensor =
+          starts_with(rest, "mlp.") ||
+          starts_with(rest, c.post_norm || c.sandwich_norm ? "post_feedforward_layernorm." : "post_attention_layernorm.") ||
+          (c.sandwich_norm && starts_with(rest, "pre_feedforward_layernorm."));
       // Named only when shortrt.json says the layer lacks that sublayer (else the tensor is simply foreign).
       if (attention_tensor && !layers[index].attention)
         throw Error(where + "tensor '" + name + "' exists but shortrt.json says layer " + layer + " has no attention");

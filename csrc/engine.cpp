@@ -78,7 +78,8 @@ struct Engine::Impl {
     if (max_seq > config.max_position)
       throw Error("max_seq " + std::to_string(max_seq) + " exceeds the model's max_position_embeddings " +
                   std::to_string(config.max_position));
-    if (config.sliding_window > 0 && max_seq > config.sliding_window)
+    // Gemma 3's sliding layers attend through their window (Model, KvCache); other families' windows not yet.
+    if (config.layer_sliding.empty() && config.sliding_window > 0 && max_seq > config.sliding_window)
       throw Error("max_seq " + std::to_string(max_seq) + " exceeds the sliding window of " +
                   std::to_string(config.sliding_window) + " (sliding-window attention is not implemented)");
     prefill_chunk = std::min(o.prefill_chunk > 0 ? o.prefill_chunk : kDefaultPrefillChunk, max_seq);
@@ -89,7 +90,12 @@ struct Engine::Impl {
                   std::to_string(least) + " (a prompt chunk must fit beside every decoding sequence)");
     plan = build_plan(dir, config, o.skip_layers);
     model = std::make_unique<Model>(config, load_weights(dir, config, plan, type, weight_type_of(lm_head_dtype)), plan.n_kv_slots, max_seq);
-    state = std::make_unique<State>(config, plan.n_kv_slots, max_seq, o.max_batch, step_tokens, kv_type_of(o.kv_dtype));
+    std::vector<char> slot_sliding;
+    if (!config.layer_sliding.empty())
+      for (const PlannedLayer& p : plan.layers)
+        if (p.attention) slot_sliding.push_back(config.layer_sliding[p.index]);
+    state = std::make_unique<State>(config, plan.n_kv_slots, max_seq, o.max_batch, step_tokens,
+                                    kv_type_of(o.kv_dtype), slot_sliding);
     running.resize(o.max_batch);
     for (int r = o.max_batch - 1; r >= 0; --r) free_regions.push_back(r);
     tokens.resize(step_tokens);

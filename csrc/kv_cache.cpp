@@ -93,10 +93,16 @@ void kv_load_row(KvType type, const void* src, float scale, int n, float* out) {
 void KvCache::Free::operator()(uint8_t* p) const { std::free(p); }
 
 KvCache::KvCache(KvType type, int n_slots, int max_batch, int max_seq, int n_kv_heads, int head_dim)
-    : type_(type), max_batch_(max_batch), max_seq_(max_seq), n_kv_heads_(n_kv_heads), head_dim_(head_dim),
-      elem_bytes_(kv_element_bytes(type)) {
-  region_elems_ = static_cast<size_t>(max_seq) * n_kv_heads * head_dim;
-  const size_t rows = static_cast<size_t>(n_slots) * max_batch * max_seq * n_kv_heads;
+    : KvCache(type, std::vector<int>(n_slots, max_seq), max_batch, n_kv_heads, head_dim) {}
+
+KvCache::KvCache(KvType type, std::vector<int> slot_positions, int max_batch, int n_kv_heads, int head_dim)
+    : type_(type), max_batch_(max_batch), n_kv_heads_(n_kv_heads), head_dim_(head_dim),
+      positions_(std::move(slot_positions)), elem_bytes_(kv_element_bytes(type)) {
+  size_t rows = 0;
+  for (int p : positions_) {
+    first_row_.push_back(rows);
+    rows += static_cast<size_t>(max_batch) * n_kv_heads * p;
+  }
   const size_t data = rows * head_dim * elem_bytes_;
   const size_t scales = type == KvType::Q8 ? rows * sizeof(float) : 0;
   bytes_ = 2 * (data + scales);
@@ -115,9 +121,10 @@ KvCache::KvCache(KvType type, int n_slots, int max_batch, int max_seq, int n_kv_
 }
 
 void KvCache::write(int slot, int seq, int pos, const float* k, const float* v) {
-  const size_t region = static_cast<size_t>(slot) * max_batch_ + seq;
+  const size_t cap = positions_[slot];
   for (int h = 0; h < n_kv_heads_; ++h) {
-    const size_t row = (region * n_kv_heads_ + h) * max_seq_ + pos;  // [slot][seq][kv_head][pos]
+    // [slot][seq][kv_head][position % cap]: a ring for a sliding-window slot, plain otherwise.
+    const size_t row = first_row_[slot] + (static_cast<size_t>(seq) * n_kv_heads_ + h) * cap + pos % cap;
     float* ks = key_scales_ ? key_scales_ + row : nullptr;
     float* vs = value_scales_ ? value_scales_ + row : nullptr;
     kv_store_row(type_, k + h * head_dim_, head_dim_, keys_ + row * head_dim_ * elem_bytes_, ks);
@@ -126,17 +133,18 @@ void KvCache::write(int slot, int seq, int pos, const float* k, const float* v) 
 }
 
 void KvCache::view(int slot, int seq, AttentionArgs& a) const {
-  const size_t region = static_cast<size_t>(slot) * max_batch_ + seq;
+  const size_t cap = positions_[slot];
+  const size_t first = first_row_[slot] + static_cast<size_t>(seq) * n_kv_heads_ * cap;  // the region's first row
   a.kv_type = type_;
-  a.keys = keys_ + region * region_elems_ * elem_bytes_;
-  a.values = values_ + region * region_elems_ * elem_bytes_;
+  a.keys = keys_ + first * head_dim_ * elem_bytes_;
+  a.values = values_ + first * head_dim_ * elem_bytes_;
   a.kv_row_stride = head_dim_;
-  a.kv_head_stride = static_cast<int64_t>(max_seq_) * head_dim_;
-  const size_t scale_region = region * n_kv_heads_ * max_seq_;
-  a.key_scales = key_scales_ ? key_scales_ + scale_region : nullptr;
-  a.value_scales = value_scales_ ? value_scales_ + scale_region : nullptr;
+  a.kv_head_stride = static_cast<int64_t>(cap) * head_dim_;
+  a.key_scales = key_scales_ ? key_scales_ + first : nullptr;
+  a.value_scales = value_scales_ ? value_scales_ + first : nullptr;
   a.scale_row_stride = 1;
-  a.scale_head_stride = max_seq_;
+  a.scale_head_stride = static_cast<int64_t>(cap);
+  a.ring = static_cast<int64_t>(cap);
 }
 
 }  // namespace shortrt

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "kernels.h"
 
@@ -42,9 +43,12 @@ void kv_load_row(KvType type, const void* src, float scale, int n, float* out);
 // Element i of a row of the format as float (int8: without its scale).
 inline float kv_element(KvType type, const void* row, int64_t i);
 
+// Each slot holds slot_positions[s] positions per region: max_seq for a full-attention layer, fewer for
+// a sliding-window one (Gemma 3), whose region is then a ring: position p lives at row p % positions.
 class KvCache {
  public:
   KvCache(KvType type, int n_slots, int max_batch, int max_seq, int n_kv_heads, int head_dim);
+  KvCache(KvType type, std::vector<int> slot_positions, int max_batch, int n_kv_heads, int head_dim);
   KvType type() const { return type_; }
   size_t bytes() const { return bytes_; }  // K, V and (int8) their scales, every slot and region
 
@@ -58,8 +62,10 @@ class KvCache {
  private:
   struct Free { void operator()(uint8_t* p) const; };
   KvType type_;
-  int max_batch_, max_seq_, n_kv_heads_, head_dim_;
-  size_t elem_bytes_, region_elems_, bytes_;
+  int max_batch_, n_kv_heads_, head_dim_;
+  std::vector<int> positions_;          // [slot] positions a region of the slot holds
+  std::vector<size_t> first_row_;       // [slot] its first row ([slot][seq][kv_head][position] rows)
+  size_t elem_bytes_, bytes_;
   std::unique_ptr<uint8_t, Free> storage_;  // keys, values, key scales, value scales
   uint8_t* keys_ = nullptr;
   uint8_t* values_ = nullptr;

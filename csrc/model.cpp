@@ -54,6 +54,34 @@ void rope_heads(float* x, int n_heads, int head_dim, int rotary_dim, const float
   }
 }
 
+// Gemma 3's GeGLU: out[i] = gelu_tanh(gate[i]) * up[i], GELU's tanh approximation as torch's
+// gelu(approximate="tanh"): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). Scalar (it is not a hot
+// path next to the matmuls around it).
+void geglu_tanh(const float* gate, const float* up, float* out, int64_t n) {
+  const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = gate[i];
+    out[i] = 0.5f * x * (1.0f + std::tanh(k * (x + 0.044715f * x * x * x))) * up[i];
+  }
+}
+
+// Gemma 3's final_logit_softcapping: each logit to cap * tanh(logit / cap).
+void softcap_rows(float* logits, int64_t n, float cap) {
+  for (int64_t i = 0; i < n; ++i) logits[i] = cap * std::tanh(logits[i] / cap);
+}
+
+// The cache positions of each KV slot: max_seq, or for a sliding-window layer (Gemma 3) the window
+// plus the most rows a step writes at once, less one: a step's rows are stored before its attention
+// runs, and the first of them must still find its window's oldest key.
+std::vector<int> slot_positions(const ModelConfig& c, const std::vector<char>& slot_sliding, int max_seq,
+                                int max_chunk) {
+  std::vector<int> out;
+  for (char sliding : slot_sliding)
+    out.push_back(sliding ? std::min<int64_t>(max_seq, static_cast<int64_t>(c.sliding_window) + max_chunk - 1)
+                          : max_seq);
+  return out;
+}
+
 }  // namespace
 
 void FloatBuffer::Free::operator()(float* p) const { std::free(p); }
@@ -66,9 +94,13 @@ FloatBuffer::FloatBuffer(size_t n) : n_(n) {
   if (!data_) throw Error("out of memory allocating " + std::to_string(bytes) + " bytes");
 }
 
-State::State(const ModelConfig& c, int n_kv_slots, int max_seq_, int max_batch_, int max_chunk_, KvType kv_type)
+State::State(const ModelConfig& c, int n_kv_slots, int max_seq_, int max_batch_, int max_chunk_, KvType kv_type,
+             const std::vector<char>& slot_sliding)
     : max_seq(max_seq_), max_batch(max_batch_), max_chunk(max_chunk_),
-      kv(kv_type, n_kv_slots, max_batch_, max_seq_, c.n_kv_heads, c.head_dim),
+      kv(kv_type,
+         slot_sliding.empty() ? std::vector<int>(n_kv_slots, max_seq_)
+                              : slot_positions(c, slot_sliding, max_seq_, max_chunk_),
+         max_batch_, c.n_kv_heads, c.head_dim),
       attention(max_seq_, c.n_heads, c.n_kv_heads, c.head_dim, max_batch_) {
   const size_t chunk = max_chunk, hidden = c.hidden, inter = c.intermediate;
   const size_t q_width = static_cast<size_t>(c.n_heads) * c.head_dim;
@@ -93,16 +125,29 @@ State::State(const ModelConfig& c, int n_kv_slots, int max_seq_, int max_batch_,
 Model::Model(const ModelConfig& config, Weights weights, int n_kv_slots, int max_seq)
     : config_(config), weights_(std::move(weights)), n_kv_slots_(n_kv_slots) {
   const int half = config_.rotary_dim / 2;
-  std::vector<float> inv = rope_inv_freq(config_);
-  rope_cos_.resize(static_cast<size_t>(max_seq) * half);
-  rope_sin_.resize(static_cast<size_t>(max_seq) * half);
-  for (int p = 0; p < max_seq; ++p) {
-    for (int i = 0; i < half; ++i) {
-      float angle = static_cast<float>(p) * inv[i];  // float32 product, as transformers does
-      rope_cos_[static_cast<size_t>(p) * half + i] = std::cos(angle);
-      rope_sin_[static_cast<size_t>(p) * half + i] = std::sin(angle);
+  auto table = [&](const ModelConfig& rc, std::vector<float>& cos_t, std::vector<float>& sin_t) {
+    std::vector<float> inv = rope_inv_freq(rc);
+    cos_t.resize(static_cast<size_t>(max_seq) * half);
+    sin_t.resize(static_cast<size_t>(max_seq) * half);
+    for (int p = 0; p < max_seq; ++p) {
+      for (int i = 0; i < half; ++i) {
+        float angle = static_cast<float>(p) * inv[i];  // float32 product, as transformers does
+        cos_t[static_cast<size_t>(p) * half + i] = std::cos(angle);
+        sin_t[static_cast<size_t>(p) * half + i] = std::sin(angle);
+      }
     }
+  };
+  table(config_, rope_cos_, rope_sin_);
+  if (config_.rope_local_theta > 0) {  // Gemma 3's sliding layers: plain RoPE on their own base
+    ModelConfig local = config_;
+    local.rope_theta = config_.rope_local_theta;
+    local.rope_type = "default";
+    table(local, rope_local_cos_, rope_local_sin_);
   }
+}
+
+bool Model::sliding(const LayerWeights& lw) const {
+  return !config_.layer_sliding.empty() && config_.layer_sliding[lw.plan.index];
 }
 
 void Model::project(State& s, ThreadPool& pool, const WeightMatrix& W, const float* x, int n, float* y,
@@ -141,8 +186,12 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
   }
 
   // Each row's key and value go to its sequence's region of this layer's KV slot, converted
-  // to the kv_dtype ([kv_head][pos][head_dim]: each kv head's keys are one stream).
+  // to the kv_dtype ([kv_head][pos][head_dim]: each kv head's keys are one stream; a ring of
+  // positions for a sliding-window layer).
   const int slot = lw.plan.kv_slot;
+  const bool local = sliding(lw) && !rope_local_cos_.empty();
+  const std::vector<float>& cos_table = local ? rope_local_cos_ : rope_cos_;
+  const std::vector<float>& sin_table = local ? rope_local_sin_ : rope_sin_;
   pool.parallel_for(n, 16, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       float* row = qkv + t * qkv_dim;
@@ -155,8 +204,8 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
         for (int h = 0; h < nh; ++h) k.rmsnorm_f32(row + h * hd, lw.q_norm, c.rms_eps, row + h * hd, hd);
         for (int h = 0; h < nkv; ++h) k.rmsnorm_f32(row + (nh + h) * hd, lw.k_norm, c.rms_eps, row + (nh + h) * hd, hd);
       }
-      const float* cos = rope_cos_.data() + static_cast<size_t>(p) * half;
-      const float* sin = rope_sin_.data() + static_cast<size_t>(p) * half;
+      const float* cos = cos_table.data() + static_cast<size_t>(p) * half;
+      const float* sin = sin_table.data() + static_cast<size_t>(p) * half;
       rope_heads(row, nh + nkv, hd, c.rotary_dim, cos, sin);  // q heads and k heads are adjacent
       s.kv.write(slot, s.row_seq[t], p, row + nh * hd, row + nh * hd + kv_width);
     }
@@ -176,6 +225,8 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
     args.n_heads = nh;
     args.n_kv_heads = nkv;
     args.head_dim = hd;
+    args.scale = c.attn_scale;
+    args.window = sliding(lw) ? c.sliding_window : 0;
     args.out = attn + g.first_row * q_width;
     // Decode reads each key once per kv head; a prompt chunk is worth two matmuls per kv head.
     if (g.n > kMaxDecodeTokens) {
@@ -188,6 +239,7 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
 
   project(s, pool, lw.o, attn, n, s.delta.data(), hidden);
   if (c.post_norm) post_norm_rows(s, pool, lw.attn_norm, n);
+  if (lw.attn_post_norm) post_norm_rows(s, pool, lw.attn_post_norm, n);  // Gemma 3
   k.axpy_f32(1.0f, s.delta.data(), x, static_cast<int64_t>(n) * hidden);
 }
 
@@ -216,12 +268,19 @@ void Model::mlp_block(State& s, ThreadPool& pool, const LayerWeights& lw, int n)
     });
   }
   project(s, pool, lw.gate_up, config_.post_norm ? x : xn, n, gate_up, 2 * inter);
+  const bool geglu = config_.gelu_tanh;
   pool.parallel_for(n, 4, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t)
-      k.swiglu_f32(gate_up + t * 2 * inter, gate_up + t * 2 * inter + inter, act + t * inter, inter);
+    for (int64_t t = b; t < e; ++t) {
+      if (geglu) {
+        geglu_tanh(gate_up + t * 2 * inter, gate_up + t * 2 * inter + inter, act + t * inter, inter);
+      } else {
+        k.swiglu_f32(gate_up + t * 2 * inter, gate_up + t * 2 * inter + inter, act + t * inter, inter);
+      }
+    }
   });
   project(s, pool, lw.down, act, n, s.delta.data(), hidden);
   if (config_.post_norm) post_norm_rows(s, pool, lw.mlp_norm, n);
+  if (lw.mlp_post_norm) post_norm_rows(s, pool, lw.mlp_post_norm, n);  // Gemma 3
   k.axpy_f32(1.0f, s.delta.data(), x, static_cast<int64_t>(n) * hidden);
 }
 
@@ -245,6 +304,10 @@ void Model::run_layers(State& s, ThreadPool& pool, const int* tokens, const Segm
   if (next_row != n) throw Error("internal: segments cover " + std::to_string(next_row) + " of " + std::to_string(n));
   const int hidden = config_.hidden;
   for (int t = 0; t < n; ++t) embedding_row(weights_.embed, tokens[t], s.x.data() + static_cast<size_t>(t) * hidden);
+  if (config_.embed_scale != 1.0f) {  // Gemma 3: the embedding times sqrt(hidden) (a float32 scalar)
+    float* x = s.x.data();
+    for (int64_t i = 0; i < static_cast<int64_t>(n) * hidden; ++i) x[i] *= config_.embed_scale;
+  }
   for (const LayerWeights& lw : weights_.layers) {
     if (lw.plan.attention) attention_block(s, pool, lw, segs, n_segs, n);
     if (lw.plan.mlp) mlp_block(s, pool, lw, n);
@@ -265,6 +328,8 @@ void Model::forward_step(State& s, ThreadPool& pool, const int* tokens, const Se
     ++m;
   }
   if (m > 0) project(s, pool, weights_.lm_head, s.xn.data(), m, s.logits.data(), config_.vocab);
+  if (m > 0 && config_.final_softcap > 0)
+    softcap_rows(s.logits.data(), static_cast<int64_t>(m) * config_.vocab, config_.final_softcap);
 }
 
 void Model::forward_all_logits(State& s, ThreadPool& pool, int seq, const int* tokens, int n, int pos,
@@ -281,6 +346,7 @@ void Model::forward_all_logits(State& s, ThreadPool& pool, int seq, const int* t
       k.rmsnorm_f32(s.x.data() + t * hidden, weights_.final_norm, config_.rms_eps, s.xn.data() + t * hidden, hidden);
   });
   project(s, pool, weights_.lm_head, s.xn.data(), n, all_logits, config_.vocab);
+  if (config_.final_softcap > 0) softcap_rows(all_logits, static_cast<int64_t>(n) * config_.vocab, config_.final_softcap);
 }
 
 }  // namespace shortrt

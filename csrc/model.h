@@ -47,8 +47,9 @@ struct Segment {
 };
 
 struct State {
+  // slot_sliding: per KV slot, 1 for a sliding-window layer (its cache holds the window, a ring); empty: none.
   State(const ModelConfig& c, int n_kv_slots, int max_seq, int max_batch, int max_chunk,
-        KvType kv_type = KvType::F32);
+        KvType kv_type = KvType::F32, const std::vector<char>& slot_sliding = {});
 
   int max_seq, max_batch, max_chunk;  // max_chunk: most rows (tokens) one forward pass takes
   int64_t qkv_dim;                    // (n_heads + 2 n_kv_heads) * head_dim
@@ -97,6 +98,7 @@ class Model {
                        int n_rows) const;
   void mlp_block(State& s, ThreadPool& pool, const LayerWeights& lw, int n) const;
   void post_norm_rows(State& s, ThreadPool& pool, const float* weight, int n) const;
+  bool sliding(const LayerWeights& lw) const;  // a sliding_attention layer (Gemma 3)
   // y = W x for n tokens; quantizes x first when W is int8 or int4 (with block sums for int4).
   void project(State& s, ThreadPool& pool, const WeightMatrix& W, const float* x, int n, float* y, int64_t ldy) const;
 
@@ -104,6 +106,7 @@ class Model {
   Weights weights_;
   int n_kv_slots_;
   std::vector<float> rope_cos_, rope_sin_;  // [max_seq][head_dim/2]
+  std::vector<float> rope_local_cos_, rope_local_sin_;  // the same for Gemma 3's sliding layers, or empty
 };
 
 }  // namespace shortrt

@@ -117,12 +117,15 @@ class Loader {
     return t;
   }
 
-  // A small vector (norm weight, bias) as an owned f32 copy.
-  const float* vector(const std::string& name, int64_t n) {
+  // A small vector (norm weight, bias) as an owned f32 copy; plus_one: each element + 1 in fp32
+  // (Gemma 3's RMSNorms scale by 1 + w, which transformers computes in float32).
+  const float* vector(const std::string& name, int64_t n, bool plus_one = false) {
     const TensorView& t = tensor(name, {n});
     float* dst = alloc<float>(n);
     std::vector<float> tmp;
     std::memcpy(dst, f32_span(t, 0, n, tmp), n * sizeof(float));
+    if (plus_one)
+      for (int64_t i = 0; i < n; ++i) dst[i] = 1.0f + dst[i];
     NonFinite bad;
     bad.scan(dst, n, 0);
     report(t, bad);
@@ -279,8 +282,10 @@ Weights load_weights(const std::string& dir, const ModelConfig& c, const LayerPl
     lw.plan = p;
     std::string pre = layer_prefix(p.index);
     if (p.attention) {
+      const bool one = c.norm_unit_offset;
       lw.attn_norm = load.vector(pre + (c.post_norm ? "post_attention_layernorm.weight" : "input_layernorm.weight"),
-                                 hidden);
+                                 hidden, one);
+      if (c.sandwich_norm) lw.attn_post_norm = load.vector(pre + "post_attention_layernorm.weight", hidden, one);
       if (c.fused_projections) {  // Phi-3 stores q|k|v as one tensor, already in the runtime's row order
         lw.qkv = load.matrix(pre + "self_attn.qkv_proj.weight", q_rows + 2 * kv_rows, hidden);
       } else {
@@ -294,17 +299,20 @@ Weights load_weights(const std::string& dir, const ModelConfig& c, const LayerPl
                                           {q_rows, kv_rows, kv_rows});
       }
       if (c.qk_norm) {
-        lw.q_norm = load.vector(pre + "self_attn.q_norm.weight", c.qk_norm_whole ? q_rows : hd);
-        lw.k_norm = load.vector(pre + "self_attn.k_norm.weight", c.qk_norm_whole ? kv_rows : hd);
+        lw.q_norm = load.vector(pre + "self_attn.q_norm.weight", c.qk_norm_whole ? q_rows : hd, one);
+        lw.k_norm = load.vector(pre + "self_attn.k_norm.weight", c.qk_norm_whole ? kv_rows : hd, one);
       }
       lw.o = load.matrix(pre + "self_attn.o_proj.weight", hidden, q_rows);
       w.bytes += lw.qkv.bytes() + lw.o.bytes();
       w.bytes_per_token += lw.qkv.bytes() + lw.o.bytes();
     }
     if (p.mlp) {
-      lw.mlp_norm =
-          load.vector(pre + (c.post_norm ? "post_feedforward_layernorm.weight" : "post_attention_layernorm.weight"),
-                      hidden);
+      lw.mlp_norm = load.vector(pre + (c.sandwich_norm ? "pre_feedforward_layernorm.weight"
+                                       : c.post_norm   ? "post_feedforward_layernorm.weight"
+                                                       : "post_attention_layernorm.weight"),
+                                hidden, c.norm_unit_offset);
+      if (c.sandwich_norm)
+        lw.mlp_post_norm = load.vector(pre + "post_feedforward_layernorm.weight", hidden, c.norm_unit_offset);
       if (c.fused_projections) {  // Phi-3's gate_up_proj: gate rows, then up rows, as the runtime stacks them
         lw.gate_up = load.matrix(pre + "mlp.gate_up_proj.weight", 2 * static_cast<int64_t>(c.intermediate), hidden);
       } else {
@@ -318,7 +326,7 @@ Weights load_weights(const std::string& dir, const ModelConfig& c, const LayerPl
     w.layers.push_back(std::move(lw));
   }
 
-  w.final_norm = load.vector("model.norm.weight", hidden);
+  w.final_norm = load.vector("model.norm.weight", hidden, c.norm_unit_offset);
   w.embed = load.matrix("model.embed_tokens.weight", c.vocab, hidden);
   w.bytes += w.embed.bytes();
   if (c.tie_embeddings && lm_head_type == type) {

@@ -25,10 +25,12 @@ struct LayerWeights {
   const float* q_norm = nullptr;     // [head_dim] (Qwen3: every q head), [n_heads * head_dim] (OLMo-2) or null
   const float* k_norm = nullptr;     // [head_dim] (Qwen3: every k head), [n_kv_heads * head_dim] (OLMo-2) or null
   WeightMatrix o;                    // [hidden, n_heads * head_dim]
+  const float* attn_post_norm = nullptr;  // [hidden] (Gemma 3) post_attention_layernorm on its output, or null
   // mlp (plan.mlp)
   const float* mlp_norm = nullptr;   // [hidden]: post_attention_layernorm, or (OLMo-2) post_feedforward_layernorm after
   WeightMatrix gate_up;              // [2 * intermediate, hidden]
   WeightMatrix down;                 // [hidden, intermediate]
+  const float* mlp_post_norm = nullptr;   // [hidden] (Gemma 3) post_feedforward_layernorm on its output, or null
 };
 
 struct Weights {

@@ -41,14 +41,17 @@ DEFAULT_STATE_BYTES = 1536 << 20
 # Architectures whose decoder layer computes m = h + attn(norm(h)); h' = m + mlp(post_attention_layernorm(m)),
 # so the input of post_attention_layernorm is the mid-layer residual, and OLMo-2's, m = h +
 # post_attention_layernorm(attn(h)); h' = m + post_feedforward_layernorm(mlp(m)), where it is the input of mlp
-# (mid_residual_module). (Gemma's sandwich norms are not among them.)
-_MID_RESIDUAL_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "phi3"}
+# (mid_residual_module), and Gemma 3's, m = h + post_attention_layernorm(attn(input_layernorm(h))); h' = m +
+# post_feedforward_layernorm(mlp(pre_feedforward_layernorm(m))), where it is the input of pre_feedforward_layernorm.
+_MID_RESIDUAL_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "phi3", "gemma3_text"}
 
 
 def mid_residual_module(layer):
     """The submodule of a transformers decoder layer whose input is the mid-layer residual m."""
-    from .layer_plan import is_post_norm
+    from .layer_plan import is_post_norm, is_sandwich_norm
 
+    if is_sandwich_norm(layer):
+        return layer.pre_feedforward_layernorm
     return layer.mlp if is_post_norm(layer) else layer.post_attention_layernorm
 
 
@@ -417,7 +420,7 @@ def _calibrate_streaming(ckpt, sequences, batch_size: int, acc: SimilarityAccumu
     import torch
     from tqdm.auto import tqdm
 
-    from .layer_plan import causal_mask, run_layer
+    from .layer_plan import run_layer
     from .streaming import LayerStream
 
     from .devices import work_dtype
@@ -445,7 +448,7 @@ def _calibrate_streaming(ckpt, sequences, batch_size: int, acc: SimilarityAccumu
                 with stream.layer(i) as layer:
                     outs = []
                     for b, h in enumerate(states):
-                        mid, out = run_layer(layer, h, stream.rotary(h), causal_mask(h.shape[1], h.dtype, h.device))
+                        mid, out = run_layer(layer, h, stream.rotary(h), stream.mask(h))
                         x, y = flat(h), flat(out)
                         block = acc.add_layer(acc.BLOCK, i, x, y)
                         if sublayers:

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import stat
 import struct
 import sys
@@ -40,7 +41,10 @@ from .layermap import FORMAT, KINDS, LayerEntry, LayerMap
 
 # The one list of architectures shortrt runs (csrc/contract.cpp has the same list, tested).
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                 "Qwen3ForCausalLM": "qwen3", "Olmo2ForCausalLM": "olmo2", "Phi3ForCausalLM": "phi3"}
+                 "Qwen3ForCausalLM": "qwen3", "Olmo2ForCausalLM": "olmo2", "Phi3ForCausalLM": "phi3",
+                 "Gemma3ForCausalLM": "gemma3_text"}
+# Gemma 3's per-layer attention kinds (config.json's layer_types).
+SLIDING, FULL = "sliding_attention", "full_attention"
 ROPE_TYPES = ("default", "linear", "llama3")
 WEIGHT_DTYPES = ("F32", "F16", "BF16")
 
@@ -156,6 +160,24 @@ class ModelConfig:
     rotary_dim: int = 0  # the leading dims of each head RoPE rotates (Phi-3's partial_rotary_factor); head_dim
     sliding_window: int = 0
     eos_token_ids: tuple[int, ...] = ()
+    # Gemma 3 (all off elsewhere): four norms per layer -- input_layernorm, post_attention_layernorm on the
+    # attention's output, pre_feedforward_layernorm, post_feedforward_layernorm on the MLP's output --;
+    # every RMSNorm scales by (1 + w); GeGLU with tanh-approximated GELU; the embedding times embed_scale;
+    # scores scaled by attn_scale (query_pre_attn_scalar ** -0.5; 0: head_dim ** -0.5); logits soft-capped
+    # as cap * tanh(logits / cap) (0: none); layer_types: each layer SLIDING (attends to its last
+    # sliding_window positions, RoPE base rope_local_theta) or FULL (rope_theta and its scaling).
+    sandwich_norm: bool = False
+    norm_unit_offset: bool = False
+    gelu_tanh: bool = False
+    embed_scale: float = 1.0
+    attn_scale: float = 0.0
+    final_softcap: float = 0.0
+    layer_types: tuple[str, ...] = ()
+    rope_local_theta: float = 0.0
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether checkpoint layer `layer` attends through a sliding window (Gemma 3's sliding_attention)."""
+        return bool(self.layer_types) and self.layer_types[layer] == SLIDING
 
 
 def _field(obj: dict, key: str):
@@ -226,8 +248,8 @@ def parse_config(c) -> ModelConfig:
     n_kv_heads = _positive_int(c, "num_key_value_heads", n_heads)
     vocab = _positive_int(c, "vocab_size")
     max_position = _positive_int(c, "max_position_embeddings", 2048)
-    if _field(c, "head_dim") is not None:
-        head_dim = _positive_int(c, "head_dim")
+    if _field(c, "head_dim") is not None or arch == "Gemma3ForCausalLM":
+        head_dim = _positive_int(c, "head_dim", 256)  # Gemma 3's default is 256, not hidden / heads
     else:
         if hidden % n_heads:
             raise CheckpointError(f"config.json: hidden_size {hidden} is not divisible by "
@@ -241,7 +263,8 @@ def parse_config(c) -> ModelConfig:
     rms_eps = _number(c, "rms_norm_eps", 1e-6)
     if not rms_eps > 0:
         raise CheckpointError("config.json: rms_norm_eps must be positive")
-    act = _field(c, "hidden_act")
+    gemma = arch == "Gemma3ForCausalLM"
+    act = None if gemma else _field(c, "hidden_act")
     if act is not None and act != "silu":
         raise CheckpointError(f"config.json: unsupported hidden_act {json.dumps(act)} "
                               "(shortrt implements SwiGLU with silu)")
@@ -258,14 +281,17 @@ def parse_config(c) -> ModelConfig:
     if attention_bias and arch != "Qwen2ForCausalLM":
         raise CheckpointError(f"config.json: attention_bias=true is not supported for {arch}")
     layer_types = _field(c, "layer_types")
-    if layer_types is not None:
+    if gemma:
+        extra = _parse_gemma3(c, n_layers, head_dim)
+        sliding_window = extra.pop("sliding_window")
+    elif layer_types is not None:
         if not isinstance(layer_types, list) or len(layer_types) != n_layers:
             raise CheckpointError(f"config.json: 'layer_types' must list num_hidden_layers = {n_layers} entries")
         odd = [t for t in layer_types if t != "full_attention"]
         if odd:
             raise CheckpointError(f"config.json: layer_types {json.dumps(odd[0])} is not supported "
                                   "(shortrt runs full_attention layers only)")
-    rope = _parse_rope(c, partial_rotary=arch == "Phi3ForCausalLM")
+    rope = _gemma3_rope(c, extra) if gemma else _parse_rope(c, partial_rotary=arch == "Phi3ForCausalLM")
     rotary_dim = head_dim
     factor = rope.pop("partial_rotary_factor", 1.0)
     if factor != 1.0:
@@ -274,7 +300,7 @@ def parse_config(c) -> ModelConfig:
         if not (0.0 < factor < 1.0 and rotary_dim >= 2 and rotary_dim % 2 == 0):
             raise CheckpointError(f"config.json: partial_rotary_factor {factor!r} must lie in (0, 1] and rotate an "
                                   f"even number of head_dim {head_dim}'s dims (got {rotary_dim})")
-    tie = _flag(c, "tie_word_embeddings", False)
+    tie = _flag(c, "tie_word_embeddings", gemma)  # Gemma 3 ties by default
     eos = _field(c, "eos_token_id")
     if eos is None:
         eos_ids = ()
@@ -284,11 +310,85 @@ def parse_config(c) -> ModelConfig:
         eos_ids = tuple(eos)
     else:
         raise CheckpointError("config.json: eos_token_id must be an integer or a list of integers")
+    if gemma:
+        qk_norm = True
+        extra["embed_scale"] = float(torch_float32(hidden ** 0.5))
     return ModelConfig(arch, hidden, intermediate, n_layers, n_heads, n_kv_heads, head_dim, vocab, max_position,
-                       rms_eps, tie_embeddings=tie, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                       rms_eps, tie_embeddings=tie, qkv_bias=qkv_bias, qk_norm=qk_norm, **(extra if gemma else {}),
                        qk_norm_whole=arch == "Olmo2ForCausalLM", post_norm=arch == "Olmo2ForCausalLM",
                        fused_projections=arch == "Phi3ForCausalLM", rotary_dim=rotary_dim,
                        sliding_window=sliding_window, eos_token_ids=eos_ids, **rope)
+
+
+def torch_float32(x: float) -> float:
+    """x rounded to float32 (as transformers holds Gemma's embedding scale)."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def gemma3_layer_types(c: dict, n_layers: int) -> list:
+    """Gemma 3's layer_types as transformers derives them: the list when given, else every
+    sliding_window_pattern-th layer (1-based; default 6) full_attention and the others sliding."""
+    given = _field(c, "layer_types")
+    if given is not None:
+        return given
+    pattern = _positive_int(c, "sliding_window_pattern", 6)
+    return [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
+
+
+def _parse_gemma3(c: dict, n_layers: int, head_dim: int) -> dict:
+    """Gemma 3's fields beyond the Llama family's (see ModelConfig); refuses what shortrt does not match."""
+    act = _field(c, "hidden_activation")
+    if act is not None and act != "gelu_pytorch_tanh":
+        raise CheckpointError(f"config.json: unsupported hidden_activation {json.dumps(act)} "
+                              "(shortrt implements Gemma 3's GeGLU with gelu_pytorch_tanh)")
+    if _flag(c, "use_bidirectional_attention", False):
+        raise CheckpointError("config.json: use_bidirectional_attention=true is not supported (shortrt is causal)")
+    if _field(c, "attn_logit_softcapping") is not None:
+        raise CheckpointError("config.json: attn_logit_softcapping is not supported (set it to null)")
+    cap = _number(c, "final_logit_softcapping", 0.0) if _field(c, "final_logit_softcapping") is not None else 0.0
+    if cap < 0 or not math.isfinite(cap):
+        raise CheckpointError("config.json: final_logit_softcapping must be positive or null")
+    scalar = _number(c, "query_pre_attn_scalar", 256.0)
+    if not (scalar > 0 and math.isfinite(scalar)):
+        raise CheckpointError("config.json: query_pre_attn_scalar must be positive")
+    types = gemma3_layer_types(c, n_layers)
+    if not isinstance(types, list) or len(types) != n_layers:
+        raise CheckpointError(f"config.json: 'layer_types' must list num_hidden_layers = {n_layers} entries")
+    for t in types:
+        if t not in (SLIDING, FULL):
+            raise CheckpointError(f"config.json: layer_types {json.dumps(t)} is not supported "
+                                  f"(Gemma 3 layers are {SLIDING} or {FULL})")
+    window = _positive_int(c, "sliding_window", 4096) if SLIDING in types else 0
+    return {"sandwich_norm": True, "norm_unit_offset": True, "gelu_tanh": True, "final_softcap": cap,
+            "attn_scale": torch_float32(scalar ** -0.5), "layer_types": tuple(types), "sliding_window": window}
+
+
+def _gemma3_rope(c: dict, extra: dict) -> dict:
+    """Gemma 3's two RoPEs: rope_parameters keyed by layer type (transformers 5), or the older
+    rope_theta (+ rope_scaling) for full_attention layers and rope_local_base_freq for sliding ones.
+    The sliding layers' RoPE must be plain; the full layers' may be scaled as elsewhere."""
+    params = _field(c, "rope_parameters")
+    if params is not None:
+        if not isinstance(params, dict) or not set(params) <= {SLIDING, FULL}:
+            raise CheckpointError("config.json: Gemma 3's 'rope_parameters' must be keyed by layer type "
+                                  f"({FULL}, {SLIDING})")
+        full = params.get(FULL) or {}
+        local = params.get(SLIDING) or {}
+        if not isinstance(full, dict) or not isinstance(local, dict):
+            raise CheckpointError("config.json: each 'rope_parameters' entry must be an object")
+        full = {"rope_theta": _number(c, "rope_theta", 1_000_000.0), **full}
+        local = {"rope_theta": _number(c, "rope_local_base_freq", 10_000.0), **local}
+    else:
+        full = {"rope_theta": _number(c, "rope_theta", 1_000_000.0), **(_field(c, "rope_scaling") or {})}
+        local = {"rope_theta": _number(c, "rope_local_base_freq", 10_000.0)}
+    if local.get("rope_type", local.get("type", "default")) != "default":
+        raise CheckpointError("config.json: scaled RoPE on sliding_attention layers is not supported")
+    out = _parse_rope({"rope_parameters": full})
+    local_theta = _number(local, "rope_theta", 10_000.0, "rope_parameters.sliding_attention.")
+    if not (local_theta > 0 and math.isfinite(local_theta)):
+        raise CheckpointError("config.json: the sliding_attention rope_theta must be positive")
+    extra["rope_local_theta"] = local_theta
+    return out
 
 
 def _parse_rope(c: dict, partial_rotary: bool = False) -> dict:
@@ -460,12 +560,16 @@ def layer_map_plan(layer_map: LayerMap, skip_layers=()) -> tuple[Step, ...]:
 
 # ============================================================================ tensors
 
-def sublayer_prefixes(post_norm: bool) -> dict[str, tuple[str, ...]]:
+def sublayer_prefixes(post_norm: bool, sandwich: bool = False) -> dict[str, tuple[str, ...]]:
     """Which tensors of a decoder layer (names after "model.layers.{i}.") belong to its attention and
     which to its MLP: a layer without one has none of its tensors. The norm goes with the sublayer it
     wraps: before it (input_layernorm, post_attention_layernorm for the MLP) or, in OLMo-2, after it
     (post_attention_layernorm for the attention, post_feedforward_layernorm for the MLP).
-    post_norm: ModelConfig.post_norm (OLMo-2)."""
+    post_norm: ModelConfig.post_norm (OLMo-2). sandwich: ModelConfig.sandwich_norm (Gemma 3: each
+    sublayer owns the norm before it and the one after it)."""
+    if sandwich:
+        return {"attention": ("input_layernorm.", "self_attn.", "post_attention_layernorm."),
+                "mlp": ("pre_feedforward_layernorm.", "mlp.", "post_feedforward_layernorm.")}
     if post_norm:
         return {"attention": ("self_attn.", "post_attention_layernorm."),
                 "mlp": ("mlp.", "post_feedforward_layernorm.")}
@@ -480,7 +584,8 @@ def expected_tensors(cfg: ModelConfig, layer_map: LayerMap) -> dict[str, tuple[i
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = (cfg.vocab, h)
     attn_norm = "post_attention_layernorm.weight" if cfg.post_norm else "input_layernorm.weight"
-    mlp_norm = "post_feedforward_layernorm.weight" if cfg.post_norm else "post_attention_layernorm.weight"
+    mlp_norm = ("pre_feedforward_layernorm.weight" if cfg.sandwich_norm else
+                "post_feedforward_layernorm.weight" if cfg.post_norm else "post_attention_layernorm.weight")
     for i, e in enumerate(layer_map.layers):
         p = f"model.layers.{i}."
         if e.attention:
@@ -491,6 +596,8 @@ def expected_tensors(cfg: ModelConfig, layer_map: LayerMap) -> dict[str, tuple[i
                 out.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
                             p + "self_attn.v_proj.weight": (kv, h)})
             out[p + "self_attn.o_proj.weight"] = (h, q)
+            if cfg.sandwich_norm:
+                out[p + "post_attention_layernorm.weight"] = (h,)
             if cfg.qkv_bias:
                 out.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                             p + "self_attn.v_proj.bias": (kv,)})
@@ -504,6 +611,8 @@ def expected_tensors(cfg: ModelConfig, layer_map: LayerMap) -> dict[str, tuple[i
             else:
                 out.update({p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h)})
             out[p + "mlp.down_proj.weight"] = (h, inter)
+            if cfg.sandwich_norm:
+                out[p + "post_feedforward_layernorm.weight"] = (h,)
     return out
 
 
@@ -512,7 +621,7 @@ def check_tensors(cfg: ModelConfig, layer_map: LayerMap, found: dict[str, tuple[
     """The tensor set is exactly what config.json and shortrt.json say: every expected tensor with
     its shape and a float dtype, nothing else (a tied lm_head.weight is tolerated and unused)."""
     expected = expected_tensors(cfg, layer_map)
-    owners = sublayer_prefixes(cfg.post_norm)
+    owners = sublayer_prefixes(cfg.post_norm, cfg.sandwich_norm)
     k = len(layer_map.layers)
     for name in sorted(found, key=_tensor_order):
         if name in expected or _IGNORED_TENSOR.search(name):

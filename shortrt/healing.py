@@ -252,7 +252,7 @@ def make_trainable(hf, plan, *, rank: int, alpha: float, full: bool, seed: int):
     """Freeze `hf`, then make the layers `plan` runs trainable: LoRA adapters on their projections
     (only the sublayers the plan runs), or with full=True all their sublayers' weights.
     Returns (parameters to optimize, checkpoint tensor names the training changes)."""
-    from .layer_plan import is_post_norm
+    from .layer_plan import is_post_norm, is_sandwich_norm
 
     hf.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
@@ -261,7 +261,7 @@ def make_trainable(hf, plan, *, rank: int, alpha: float, full: bool, seed: int):
         layer, prefix = hf.model.layers[step.index], f"model.layers.{step.index}."
         parts = (("attention",) if step.attention else ()) + (("mlp",) if step.mlp else ())
         if full:
-            owners = sublayer_prefixes(is_post_norm(layer))  # a sublayer's norm trains with it
+            owners = sublayer_prefixes(is_post_norm(layer), is_sandwich_norm(layer))  # a sublayer's norm trains with it
             for name, p in layer.named_parameters():
                 if name.startswith(sum((owners[part] for part in parts), ())):
                     params.append(p.requires_grad_(True))

@@ -17,7 +17,7 @@ from .checkpoint import Model, Step, load
 from .errors import CheckpointError, ShortrtError
 
 __all__ = ["Step", "dense_plan", "load_for_plan", "forward_plans", "plan_logits", "plan_states", "attention_mask",
-           "causal_mask", "plan_steps", "run_layer"]
+           "causal_mask", "causal_masks", "masks_for", "rotary_for", "plan_steps", "run_layer"]
 
 
 def dense_plan(num_layers: int) -> tuple[Step, ...]:
@@ -59,10 +59,50 @@ def attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return additive.masked_fill_(~mask, torch.finfo(dtype).min)
 
 
+def rotary_for(rotary, h, position_ids):
+    """The rotary (cos, sin) of a model's rotary module at position_ids, or, where the layers have two
+    RoPEs (Gemma 3: a local base for sliding_attention layers, the global one for full_attention),
+    a dict of them by layer type (run_layer picks its layer's)."""
+    types = getattr(rotary, "layer_types", None)
+    if types is None:
+        return rotary(h, position_ids=position_ids)
+    return {t: rotary(h, position_ids, t) for t in types}
+
+
+def masks_for(config, mask: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """The additive form of a boolean may-attend mask [rows, 1, T, T]; where some layers attend
+    through a sliding window (Gemma 3's sliding_attention), a dict by layer type, the sliding one
+    also hiding keys config.sliding_window or more positions before the query (transformers:
+    kv_pos > q_pos - window)."""
+    if "sliding_attention" not in (getattr(config, "layer_types", None) or ()):
+        return attention_mask(mask, dtype)
+    pos = position_ids.reshape(-1, position_ids.shape[-1])
+    near = (pos[:, None, :, None] - pos[:, None, None, :]) < config.sliding_window
+    return {"full_attention": attention_mask(mask, dtype), "sliding_attention": attention_mask(mask & near, dtype)}
+
+
+def causal_masks(config, T: int, dtype: torch.dtype, device=None):
+    """masks_for a plain causal batch at positions 0..T-1 (broadcasts over rows)."""
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
+    return masks_for(config, causal, torch.arange(T, device=device)[None], dtype)
+
+
+def _of_layer(layer, value):
+    """value, or its entry for the layer's attention type when given by type (rotary_for, masks_for)."""
+    return value[layer.self_attn.layer_type] if isinstance(value, dict) else value
+
+
 def is_post_norm(layer) -> bool:
     """Whether a transformers decoder layer norms its sublayers' outputs (OLMo-2: no input_layernorm,
     post_attention_layernorm after the attention, post_feedforward_layernorm after the MLP)."""
     return not hasattr(layer, "input_layernorm") and hasattr(layer, "post_feedforward_layernorm")
+
+
+def is_sandwich_norm(layer) -> bool:
+    """Whether a transformers decoder layer norms each sublayer's input and output (Gemma 3:
+    input_layernorm / post_attention_layernorm around the attention, pre_ / post_feedforward_layernorm
+    around the MLP)."""
+    return hasattr(layer, "pre_feedforward_layernorm")
 
 
 def run_layer(layer, h, pe, mask, *, attention: bool = True, mlp: bool = True):
@@ -71,6 +111,15 @@ def run_layer(layer, h, pe, mask, *, attention: bool = True, mlp: bool = True):
     skipped when told. pe: the rotary (cos, sin) for the rows' positions; mask: additive,
     broadcastable to [rows, 1, T, T]."""
     post = is_post_norm(layer)
+    pe, mask = _of_layer(layer, pe), _of_layer(layer, mask)
+    if is_sandwich_norm(layer):  # Gemma 3: h + post_norm(sublayer(pre_norm(h))) for each sublayer
+        if attention:
+            a, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=pe, attention_mask=mask)
+            h = h + layer.post_attention_layernorm(a)
+        mid = h
+        if mlp:
+            h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+        return mid, h
     if attention:
         x = h if post else layer.input_layernorm(h)
         a, _ = layer.self_attn(hidden_states=x, position_embeddings=pe, attention_mask=mask)
@@ -106,8 +155,8 @@ def forward_plans(hf, input_ids, position_ids, mask, plans: list[tuple[Step, ...
         if bad:
             raise ShortrtError(f"plan refers to layers {bad} but the model has {n_layers}")
     h0 = hf.model.embed_tokens(input_ids)
-    pe = hf.model.rotary_emb(h0, position_ids=position_ids)
-    additive = attention_mask(mask, h0.dtype)
+    pe = rotary_for(hf.model.rotary_emb, h0, position_ids)
+    additive = masks_for(hf.config, mask, position_ids, h0.dtype)
     outs: list[torch.Tensor | None] = [None] * len(plans)
 
     def walk(h, depth: int, members: list[int]) -> None:
@@ -131,8 +180,8 @@ def plan_steps(hf, input_ids: torch.Tensor, plan: tuple[Step, ...], start: torch
     layers computed earlier: shortrt.iterative keeps it between rounds)."""
     rows, T = input_ids.shape
     h = hf.model.embed_tokens(input_ids) if start is None else start
-    pe = hf.model.rotary_emb(h, position_ids=torch.arange(T, device=h.device).repeat(rows, 1))
-    additive = causal_mask(T, h.dtype, h.device)  # broadcasts over rows
+    pe = rotary_for(hf.model.rotary_emb, h, torch.arange(T, device=h.device).repeat(rows, 1))
+    additive = causal_masks(hf.config, T, h.dtype, h.device)  # broadcasts over rows
     for p, step in enumerate(plan):
         out = _run_steps(hf, h, (step,), pe, additive)
         yield p, h, out

@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from .checkpoint import MAX_SHARD_BYTES, Model, check_out_dir, load, sublayer_prefixes, write_checkpoint
+from .checkpoint import (MAX_SHARD_BYTES, Model, check_out_dir, gemma3_layer_types, load, sublayer_prefixes,
+                         write_checkpoint)
 from .layermap import LayerEntry, LayerMap
 from .safetensors_writer import TensorSource
 
@@ -63,7 +64,7 @@ def layer_tensors(src: Model, layers: list[LayerEntry]) -> list[TensorSource]:
     size. (`src.tensors` is already checked to be exactly what its config and layer map say.)
     A dropped sublayer takes its norm with it (checkpoint.sublayer_prefixes: OLMo-2's
     post_attention_layernorm goes with its attention)."""
-    owners = sublayer_prefixes(src.model_config.post_norm)
+    owners = sublayer_prefixes(src.model_config.post_norm, src.model_config.sandwich_norm)
     by_layer: dict[int, list[tuple[str, str]]] = {}
     plan: list[TensorSource] = []
     for name in sorted(src.tensors):
@@ -107,6 +108,10 @@ def pruned_config(config: dict, layers: list[LayerEntry]) -> dict:
     and every per-layer list of the source config (one item per layer) taken in that order."""
     num_layers = config["num_hidden_layers"]
     keep = [e.source for e in layers]
+    if "Gemma3ForCausalLM" in (config.get("architectures") or ()) or config.get("model_type") == "gemma3_text":
+        # Each kept layer keeps its attention type: a config that gives only sliding_window_pattern
+        # is written out per layer (the pattern would re-derive the types from the new indices).
+        config = {**config, "layer_types": gemma3_layer_types(config, num_layers)}
     out = dict(config)
     out["num_hidden_layers"] = len(keep)
     for key, value in config.items():

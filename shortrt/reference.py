@@ -10,6 +10,8 @@ computed over the whole sequence at once (no KV cache), gpt-fast style.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 
@@ -51,9 +53,10 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float):
+    def __init__(self, weight: torch.Tensor, eps: float, unit_offset: bool = False):
         super().__init__()
-        self.weight, self.eps = weight, eps
+        # Gemma 3 scales by (1 + w), the sum taken in float32.
+        self.weight, self.eps = (1.0 + weight.float()) if unit_offset else weight, eps
 
     def forward(self, x):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
@@ -71,8 +74,9 @@ class Attention(nn.Module):
         self.bqkv = torch.cat([w[prefix + f"{n}_proj.bias"] for n in "qkv"]) if cfg.qkv_bias else None
         self.wo = w[prefix + "o_proj.weight"]
         # Qwen3: each q and k head RMS-normed (over head_dim) before RoPE; OLMo-2: all of q, all of k.
-        self.q_norm = RMSNorm(w[prefix + "q_norm.weight"], cfg.rms_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(w[prefix + "k_norm.weight"], cfg.rms_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(w[prefix + "q_norm.weight"], cfg.rms_eps, cfg.norm_unit_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(w[prefix + "k_norm.weight"], cfg.rms_eps, cfg.norm_unit_offset) if cfg.qk_norm else None
+        self.window = 0  # Gemma 3's sliding_attention layers: Block sets cfg.sliding_window
 
     def forward(self, x, cos, sin):
         cfg = self.cfg
@@ -91,7 +95,12 @@ class Attention(nn.Module):
         group = cfg.n_heads // cfg.n_kv_heads
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        scale = cfg.attn_scale or None  # Gemma 3: query_pre_attn_scalar ** -0.5
+        if self.window:  # key j visible from query i when i - window < j <= i
+            i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - self.window), scale=scale)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         return F.linear(y.transpose(1, 2).reshape(b, t, q_size), self.wo)
 
 
@@ -103,10 +112,11 @@ class MLP(nn.Module):
         else:
             self.w_gate_up = torch.cat([w[prefix + "gate_proj.weight"], w[prefix + "up_proj.weight"]])
         self.w_down = w[prefix + "down_proj.weight"]
+        self.act = (lambda g: F.gelu(g, approximate="tanh")) if cfg.gelu_tanh else F.silu  # Gemma 3: GeGLU
 
     def forward(self, x):
         gate, up = F.linear(x, self.w_gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w_down)
+        return F.linear(self.act(gate) * up, self.w_down)
 
 
 class Block(nn.Module):
@@ -116,15 +126,29 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, w: dict, i: int, attention: bool, mlp: bool):
         super().__init__()
         p = f"model.layers.{i}."
-        self.index, self.post_norm = i, cfg.post_norm
+        self.index, self.post_norm, self.sandwich = i, cfg.post_norm, cfg.sandwich_norm
+        self.sliding = cfg.is_sliding(i)
         attn_norm, mlp_norm = (("post_attention_layernorm", "post_feedforward_layernorm") if cfg.post_norm
+                               else ("input_layernorm", "pre_feedforward_layernorm") if cfg.sandwich_norm
                                else ("input_layernorm", "post_attention_layernorm"))
-        self.attn_norm = RMSNorm(w[p + attn_norm + ".weight"], cfg.rms_eps) if attention else None
+        norm = lambda name: RMSNorm(w[p + name + ".weight"], cfg.rms_eps, cfg.norm_unit_offset)  # noqa: E731
+        self.attn_norm = norm(attn_norm) if attention else None
         self.attn = Attention(cfg, w, p + "self_attn.") if attention else None
-        self.mlp_norm = RMSNorm(w[p + mlp_norm + ".weight"], cfg.rms_eps) if mlp else None
+        if attention and self.sliding:
+            self.attn.window = cfg.sliding_window
+        self.mlp_norm = norm(mlp_norm) if mlp else None
         self.mlp = MLP(cfg, w, p + "mlp.") if mlp else None
+        # Gemma 3's norms of each sublayer's output, before the residual add.
+        self.attn_post = norm("post_attention_layernorm") if attention and cfg.sandwich_norm else None
+        self.mlp_post = norm("post_feedforward_layernorm") if mlp and cfg.sandwich_norm else None
 
     def forward(self, h, cos, sin):
+        if self.sandwich:
+            if self.attn is not None:
+                h = h + self.attn_post(self.attn(self.attn_norm(h), cos, sin))
+            if self.mlp is not None:
+                h = h + self.mlp_post(self.mlp(self.mlp_norm(h)))
+            return h
         if self.attn is not None:
             if self.post_norm:
                 h = h + self.attn_norm(self.attn(h, cos, sin))
@@ -141,9 +165,13 @@ class ReferenceModel(nn.Module):
         self.cfg = cfg
         self.embed = tensors["model.embed_tokens.weight"]
         self.lm_head = self.embed if cfg.tie_embeddings else tensors["lm_head.weight"]
-        self.norm = RMSNorm(tensors["model.norm.weight"], cfg.rms_eps)
+        self.norm = RMSNorm(tensors["model.norm.weight"], cfg.rms_eps, cfg.norm_unit_offset)
         self.blocks = nn.ModuleList(Block(cfg, tensors, s.index, s.attention, s.mlp) for s in plan)
         self.inv_freq = rope_inv_freq(cfg)
+        # Gemma 3's sliding_attention layers rotate with their own (plain) base.
+        self.local_inv_freq = (rope_inv_freq(dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta,
+                                                                 rope_type="default"))
+                               if cfg.rope_local_theta else self.inv_freq)
 
     @classmethod
     def load(cls, path: "str | os.PathLike", skip_layers=()) -> "ReferenceModel":
@@ -154,13 +182,22 @@ class ReferenceModel(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [batch, tokens] -> logits [batch, tokens, vocab] (float32)."""
         t = ids.shape[-1]
-        freqs = torch.arange(t, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos(), emb.sin()
+
+        def table(inv):
+            freqs = torch.arange(t, dtype=torch.float32)[:, None] * inv[None, :]
+            emb = torch.cat([freqs, freqs], dim=-1)
+            return emb.cos(), emb.sin()
+
+        full, local = table(self.inv_freq), table(self.local_inv_freq)
         h = F.embedding(ids, self.embed)
+        if self.cfg.embed_scale != 1.0:  # Gemma 3: times sqrt(hidden), a float32 scalar
+            h = h * torch.tensor(self.cfg.embed_scale, dtype=torch.float32)
         for block in self.blocks:
-            h = block(h, cos, sin)
-        return F.linear(self.norm(h), self.lm_head)
+            h = block(h, *(local if block.sliding else full))
+        logits = F.linear(self.norm(h), self.lm_head)
+        if self.cfg.final_softcap:
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits
 
     @torch.no_grad()
     def greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:

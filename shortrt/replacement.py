@@ -95,6 +95,11 @@ def replace(model, layer_map: LayerMap, out_dir, *, kind: str = "layer", texts=N
     for name, value in (("n_tokens", n_tokens), ("seq_len", seq_len), ("steps", steps), ("batch", batch)):
         _check_positive(name, value)
     src = load(model)
+    if src.model_config.sandwich_norm:
+        # Its layers take position embeddings and masks by attention type and its MLP half carries
+        # two norms; the replacement trainer drives the Llama-family layer only.
+        raise ShortrtError(f"replace does not support {src.model_config.architecture} (sliding-window and "
+                           "sandwich-norm layers); prune and heal it instead")
     config = src.config()
     num_layers = src.model_config.n_layers
     span = span_of(layer_map)

@@ -3,7 +3,7 @@
     stream = LayerStream(load("big-model"))
     h = stream.embed(input_ids)               # only the rows of the tokens used
     with stream.layer(i) as layer:            # layer i's weights, read just for its turn
-        mid, h = run_layer(layer, h, stream.rotary(h), causal_mask(T, h.dtype))
+        mid, h = run_layer(layer, h, stream.rotary(h), stream.mask(h))
 
 The architecture comes from config.json as a transformers model built on the meta device (no
 weights); `layer(i)` fills decoder layer i with its tensors read by Model.read_rows (pread, never
@@ -22,7 +22,7 @@ from .errors import CheckpointError
 
 # Decoder layers that shortrt.layer_plan.run_layer runs (transformers' Llama family, Phi-3, OLMo-2).
 STREAMED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                  "Olmo2ForCausalLM", "Phi3ForCausalLM"}
+                  "Olmo2ForCausalLM", "Phi3ForCausalLM", "Gemma3ForCausalLM"}
 
 
 class LayerStream:
@@ -60,6 +60,9 @@ class LayerStream:
             if hit.numel():
                 table = self.model.read_rows(name, start, stop, dtype=self.dtype)
                 out[hit] = table[flat[hit] - start]
+        scale = self.model.model_config.embed_scale
+        if scale != 1.0:  # Gemma 3: times sqrt(hidden), a float32 scalar cast to the table's dtype as transformers does
+            out = out * torch.tensor(scale, dtype=torch.float32).to(self.dtype)
         return out.reshape(*input_ids.shape, hidden).to(self.device)
 
     @property
@@ -68,9 +71,19 @@ class LayerStream:
         return self._rotary
 
     def rotary(self, h: torch.Tensor):
-        """(cos, sin) for a plain batch h [rows, T, hidden] at positions 0..T-1."""
+        """(cos, sin) for a plain batch h [rows, T, hidden] at positions 0..T-1 (by layer type where
+        the model has two RoPEs: layer_plan.rotary_for)."""
+        from .layer_plan import rotary_for
+
         rows, T = h.shape[:2]
-        return self._rotary(h, position_ids=torch.arange(T, device=h.device).repeat(rows, 1))
+        return rotary_for(self._rotary, h, torch.arange(T, device=h.device).repeat(rows, 1))
+
+    def mask(self, h: torch.Tensor):
+        """The additive causal mask of a plain batch h [rows, T, hidden] (by layer type where some
+        layers attend through a sliding window: layer_plan.causal_masks)."""
+        from .layer_plan import causal_masks
+
+        return causal_masks(self.skeleton.config, h.shape[1], h.dtype, h.device)
 
     @contextlib.contextmanager
     def layer(self, i: int):

@@ -1,4 +1,4 @@
-"""Tiny random checkpoints (Llama, Mistral, Qwen2, Qwen3, OLMo-2, Phi-3) and helpers for the runtime tests."""
+"""Tiny random checkpoints (Llama, Mistral, Qwen2, Qwen3, OLMo-2, Phi-3, Gemma 3) and helpers for the runtime tests."""
 from __future__ import annotations
 
 import json
@@ -41,6 +41,7 @@ def make_tiny(path: Path, arch: str = "llama", seed: int = 0, dtype=torch.float3
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }
     config_cls, model_cls = classes[arch]
     kwargs = dict(TINY)

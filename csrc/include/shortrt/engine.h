@@ -32,7 +32,7 @@ struct UsageError : std::runtime_error {
 // The architecture as read from config.json (after validation).
 struct ModelConfig {
   std::string architecture;  // "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM"
-                             // | "Olmo2ForCausalLM" | "Phi3ForCausalLM"
+                             // | "Olmo2ForCausalLM" | "Phi3ForCausalLM" | "Gemma3ForCausalLM"
   int hidden = 0;            // hidden_size
   int intermediate = 0;      // intermediate_size
   int n_layers = 0;          // num_hidden_layers of the checkpoint
@@ -55,7 +55,18 @@ struct ModelConfig {
   bool post_norm = false;             // OLMo-2: layer norms on each sublayer's output, no input norms
   bool fused_projections = false;     // Phi-3: self_attn.qkv_proj and mlp.gate_up_proj tensors
   int rotary_dim = 0;                 // leading dims of each head RoPE rotates (head_dim; Phi-3 partial_rotary_factor)
-  int sliding_window = 0;             // Mistral's window (0 = none); max_seq may not exceed it
+  int sliding_window = 0;             // Mistral's window (0 = none; max_seq may not exceed it), or the
+                                      // window of Gemma 3's sliding_attention layers
+  // Gemma 3 (all off elsewhere): input_layernorm / post_attention_layernorm around the attention and
+  // pre_ / post_feedforward_layernorm around the MLP; RMSNorms scale by (1 + w); GeGLU with tanh GELU.
+  bool sandwich_norm = false;
+  bool norm_unit_offset = false;
+  bool gelu_tanh = false;
+  float embed_scale = 1.0f;           // the embedding times this (Gemma 3: sqrt(hidden) as float32)
+  float attn_scale = 0.0f;            // scores times this (query_pre_attn_scalar ** -0.5); 0: 1/sqrt(head_dim)
+  float final_softcap = 0.0f;         // logits = cap * tanh(logits / cap); 0: none
+  std::vector<char> layer_sliding;    // per checkpoint layer: 1 = sliding_attention (empty: none)
+  float rope_local_theta = 0.0f;      // RoPE base of the sliding layers (plain RoPE)
   std::vector<int> eos_token_ids;     // eos_token_id (int or list)
 };
 
