@@ -55,6 +55,17 @@ def make_tiny(path: Path, arch: str = "llama", seed: int = 0, dtype=torch.float3
     return Path(path), model.float()
 
 
+WORDS = "the a model ran on lean runtime once upon time little fox quick brown lazy dog over".split()
+
+
+def prose(n_words=3000, seed=0) -> list[str]:
+    """One text of `n_words` words drawn uniformly from WORDS (calibration / training text for tiny models)."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(n_words))]
+
+
 def save_tiny_tokenizer(path: Path) -> None:
     """A byte-level BPE of 300 tokens (256 bytes + merges + specials) as tokenizer.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -3,14 +3,12 @@ device-agnostic code paths (masks, rotary positions, LoRA adapters, states) on t
 
 The same functions on a real GPU are the `gpu`-marked tests at the end (skipped without CUDA:
 nothing here has run on a GPU until benchmarks/gpu_check.sh has been run on one)."""
-import random
-
 import pytest
 import torch
 
 import shortrt
 from conftest import run_cli
-from runtime_models import make_tiny
+from runtime_models import make_tiny, prose
 from shortrt.devices import resolve_device, work_dtype
 from shortrt.errors import DeviceUnavailableError, ShortrtError
 from shortrt.layermap import LayerMap
@@ -18,14 +16,6 @@ from shortrt.layermap import LayerMap
 HAS_CUDA = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 no_gpu = pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without a usable GPU")
-
-WORDS = "the a model ran on lean runtime once upon time little fox quick brown lazy dog over".split()
-
-
-def prose(n_words=2500, seed=0):
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(n_words))]
-
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):

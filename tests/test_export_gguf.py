@@ -21,7 +21,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 import shortrt  # noqa: E402
-from runtime_models import IDS_SHORT, make_tiny, rel_err, write_pruned  # noqa: E402
+from runtime_models import IDS_SHORT, make_tiny, prose, rel_err, write_pruned  # noqa: E402
 from shortrt import gguf_quants  # noqa: E402
 from shortrt.cli import main  # noqa: E402
 from shortrt.errors import ShortrtError  # noqa: E402
@@ -33,12 +33,6 @@ Q = gguf.GGMLQuantizationType
 TYPES = ["f32", "f16", "q8_0", "q4_0"]
 FAST_REPLACE = dict(n_tokens=2048, seq_len=64, steps=3, progress=False)
 FAST_HEAL = dict(n_tokens=2048, seq_len=64, steps=3, batch=4, precision="fp32", progress=False)
-
-
-def prose(n_words=3000, seed=0):
-    rng = random.Random(seed)
-    words = "the a model ran on lean runtime once upon time little fox quick brown lazy dog over".split()
-    return [" ".join(rng.choice(words) for _ in range(n_words))]
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import numpy as np
 import pytest
 import torch
 from conftest import run_cli, tensors_of
-from runtime_models import IDS_SHORT, hf_logits, make_tiny, rel_err, write_pruned
+from runtime_models import IDS_SHORT, hf_logits, make_tiny, prose, rel_err, write_pruned
 
 import shortrt
 from shortrt.decilm_export import (HeterogeneousExportError, export_hf_heterogeneous, ffn_mult_for,
@@ -125,12 +124,6 @@ def check_against_tensors(path) -> list[dict]:
 
 
 # ---------------------------------------------------------------- checkpoints
-
-def prose(n_words=3000, seed=0):
-    rng = random.Random(seed)
-    words = "the a model ran on lean runtime once upon time little fox quick brown lazy dog over".split()
-    return [" ".join(rng.choice(words) for _ in range(n_words))]
-
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory):

@@ -252,9 +252,14 @@ def test_family_checkpoints_are_read_alike(tmp_path, arch, mutate, phrase):
 def test_an_attention_less_olmo2_layer_owns_no_post_attention_norm(tmp_path):
     """In OLMo-2 post_attention_layernorm belongs to the attention: a layer without attention must not
     have it (and keeps post_feedforward_layernorm with its MLP), in both readers."""
+    check_no_attention_norm_without_attention(make_tiny(tmp_path / "dense", "olmo2", num_hidden_layers=3)[0], tmp_path)
+
+
+def check_no_attention_norm_without_attention(dense, tmp_path):
+    """Layer 1 of the 3-layer `dense` pruned to no attention reads as ok; with its
+    post_attention_layernorm put back both readers refuse it with the same message (test_gemma3 too)."""
     from shortrt.layermap import LayerEntry, LayerMap
 
-    dense = make_tiny(tmp_path / "dense", "olmo2", num_hidden_layers=3)[0]
     lmap = LayerMap(3, [LayerEntry(0), LayerEntry(1, attention=False), LayerEntry(2)], "manual", [])
     out = prune(dense, lmap, tmp_path / "p")
     assert python_verdict(out.path) == "ok" and cpp_verdict(out.path) == "ok"

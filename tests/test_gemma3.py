@@ -24,7 +24,8 @@ from shortrt import _C, calibrate, checkpoint, prune, select
 from shortrt.engine import Engine
 from shortrt.layer_plan import load_for_plan, plan_logits
 from shortrt.reference import ReferenceModel
-from test_families import cpp_verdict, edit_config, edit_tensors, hf_greedy, python_verdict
+from test_families import (check_no_attention_norm_without_attention, cpp_verdict, edit_config, edit_tensors,
+                           hf_greedy, python_verdict)
 
 TOL = 1e-4
 WINDOW = 8
@@ -251,18 +252,7 @@ def test_gemma3_checkpoints_are_read_alike(tmp_path, mutate, phrase):
 
 
 def test_an_attention_less_layer_owns_neither_attention_norm(tmp_path):
-    from shortrt.layermap import LayerEntry, LayerMap
-
-    dense = tiny(tmp_path / "dense", num_hidden_layers=3)[0]
-    lmap = LayerMap(3, [LayerEntry(0), LayerEntry(1, attention=False), LayerEntry(2)], "manual", [])
-    out = prune(dense, lmap, tmp_path / "p")
-    src = load_file(dense / "model.safetensors")
-    edit_tensors(lambda t: t.update({"model.layers.1.post_attention_layernorm.weight":
-                                     src["model.layers.1.post_attention_layernorm.weight"]}))(out.path)
-    py = python_verdict(out.path)
-    assert py == cpp_verdict(out.path)
-    assert "tensor 'model.layers.1.post_attention_layernorm.weight' exists but shortrt.json says layer 1 has no " \
-           "attention" in py
+    check_no_attention_norm_without_attention(tiny(tmp_path / "dense", num_hidden_layers=3)[0], tmp_path)
 
 
 def test_exports_and_replace_refuse_gemma3(tmp_path):

@@ -14,7 +14,7 @@ import torch
 
 import shortrt
 from conftest import read_meta, tensors_of
-from runtime_models import make_tiny, rel_err
+from runtime_models import WORDS, make_tiny, rel_err
 from shortrt import _C
 from shortrt.cli import main
 from shortrt.engine import Engine
@@ -29,7 +29,6 @@ from slow_writer import start_slow_write
 TOL = 1e-4
 IDS = [1, 17, 250, 3, 99, 42, 42, 7, 123, 5, 288, 64, 11, 200, 150, 9, 33, 71, 4]
 FAST = dict(n_tokens=4096, seq_len=64, steps=30, batch=4, precision="fp32", progress=False)
-WORDS = "the a model ran on lean runtime once upon time little fox quick brown lazy dog over".split()
 
 
 def prose(n_words=3000, seed=0):

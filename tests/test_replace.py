@@ -5,14 +5,13 @@ shortrt.reference within 1e-4 (max |logit difference| / max |reference logit|), 
 test_runtime_logits; bf16 within 0.02 and int8 within 0.06, as in test_runtime_generate.
 """
 import json
-import random
 
 import pytest
 import torch
 
 import shortrt
 from conftest import read_meta, tensors_of
-from runtime_models import make_tiny, rel_err
+from runtime_models import make_tiny, prose, rel_err
 from shortrt.engine import Engine
 from shortrt.errors import CheckpointError, ShortrtError
 from shortrt.layermap import LayerMap
@@ -24,12 +23,6 @@ TOL = 1e-4
 IDS = [1, 17, 250, 3, 99, 42, 42, 7, 123, 5, 288, 64, 11, 200, 150, 9, 33, 71, 4]
 SPAN = [2, 3, 4]
 FAST = dict(n_tokens=2048, seq_len=64, steps=30, progress=False)
-
-
-def prose(n_words=3000, seed=0):
-    rng = random.Random(seed)
-    words = "the a model ran on lean runtime once upon time little fox quick brown lazy dog over".split()
-    return [" ".join(rng.choice(words) for _ in range(n_words))]
 
 
 @pytest.fixture(scope="module")
