@@ -101,6 +101,24 @@ def check_shape(kernel: str, what: str, t: torch.Tensor, shape: tuple) -> None:
         raise ValueError(f"{kernel}: {what} must have shape {want}, got {list(t.shape)}")
 
 
+def check_kv_caches(kernel: str, k_cache: torch.Tensor, v_cache: torch.Tensor, *, n_kv_heads=None,
+                    head_dim=None) -> tuple[int, int, int, int]:
+    """The compact KV cache pair every decode kernel takes: contiguous [R, nkv, S, hd] tensors of one
+    dtype and shape (nkv / hd checked when given); returns (R, nkv, S, hd)."""
+    check_dtype(kernel, "k_cache", k_cache)
+    heads = "nkv" if n_kv_heads is None else n_kv_heads
+    want = f"[R, {heads}, S, {'hd' if head_dim is None else f'hd = {head_dim}'}]"
+    if (k_cache.dim() != 4 or (n_kv_heads is not None and k_cache.shape[1] != n_kv_heads)
+            or (head_dim is not None and k_cache.shape[3] != head_dim)):
+        raise ValueError(f"{kernel}: k_cache must be {want}, got {list(k_cache.shape)}")
+    if not isinstance(v_cache, torch.Tensor) or v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"{kernel}: v_cache ({list(getattr(v_cache, 'shape', []))}, {getattr(v_cache, 'dtype', None)})"
+                         f" must match k_cache ({list(k_cache.shape)}, {k_cache.dtype})")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError(f"{kernel}: the caches must be contiguous")
+    return tuple(k_cache.shape)
+
+
 def check_same_device(kernel: str, **tensors) -> torch.device:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     first = next(iter(devices.values()))

@@ -17,24 +17,17 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import check_dtype, check_same_device, check_shape, choose_backend, require_triton, tl, triton
+from ._triton import (check_dtype, check_kv_caches, check_same_device, check_shape, choose_backend, require_triton,
+                      tl, triton)
 
 
 def _check(q, k_cache, v_cache, rows, lengths, scale, window):
     name = "decode_attention"
     check_dtype(name, "q", q)
-    check_dtype(name, "k_cache", k_cache)
     if q.dim() != 3 or q.shape[0] == 0:
         raise ValueError(f"{name}: q must be a non-empty [B, nq, hd] tensor, got shape {list(q.shape)}")
     B, nq, hd = q.shape
-    if k_cache.dim() != 4 or k_cache.shape[3] != hd:
-        raise ValueError(f"{name}: k_cache must be [R, nkv, S, hd = {hd}], got {list(k_cache.shape)}")
-    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"{name}: v_cache ({list(v_cache.shape)}, {v_cache.dtype}) must match k_cache "
-                         f"({list(k_cache.shape)}, {k_cache.dtype})")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError(f"{name}: the caches must be contiguous")
-    R, nkv, S, _ = k_cache.shape
+    R, nkv, S, _ = check_kv_caches(name, k_cache, v_cache, head_dim=hd)
     if nq % nkv:
         raise ValueError(f"{name}: nq ({nq}) must be a multiple of the cache's nkv ({nkv})")
     for what, t in (("rows", rows), ("lengths", lengths)):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import (ACTIVATION_DTYPES, check_dtype, check_same_device, check_shape, choose_backend,
+from ._triton import (ACTIVATION_DTYPES, check_dtype, check_kv_caches, check_same_device, check_shape, choose_backend,
                       require_triton, tl, triton)
 from .linear import Int8Weight, linear
 
@@ -51,15 +51,7 @@ def _check(x, w_qkv, b_qkv, cos, sin, positions, k_cache, v_cache, rows, n_heads
     if b_qkv is not None:
         check_dtype(name, "b_qkv", b_qkv)
         check_shape(name, "b_qkv", b_qkv, (n_out,))
-    check_dtype(name, "k_cache", k_cache)
-    if k_cache.dim() != 4 or k_cache.shape[1] != n_kv_heads or k_cache.shape[3] != head_dim:
-        raise ValueError(f"{name}: k_cache must be [R, {n_kv_heads}, S, {head_dim}], got {list(k_cache.shape)}")
-    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"{name}: v_cache ({list(v_cache.shape)}, {v_cache.dtype}) must match k_cache "
-                         f"({list(k_cache.shape)}, {k_cache.dtype})")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError(f"{name}: the caches must be contiguous")
-    R, _, S, _ = k_cache.shape
+    R, _, S, _ = check_kv_caches(name, k_cache, v_cache, n_kv_heads=n_kv_heads, head_dim=head_dim)
     for what, t in (("cos", cos), ("sin", sin)):
         check_dtype(name, what, t, (torch.float32, torch.bfloat16, torch.float16))
         if t.dim() != 2 or t.shape[1] != head_dim // 2 or t.shape[0] < S:
