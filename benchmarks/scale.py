@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -150,8 +151,14 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per step")
     p.add_argument("--out", default=str(HERE / "results" / "scale"), help="directory for <shape>.json and .md")
+    p.add_argument("--chart", action="store_true",
+                   help="only draw <out>/costs.png (peak memory and seconds of each step against the weights' "
+                        "size) from every <shape>.json in --out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.chart:
+        print(chart(Path(args.out)))
+        return
     if args.worker:
         spec = json.loads(args.worker)
         result = worker(spec)
@@ -222,6 +229,57 @@ def main() -> None:
     md = markdown(result)
     (out / f"{args.shape}.md").write_text(md + "\n")
     print(md)
+    print(chart(out))
+
+
+def chart(out: Path) -> Path:
+    """costs.png: per step, peak resident memory and seconds against the checkpoint's bf16 bytes,
+    one point per shape measured (every <shape>.json in `out`); failed rows are left out."""
+    results = []
+    for path in sorted(out.glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if "weights_bytes" in doc and "rows" in doc:
+            results.append(doc)
+    if not results:
+        raise SystemExit(f"no scale results (<shape>.json) in {out}")
+    results.sort(key=lambda d: d["weights_bytes"])
+
+    def kind(step: str) -> str:  # "generate bf16 -4 layers" and "-8 layers" are one series: pruned
+        return re.sub(r"-\d+ layers", "pruned", step)
+
+    steps = []
+    for doc in results:
+        steps += [kind(r["step"]) for r in doc["rows"] if kind(r["step"]) not in steps and "failed" not in r]
+    fig, (mem, sec) = _two_panels()
+    for step in steps:
+        pts = [(d["weights_bytes"] / 1e9, r) for d in results for r in d["rows"]
+               if kind(r["step"]) == step and "failed" not in r]
+        xs = [x for x, _ in pts]
+        mem.plot(xs, [r["peak_rss_bytes"] / 2**30 for _, r in pts], "o-", label=step)
+        sec.plot(xs, [r["seconds"] for _, r in pts], "o-", label=step)
+    mem.set(xlabel="bf16 weights (GB)", ylabel="peak resident memory (GiB)", title="memory per step")
+    sec.set(xlabel="bf16 weights (GB)", ylabel="seconds", title="time per step (shared machine: see the tables)")
+    mem.axhline(4, color="grey", lw=0.8, ls="--")
+    mem.legend(fontsize=7)
+    names = ", ".join(d["shape"] for d in results)
+    fig.suptitle(f"benchmarks/scale.py: synthetic checkpoints ({names}); random weights measure cost only")
+    fig.tight_layout()
+    path = out / "costs.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _two_panels():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    return fig, axes
 
 
 def merged_with_earlier(path: Path, result: dict, steps: list[str]) -> dict:

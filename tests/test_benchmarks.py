@@ -184,6 +184,12 @@ def test_scale_rerun_of_one_step_keeps_the_other_steps_rows(tmp_path):
         ["calibrate", "prune"]
     assert scale.merged_with_earlier(path, {**second, "weights_bytes": 11}, ["generate"]) == \
         {**second, "weights_bytes": 11}
+    path.write_text(json.dumps(merged))
+    (tmp_path / "t.json").write_text(json.dumps({**second, "shape": "t", "weights_bytes": 40}))
+    png = scale.chart(tmp_path)
+    assert png == tmp_path / "costs.png" and png.stat().st_size > 1000
+    with pytest.raises(SystemExit, match="no scale results"):
+        scale.chart(tmp_path / "empty")
 
 
 def test_gpu_benchmark_dry_run_records_rows_and_a_crashed_worker(tmp_path, monkeypatch, capsys):
