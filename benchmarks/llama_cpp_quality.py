@@ -205,7 +205,7 @@ def heldout_ids(path: Path, work: Path, f32_gguf: Path, ctx: int, chunks: int, t
 
     novel = austen_novels()["persuasion"]
     tok = shortrt.load(path).tokenizer()
-    need = ctx * chunks + 1
+    need = ctx * (chunks + 1) + 1  # llama_cpp_tools.perplexity_run runs one window more
     chars = 6 * need
     while True:
         text = novel[:chars]

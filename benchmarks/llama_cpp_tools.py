@@ -150,32 +150,40 @@ def server(gguf: Path, *, ctx: int = 512, kv_type: str = "f32", threads: int = 2
 
 def perplexity_run(gguf: Path, text_file: Path, *, ctx: int = 512, chunks: int | None = None, threads: int = 2,
                    kv_type: str = "f32", attempts: int = 3) -> dict:
-    """llama-perplexity on `text_file` (windows of `ctx` tokens back to back, the second half of each
-    scored, KV cache in kv_type): {"ppl": final estimate, "window_tok_s": ctx / its first window's
-    seconds, "attempts"}. Raises LlamaCppError when it crashes or prints no estimate.
+    """llama-perplexity's estimate over the first `chunks` windows of `text_file` (windows of `ctx`
+    tokens back to back, the second half of each scored, KV cache in kv_type): {"ppl",
+    "window_tok_s": ctx / its first window's seconds, "attempts"}. Raises LlamaCppError when it
+    crashes or prints no estimate.
 
-    llama.cpp logs from a thread of its own, and a process that exits 0 sometimes loses its last
-    lines (seen here on about a third of short runs, the final estimate among them): the estimate is
-    then taken from the running value of the last window ("[N]ppl," is the same number), and a run
-    that printed neither is repeated, up to `attempts` times."""
+    llama.cpp logs from a thread of its own that nothing joins at exit (common_log_main's log is
+    never destroyed), so a process that exits 0 often loses its last lines, the final estimate
+    among them. With `chunks` given it is therefore asked for one window more than that (the text
+    must hold it) and the estimate is its running value after window `chunks` ("[N]ppl,": the same
+    number the final estimate of `chunks` windows prints, each window being scored alone), logged
+    while it still computes; a run whose value was lost anyway is repeated, up to `attempts` times."""
     exe = _require("llama-perplexity")
     cmd = [str(exe), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx), "-t", str(threads), "-b", str(ctx),
            "-ctk", kv_type, "-ctv", kv_type]
     if chunks:
-        cmd += ["--chunks", str(chunks)]
+        cmd += ["--chunks", str(chunks + 1)]
     for attempt in range(1, attempts + 1):
         out = subprocess.run(cmd, capture_output=True, text=True, env=_env(exe), timeout=3600)
         text = out.stdout + out.stderr
         if out.returncode != 0:
             raise LlamaCppError("llama-perplexity", exit_reason(out.returncode), out.returncode, text)
-        m = re.search(r"Final estimate: PPL = ([0-9.]+)", text)
         n = re.search(r"calculating perplexity over (\d+) chunks", text)
-        last = re.search(rf"\[{n.group(1)}\]([0-9.]+),", out.stdout) if n else None
-        if m or last:
+        if chunks and n and int(n.group(1)) <= chunks:
+            raise LlamaCppError("llama-perplexity", f"found only {n.group(1)} windows of {ctx} tokens in "
+                                f"{text_file} ({chunks} + 1 needed)", out.returncode, text)
+        if chunks:
+            m = re.search(rf"\[{chunks}\]([0-9.]+),", out.stdout)
+        else:
+            m = re.search(r"Final estimate: PPL = ([0-9.]+)", text)
+        if m:
             speed = re.search(r"([0-9.]+) seconds per pass", text)
-            return {"ppl": float((m or last).group(1)), "attempts": attempt,
+            return {"ppl": float(m.group(1)), "attempts": attempt,
                     "window_tok_s": ctx / float(speed.group(1)) if speed and float(speed.group(1)) > 0 else None}
-    raise LlamaCppError("llama-perplexity", f"printed no final estimate in {attempts} runs", out.returncode, text)
+    raise LlamaCppError("llama-perplexity", f"printed no estimate in {attempts} runs", out.returncode, text)
 
 
 def perplexity(gguf: Path, text_file: Path, *, ctx: int = 512, chunks: int | None = None, threads: int = 2,
