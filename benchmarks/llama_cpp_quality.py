@@ -76,6 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--worker-timeout", type=float, default=3600)
     p.add_argument("--json")
     p.add_argument("--md")
+    p.add_argument("--render-from", metavar="JSON", help="only re-render the tables of a saved --json run")
     args = p.parse_args(argv)
     for opt, known in (("shortrt", SHORTRT), ("llama", LLAMA), ("kv", LLAMA_KV)):
         items = [x for x in getattr(args, opt).split(",") if x]
@@ -239,6 +240,15 @@ def heldout_ids(path: Path, work: Path, f32_gguf: Path, ctx: int, chunks: int, t
             "tokens": len(theirs), "tokenizers_identical": diff is None, "first_token_difference": diff}
 
 
+def priority(job: dict) -> int:
+    """Jobs in the order that keeps what #13's targets need if a run is cut short: the fp32 reference,
+    int4, llama.cpp's Q4_0 / Q4_1 and F32, then the rest (the table lists rows in their own order)."""
+    first = [("shortrt", "fp32"), ("shortrt", "int4"), ("llama.cpp", "Q4_0"), ("llama.cpp", "Q4_1"),
+             ("llama.cpp", "F32")]
+    engine, fmt = job["label"].split(" ", 1)
+    return first.index((engine, fmt)) if (engine, fmt) in first else len(first)
+
+
 def model_rows(name: str, path: Path, source: str, args, work_root: Path) -> dict:
     key = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:10]
     work = work_root / f"{Path(path).name}-{key}"
@@ -277,13 +287,35 @@ def model_rows(name: str, path: Path, source: str, args, work_root: Path) -> dic
                 rows.append({**job, "failed": f"no {t} file: {made}", "returncode": None, "stderr_tail": made,
                              "rounds": 0})
 
+    listed = list(jobs)
+    jobs.sort(key=priority)
+    done = []
+
     def progress(_r, job, result):
         what = f"FAILED ({result['failed']})" if "failed" in result else f"ppl {result['ppl']:.3f}"
         print(f"  {job['label']} {job['variant']}: {what}", file=sys.stderr)
+        done.append({**job, **result})
+        if args.json:  # the rows so far, in case the run is cut short
+            Path(args.json + ".partial").write_text(json.dumps({"model": name, "rows": done}) + "\n")
 
     samples = harness.run_jobs(jobs, common, rounds=1, timeout_s=args.worker_timeout, on_sample=progress)
-    rows = [harness.merge_rounds(job, s) for job, s in zip(jobs, samples)] + rows
-    for r in rows:  # llama.cpp's cache types are written f32/f16; the reference is shortrt fp32, fp32 KV
+    order = {id(job): i for i, job in enumerate(listed)}
+    merged = sorted(zip(jobs, samples), key=lambda js: order[id(js[0])])
+    rows = [harness.merge_rounds(job, s) for job, s in merged] + rows
+    for r in rows:
+        if "gguf" in r:
+            r["gguf"] = harness.shown_path(r["gguf"])
+    ref = compare_with_reference(rows)
+    return {"path": harness.shown_path(path), "source": source, "heldout": {
+        k: (harness.shown_path(v) if k.endswith("_file") else v) for k, v in text.items()},
+        "ggufs": {t: harness.shown_path(v) if isinstance(v, Path) else f"not made: {v}" for t, v in ggufs.items()},
+        "rows": rows, "reference_greedy": ref["greedy"] if ref else None}
+
+
+def compare_with_reference(rows: list[dict]) -> dict | None:
+    """Adds each row's perplexity ratio and greedy agreement against shortrt fp32 with an fp32 KV
+    cache (first differing position, positions equal); returns that reference row."""
+    for r in rows:
         r.pop("engine", None)
     ref = next((r for r in rows if r.get("label") == "shortrt fp32" and r.get("kv") == "fp32" and "ppl" in r), None)
     for r in rows:
@@ -293,10 +325,7 @@ def model_rows(name: str, path: Path, source: str, args, work_root: Path) -> dic
             r["greedy_first_diff"] = same.index(False) if False in same else len(same)
             r["greedy_equal"] = sum(same)
         r["greedy_compared"] = len(r.get("greedy", []))
-    return {"path": harness.shown_path(path), "source": source, "heldout": {
-        k: (harness.shown_path(v) if k.endswith("_file") else v) for k, v in text.items()},
-        "ggufs": {t: harness.shown_path(v) if isinstance(v, Path) else f"not made: {v}" for t, v in ggufs.items()},
-        "rows": rows, "reference_greedy": ref["greedy"] if ref else None}
+    return ref
 
 
 def find(rows, label, kv):
@@ -371,10 +400,48 @@ def render(results: dict, args) -> str:
     return "\n".join(lines)
 
 
+def cpu_summary() -> str:
+    """The CPU's family and its vector extensions that matter here, from /proc/cpuinfo."""
+    family, flags = "?", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "cpu family" and family == "?":
+                family = value.strip()
+            elif key.strip() == "flags":
+                flags = value.split()
+                break
+    except OSError:
+        pass
+    keep = [f for f in flags if f in ("avx2", "fma", "avx_vnni") or f.startswith(("avx512", "amx"))]
+    return f"family {family}; {' '.join(keep) or 'no flags read'}" + ("" if any(
+        f.startswith("amx") for f in flags) else "; no AMX")
+
+
+def write_report(out: dict, args) -> str:
+    md = render(out["results"], args)
+    if args.md:
+        m = out["machine"]
+        Path(args.md).write_text(
+            f"Command: `{out['command']}` (with `{lc.BIN_ENV}` naming the llama.cpp build's bin directory)\n\n"
+            f"llama.cpp: {out.get('llama_cpp_version')}\n\n"
+            f"Machine: {m['cpu']} ({m.get('cpu_features', '?')}), {m['cores']} cores, shared with other jobs "
+            f"(tok/s are side-by-side figures only), Python {m['python']}, {m['platform']}, {m['date']}\n\n"
+            f"{md}\n")
+    return md
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from shortrt.checkpoint import cache_dir
 
+    if args.render_from:  # re-render a saved run's tables (no measuring)
+        out = json.loads(Path(args.render_from).read_text())
+        saved = argparse.Namespace(**{**vars(args), **{k: v for k, v in out["args"].items()
+                                                        if k not in ("json", "md", "render_from")}})
+        saved.md = args.md
+        print(write_report(out, saved))
+        return out
     for exe in ("llama-perplexity", "llama-server") + (("llama-quantize",) if any(
             LLAMA[t][0] == "quantize" for t in args.llama) else ()):
         if lc.binary(exe) is None:
@@ -382,15 +449,14 @@ def main(argv=None) -> dict:
     work_root = Path(args.work) if args.work else cache_dir() / "bench" / "llama_cpp_quality"
     results = {name: model_rows(name, path, source, args, work_root)
                for name, (path, source) in models_of(args).items()}
-    md = render(results, args)
-    print(md)
-    out = {"machine": harness.machine(), "args": harness.shown_args(args, ("json", "md", "work")),
+    out = {"machine": {**harness.machine(), "cpu_features": cpu_summary()},
+           "args": harness.shown_args(args, ("json", "md", "work")),
            "command": " ".join(["python"] + [harness.shown_path(a) if Path(a).exists() else a for a in sys.argv]),
-           "llama_cpp_bin": harness.shown_path(lc.binary("llama-perplexity").parent), "results": results}
+           "llama_cpp_bin": harness.shown_path(lc.binary("llama-perplexity").parent),
+           "llama_cpp_version": lc.version(), "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-    if args.md:
-        Path(args.md).write_text(f"Command: `{out['command']}`\n\nMachine: {out['machine']}\n\n{md}\n")
+    print(write_report(out, args))
     return out
 
 

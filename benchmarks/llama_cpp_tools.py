@@ -7,6 +7,7 @@ Tests that need them skip when they are absent (skip_reason says why).
   server(gguf, ...)        a llama-server; yields greedy(ids, n), greedy.completion, greedy.tokenize
   perplexity(gguf, text)   llama-perplexity's final estimate; perplexity_run() more
   quantize(src, dst, type) llama-quantize (Q4_1, Q4_K_M, ...)
+  version()                the build's version line
   protocol_perplexity      llama-perplexity's number computed from another engine's logits
   LlamaCppError            a binary that failed: why ("killed by SIGSEGV", "exit code 1"), its output
 """
@@ -57,6 +58,16 @@ def binary(name: str) -> Path | None:
 def skip_reason(name: str) -> str:
     return (f"{name} not found: set {BIN_ENV} to a llama.cpp build's bin directory "
             f"(now {os.environ.get(BIN_ENV)!r})")
+
+
+def version(name: str = "llama-perplexity") -> str | None:
+    """The build's `--version` line ("version: ... (build N, commit abc1234)"), or None."""
+    exe = binary(name)
+    if exe is None:
+        return None
+    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, env=_env(exe), timeout=60)
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("version:")]
+    return lines[0] if lines else None
 
 
 def _require(name: str) -> Path:
