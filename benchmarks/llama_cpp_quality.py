@@ -452,7 +452,6 @@ def main(argv=None) -> dict:
     out = {"machine": {**harness.machine(), "cpu_features": cpu_summary()},
            "args": harness.shown_args(args, ("json", "md", "work")),
            "command": " ".join(["python"] + [harness.shown_path(a) if Path(a).exists() else a for a in sys.argv]),
-           "llama_cpp_bin": harness.shown_path(lc.binary("llama-perplexity").parent),
            "llama_cpp_version": lc.version(), "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
