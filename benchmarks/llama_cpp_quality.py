@@ -455,6 +455,7 @@ def main(argv=None) -> dict:
            "llama_cpp_version": lc.version(), "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        Path(args.json + ".partial").unlink(missing_ok=True)
     print(write_report(out, args))
     return out
 
