@@ -2,7 +2,8 @@
 
 Worker side (a fresh process per configuration, so no engine sees another's memory or threads):
 
-    python benchmarks/harness.py SPEC_JSON     # runs WORKERS[spec["engine"]], prints "RESULT {json}"
+    python benchmarks/harness.py SPEC_JSON     # runs WORKERS[spec["engine"]] (or a benchmark's
+                                               # "module.function"), prints "RESULT {json}"
 
   measure(run, ...)   the timing protocol every engine follows, given run(ids, n_new) -> (t0, stamps)
   alternating_decode  decode speed of several shortrt Engines in one process, runs alternating
@@ -206,6 +207,19 @@ WORKERS = {"shortrt": worker_shortrt, "shortrt-pair": worker_shortrt_pair,
            "transformers": worker_transformers, "llama.cpp": worker_llamacpp}
 
 
+def worker_function(engine: str):
+    """WORKERS[engine], or for "module.function" that function of a benchmark module beside this
+    file (a benchmark's own kind of worker, e.g. "llama_cpp_quality.worker_llamacpp")."""
+    if engine in WORKERS:
+        return WORKERS[engine]
+    module, _, name = engine.rpartition(".")
+    if not module:
+        raise ValueError(f"unknown worker {engine!r}: one of {', '.join(WORKERS)} or module.function")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
 def worker_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
     if spec.get("module"):  # a benchmark with workers of its own (gpu.py): its WORKERS dict
@@ -213,7 +227,7 @@ def worker_main(spec_json: str) -> None:
 
         WORKERS.update(importlib.import_module(spec["module"]).WORKERS)
     base = rss_bytes("VmRSS")  # interpreter + imports, before any engine exists
-    result = WORKERS[spec["engine"]](spec)
+    result = worker_function(spec["engine"])(spec)
     result.update(peak_rss_bytes=rss_bytes(), base_rss_bytes=base)
     print("RESULT " + json.dumps(result), flush=True)
 

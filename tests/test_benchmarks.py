@@ -232,3 +232,137 @@ def test_gpu_check_script_parses_and_its_dry_run_writes_every_file(tmp_path):
     assert "skipped" in (tmp_path / "out" / "pytest-gpu.txt").read_text()
     rows = json.loads((tmp_path / "out" / "gpu.json").read_text())["rows"]
     assert rows and all("failed" not in r and r["tok_s"] > 0 for r in rows)
+
+
+
+
+# ----------------------------------------------------------------------------- llama_cpp_quality.py
+
+def fake_llama_bin(tmp_path, monkeypatch, name, script):
+    """$SHORTRT_LLAMA_CPP_BIN pointed at a directory whose `name` is this shell script."""
+    import llama_cpp_tools as lc
+
+    d = tmp_path / "fakebin"
+    d.mkdir(exist_ok=True)
+    exe = d / name
+    exe.write_text("#!/bin/sh\n" + script + "\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv(lc.BIN_ENV, str(d))
+    return exe
+
+
+def test_protocol_perplexity_scores_the_second_half_of_each_window():
+    import math
+
+    import llama_cpp_tools as lc
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    vocab, ctx, chunks = 11, 8, 3
+    ids = rng.integers(0, vocab, ctx * chunks + 5).tolist()
+    table = rng.standard_normal((vocab, vocab)).astype(np.float32)  # logits = a function of the token
+    seen = []
+
+    def logits_of(window):
+        seen.append(list(window))
+        return table[window]
+
+    got = lc.protocol_perplexity(logits_of, ids, ctx, chunks)
+    nll, n = 0.0, 0
+    for c in range(chunks):
+        w = ids[c * ctx:(c + 1) * ctx]
+        logp = torch.log_softmax(torch.from_numpy(table[w]).double(), -1)
+        for j in range(ctx // 2 + 1, ctx):
+            nll -= float(logp[j - 1, w[j]])
+            n += 1
+    assert n == chunks * (ctx // 2 - 1)
+    assert got == pytest.approx(math.exp(nll / n), rel=1e-12)
+    assert seen == [ids[c * ctx:(c + 1) * ctx] for c in range(chunks)]
+    lc.protocol_perplexity(logits_of, ids, ctx, chunks, bos_id=7)
+    assert all(w[0] == 7 for w in seen[chunks:])
+    with pytest.raises(ValueError, match="need 40 tokens, got 29"):
+        lc.protocol_perplexity(logits_of, ids, 10, 4)
+
+
+def test_llama_perplexity_crash_is_a_failed_row_and_a_lost_last_line_is_recovered(tmp_path, monkeypatch):
+    import llama_cpp_quality as lq
+    import llama_cpp_tools as lc
+
+    spec = {"gguf": str(tmp_path / "m.gguf"), "text_file": str(tmp_path / "t.txt"), "ctx": 64, "chunks": 2,
+            "threads": 1, "kv": "f16", "prompt": [1, 2], "greedy_tokens": 4}
+    fake_llama_bin(tmp_path, monkeypatch, "llama-perplexity", "echo 'loading, about to crash' >&2; kill -SEGV $$")
+    r = lq.worker_llamacpp(spec)
+    assert r["failed"] == "llama-perplexity killed by SIGSEGV" and r["returncode"] == -11
+    assert "about to crash" in r["stderr_tail"]
+    # llama.cpp's log thread can lose the last lines at exit: the estimate of 2 windows is the running
+    # value after window 2 of a 3-window run
+    args = tmp_path / "args"
+    fake_llama_bin(tmp_path, monkeypatch, "llama-perplexity",
+                   f"echo \"$@\" > {args}; "
+                   "echo 'perplexity: calculating perplexity over 3 chunks, n_ctx=64' >&2; "
+                   "echo 'perplexity: 0.50 seconds per pass - ETA 0.00 minutes' >&2; printf '[1]5.5,[2]6.25,'")
+    assert lc.perplexity_run(Path(spec["gguf"]), Path(spec["text_file"]), ctx=64, chunks=2) == {
+        "ppl": 6.25, "attempts": 1, "window_tok_s": 128.0}
+    assert "--chunks 3" in args.read_text() and "-ctk f32 -ctv f32" in args.read_text()
+    fake_llama_bin(tmp_path, monkeypatch, "llama-perplexity",
+                   "echo 'perplexity: calculating perplexity over 3 chunks, n_ctx=64' >&2; echo '[1]5.5,'")
+    with pytest.raises(lc.LlamaCppError, match="printed no estimate in 2 runs"):
+        lc.perplexity_run(Path(spec["gguf"]), Path(spec["text_file"]), ctx=64, chunks=2, attempts=2)
+    fake_llama_bin(tmp_path, monkeypatch, "llama-perplexity",
+                   "echo 'perplexity: calculating perplexity over 2 chunks, n_ctx=64' >&2")
+    with pytest.raises(lc.LlamaCppError, match="found only 2 windows"):
+        lc.perplexity_run(Path(spec["gguf"]), Path(spec["text_file"]), ctx=64, chunks=2)
+
+
+def test_llama_cpp_quality_refuses_to_run_without_llama_cpp(monkeypatch):
+    import llama_cpp_quality as lq
+    import llama_cpp_tools as lc
+
+    monkeypatch.delenv(lc.BIN_ENV, raising=False)
+    with pytest.raises(SystemExit, match="llama-perplexity not found: set SHORTRT_LLAMA_CPP_BIN"):
+        lq.main(["--model", "x=/nonexistent"])
+    with pytest.raises(SystemExit):
+        lq.main(["--kv", "int3"])  # argparse: unknown --kv
+
+
+def _llama_cpp_missing():
+    import llama_cpp_tools as lc
+
+    missing = [n for n in ("llama-perplexity", "llama-server", "llama-quantize") if lc.binary(n) is None]
+    return lc.skip_reason(missing[0]) if missing else None
+
+
+@pytest.mark.skipif(_llama_cpp_missing() is not None, reason=str(_llama_cpp_missing()))
+def test_llama_cpp_quality_rows_score_the_same_tokens(tiny, tmp_path, monkeypatch):
+    """The benchmark's whole path on a tiny model in real llama.cpp: F32 gives shortrt fp32's
+    perplexity and greedy tokens on the same ids; a crashing row is recorded and the run goes on."""
+    import llama_cpp_quality as lq
+
+    crash_where(monkeypatch, lambda spec: spec.get("type") == "Q8_0" and spec["kv"] == "f16")
+    out, md = tmp_path / "q.json", tmp_path / "q.md"
+    lq.main(["--model", f"tiny={tiny}", "--ctx", "64", "--chunks", "3", "--greedy-tokens", "12",
+             "--shortrt", "fp32,int4,int4:int4", "--llama", "F32,Q8_0,Q4_0,Q4_1", "--kv", "fp32,f16",
+             "--work", str(tmp_path / "work"), "--json", str(out), "--md", str(md)])
+    res = json.loads(out.read_text())["results"]["tiny"]
+    assert res["heldout"]["tokenizers_identical"] and res["heldout"]["tokens"] >= 64 * 3
+    rows = {(r["label"], r["kv"]) + ((r["lm_head"],) if r["label"].startswith("shortrt") else ()): r
+            for r in res["rows"]}
+    ref = rows["shortrt fp32", "fp32", "fp32"]
+    f32 = rows["llama.cpp F32", "f32"]
+    assert f32["ppl"] == pytest.approx(ref["ppl"], rel=1e-3)  # same ids, same windows, same weights
+    assert f32["greedy"] == ref["greedy"] and f32["greedy_equal"] == 12 == len(ref["greedy"])
+    assert (f32["weights"], f32["lm_head"]) == ("F32 ×28", "F32")  # 4 layers × 7 matrices, read from the file
+    q41 = rows["llama.cpp Q4_1", "f32"]
+    assert (q41["weights"], q41["lm_head"], q41["made_by"]) == ("Q4_1 ×28", "Q8_0", "quantize")
+    q40 = rows["llama.cpp Q4_0", "f16"]
+    assert (q40["weights"], q40["lm_head"], q40["made_by"]) == ("Q4_0 ×28", "Q8_0", "export") and q40["ppl"] > 0
+    crashed = rows["llama.cpp Q8_0", "f16"]
+    assert crashed["failed"] == "killed by SIGSEGV" and "ppl" not in crashed
+    assert "ppl" in rows["llama.cpp Q8_0", "f32"]
+    for head in ("int8", "int4"):
+        r = rows["shortrt int4", "f16", head]
+        assert r["weights"] == "int4" and abs(r["ppl_vs_fp32"] - 1) < 0.05
+    text = md.read_text()
+    assert "| llama.cpp Q8_0 | Q8_0 ×" in text and "FAILED: killed by SIGSEGV" in text
+    assert "int4 (LM head int8, KV fp32)" in text and "vs Q4_0" in text and "vs Q4_1" in text

@@ -14,8 +14,8 @@ llama.cpp build's bin directory with llama-server, llama-perplexity and libggml-
 from __future__ import annotations
 
 import json
-import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,8 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 import shortrt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import llama_cpp_tools as lc  # noqa: E402
 from runtime_models import IDS_SHORT  # noqa: E402
 from shortrt import gguf_quants  # noqa: E402
@@ -134,16 +136,12 @@ def heldout_text(tmp_path) -> Path:
 
 
 def llama_cpp_ppl_protocol(model: ReferenceModel, ids: list[int], ctx: int, chunks: int) -> float:
-    """llama-perplexity's number computed by shortrt: windows of `ctx` tokens, tokens ctx/2.. scored."""
-    nll, count = 0.0, 0
-    for c in range(chunks):
-        window = torch.tensor([ids[c * ctx:(c + 1) * ctx]])
+    """llama-perplexity's number computed by shortrt's reference model on the same windows."""
+    def logits_of(window):
         with torch.no_grad():
-            logp = torch.log_softmax(model.forward(window)[0].double(), dim=-1)
-        for j in range(ctx // 2 + 1, ctx):  # llama.cpp scores first+1 .. ctx-1
-            nll -= float(logp[j - 1, window[0, j]])
-            count += 1
-    return math.exp(nll / count)
+            return model.forward(torch.tensor([window]))[0].double().numpy()
+
+    return lc.protocol_perplexity(logits_of, ids, ctx, chunks)
 
 
 def record(key, value):
