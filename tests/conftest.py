@@ -84,3 +84,15 @@ def pytest_collection_modifyitems(config, items):
                                    "benchmarks/gpu_check.sh runs it on one")
     for item in marked:
         item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one torch intra-op thread is faster than two (and far
+    faster when the machine is busy). A module opts in with pytestmark = usefixtures("one_torch_thread")."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,13 +25,7 @@ PROMPTS = [[1, 17, 250, 3], [1, 99, 42, 42, 7, 123, 5], [5, 6]]
 BACKENDS = ["torch", "triton"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls on a shared 2-core machine: one intra-op thread is ~15x faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, one torch thread
 
 
 @pytest.fixture(scope="module")

@@ -61,13 +61,7 @@ def train_lm(model, tokenizer_dir, steps=60):
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one torch thread is faster than two, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, one torch thread
 
 
 @pytest.fixture(scope="module")
