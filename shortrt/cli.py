@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMANDS:
         module = importlib.import_module(f"shortrt.commands.{name.replace('-', '_')}")
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        # help= is %-formatted by argparse (a literal % is written %%), description= is not
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP.replace("%%", "%"))
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

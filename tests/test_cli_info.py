@@ -19,6 +19,7 @@ def test_help_for_every_subcommand():
         res = run_cli(name, "--help")
         assert res.returncode == 0, res.stderr
         assert "usage: shortrt " + name in res.stdout
+        assert "%%" not in res.stdout  # argparse formats help= but not description=
 
 
 def test_info_tiny(tiny_llama):
