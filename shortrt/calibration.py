@@ -428,7 +428,7 @@ def _calibrate_streaming(ckpt, sequences, batch_size: int, acc: SimilarityAccumu
     stream = LayerStream(ckpt, work_dtype(device), device=device)
     hidden = ckpt.model_config.hidden
     batches = list(sequence_batches(sequences, batch_size))
-    per_token = (acc.max_span + 1) * hidden * torch.empty((), dtype=stream.dtype).element_size()
+    per_token = (acc.max_span + 1) * hidden * stream.dtype.itemsize
     group_tokens = max(state_bytes // per_token, max(b.numel() for b in batches))
     groups, size = [[]], 0
     for batch in batches:

@@ -510,9 +510,9 @@ def generate(model, prompt_or_prompts, max_new_tokens: int = 64, temperature: fl
         engine = model
     else:
         if device != "cpu":
-            from .gpu_engine import check_device
+            from .devices import resolve_device
 
-            check_device(device)  # before the checkpoint is loaded
+            resolve_device(device)  # before the checkpoint is loaded
         path = checkpoint.load(model).path
         key = (str(path), device, dtype, threads, kv_dtype)
         engine = _ENGINES.get(key)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from . import checkpoint
 from .engine import (_INT32_MAX, MIN_TEMPERATURE, Detokenizer, TextEngine, _check_sampling, _int_arg,
                      prompt_lists)
+from .devices import resolve_device
 from .errors import CheckpointError, DeviceUnavailableError
 from .kernels._triton import BACKENDS, KernelUnavailableError, choose_backend
 from .kernels.attention import decode_attention
@@ -60,14 +61,6 @@ DEFAULT_MAX_SEQ = 2048
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill pass (and per step beside the decoding rows)
 INT8_PREFILL_DEQUANT_ROWS = 16  # above this many rows an int8 prefill matmul dequantizes the weight first
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def check_device(device) -> torch.device:
-    """The torch device for `device` ("cpu", "cuda", "cuda:N"), or DeviceUnavailableError when a CUDA
-    device is asked for and none is usable (checked before anything is loaded): shortrt.devices."""
-    from .devices import resolve_device
-
-    return resolve_device(device)
 
 
 @dataclass
@@ -130,7 +123,7 @@ class GpuEngine(TextEngine):
                  max_seq: int | None = None, max_batch: int = 1, skip_layers=None, prefill_chunk: int | None = None,
                  kv_dtype: str | None = None, lm_head_dtype: str = "auto", kv_budget_bytes: int | None = None,
                  cuda_graphs: bool = True):
-        dev = check_device(device)  # before anything is loaded
+        dev = resolve_device(device)  # before anything is loaded
         self._set_options(dev, dtype, backend, kv_dtype, lm_head_dtype, max_seq, max_batch, prefill_chunk,
                           kv_budget_bytes, cuda_graphs)
         m = checkpoint.load(model)
@@ -143,7 +136,7 @@ class GpuEngine(TextEngine):
         """An engine over weights that are not in a checkpoint (benchmarks/gpu.py's random ones):
         read(name, dtype=...) -> the tensor a checkpoint would hold under that name. Token ids only."""
         self = cls.__new__(cls)
-        dev = check_device(options.pop("device", "cuda"))
+        dev = resolve_device(options.pop("device", "cuda"))
         self._set_options(dev, options.pop("dtype", None), options.pop("backend", "auto"),
                           options.pop("kv_dtype", None), options.pop("lm_head_dtype", "auto"),
                           options.pop("max_seq", None), options.pop("max_batch", 1),

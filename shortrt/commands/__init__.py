@@ -58,9 +58,9 @@ def resolve_device_dtypes(args) -> dict:
     loading (DeviceUnavailableError: exit code 2); on the CPU the defaults are fp32."""
     options = {"device": args.device}
     if args.device != "cpu":
-        from shortrt.gpu_engine import check_device
+        from shortrt.devices import resolve_device
 
-        check_device(args.device)
+        resolve_device(args.device)
     else:
         options.update(dtype="fp32", kv_dtype="fp32")
     if args.dtype is not None:
