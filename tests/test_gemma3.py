@@ -255,12 +255,9 @@ def test_an_attention_less_layer_owns_neither_attention_norm(tmp_path):
     check_no_attention_norm_without_attention(tiny(tmp_path / "dense", num_hidden_layers=3)[0], tmp_path)
 
 
-def test_exports_and_replace_refuse_gemma3(tmp_path):
-    from shortrt import replace
+def test_exports_refuse_gemma3(tmp_path):
     from shortrt.decilm_export import HeterogeneousExportError, check_expressible
-    from shortrt.errors import ShortrtError
     from shortrt.gguf_export import ExportError, export_gguf
-    from shortrt.layermap import LayerMap
 
     path = tiny(tmp_path / "g", num_hidden_layers=2)[0]
     with pytest.raises(ExportError, match="Gemma3ForCausalLM has no GGUF export"):
@@ -269,9 +266,98 @@ def test_exports_and_replace_refuse_gemma3(tmp_path):
     m = checkpoint.load(path)
     with pytest.raises(HeterogeneousExportError, match="Gemma3ForCausalLM cannot be exported to hf-heterogeneous"):
         check_expressible(m.model_config, m.layer_map)
-    with pytest.raises(ShortrtError, match="replace does not support Gemma3ForCausalLM"):
-        replace(path, LayerMap.from_removed(2, [1], method="span"), tmp_path / "r", texts=TEXTS, progress=False)
-    assert not (tmp_path / "r").exists()
+
+
+def spliced_logits(hf, ids, span, module, seq_len):
+    """Logits [T, vocab] of the dense transformers Gemma 3 `hf` with layers `span` replaced by the trained
+    `module`, which runs through the trainer's own runner (its RoPE and mask by the module's attention type)."""
+    from shortrt.layer_plan import causal_masks, rotary_for, run_layer
+    from shortrt.replace_training import _LayerRunner
+
+    x = torch.tensor([ids])
+    assert x.shape[1] == seq_len
+    runner = _LayerRunner(hf, seq_len)
+    with torch.no_grad():
+        h = hf.model.embed_tokens(x)
+        pe = rotary_for(hf.model.rotary_emb, h, torch.arange(seq_len)[None])
+        masks = causal_masks(hf.config, seq_len, h.dtype)
+        for i, layer in enumerate(hf.model.layers):
+            if i == span[0]:
+                h = runner(module, h)
+            elif i not in span:
+                h = run_layer(layer, h, pe, masks)[1]
+        logits = hf.lm_head(hf.model.norm(h))
+        cap = hf.config.final_logit_softcapping
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+    return logits[0].numpy()
+
+
+@pytest.mark.parametrize("kind,stream", [("layer", False), ("layer", True), ("mlp", False), ("mlp", True)],
+                         ids=["layer", "layer-streamed", "mlp", "mlp-streamed"])
+def test_replace_trains_a_gemma3_block_the_runtime_runs(tmp_path, monkeypatch, kind, stream):
+    """replace layers 2-3 (full, then sliding) of the 6-layer model by one trained Gemma 3 block (sandwich
+    norms, (1 + w) RMSNorms, GeGLU): the runtime's logits on the written checkpoint match the dense model with
+    the trained module spliced in (as trained: its window, RoPE base and mask) within TOL, on 40 tokens (five
+    windows). kind="layer" keeps the attention type of the layer it started from in config.json's layer_types;
+    transformers loads it and gives the runtime's logits and greedy tokens. Streamed capture gives the same
+    span states as the in-memory model."""
+    import transformers
+
+    from shortrt import replace, replacement
+    from shortrt.layermap import LayerMap
+
+    trained = {}
+
+    def keep(*args, **kw):
+        trained["result"] = result = train(*args, **kw)
+        return result
+
+    train = replacement.train_replacement
+    monkeypatch.setattr(replacement, "train_replacement", keep)
+    dense, _ = tiny(tmp_path / "dense", tokenizer=True)
+    types = checkpoint.load(dense).model_config.layer_types
+    span = [2, 3]
+    assert (types[2], types[3]) == ("full_attention", "sliding_attention")
+    out = replace(dense, LayerMap.from_removed(6, span, method="span"), tmp_path / "r", kind=kind, texts=TEXTS,
+                  n_tokens=512, seq_len=32, steps=8, batch=4, lr=1e-2, stream=stream, progress=False)
+    result = trained["result"]
+    record = out.layer_map.replacement
+    assert record["streamed"] is stream and result.best_step > 0  # trained weights, not the initial copy
+    written = load_file(out.path / "model.safetensors")
+    for name, t in result.module.state_dict().items():
+        assert torch.equal(written[f"model.layers.2.{name}"], t), name
+    if kind == "mlp":
+        assert not any(n.startswith("model.layers.2.") and ("self_attn" in n or "input_layernorm" in n or
+                                                          "post_attention_layernorm" in n) for n in written)
+        assert {f"model.layers.2.{n}.weight" for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm")} \
+            <= set(written)
+    hf_dense = checkpoint.load(dense).load_hf()
+    expect = spliced_logits(hf_dense, IDS, span, result.module, len(IDS))
+    eng = Engine(out.path, threads=2, prefill_chunk=6)
+    assert eng.num_layers == 5
+    assert rel_err(eng.logits(IDS), expect) <= TOL
+    assert rel_err(eng.logits(IDS, chunk=1), expect) <= TOL
+    assert rel_err(ReferenceModel.load(out.path)(torch.tensor([IDS]))[0].numpy(), expect) <= TOL
+
+    if kind == "layer":
+        layer_type = types[result.init_layer]
+        assert record["layer_type"] == layer_type
+        config = json.loads((out.path / "config.json").read_text())
+        assert config["layer_types"] == [types[0], types[1], layer_type, types[4], types[5]]
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out.path, dtype=torch.float32).eval()
+        assert rel_err(hf_logits(hf, IDS), expect) <= TOL
+        assert eng.generate_ids(IDS[:12], max_new_tokens=24, stop=[]) == hf_greedy(hf, IDS[:12], n=24)
+    else:
+        assert "layer_type" not in record
+    if stream:  # the same captured states as in memory: the same losses before training
+        monkeypatch.setattr(replacement, "train_replacement", train)
+        again = replace(dense, LayerMap.from_removed(6, span, method="span"), tmp_path / "m", kind=kind,
+                        texts=TEXTS, n_tokens=512, seq_len=32, steps=1, batch=4, stream=False, progress=False)
+        mem = again.layer_map.replacement
+        assert mem["heldout_loss_identity"] == pytest.approx(record["heldout_loss_identity"], rel=1e-5)
+        for i in map(str, span):
+            assert mem["init_candidates"][i] == pytest.approx(record["init_candidates"][i], rel=1e-5)
 
 
 def test_healed_checkpoint_keeps_the_layout_and_runs(tmp_path):
