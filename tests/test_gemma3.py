@@ -105,6 +105,37 @@ def test_a_sliding_layer_caches_only_its_window(tmp_path):
         assert eng.kv_cache_bytes < 6 * full / 2  # the saving: 4 of 6 layers hold 13 positions, not 128
 
 
+def test_kv_bytes_per_sequence_counts_the_ring_of_each_sliding_layer(tmp_path):
+    """shortrt.engine.kv_bytes_per_sequence (which serve --kv-budget sizes max_batch by) is the runtime's own
+    kv_cache_bytes per sequence: full layers at max_seq, sliding ones at min(max_seq, window + step_tokens - 1),
+    whatever max_batch, prefill_chunk, step_tokens, kv_dtype and skipped layers; and a KV budget gives the
+    largest max_batch whose cache fits (the ring grows with max_batch, so this is not budget // one sequence)."""
+    from shortrt.engine import kv_bytes_per_sequence
+
+    path, _ = tiny(tmp_path / "g")
+    cases = [dict(max_seq=128), dict(max_seq=128, max_batch=3, prefill_chunk=5), dict(max_seq=12, max_batch=2),
+             dict(max_seq=64, max_batch=2, prefill_chunk=8, step_tokens=20, kv_dtype="int8"), dict(max_seq=100, skip_layers=[2, 3]),
+             dict(kv_dtype="bf16")]
+    for case in cases:
+        eng = Engine(path, threads=2, **case)
+        batch = case.get("max_batch", 1)
+        per_seq = kv_bytes_per_sequence(path, case.get("max_seq"), case.get("skip_layers", ()),
+                                        case.get("kv_dtype", "fp32"), max_batch=batch,
+                                        prefill_chunk=case.get("prefill_chunk"), step_tokens=case.get("step_tokens"))
+        assert eng.kv_cache_bytes == batch * per_seq, case
+    # max_seq 128, fp32: a full layer 2 x 128 x 128 B = 32 KiB a sequence, a sliding one 2 x (8 + b + 63) x 128 B
+    one = kv_bytes_per_sequence(path, 128)
+    assert one == 2 * 2 * 128 * 128 + 4 * 2 * (8 + 65 - 1) * 128
+    assert one < kv_bytes_per_sequence(path, 128, max_batch=8) < 6 * 2 * 128 * 128
+    budget = 5 * one
+    eng = Engine(path, threads=2, max_seq=128, kv_budget_bytes=budget)
+    b = eng.stats()["max_batch"]
+    assert eng.kv_cache_bytes <= budget < (b + 1) * kv_bytes_per_sequence(path, 128, max_batch=b + 1)
+    assert b == 4  # 5 sequences would each need a ring of 8 + 69 - 1 positions, more than 5 x one
+    with pytest.raises(ValueError, match="holds no sequence"):
+        Engine(path, threads=2, max_seq=128, kv_budget_bytes=one - 1)
+
+
 def rewrite_tensors(path, norms_minus_one=False, int4_grid=False):
     """norms_minus_one: every RMSNorm weight w -> w - 1, so Gemma 3's (1 + w) scales by 1 + 0.1 N(0, 1) as the
     other families' tiny models do (runtime_models.scale_weights draws w = 1 + 0.1 N, which (1 + w) makes ~2).
