@@ -76,8 +76,8 @@ def replace(model, layer_map: LayerMap, out_dir, *, kind: str = "layer", texts=N
 
     model: "default", a dense checkpoint directory, a .gguf file, or a Model.
     layer_map: from select(scores, remove=n, method="span"): one contiguous removed span.
-    kind: "layer" (one decoder layer; a standard checkpoint) or "mlp" (an attention-less SwiGLU
-    block with one layer's MLP parameters: its MLP with the norm(s) the family puts around it). texts: calibration text (None = the packaged Austen
+    kind: "layer" (one decoder layer; a standard checkpoint) or "mlp" (an attention-less block: one
+    layer's MLP with the norm(s) its family puts around it). texts: calibration text (None = the packaged Austen
     chapters; a .txt/.jsonl path or a list of strings). n_tokens, seq_len: calibration tokens and
     tokens per sequence. steps, lr, batch: most Adam steps, peak learning rate, sequences per step.
     cosine_weight: weight of a (1 - cos) term added to the MSE loss. device: "cpu", "cuda" or

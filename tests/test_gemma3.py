@@ -114,7 +114,8 @@ def test_kv_bytes_per_sequence_counts_the_ring_of_each_sliding_layer(tmp_path):
 
     path, _ = tiny(tmp_path / "g")
     cases = [dict(max_seq=128), dict(max_seq=128, max_batch=3, prefill_chunk=5), dict(max_seq=12, max_batch=2),
-             dict(max_seq=64, max_batch=2, prefill_chunk=8, step_tokens=20, kv_dtype="int8"), dict(max_seq=100, skip_layers=[2, 3]),
+             dict(max_seq=64, max_batch=2, prefill_chunk=8, step_tokens=20, kv_dtype="int8"),
+             dict(max_seq=100, skip_layers=[2, 3]),
              dict(kv_dtype="bf16")]
     for case in cases:
         eng = Engine(path, threads=2, **case)
