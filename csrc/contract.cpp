@@ -119,6 +119,34 @@ std::string architecture_of(const json::Value& root) {
   return arch;
 }
 
+// Phi-3's longrope fields, as shortrt/checkpoint.py's _parse_longrope (the factor lists' length is checked
+// against rotary_dim by the caller).
+void parse_longrope(const json::Value& root, const json::Value& spec, ModelConfig& c) {
+  c.rope_type = "longrope";
+  for (const char* key : {"short_factor", "long_factor"}) {
+    const json::Value* v = field(spec, key);
+    bool ok = v && v->is_array() && !v->as_array().empty();
+    if (ok)
+      for (const json::Value& x : v->as_array()) ok = ok && x.is_number() && std::isfinite(x.as_number()) && x.as_number() > 0;
+    if (!ok) throw Error(std::string("config.json: longrope needs 'rope.") + key + "', a list of positive numbers");
+    std::vector<float>& out = key[0] == 's' ? c.rope_short_factor : c.rope_long_factor;
+    for (const json::Value& x : v->as_array()) out.push_back(static_cast<float>(x.as_number()));
+  }
+  // In the rope object (transformers 5 copies it there), else at the top level (older Phi-3 configs).
+  const json::Value& where = field(spec, "original_max_position_embeddings") ? spec : root;
+  const int original = positive_int(where, "original_max_position_embeddings");
+  if (original < 2) throw Error("config.json: longrope needs original_max_position_embeddings >= 2");
+  const int max_position = optional_int(root, "max_position_embeddings", 2048);
+  const double factor = number_or(spec, "factor", static_cast<double>(max_position) / original, "rope.");
+  if (!(factor > 0)) throw Error("config.json: longrope 'rope.factor' must be positive");
+  double attention = number_or(spec, "attention_factor", 0.0, "rope.");
+  if (!field(spec, "attention_factor"))
+    attention = factor <= 1.0 ? 1.0 : std::sqrt(1.0 + std::log(factor) / std::log(static_cast<double>(original)));
+  if (!(attention > 0)) throw Error("config.json: longrope 'rope.attention_factor' must be positive");
+  c.rope_original_max_position = original;
+  c.rope_attention_factor = static_cast<float>(attention);
+}
+
 // transformers 5 keeps theta and scaling in 'rope_parameters'; older configs use
 // 'rope_theta' + 'rope_scaling'. Both are accepted. partial_rotary: the family may rotate part of each
 // head (Phi-3: 'partial_rotary_factor' in the rope object, else at the top level); returns that factor.
@@ -143,9 +171,10 @@ double parse_rope_spec(const json::Value& root, const json::Value* params, const
       break;
     }
   }
-  if (partial_rotary && (type == "longrope" || type == "su" || type == "yarn"))
-    throw Error("config.json: rope scaling '" + type + "' (Phi-3's long-context RoPE, whose frequencies switch with "
-                "the sequence length) is not supported; use the model's short-context variant (plain RoPE)");
+  if (partial_rotary && (type == "longrope" || type == "su" || type == "yarn")) {  // transformers' Phi-3: all longrope
+    parse_longrope(root, *spec, c);
+    return factor;
+  }
   if (type != "default" && type != "linear" && type != "llama3")
     throw Error("config.json: unsupported rope scaling type '" + type + "' (shortrt supports default, linear, llama3)");
   c.rope_type = type;
@@ -557,6 +586,11 @@ ModelConfig parse_config(const json::Value& root) {
                   "even number of head_dim " + std::to_string(c.head_dim) + "'s dims (got " +
                   std::to_string(c.rotary_dim) + ")");
   }
+  for (const auto& [key, list] : {std::pair<const char*, const std::vector<float>*>{"short_factor", &c.rope_short_factor},
+                                  {"long_factor", &c.rope_long_factor}})
+    if (c.rope_type == "longrope" && static_cast<int>(list->size()) != c.rotary_dim / 2)
+      throw Error(std::string("config.json: longrope 'rope.") + key + "' must list rotary_dim / 2 = " +
+                  std::to_string(c.rotary_dim / 2) + " numbers, got " + std::to_string(list->size()));
   c.tie_embeddings = bool_or(root, "tie_word_embeddings", gemma);  // Gemma 3 ties by default
   if (const json::Value* eos = field(root, "eos_token_id")) {
     bool ok = eos->is_integer_literal() || eos->is_array();

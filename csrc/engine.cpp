@@ -55,6 +55,11 @@ struct Request {
   int generated = 0;    // output tokens so far
   int pending = -1;     // the last output token, fed to the next step
   std::atomic<bool> cancelled{false};
+  // Phi-3's longrope past the original context (Impl::outgrow): output holds the tokens generated so far;
+  // `folded` of them were moved into the prompt to be prefilled again with the long factors.
+  bool long_rope = false;
+  int folded = 0;
+  std::vector<int> output;
 };
 
 }  // namespace
@@ -131,6 +136,10 @@ struct Engine::Impl {
     r->stop = o.use_default_stop ? config.eos_token_ids : o.stop_tokens;
     r->rng.seed(o.seed);
     const uint64_t id = r->id;
+    if (model->has_long_rope()) {
+      r->long_rope = long_rope_for(prompt.size());
+      r->output.reserve(static_cast<size_t>(o.max_new_tokens));
+    }
     if (r->max_new_tokens == 0) {
       undelivered.push_back({id, -1, FinishReason::Length});
       ++requests_finished;
@@ -138,6 +147,26 @@ struct Engine::Impl {
       queued.push_back(std::move(r));
     }
     return id;
+  }
+
+  // Phi-3's longrope: transformers picks the short factors for a forward over at most
+  // original_max_position_embeddings tokens and the long ones beyond, for every position. A sequence of n
+  // tokens therefore runs with the long factors from the start when n is past that context.
+  bool long_rope_for(size_t n) const {
+    return model->has_long_rope() && n > static_cast<size_t>(config.rope_original_max_position);
+  }
+
+  // Call with queue_mutex held. A decoding longrope request whose next token would take it past the original
+  // context: every cached key and value was computed with the short factors, and transformers' forward over
+  // the longer sequence recomputes them all with the long ones. So the request becomes a prompt of all its
+  // tokens (the pending one included), prefilled again from position 0 with the long factors; its last
+  // chunk's logits give the next token. Once per request, at the cost of one prefill of that length.
+  void outgrow(Request* r) {
+    r->prompt.insert(r->prompt.end(), r->output.begin() + r->folded, r->output.end());
+    r->folded = r->generated;
+    r->prefilled = 0;
+    r->pending = -1;
+    r->long_rope = true;
   }
 
   // Call with queue_mutex held: frees the region of running request `r` at once.
@@ -176,8 +205,13 @@ struct Engine::Impl {
       for (int g = 0; g < static_cast<int>(running.size()); ++g) {
         Request* r = running[g].get();
         if (!r || r->pending < 0) continue;
+        const int pos = static_cast<int>(r->prompt.size()) + r->generated - r->folded - 1;
+        if (!r->long_rope && long_rope_for(static_cast<size_t>(pos) + 1)) {
+          outgrow(r);  // prefilled again below, from position 0
+          continue;
+        }
         tokens[n_rows] = r->pending;
-        segments[n_segs] = Segment{g, static_cast<int>(r->prompt.size()) + r->generated - 1, n_rows, 1, true};
+        segments[n_segs] = Segment{g, pos, n_rows, 1, true, r->long_rope};
         members[n_segs++] = r;
         ++n_rows;
       }
@@ -190,7 +224,7 @@ struct Engine::Impl {
         if (n_rows + n > step_tokens) break;
         std::copy(r->prompt.begin() + r->prefilled, r->prompt.begin() + r->prefilled + n, tokens.begin() + n_rows);
         const bool last = r->prefilled + n == static_cast<int>(r->prompt.size());
-        segments[n_segs] = Segment{r->region, r->prefilled, n_rows, n, last};
+        segments[n_segs] = Segment{r->region, r->prefilled, n_rows, n, last, r->long_rope};
         members[n_segs++] = r;
         n_rows += n;
       }
@@ -222,6 +256,7 @@ struct Engine::Impl {
         }
         ++r->generated;
         ++tokens_generated;
+        if (model->has_long_rope()) r->output.push_back(token);  // reserved: no allocation
         if (r->generated >= r->max_new_tokens) {
           release(g.seq, FinishReason::Length, token);
           continue;
@@ -487,8 +522,10 @@ std::vector<float> Engine::logits(const std::vector<int>& tokens, int chunk,
   for (int begin = 0; begin < n; begin += chunk) {
     if (stop()) throw UsageError("Engine.logits was stopped before it finished");
     const int len = std::min(chunk, n - begin);
+    // longrope: transformers' forward over all the tokens, so the long factors for every chunk when they are
+    // past the original context.
     m.model->forward_all_logits(*m.state, m.pool, region, tokens.data() + begin, len, begin,
-                                out.data() + static_cast<size_t>(begin) * m.config.vocab);
+                                out.data() + static_cast<size_t>(begin) * m.config.vocab, m.long_rope_for(tokens.size()));
   }
   return out;
 }

@@ -13,14 +13,19 @@ namespace {
 
 // Inverse RoPE frequencies as transformers computes them (float32 arithmetic) over the rotated
 // dims (rotary_dim: head_dim, or Phi-3's partial share), including its linear and llama3 rescaling.
-std::vector<float> rope_inv_freq(const ModelConfig& c) {
+// long_context: longrope's long factors (else its short ones); other types ignore it.
+std::vector<float> rope_inv_freq(const ModelConfig& c, bool long_context = false) {
   const int half = c.rotary_dim / 2;
   std::vector<float> inv(half);
   for (int i = 0; i < half; ++i) {
     float exponent = static_cast<float>(2 * i) / static_cast<float>(c.rotary_dim);
     inv[i] = 1.0f / std::pow(c.rope_theta, exponent);
   }
-  if (c.rope_type == "linear") {
+  if (c.rope_type == "longrope") {  // 1 / (factor * theta^e), as transformers' float32 tensors compute it
+    const std::vector<float>& ext = long_context ? c.rope_long_factor : c.rope_short_factor;
+    for (int i = 0; i < half; ++i)
+      inv[i] = 1.0f / (ext[i] * std::pow(c.rope_theta, static_cast<float>(2 * i) / static_cast<float>(c.rotary_dim)));
+  } else if (c.rope_type == "linear") {
     for (float& f : inv) f /= c.rope_factor;
   } else if (c.rope_type == "llama3") {
     const float old_len = static_cast<float>(c.rope_original_max_position);
@@ -118,6 +123,7 @@ State::State(const ModelConfig& c, int n_kv_slots, int max_seq_, int max_batch_,
   logits = FloatBuffer(static_cast<size_t>(max_batch_) * c.vocab);
   row_seq.resize(chunk);
   row_pos.resize(chunk);
+  row_long.resize(chunk);
   decode_args.resize(max_batch_);
   kv_bytes = kv.bytes();
 }
@@ -125,24 +131,28 @@ State::State(const ModelConfig& c, int n_kv_slots, int max_seq_, int max_batch_,
 Model::Model(const ModelConfig& config, Weights weights, int n_kv_slots, int max_seq)
     : config_(config), weights_(std::move(weights)), n_kv_slots_(n_kv_slots) {
   const int half = config_.rotary_dim / 2;
-  auto table = [&](const ModelConfig& rc, std::vector<float>& cos_t, std::vector<float>& sin_t) {
-    std::vector<float> inv = rope_inv_freq(rc);
+  // longrope's attention factor scales cos and sin (float32 products, as transformers'); 1 elsewhere.
+  const float scale = config_.rope_type == "longrope" ? config_.rope_attention_factor : 1.0f;
+  auto table = [&](const ModelConfig& rc, std::vector<float>& cos_t, std::vector<float>& sin_t, bool long_context) {
+    std::vector<float> inv = rope_inv_freq(rc, long_context);
     cos_t.resize(static_cast<size_t>(max_seq) * half);
     sin_t.resize(static_cast<size_t>(max_seq) * half);
     for (int p = 0; p < max_seq; ++p) {
       for (int i = 0; i < half; ++i) {
         float angle = static_cast<float>(p) * inv[i];  // float32 product, as transformers does
-        cos_t[static_cast<size_t>(p) * half + i] = std::cos(angle);
-        sin_t[static_cast<size_t>(p) * half + i] = std::sin(angle);
+        cos_t[static_cast<size_t>(p) * half + i] = std::cos(angle) * scale;
+        sin_t[static_cast<size_t>(p) * half + i] = std::sin(angle) * scale;
       }
     }
   };
-  table(config_, rope_cos_, rope_sin_);
+  table(config_, rope_cos_, rope_sin_, false);
+  if (config_.rope_type == "longrope" && max_seq > config_.rope_original_max_position)
+    table(config_, rope_long_cos_, rope_long_sin_, true);
   if (config_.rope_local_theta > 0) {  // Gemma 3's sliding layers: plain RoPE on their own base
     ModelConfig local = config_;
     local.rope_theta = config_.rope_local_theta;
     local.rope_type = "default";
-    table(local, rope_local_cos_, rope_local_sin_);
+    table(local, rope_local_cos_, rope_local_sin_, false);
   }
 }
 
@@ -204,8 +214,9 @@ void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, 
         for (int h = 0; h < nh; ++h) k.rmsnorm_f32(row + h * hd, lw.q_norm, c.rms_eps, row + h * hd, hd);
         for (int h = 0; h < nkv; ++h) k.rmsnorm_f32(row + (nh + h) * hd, lw.k_norm, c.rms_eps, row + (nh + h) * hd, hd);
       }
-      const float* cos = cos_table.data() + static_cast<size_t>(p) * half;
-      const float* sin = sin_table.data() + static_cast<size_t>(p) * half;
+      const bool long_row = s.row_long[t];  // longrope: the row's sequence is past the original context
+      const float* cos = (long_row ? rope_long_cos_ : cos_table).data() + static_cast<size_t>(p) * half;
+      const float* sin = (long_row ? rope_long_sin_ : sin_table).data() + static_cast<size_t>(p) * half;
       rope_heads(row, nh + nkv, hd, c.rotary_dim, cos, sin);  // q heads and k heads are adjacent
       s.kv.write(slot, s.row_seq[t], p, row + nh * hd, row + nh * hd + kv_width);
     }
@@ -295,9 +306,17 @@ void Model::run_layers(State& s, ThreadPool& pool, const int* tokens, const Segm
         g.seq >= s.max_batch)
       throw Error("internal: bad segment (seq " + std::to_string(g.seq) + ", pos " + std::to_string(g.pos) +
                   ", rows " + std::to_string(g.first_row) + "+" + std::to_string(g.n) + ")");
+    // longrope (Phi-3): the caller says which factors a segment's sequence uses (the engine re-runs a
+    // sequence from position 0 with the long ones when it outgrows the original context).
+    if (g.long_rope ? !has_long_rope()
+                    : config_.rope_type == "longrope" && g.pos + g.n > config_.rope_original_max_position)
+      throw Error("internal: a longrope segment at positions " + std::to_string(g.pos) + "+" + std::to_string(g.n) +
+                  (g.long_rope ? " asks for the long factors, which this model has not built"
+                               : " is past the original context with the short factors"));
     for (int t = 0; t < g.n; ++t) {
       s.row_seq[g.first_row + t] = g.seq;
       s.row_pos[g.first_row + t] = g.pos + t;
+      s.row_long[g.first_row + t] = g.long_rope;
     }
     next_row += g.n;
   }
@@ -333,11 +352,12 @@ void Model::forward_step(State& s, ThreadPool& pool, const int* tokens, const Se
 }
 
 void Model::forward_all_logits(State& s, ThreadPool& pool, int seq, const int* tokens, int n, int pos,
-                               float* all_logits) const {
+                               float* all_logits, bool long_rope) const {
   Segment g;
   g.seq = seq;
   g.pos = pos;
   g.n = n;
+  g.long_rope = long_rope;
   run_layers(s, pool, tokens, &g, 1, n);
   const KernelTable& k = kernels();
   const int hidden = config_.hidden;

@@ -44,6 +44,9 @@ struct Segment {
   int first_row = 0;  // its first row in the step
   int n = 0;          // its tokens
   bool logits = false;  // forward_step writes the logits of its last token
+  // Phi-3's longrope: rotate with the long factors (the sequence is, or will be in this step, longer than
+  // original_max_position_embeddings; Model::has_long_rope). Else the short ones.
+  bool long_rope = false;
 };
 
 struct State {
@@ -64,6 +67,7 @@ struct State {
   std::vector<float> xq_sum;  // [max_chunk][max width / 32]  scale * sum(q) of each xq block (int4 weights)
   FloatBuffer logits;   // [max_batch][vocab]         logits of the rows that asked for them
   std::vector<int> row_seq, row_pos;  // [max_chunk]   each row's KV region and position
+  std::vector<char> row_long;         // [max_chunk]   1: rotate with longrope's long factors (Phi-3)
   std::vector<AttentionArgs> decode_args;  // [max_batch] the decode segments of a step, attended together
   // KV cache: [slot][seq][kv_head][pos][head_dim] in the kv_dtype (kv_cache.h), slots =
   // retained attentions only: each kv head's keys (values) of a sequence are one stream.
@@ -90,7 +94,9 @@ class Model {
   // Tokens[0..n) of sequence `seq` at positions pos..pos+n-1 alone, with the logits
   // of every position written to all_logits[n][vocab].
   void forward_all_logits(State& state, ThreadPool& pool, int seq, const int* tokens, int n, int pos,
-                          float* all_logits) const;
+                          float* all_logits, bool long_rope = false) const;
+  // Whether the model has longrope's long-context tables (Phi-3 with max_seq past the original context).
+  bool has_long_rope() const { return !rope_long_cos_.empty(); }
 
  private:
   void run_layers(State& s, ThreadPool& pool, const int* tokens, const Segment* segs, int n_segs, int n_rows) const;
@@ -107,6 +113,9 @@ class Model {
   int n_kv_slots_;
   std::vector<float> rope_cos_, rope_sin_;  // [max_seq][head_dim/2]
   std::vector<float> rope_local_cos_, rope_local_sin_;  // the same for Gemma 3's sliding layers, or empty
+  // Phi-3's longrope with max_seq beyond the original context: the long factors' tables (else empty);
+  // rope_cos_ / rope_sin_ then hold the short factors'. Both carry the attention factor.
+  std::vector<float> rope_long_cos_, rope_long_sin_;
 };
 
 }  // namespace shortrt

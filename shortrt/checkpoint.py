@@ -150,7 +150,14 @@ class ModelConfig:
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
-    rope_original_max_position: int = 0
+    rope_original_max_position: int = 0  # llama3; longrope: the context the short factors serve
+    # Phi-3's longrope ("su"/"yarn" in older configs): inv_freq[i] = 1 / (factor[i] * theta ** (2i / rotary_dim)),
+    # factor = rope_short_factor while a sequence is at most rope_original_max_position long, else
+    # rope_long_factor; cos and sin both times rope_attention_factor (sqrt(1 + ln(s) / ln(original)), s =
+    # max_position / original, unless the config gives attention_factor or factor).
+    rope_short_factor: tuple[float, ...] = ()
+    rope_long_factor: tuple[float, ...] = ()
+    rope_attention_factor: float = 1.0
     tie_embeddings: bool = False
     qkv_bias: bool = False
     qk_norm: bool = False  # Qwen3, OLMo-2: RMSNorm of q and k before RoPE
@@ -300,6 +307,10 @@ def parse_config(c) -> ModelConfig:
         if not (0.0 < factor < 1.0 and rotary_dim >= 2 and rotary_dim % 2 == 0):
             raise CheckpointError(f"config.json: partial_rotary_factor {factor!r} must lie in (0, 1] and rotate an "
                                   f"even number of head_dim {head_dim}'s dims (got {rotary_dim})")
+    for key in ("rope_short_factor", "rope_long_factor"):
+        if key in rope and len(rope[key]) != rotary_dim // 2:
+            raise CheckpointError(f"config.json: longrope 'rope.{key[5:]}' must list rotary_dim / 2 = "
+                                  f"{rotary_dim // 2} numbers, got {len(rope[key])}")
     tie = _flag(c, "tie_word_embeddings", gemma)  # Gemma 3 ties by default
     eos = _field(c, "eos_token_id")
     if eos is None:
@@ -423,10 +434,9 @@ def _parse_rope(c: dict, partial_rotary: bool = False) -> dict:
             if not isinstance(kind, str):
                 raise CheckpointError(f"config.json: rope '{key}' must be a string")
             break
-    if kind in ("longrope", "su", "yarn") and partial_rotary:
-        raise CheckpointError(f"config.json: rope scaling '{kind}' (Phi-3's long-context RoPE, whose frequencies "
-                              "switch with the sequence length) is not supported; use the model's short-context "
-                              "variant (plain RoPE)")
+    if kind in ("longrope", "su", "yarn") and partial_rotary:  # transformers' Phi-3 reads all three as longrope
+        out.update(_parse_longrope(c, spec))
+        return out
     if kind not in ROPE_TYPES:
         raise CheckpointError(f"config.json: unsupported rope scaling type '{kind}' "
                               f"(shortrt supports {', '.join(ROPE_TYPES)})")
@@ -442,6 +452,33 @@ def _parse_rope(c: dict, partial_rotary: bool = False) -> dict:
         out["rope_original_max_position"] = _positive_int(spec, "original_max_position_embeddings", 8192)
         if not out["rope_high_freq_factor"] > out["rope_low_freq_factor"]:
             raise CheckpointError("config.json: llama3 rope needs high_freq_factor > low_freq_factor")
+    return out
+
+
+def _parse_longrope(c: dict, spec: dict) -> dict:
+    """Phi-3's longrope fields (as transformers' _compute_longrope_parameters reads them); the factor lists'
+    length is checked against rotary_dim by the caller."""
+    out = {"rope_type": "longrope"}
+    for key in ("short_factor", "long_factor"):
+        v = _field(spec, key)
+        if not (isinstance(v, list) and v and all(_is_number(x) and math.isfinite(x) and x > 0 for x in v)):
+            raise CheckpointError(f"config.json: longrope needs 'rope.{key}', a list of positive numbers")
+        out[f"rope_{key}"] = tuple(float(x) for x in v)
+    # In the rope object (transformers 5 copies it there), else at the top level (older Phi-3 configs).
+    where = spec if _field(spec, "original_max_position_embeddings") is not None else c
+    original = _positive_int(where, "original_max_position_embeddings")
+    if original < 2:
+        raise CheckpointError("config.json: longrope needs original_max_position_embeddings >= 2")
+    max_position = _positive_int(c, "max_position_embeddings", 2048)
+    factor = _number(spec, "factor", max_position / original, "rope.")
+    if not factor > 0:
+        raise CheckpointError("config.json: longrope 'rope.factor' must be positive")
+    attention = _number(spec, "attention_factor", 0.0, "rope.")
+    if _field(spec, "attention_factor") is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    if not attention > 0:
+        raise CheckpointError("config.json: longrope 'rope.attention_factor' must be positive")
+    out.update(rope_original_max_position=original, rope_attention_factor=attention)
     return out
 
 

@@ -218,7 +218,8 @@ class Engine(TextEngine):
     checkpoint layers not to run. prefill_chunk: prompt tokens per chunk (None = 64; every
     prompt is cut the same way whatever else runs). step_tokens: rows of one step (None =
     max_batch + prefill_chunk). kv_budget_bytes: size the KV cache by bytes instead: max_batch
-    becomes as many sequences of max_seq tokens as fit (kv_bytes_per_sequence()). kv_dtype: the
+    becomes as many sequences of max_seq tokens as fit (kv_bytes_per_sequence(), with Gemma 3's
+    sliding layers at their ring; max_batch_for_kv_budget()). kv_dtype: the
     KV cache's format: "fp32", "f16" or "bf16" (half the bytes), "int8" (a quarter, plus one fp32
     scale per kv head and position for K and for V); rows are converted when written.
 
@@ -280,8 +281,10 @@ class Engine(TextEngine):
         self.checkpoint_dir: Path = self.model.path
         if kv_budget_bytes is not None:  # as many KV regions as the budget holds
             kv_budget_bytes = _int_arg("kv_budget_bytes", kv_budget_bytes, 1, 2**62)
-            per_seq = kv_bytes_per_sequence(self.model, max_seq, skip_layers, kv_dtype)
-            max_batch = min(4096, kv_budget_bytes // per_seq) if per_seq else 4096
+            per_seq = kv_bytes_per_sequence(self.model, max_seq, skip_layers, kv_dtype, prefill_chunk=prefill_chunk,
+                                            step_tokens=step_tokens)
+            max_batch = max_batch_for_kv_budget(self.model, kv_budget_bytes, max_seq, skip_layers, kv_dtype,
+                                                prefill_chunk, step_tokens) if per_seq else 4096
             if max_batch < 1:
                 raise ValueError(f"kv_budget_bytes {kv_budget_bytes / 2**20:.1f} MiB holds no sequence: one needs "
                                  f"{per_seq / 2**20:.1f} MiB of KV cache at max_seq (lower max_seq or raise the budget)")
@@ -482,19 +485,44 @@ class Engine(TextEngine):
         return self._engine.logits(ids, chunk)
 
 
-def kv_bytes_per_sequence(model, max_seq: int | None = None, skip_layers=(), kv_dtype: str = "fp32") -> int:
-    """KV-cache bytes one running sequence holds (its region): K and V in kv_dtype (int8 with
-    its row scales) for every retained attention of the plan, at max_seq positions (None = the
-    engine's default)."""
+DEFAULT_MAX_SEQ, DEFAULT_PREFILL_CHUNK = 2048, 64  # csrc/engine.cpp's kDefaultMaxSeq, kDefaultPrefillChunk
+
+
+def kv_bytes_per_sequence(model, max_seq: int | None = None, skip_layers=(), kv_dtype: str = "fp32", *,
+                          max_batch: int = 1, prefill_chunk: int | None = None, step_tokens: int | None = None) -> int:
+    """KV-cache bytes one running sequence holds (its region), as the runtime allocates them: K and V in
+    kv_dtype (int8 with its row scales) for every retained attention of the plan, at max_seq positions (None =
+    the engine's default), except Gemma 3's sliding_attention layers, whose region is a ring of
+    min(max_seq, sliding_window + step_tokens - 1) positions (a step's rows are written before its attention
+    reads the window). step_tokens (None = max_batch + prefill_chunk, prefill_chunk None = 64, at most
+    max_seq) is the engine's; so for a model with sliding layers the figure grows with max_batch."""
     from . import _C
 
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"unknown kv_dtype {kv_dtype!r} (expected one of {', '.join(KV_DTYPES)})")
     m = checkpoint.load(model)
     cfg = m.model_config
-    seq = max_seq if max_seq is not None else min(cfg.max_position, 2048)
-    slots = sum(1 for step in m.plan(skip_layers or ()) if step.attention)
-    return 2 * slots * seq * cfg.n_kv_heads * _C.kv_row_bytes(kv_dtype, cfg.head_dim)
+    seq = max_seq if max_seq is not None else min(cfg.max_position, DEFAULT_MAX_SEQ)
+    step = step_tokens or max_batch + min(prefill_chunk or DEFAULT_PREFILL_CHUNK, seq)
+    ring = min(seq, cfg.sliding_window + step - 1)
+    positions = sum(ring if cfg.is_sliding(s.index) else seq for s in m.plan(skip_layers or ()) if s.attention)
+    return 2 * positions * cfg.n_kv_heads * _C.kv_row_bytes(kv_dtype, cfg.head_dim)
+
+
+def max_batch_for_kv_budget(model, budget_bytes: int, max_seq: int | None = None, skip_layers=(),
+                            kv_dtype: str = "fp32", prefill_chunk: int | None = None,
+                            step_tokens: int | None = None, most: int = 4096) -> int:
+    """The most sequences (up to `most`) whose KV regions fit in budget_bytes (0 when not even one does):
+    max_batch * kv_bytes_per_sequence(max_batch=max_batch, ...) <= budget_bytes, which grows with max_batch."""
+    def total(b):
+        return b * kv_bytes_per_sequence(model, max_seq, skip_layers, kv_dtype, max_batch=b,
+                                         prefill_chunk=prefill_chunk, step_tokens=step_tokens)
+
+    lo, hi = 0, most
+    while lo < hi:  # the largest b with total(b) <= budget_bytes
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if total(mid) <= budget_bytes else (lo, mid - 1)
+    return lo
 
 
 _ENGINES: dict[tuple, TextEngine] = {}

@@ -20,12 +20,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import ModelConfig, Step, load
+from .errors import ShortrtError
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> torch.Tensor:
     """Inverse RoPE frequencies over the rotated dims of a head (rotary_dim), with transformers'
-    linear and llama3 rescaling."""
+    linear, llama3 and longrope rescaling. longrope (Phi-3) depends on the sequence length: its short
+    factors up to cfg.rope_original_max_position tokens, its long ones beyond (its cos and sin are then
+    scaled by cfg.rope_attention_factor, as ReferenceModel.forward does); seq_len is required for it, so a caller that
+    knows only one table refuses such a model instead of running it with the wrong one."""
     dim = cfg.rotary_dim or cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if cfg.rope_type == "longrope":
+        if seq_len is None:
+            raise ShortrtError(f"{cfg.architecture}'s longrope RoPE switches frequencies with the sequence length "
+                               "(short_factor up to original_max_position_embeddings = "
+                               f"{cfg.rope_original_max_position} tokens, long_factor beyond); this engine does not "
+                               "implement it")
+        ext = cfg.rope_long_factor if seq_len > cfg.rope_original_max_position else cfg.rope_short_factor
+        return 1.0 / (torch.tensor(ext, dtype=torch.float32) * cfg.rope_theta ** shape)
+    inv = 1.0 / (cfg.rope_theta ** shape)
     if cfg.rope_type == "linear":
         inv = inv / cfg.rope_factor
     elif cfg.rope_type == "llama3":
@@ -167,7 +180,8 @@ class ReferenceModel(nn.Module):
         self.lm_head = self.embed if cfg.tie_embeddings else tensors["lm_head.weight"]
         self.norm = RMSNorm(tensors["model.norm.weight"], cfg.rms_eps, cfg.norm_unit_offset)
         self.blocks = nn.ModuleList(Block(cfg, tensors, s.index, s.attention, s.mlp) for s in plan)
-        self.inv_freq = rope_inv_freq(cfg)
+        # longrope (Phi-3): the frequencies of short sequences; forward picks by its length.
+        self.inv_freq = rope_inv_freq(cfg, seq_len=1)
         # Gemma 3's sliding_attention layers rotate with their own (plain) base.
         self.local_inv_freq = (rope_inv_freq(dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta,
                                                                  rope_type="default"))
@@ -183,12 +197,14 @@ class ReferenceModel(nn.Module):
         """ids [batch, tokens] -> logits [batch, tokens, vocab] (float32)."""
         t = ids.shape[-1]
 
-        def table(inv):
+        def table(inv, scale=1.0):
             freqs = torch.arange(t, dtype=torch.float32)[:, None] * inv[None, :]
             emb = torch.cat([freqs, freqs], dim=-1)
-            return emb.cos(), emb.sin()
+            return emb.cos() * scale, emb.sin() * scale
 
-        full, local = table(self.inv_freq), table(self.local_inv_freq)
+        # longrope: one frequency set for the whole forward, by its length, as transformers picks it.
+        inv = rope_inv_freq(self.cfg, seq_len=t) if self.cfg.rope_type == "longrope" else self.inv_freq
+        full, local = table(inv, self.cfg.rope_attention_factor), table(self.local_inv_freq)
         h = F.embedding(ids, self.embed)
         if self.cfg.embed_scale != 1.0:  # Gemma 3: times sqrt(hidden), a float32 scalar
             h = h * torch.tensor(self.cfg.embed_scale, dtype=torch.float32)

@@ -40,8 +40,8 @@ _MIN_REL_GAIN = 1e-3
 
 
 class MLPBlock(nn.Module):
-    """h + mlp(post_attention_layernorm(h)) -- OLMo-2: h + post_feedforward_layernorm(mlp(h)) --: a
-    decoder layer without its attention.
+    """h + mlp(post_attention_layernorm(h)) -- OLMo-2: h + post_feedforward_layernorm(mlp(h)); Gemma 3:
+    h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h))) --: a decoder layer without its attention.
 
     Its parameter names are those of the layer's MLP half, so its state_dict slots into a
     checkpoint as an attention-less layer.
@@ -49,16 +49,21 @@ class MLPBlock(nn.Module):
 
     def __init__(self, layer: nn.Module):
         super().__init__()
-        from .layer_plan import is_post_norm
+        from .layer_plan import is_post_norm, is_sandwich_norm
 
-        self.post_norm = is_post_norm(layer)
-        if self.post_norm:
+        self.post_norm, self.sandwich = is_post_norm(layer), is_sandwich_norm(layer)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = copy.deepcopy(layer.pre_feedforward_layernorm)
+            self.post_feedforward_layernorm = copy.deepcopy(layer.post_feedforward_layernorm)
+        elif self.post_norm:
             self.post_feedforward_layernorm = copy.deepcopy(layer.post_feedforward_layernorm)
         else:
             self.post_attention_layernorm = copy.deepcopy(layer.post_attention_layernorm)
         self.mlp = copy.deepcopy(layer.mlp)
 
     def forward(self, hidden: torch.Tensor, **_) -> torch.Tensor:
+        if self.sandwich:
+            return hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
         if self.post_norm:
             return hidden + self.post_feedforward_layernorm(self.mlp(hidden))
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
@@ -139,7 +144,7 @@ def capture_span_states_streaming(stream, token_batches, span: list[int], *, pro
     tokens x hidden x 4 bytes, three times)."""
     from tqdm.auto import tqdm
 
-    from .layer_plan import causal_mask, run_layer
+    from .layer_plan import run_layer
 
     start, last = span[0], span[-1]
     t0 = time.perf_counter()
@@ -153,8 +158,7 @@ def capture_span_states_streaming(stream, token_batches, span: list[int], *, pro
             if i == start:
                 inputs = [h.float() for h in states]
             with stream.layer(i) as layer:
-                states = [run_layer(layer, h, stream.rotary(h), causal_mask(h.shape[1], h.dtype, h.device))[1]
-                          for h in states]
+                states = [run_layer(layer, h, stream.rotary(h), stream.mask(h))[1] for h in states]
             bar.update(1)
     return SpanStates(torch.cat(inputs), torch.cat([h.float() for h in states]), time.perf_counter() - t0)
 
@@ -163,7 +167,7 @@ class HFLayers:
     """What training a replacement needs of the source model, from a transformers model in memory."""
 
     def __init__(self, hf):
-        self.rotary_emb, self.hidden = hf.model.rotary_emb, hf.config.hidden_size
+        self.rotary_emb, self.hidden, self.config = hf.model.rotary_emb, hf.config.hidden_size, hf.config
         self.device = hf.model.embed_tokens.weight.device
         self._layers = hf.model.layers
 
@@ -179,7 +183,7 @@ class StreamLayers:
     """The same from a shortrt.streaming.LayerStream: layer i's weights are read for each copy."""
 
     def __init__(self, stream):
-        self.stream, self.rotary_emb = stream, stream.rotary_emb
+        self.stream, self.rotary_emb, self.config = stream, stream.rotary_emb, stream.skeleton.config
         self.hidden, self.device = stream.model.model_config.hidden, stream.device
 
     def num_layers(self) -> int:
@@ -204,27 +208,34 @@ def make_module(source, layer_index: int, kind: str) -> nn.Module:
 
 class _LayerRunner:
     """Calls a decoder layer (or an MLPBlock) on [batch, T, hidden] states at positions 0..T-1,
-    with a causal mask and the model's rotary embeddings computed once."""
+    with a causal mask and the model's rotary embeddings computed once (by attention type where the
+    layers have two kinds, Gemma 3: each layer gets its own type's RoPE and mask)."""
 
     def __init__(self, source, seq_len: int):
+        from .layer_plan import causal_masks, rotary_for
+
         layers = _layers_of(source)
         device = layers.device
         example = torch.zeros(1, seq_len, layers.hidden, device=device)
         positions = torch.arange(seq_len, device=device)[None]
         with torch.no_grad():
-            self.position_embeddings = tuple(t.detach() for t in layers.rotary_emb(example, position_ids=positions))
-        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+            pe = rotary_for(layers.rotary_emb, example, positions)
+            detach = lambda p: tuple(t.detach() for t in p)  # noqa: E731
+            self.position_embeddings = {k: detach(v) for k, v in pe.items()} if isinstance(pe, dict) else detach(pe)
         # An additive mask works with every attention implementation (eager, sdpa); [1, 1, T, T]
         # broadcasts over the batch.
-        self.mask = torch.zeros(1, 1, seq_len, seq_len, device=device).masked_fill_(
-            ~causal, torch.finfo(torch.float32).min)
+        self.mask = causal_masks(layers.config, seq_len, torch.float32, device)
         self.positions = positions
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if isinstance(module, MLPBlock):
             return module(x)
-        out = module(x, attention_mask=self.mask, position_ids=self.positions,
-                     position_embeddings=self.position_embeddings)
+        pe, mask = self.position_embeddings, self.mask
+        if isinstance(pe, dict):
+            pe = pe[module.self_attn.layer_type]
+        if isinstance(mask, dict):
+            mask = mask[module.self_attn.layer_type]
+        out = module(x, attention_mask=mask, position_ids=self.positions, position_embeddings=pe)
         return out[0] if isinstance(out, tuple) else out
 
 

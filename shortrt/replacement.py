@@ -6,7 +6,9 @@ calibration text to map the span's input to its output (shortrt.replace_training
 checkpoint keeps the retained layers with that module at the span's position:
 
 - kind="layer": a full decoder layer, entry kind "layer_replacement". The checkpoint stays a
-  standard Llama (transformers loads it and generates with its KV cache).
+  standard checkpoint of its family (transformers loads it and generates with its KV cache).
+  Gemma 3: the layer keeps the attention type (sliding_attention or full_attention) of the span
+  layer it started from, written to config.json's layer_types and shortrt.json's "layer_type".
 - kind="mlp":   an attention-less layer (post_attention_layernorm + mlp only), entry kind
   "mlp_replacement", no KV slot; shortrt's runtime, reference model and evaluate run it.
 
@@ -74,8 +76,8 @@ def replace(model, layer_map: LayerMap, out_dir, *, kind: str = "layer", texts=N
 
     model: "default", a dense checkpoint directory, a .gguf file, or a Model.
     layer_map: from select(scores, remove=n, method="span"): one contiguous removed span.
-    kind: "layer" (one decoder layer; a standard checkpoint) or "mlp" (an attention-less SwiGLU
-    block with one layer's MLP parameters). texts: calibration text (None = the packaged Austen
+    kind: "layer" (one decoder layer; a standard checkpoint) or "mlp" (an attention-less block: one
+    layer's MLP with the norm(s) its family puts around it). texts: calibration text (None = the packaged Austen
     chapters; a .txt/.jsonl path or a list of strings). n_tokens, seq_len: calibration tokens and
     tokens per sequence. steps, lr, batch: most Adam steps, peak learning rate, sequences per step.
     cosine_weight: weight of a (1 - cos) term added to the MSE loss. device: "cpu", "cuda" or
@@ -95,11 +97,6 @@ def replace(model, layer_map: LayerMap, out_dir, *, kind: str = "layer", texts=N
     for name, value in (("n_tokens", n_tokens), ("seq_len", seq_len), ("steps", steps), ("batch", batch)):
         _check_positive(name, value)
     src = load(model)
-    if src.model_config.sandwich_norm:
-        # Its layers take position embeddings and masks by attention type and its MLP half carries
-        # two norms; the replacement trainer drives the Llama-family layer only.
-        raise ShortrtError(f"replace does not support {src.model_config.architecture} (sliding-window and "
-                           "sandwich-norm layers); prune and heal it instead")
     config = src.config()
     num_layers = src.model_config.n_layers
     span = span_of(layer_map)
@@ -129,6 +126,10 @@ def replace(model, layer_map: LayerMap, out_dir, *, kind: str = "layer", texts=N
                                 seed=seed, max_steps=steps, device=dev.type, streamed=bool(stream),
                                 data={"source": description, "n_tokens": used_tokens, "seq_len": seq_len,
                                       "n_sequences": result.n_train + result.n_heldout})
+    if kind == "layer" and src.model_config.layer_types:
+        # Gemma 3: the trained layer is a copy of init_layer and attends as it did (its window and RoPE
+        # base); the written config's layer_types gives it that type (pruned_config keeps init_layer's).
+        record["layer_type"] = src.model_config.layer_types[result.init_layer]
     return _write_checkpoint(src, config, layer_map, span, result, record, out, overwrite)
 
 

@@ -90,11 +90,14 @@ def test_weight_formats_stay_close_to_fp32(tmp_path, arch):
 def hand_scores(path, ids):
     """Per layer (bi, attn_bi, mlp_bi) from shortrt.reference's blocks: each sublayer compared on the
     residual stream before and after it (OLMo-2: m = h + post_attention_layernorm(attn(h)))."""
+    from shortrt.reference import rope_inv_freq
+
     ref = ReferenceModel.load(path)
     t = ids.shape[-1]
-    freqs = torch.arange(t, dtype=torch.float32)[:, None] * ref.inv_freq[None, :]
+    inv = rope_inv_freq(ref.cfg, seq_len=t)  # Phi-3's longrope: by the sequence length
+    freqs = torch.arange(t, dtype=torch.float32)[:, None] * inv[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
-    cos, sin = emb.cos(), emb.sin()
+    cos, sin = emb.cos() * ref.cfg.rope_attention_factor, emb.sin() * ref.cfg.rope_attention_factor
     h = torch.nn.functional.embedding(ids, ref.embed)
     out = []
 
@@ -113,9 +116,11 @@ def hand_scores(path, ids):
     return out
 
 
-@pytest.mark.parametrize("arch", ["olmo2", "phi3"])
+@pytest.mark.parametrize("arch", ["olmo2", "phi3", "phi3-longrope"])
 def test_calibration_scores_the_residual_stream_around_each_sublayer(tmp_path, arch):
-    dense, _ = make_tiny(tmp_path / "dense", arch, num_hidden_layers=4, tokenizer=True)
+    """phi3-longrope: 64-token sequences, past the original context of 16, so the long factors score them."""
+    extra = LONGROPE if arch == "phi3-longrope" else {}
+    dense, _ = make_tiny(tmp_path / "dense", arch.split("-")[0], num_hidden_layers=4, tokenizer=True, **extra)
     scores = calibrate(dense, TEXTS, n_tokens=64, seq_len=64, progress=False)
     streamed = calibrate(dense, TEXTS, n_tokens=64, seq_len=64, progress=False, stream=True)
     for name in ("bi", "attn_bi", "mlp_bi"):
@@ -229,9 +234,23 @@ CONTRACT = [
     ("phi3", edit_tensors(lambda t: t.update({"model.layers.0.mlp.gate_up_proj.weight": torch.ones(96, 64)})),
      "tensor 'model.layers.0.mlp.gate_up_proj.weight': expected shape [192, 64], found [96, 64]"),
     ("phi3", set_rope(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8,
-                      original_max_position_embeddings=64),
-     "rope scaling 'longrope' (Phi-3's long-context RoPE"),
-    ("phi3", set_rope(rope_type="su"), "rope scaling 'su' (Phi-3's long-context RoPE"),
+                      original_max_position_embeddings=64), "ok"),
+    ("phi3", set_rope(rope_type="su", short_factor=[1.0] * 8, long_factor=[2.0] * 8), "ok"),  # the top-level original
+    ("phi3", set_rope(rope_type="su"), "longrope needs 'rope.short_factor', a list of positive numbers"),
+    ("phi3", set_rope(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 7),
+     "longrope 'rope.long_factor' must list rotary_dim / 2 = 8 numbers, got 7"),
+    ("phi3", set_rope(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 7 + [0.0]),
+     "longrope needs 'rope.long_factor', a list of positive numbers"),
+    ("phi3", edit_config(lambda c: (c.pop("original_max_position_embeddings"),
+                                    c["rope_parameters"].update(rope_type="longrope", short_factor=[1.0] * 8,
+                                                                long_factor=[2.0] * 8))),
+     "missing required field 'original_max_position_embeddings'"),
+    ("phi3", set_rope(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8,
+                      original_max_position_embeddings=1), "longrope needs original_max_position_embeddings >= 2"),
+    ("phi3", set_rope(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8, attention_factor=-1.0),
+     "longrope 'rope.attention_factor' must be positive"),
+    ("llama", set_rope(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8,
+                       original_max_position_embeddings=64), "unsupported rope scaling type 'longrope'"),
     ("phi3", set_rope(partial_rotary_factor=0.1),
      "partial_rotary_factor 0.1 must lie in (0, 1] and rotate an even number of head_dim 16's dims (got 1)"),
     ("phi3", edit_config(lambda c: c.update(partial_rotary_factor=0.5)), "ok"),  # the rope object's 1.0 wins
@@ -270,6 +289,46 @@ def check_no_attention_norm_without_attention(dense, tmp_path):
     assert py == cpp_verdict(out.path)
     assert "tensor 'model.layers.1.post_attention_layernorm.weight' exists but shortrt.json says layer 1 has no " \
            "attention" in py
+
+
+# Phi-3's long-context RoPE on a tiny model: original context 16, max_position_embeddings 64 (factor 4, attention
+# factor sqrt(1 + ln 4 / ln 16) = 1.22), per-frequency short and long factors far apart.
+LONGROPE = dict(max_position_embeddings=64, original_max_position_embeddings=16,
+                rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.25 * i for i in range(8)],
+                              "long_factor": [1.5 ** i for i in range(8)]})
+
+
+def test_phi3_longrope_matches_transformers_below_and_above_the_original_context(tmp_path):
+    """transformers picks the short factors for a forward over at most 16 tokens and the long ones beyond, for
+    every position of that forward (the keys and values of every layer change, not only the rotation). The
+    runtime follows it: logits(ids) is transformers' forward over ids, whatever the chunking; a request runs with
+    the long factors from the start when its prompt is past 16 tokens, and a request that grows past 16 while
+    decoding is prefilled again from position 0 with the long factors, so each of its tokens is transformers'
+    greedy choice over the whole sequence so far: its greedy tokens without a cache (transformers' own cached
+    generate keeps the short-factor keys and values after crossing, which its full forward does not)."""
+    path, model = make_tiny(tmp_path / "p", "phi3", **LONGROPE)
+    cfg = checkpoint.load(path).model_config
+    assert (cfg.rope_type, cfg.rope_original_max_position) == ("longrope", 16)
+    assert cfg.rope_attention_factor == pytest.approx(model.model.rotary_emb.attention_scaling)
+    for ids in (IDS[:12], IDS[:16], IDS[:17], IDS):  # 12, 16, 17 and 19 tokens
+        ref = hf_logits(model, ids)
+        assert rel_err(ReferenceModel.load(path)(torch.tensor([ids]))[0].numpy(), ref) <= TOL, len(ids)
+        for chunk in (0, 1, 6):
+            assert rel_err(Engine(path, threads=2, max_seq=64).logits(ids, chunk=chunk), ref) <= TOL, (len(ids), chunk)
+    # max_seq within the original context: the short factors only
+    assert rel_err(Engine(path, threads=2, max_seq=16).logits(IDS[:16]), hf_logits(model, IDS[:16])) <= TOL
+    # greedy from 10 tokens to 30, crossing while decoding; from 17 tokens (long from the start); batched
+    eng = Engine(path, threads=2, max_seq=64, max_batch=2, prefill_chunk=4)
+    cross = hf_greedy(model, IDS[:10], n=20, use_cache=False)
+    assert eng.generate_ids(IDS[:10], max_new_tokens=20, stop=[]) == cross
+    assert eng.generate_ids(IDS[:17], max_new_tokens=8, stop=[]) == hf_greedy(model, IDS[:17], n=8, use_cache=False)
+    both = eng.generate_ids([IDS[:10], IDS[:3]], max_new_tokens=20, stop=[])  # one crosses, then the other
+    assert both == [cross, hf_greedy(model, IDS[:3], n=20, use_cache=False)]
+    # the long factors matter: the same weights with long_factor = short_factor give other logits past 16
+    doc = json.loads((path / "config.json").read_text())
+    doc["rope_parameters"]["long_factor"] = doc["rope_parameters"]["short_factor"]
+    (path / "config.json").write_text(json.dumps(doc))
+    assert rel_err(Engine(path, threads=2, max_seq=64).logits(IDS), hf_logits(model, IDS)) > 1e-2
 
 
 def test_phi3_sliding_window_below_the_context_is_refused(tmp_path):

@@ -43,11 +43,16 @@ struct ModelConfig {
   int max_position = 0;      // max_position_embeddings
   float rms_eps = 1e-6f;     // rms_norm_eps
   float rope_theta = 10000.0f;
-  std::string rope_type = "default";  // "default" | "linear" | "llama3"
+  std::string rope_type = "default";  // "default" | "linear" | "llama3" | "longrope"
   float rope_factor = 1.0f;           // linear and llama3
   float rope_low_freq_factor = 1.0f;  // llama3
   float rope_high_freq_factor = 4.0f; // llama3
-  int rope_original_max_position = 0; // llama3
+  int rope_original_max_position = 0; // llama3; longrope: the context the short factors serve
+  // Phi-3's longrope: inv_freq[i] = 1 / (factor[i] * theta^(2i / rotary_dim)), factor = the short list while a
+  // sequence is at most rope_original_max_position long, the long list beyond; cos and sin times
+  // rope_attention_factor. A request that grows past it is prefilled again with the long ones (engine.cpp).
+  std::vector<float> rope_short_factor, rope_long_factor;  // [rotary_dim / 2] each
+  float rope_attention_factor = 1.0f;
   bool tie_embeddings = false;        // tie_word_embeddings
   bool qkv_bias = false;              // Qwen2
   bool qk_norm = false;               // Qwen3, OLMo-2: RMSNorm of q and k before RoPE
