@@ -233,8 +233,10 @@ def declared_architecture(c) -> str | None:
     archs = _field(c, "architectures")
     if isinstance(archs, list) and archs and isinstance(archs[0], str):
         return archs[0]
-    by_type = {v: k for k, v in {**ARCHITECTURES, **CALIBRATE_PRUNE_ONLY}.items()}
-    return by_type.get(_field(c, "model_type")) if archs is None else None
+    t = _field(c, "model_type")
+    if archs is not None or not isinstance(t, str):
+        return None
+    return {v: k for k, v in {**ARCHITECTURES, **CALIBRATE_PRUNE_ONLY}.items()}.get(t)
 
 
 def _architecture(c: dict) -> str:
