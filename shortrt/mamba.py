@@ -26,7 +26,8 @@ from .checkpoint import WEIGHT_DTYPES, Model, _IGNORED_TENSOR, _tensor_headers
 from .errors import CheckpointError
 
 ARCHITECTURE = "MambaForCausalLM"
-LAYER_KEY = re.compile(r"^backbone\.layers\.(\d+)\.(.+)$")
+LAYER_PREFIX = "backbone.layers."  # a block's tensors: backbone.layers.{i}.norm.weight, .mixer.*
+LAYER_KEY = re.compile(rf"^{re.escape(LAYER_PREFIX)}(\d+)\.(.+)$")
 # What a Mamba calibration measures (Scores fields); attn_bi and mlp_bi are left NaN.
 SCORE_KINDS = ("bi", "angular", "span_cos", "span_angular")
 # Selection methods that remove whole blocks, the only kind a Mamba model has.
@@ -134,7 +135,7 @@ def check_tensors(cfg: MambaConfig, num_layers: int, found: dict, where) -> None
 class MambaModel(Model):
     """A validated MambaForCausalLM checkpoint (calibrate, prune and eval take it; the runtime does not)."""
     runtime_supported = False
-    layer_prefix = "backbone.layers."
+    layer_prefix = LAYER_PREFIX
 
     @cached_property
     def model_config(self) -> MambaConfig:
