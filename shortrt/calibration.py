@@ -15,6 +15,10 @@ Reported per layer i, with means over all calibration tokens t:
   attn_bi[i] = 1 - mean_t cos(h_i, m_i)                 (attention sublayer, He et al.)
   mlp_bi[i]  = 1 - mean_t cos(m_i, h_{i+1})             (MLP sublayer)
 and for spans, span_cos[s][n-1] = mean_t cos(h_s, h_{s+n}) (NaN where s + n > layers).
+
+A Mamba block (shortrt.mamba) is h_{i+1} = h_i + mixer(norm(h_i)), one mixer and no sublayers: its
+bi, angular and span scores are measured the same way on the block's input and output, attn_bi and
+mlp_bi stay NaN, and data["score_kinds"] lists the kinds that exist.
 """
 from __future__ import annotations
 
@@ -342,7 +346,12 @@ def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, m
     from .devices import work_dtype
 
     dev = check_options(n_tokens=n_tokens, seq_len=seq_len, batch_size=batch_size, backend=backend, device=device)
-    ckpt = load(model)
+    ckpt = load(model, runtime=False)  # calibrate/prune-only families (Mamba) too
+    if not ckpt.runtime_supported:
+        if stream:
+            raise ShortrtError(f"{ckpt.model_config.architecture}: layer streaming (--stream) runs transformer "
+                               "decoder layers; calibrate this model in memory (--no-stream)")
+        stream = False
     config = ckpt.config()
     num_layers = int(config["num_hidden_layers"])
     if max_span is None:
@@ -377,6 +386,11 @@ def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, m
     seconds = time.perf_counter() - started
 
     layer, span = acc.means()
+    kinds = {}
+    if not ckpt.runtime_supported:  # say which scores exist: a Mamba block has no sublayers
+        from .mamba import SCORE_KINDS
+
+        kinds = {"architecture": ckpt.model_config.architecture, "score_kinds": list(SCORE_KINDS)}
     return Scores(
         model=ckpt.name,
         num_layers=num_layers,
@@ -389,7 +403,8 @@ def calibrate(model, texts=None, *, n_tokens: int = 32768, seq_len: int = 512, m
         span_angular=span[..., 1].tolist(),
         data={"source": description, "n_tokens": used_tokens, "seq_len": seq_len,
               "n_sequences": len(sequences), "seconds": round(seconds, 2), "backend": backend,
-              "streamed": bool(stream), "device": dev.type, "dtype": str(work_dtype(dev)).removeprefix("torch.")},
+              "streamed": bool(stream), "device": dev.type, "dtype": str(work_dtype(dev)).removeprefix("torch."),
+              **kinds},
     )
 
 

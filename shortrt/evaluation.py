@@ -13,7 +13,9 @@
 
 The model runs through shortrt.layer_plan on transformers modules: a checkpoint with
 attention-less layers works too, and `evaluate_layer_maps` scores many layer maps of one dense
-model in one pass over the data, sharing the layers they have in common.
+model in one pass over the data, sharing the layers they have in common. A Mamba checkpoint
+(shortrt.mamba) runs its blocks in transformers too, each window or choice as a sequence of its
+own (a recurrent model cannot share a packed row), so its scores are those of plain transformers.
 """
 from __future__ import annotations
 
@@ -80,9 +82,9 @@ def evaluate_layer_maps(model, layer_maps: dict, tasks=("ppl",), *, n_samples: i
         raise ValueError(f"unknown evaluation engine {engine!r}; choose from {', '.join(ENGINES)}")
     tasks = parse_tasks(tasks)
     _check_sizes(n_samples, n_tokens, seq_len, stride, batch_tokens)
-    m = load(model)
+    m = load(model, runtime=False)  # Mamba (calibrate/prune-only) runs here too, through transformers
     if hf is None:
-        hf, base = load_for_plan(m)
+        hf, base = load_for_plan(m) if m.runtime_supported else (m.load_hf(), m.plan())
     else:
         base = m.plan()
     tokenizer = tokenizer if tokenizer is not None else m.tokenizer()
@@ -104,12 +106,17 @@ def evaluate_layer_maps(model, layer_maps: dict, tasks=("ppl",), *, n_samples: i
             segments.append(s)
             owners.append((task, q))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = pack(segments, row_tokens=seq_len, batch_tokens=batch_tokens, pad_id=pad_id)
+    # A recurrent (Mamba) model cannot share a row between segments: each runs alone, unpacked.
+    batches = pack(segments, row_tokens=seq_len, batch_tokens=batch_tokens, pad_id=pad_id) \
+        if m.runtime_supported else []
     width = 1 + max([len(s.branches) for s in segments] + [0])
     sums = [torch.zeros(len(segments), width, dtype=torch.float64) for _ in plans]
     counts = torch.zeros(len(segments), width, dtype=torch.long)
-    bar = _progress(progress, sum(b.num_tokens for b in batches), f"eval {','.join(tasks)}")
+    total_tokens = sum(b.num_tokens for b in batches) if batches else sum(map(len, segments))
+    bar = _progress(progress, total_tokens, f"eval {','.join(tasks)}")
     with torch.inference_mode():
+        if not m.runtime_supported:
+            _score_unpacked(hf, segments, plans, sums, counts, bar)
         for batch in batches:
             hidden = forward_plans(hf, batch.input_ids, batch.position_ids, batch.mask, plans)
             slot = batch.branch + 1
@@ -124,7 +131,7 @@ def evaluate_layer_maps(model, layer_maps: dict, tasks=("ppl",), *, n_samples: i
     seconds = time.perf_counter() - t0
 
     settings = {"n_samples": n_samples, "n_tokens": n_tokens, "seq_len": seq_len, "stride": stride,
-                "seed": seed, "engine": engine, "tokens_run": sum(b.num_tokens for b in batches)}
+                "seed": seed, "engine": engine, "tokens_run": total_tokens}
     out = {}
     for name, plan, total in zip(names, plans, sums):
         metrics = {}
@@ -135,9 +142,29 @@ def evaluate_layer_maps(model, layer_maps: dict, tasks=("ppl",), *, n_samples: i
             else:
                 metrics[task] = _mc_metrics(total, [owners[i][1] for i in idx], idx, per_item)
         out[name] = {"model": m.name, "layers": len(plan),
-                     "attention_layers": sum(1 for s in plan if s.attention),
+                     "attention_layers": sum(1 for s in plan if s.attention) if m.runtime_supported else 0,
+                     "architecture": m.model_config.architecture,
                      "tasks": metrics, "seconds": seconds, "settings": settings}
     return out
+
+
+def _score_unpacked(hf, segments: list[Segment], plans, sums, counts, bar) -> None:
+    """The sums and counts the packed loop gathers, for a Mamba model (shortrt.mamba.forward_blocks):
+    each perplexity window, and each choice after its context, run as a sequence of its own."""
+    from .mamba import forward_blocks
+
+    for i, seg in enumerate(segments):
+        runs = [(seg.context, 0, len(seg.context))] if seg.score_context_from is not None else []
+        runs += [(seg.context + b, k + 1, len(b)) for k, b in enumerate(seg.branches)]
+        for ids, slot, n_scored in runs:
+            first = max(1, seg.score_context_from) if slot == 0 else len(ids) - n_scored
+            targets = torch.tensor(ids[first:])
+            counts[i, slot] += targets.numel()
+            for p, plan in enumerate(plans):
+                hidden = forward_blocks(hf, torch.tensor([ids]), plan)[0]
+                sums[p][i, slot] += _token_logprobs(hf, hidden[first - 1:-1], targets).double().sum()
+        if bar is not None:
+            bar.update(len(seg))
 
 
 def apply_layer_map(base: tuple[Step, ...], layer_map: LayerMap) -> tuple[Step, ...]:
@@ -279,8 +306,9 @@ def _progress(enabled: bool, total: int, desc: str):
 
 def format_table(result: dict) -> str:
     """A readable table of one evaluate() result."""
-    lines = [f"model {result['model']}: {result['layers']} layers "
-             f"({result['attention_layers']} with attention), {result['seconds']:.0f} s", "",
+    blocks = "Mamba blocks" if result.get("architecture") == "MambaForCausalLM" else \
+        f"layers ({result['attention_layers']} with attention)"
+    lines = [f"model {result['model']}: {result['layers']} {blocks}, {result['seconds']:.0f} s", "",
              f"{'task':<14} {'metric':<28} {'n':>6}"]
     for task, m in result["tasks"].items():
         if task in PPL_TASKS:

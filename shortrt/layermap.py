@@ -223,4 +223,4 @@ def layer_map_of(model) -> LayerMap:
     """The layer map a checkpoint runs: its shortrt.json, or every layer when it has none."""
     from .checkpoint import load
 
-    return load(model).layer_map
+    return load(model, runtime=False).layer_map  # reading it runs nothing: Mamba too

@@ -20,7 +20,6 @@ from .checkpoint import (MAX_SHARD_BYTES, Model, check_out_dir, gemma3_layer_typ
 from .layermap import LayerEntry, LayerMap
 from .safetensors_writer import TensorSource
 
-_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # Config lists that may happen to have num_hidden_layers items without being per-layer.
 _NOT_PER_LAYER = {"architectures", "eos_token_id", "bos_token_id", "pad_token_id", "bad_words_ids",
                   "suppress_tokens", "begin_suppress_tokens", "forced_decoder_ids", "id2label", "label2id"}
@@ -34,13 +33,17 @@ def prune(model, layer_map: LayerMap, out_dir, *, overwrite: bool = False, progr
     a pruned checkpoint, `layer_map` indexes its layers and the written shortrt.json is made
     relative to the original model.
     """
-    src = load(model)
+    src = load(model, runtime=False)  # calibrate/prune-only families (Mamba) too
     if not isinstance(layer_map, LayerMap):
         raise TypeError(f"layer_map must be a shortrt LayerMap, got {type(layer_map).__name__}")
     num_layers = src.model_config.n_layers
     if layer_map.source_num_layers != num_layers:
         raise ValueError(f"the layer map is for a model with {layer_map.source_num_layers} layers but "
                          f"{src} has {num_layers}")
+    if not src.runtime_supported:  # Mamba: whole blocks only
+        from .mamba import check_block_map
+
+        check_block_map(layer_map)
     kinds = {e.kind for e in layer_map.layers} - {"layer"}
     if kinds:
         raise ValueError(f"prune writes plain layers only; this map has {sorted(kinds)} entries "
@@ -64,11 +67,14 @@ def layer_tensors(src: Model, layers: list[LayerEntry]) -> list[TensorSource]:
     size. (`src.tensors` is already checked to be exactly what its config and layer map say.)
     A dropped sublayer takes its norm with it (checkpoint.sublayer_prefixes: OLMo-2's
     post_attention_layernorm goes with its attention)."""
-    owners = sublayer_prefixes(src.model_config.post_norm, src.model_config.sandwich_norm)
+    cfg = src.model_config  # a Mamba config has no sublayer norms (and its maps keep whole blocks)
+    owners = sublayer_prefixes(getattr(cfg, "post_norm", False), getattr(cfg, "sandwich_norm", False))
     by_layer: dict[int, list[tuple[str, str]]] = {}
     plan: list[TensorSource] = []
+    prefix = src.layer_prefix  # model.layers. (backbone.layers. in Mamba)
+    layer_key = re.compile(rf"^{re.escape(prefix)}(\d+)\.(.+)$")
     for name in sorted(src.tensors):
-        m = _LAYER_KEY.match(name)
+        m = layer_key.match(name)
         if m:
             by_layer.setdefault(int(m.group(1)), []).append((name, m.group(2)))
         else:
@@ -79,7 +85,7 @@ def layer_tensors(src: Model, layers: list[LayerEntry]) -> list[TensorSource]:
                 continue
             if not entry.mlp and rest.startswith(owners["mlp"]):
                 continue
-            plan.append(_source(src, name, f"model.layers.{new_index}.{rest}"))
+            plan.append(_source(src, name, f"{prefix}{new_index}.{rest}"))
     return plan
 
 
@@ -114,6 +120,8 @@ def pruned_config(config: dict, layers: list[LayerEntry]) -> dict:
         config = {**config, "layer_types": gemma3_layer_types(config, num_layers)}
     out = dict(config)
     out["num_hidden_layers"] = len(keep)
+    if "n_layer" in config:  # the older name some configs (Mamba's) also carry
+        out["n_layer"] = len(keep)
     for key, value in config.items():
         if key in _NOT_PER_LAYER or not isinstance(value, list) or len(value) != num_layers:
             continue

@@ -71,6 +71,12 @@ def count_to_remove(num_layers: int, remove=None, ratio=None) -> int:
 
 
 def _per_layer(scores, name: str, num_layers: int, method: str) -> list[float]:
+    data = _field(scores, "data")
+    kinds = data.get("score_kinds") if isinstance(data, dict) else None
+    if isinstance(kinds, list) and name not in kinds:  # a family without this score (Mamba: no sublayers)
+        raise ValueError(f"method {method!r} needs the {name!r} scores, which a {data.get('architecture', 'model')} "
+                         f"does not have (its scores: {', '.join(map(str, kinds))}); a Mamba block has one mixer "
+                         "and no attention or MLP sublayer: use shortgpt, span, last or random")
     values = _field(scores, name)
     if values is None or len(values) == 0:
         raise ValueError(f"method {method!r} needs the {name!r} scores, which these scores do not have; "
@@ -164,7 +170,9 @@ def _score_record(scores, method: str, num_layers: int) -> dict:
     record = {"metric": _NEEDS.get(method, "none")}
     for name in _PER_LAYER:
         values = _field(scores, name)
-        if values is not None and len(values) == num_layers:
+        # A kind the family lacks (Mamba's attn_bi, mlp_bi: null in the file, NaN in memory) is left out.
+        if values is not None and len(values) == num_layers and \
+                all(v is not None and math.isfinite(float(v)) for v in values):
             record[name] = [float(v) for v in values]
     return record
 

@@ -78,6 +78,9 @@ def run(args) -> int:
     print(f"{scores.model}: {data['n_tokens']} tokens ({data['n_sequences']} x {data['seq_len']}) "
           f"of {data['source']} in {data['seconds']:.1f} s{' (layer streaming)' if data.get('streamed') else ''}")
     print(format_table(scores))
+    if "score_kinds" in data:  # Mamba: one mixer per block, so no sublayer scores
+        print(f"note:    a {data['architecture']} block has one mixer and no attention or MLP sublayer: its scores "
+              f"are {', '.join(data['score_kinds'])}")
     print(f"scores:  {out}")
     print(f"plots:   {layers_png}\n         {heatmap_png}")
     return 0

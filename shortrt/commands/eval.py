@@ -39,7 +39,7 @@ def run(args) -> int:
 
     if args.data is not None and "ppl" not in [t.strip() for t in args.tasks.split(",")] and args.tasks != "all":
         raise ValueError("--data sets the text the ppl task scores: add ppl to --tasks")
-    model = load(args.model)
+    model = load(args.model, runtime=False)  # Mamba too (through transformers)
     layer_map = None
     if args.skip_layers:
         n = int(model.config()["num_hidden_layers"])

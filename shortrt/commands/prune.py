@@ -86,10 +86,28 @@ def iterative_layer_map(args):
                             n_tokens=args.tokens or DEFAULT_TOKENS, metric=args.metric or "bi")
 
 
-def format_summary(lmap, out) -> str:
+def check_block_options(args, model) -> None:
+    """What a calibrate/prune-only model (Mamba: blocks without sublayers, not run by the runtime) refuses."""
+    from shortrt.errors import ShortrtError
+    from shortrt.mamba import METHODS
+
+    arch = model.model_config.architecture
+    budget = [f"--{n.replace('_', '-')}" for n in ("target_speedup", "max_weight_bytes", "max_kv_bytes")
+              if getattr(args, n) is not None]
+    if budget:
+        raise ShortrtError(f"{budget[0]} measures shortrt's runtime, which does not run {arch}; "
+                           "give --remove, --ratio or --layers")
+    if args.method not in METHODS:
+        raise ShortrtError(f"--method {args.method} is not available for {arch}: a Mamba block has one mixer "
+                           f"and no attention or MLP sublayer, and shortrt does not run it (choose "
+                           f"{', '.join(METHODS)})")
+
+
+def format_summary(lmap, out, kv_slots: bool = True) -> str:
     kept = len(lmap.layers)
     lines = [f"method      {lmap.method}",
-             f"layers      {kept} of {lmap.source_num_layers} kept, {lmap.num_attention} with attention (KV slots)"]
+             f"layers      {kept} of {lmap.source_num_layers} kept"
+             + (f", {lmap.num_attention} with attention (KV slots)" if kv_slots else "")]
     if lmap.removed:
         lines.append(f"removed     {', '.join(map(str, lmap.removed))}")
     if lmap.removed_attention:
@@ -117,8 +135,10 @@ def run(args) -> int:
     from shortrt.pruning import prune
     from shortrt.checkpoint import load
 
-    model = load(args.model)
+    model = load(args.model, runtime=False)  # Mamba is pruned too, though the runtime does not run it
     num_layers = int(model.config()["num_hidden_layers"])
+    if not model.runtime_supported:
+        check_block_options(args, model)
     prediction = budget_prediction(args, model, num_layers)
     lmap = prediction.layer_map if prediction else build_layer_map(args, num_layers)
     from shortrt.errors import ShortrtError
@@ -128,7 +148,7 @@ def run(args) -> int:
     except FileExistsError as exc:
         message = str(exc).replace("pass overwrite=True (--force on the command line)", "pass --force")
         raise ShortrtError(message) from None
-    print(format_summary(pruned_map(pruned), pruned.path))
+    print(format_summary(pruned_map(pruned), pruned.path, kv_slots=pruned.runtime_supported))
     if prediction:
         from shortrt.budget import format_verification, verify
 

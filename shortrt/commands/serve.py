@@ -63,6 +63,9 @@ def run(args) -> int:
     from shortrt.server import create_app
 
     options = resolve_device_dtypes(args)  # a --device cuda without a GPU stops here, before loading
+    from shortrt.checkpoint import check_runnable
+
+    check_runnable(args.model)  # a model the runtime does not run (Mamba) stops here, before listening
     sock = listen(args.host, args.port)
     failure: list[BaseException] = []
     stopped_by: list[int] = []
