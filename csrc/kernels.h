@@ -9,9 +9,8 @@
 // matmuls on 16 lanes — register tiles of rows x tokens for prefill and
 // batched steps, rows streamed for decode, one accumulation order per output
 // for any token count — and the avx2 kernels for the rest). kernels() picks
-// one at run time by CPU feature; SHORTRT_KERNELS=ref|avx2|avx512|auto
-// overrides the choice. Two more paths build on avx512 (kernels_x86.md in
-// docs/internals.md): "avx512bf16" (kernels_avx512bf16.cpp: bf16 weights times
+// one at run time by CPU feature; SHORTRT_KERNELS=ref|avx2|avx512|avx512bf16|amx|auto
+// overrides the choice. Two more paths build on avx512 (docs/internals.md, Kernels): "avx512bf16" (kernels_avx512bf16.cpp: bf16 weights times
 // activations rounded to bf16 once per input, on vdpbf16ps) and "amx"
 // (kernels_amx.cpp: int8 tiles for matrix-matrix work, bit-identical to avx512;
 // verified only through its scalar tile emulation, kernels_amx.h).
