@@ -178,49 +178,63 @@ inline __m512 amx_quad_scales(const BlockQ8* blocks, int64_t g, int64_t n_blocks
   return _mm512_loadu_ps(s);
 }
 
+constexpr int kAmxRowTiles = 3;  // 48 rows (matmul's prefill row block) share each token's B tiles
+
 // Rows [0, n_rows) x tokens [0, n_tok) of an int8 matmul on tiles (see the top).
+// Per group of up to 16 tokens and chunk of up to 48 rows: for each quad in
+// column order, the tokens' B tiles are built once, then each 16-row tile's A
+// is loaded once and meets every token; the accumulators wait in memory
+// between quads (a store and a load change no bits; each output still takes
+// its quads in order, so the arithmetic is avx512's whatever the chunking).
 template <class Tiles>
 void gemm_q8_tiles(const BlockQ8* w, int64_t n_rows, int64_t n_blocks, const BlockQ8* x, int64_t n_tok, float* y,
                    int64_t ldy) {
+  constexpr int kChunk = kAmxRows * kAmxRowTiles;
   const int64_t n_quads = (n_blocks + 3) / 4;
-  const TileConfig cfg = amx_tile_config();
-  Tiles::configure(cfg);
+  Tiles::configure(amx_tile_config());
   alignas(64) uint8_t a[2][16][64];
-  alignas(64) uint8_t bt[2][16][64];
+  alignas(64) uint8_t bt[kAmxTokens][2][16][64];  // 32 KB
   alignas(64) int32_t c[16][16];
-  __m512 acc[kAmxRows][kAmxTokens];
+  __m512 acc[kChunk][kAmxTokens];  // 48 KB
+  __m512 x_scale[kAmxTokens];
   for (int64_t t0 = 0; t0 < n_tok; t0 += kAmxTokens) {
     const int toks = static_cast<int>(amx_min(kAmxTokens, n_tok - t0));
-    for (int64_t r0 = 0; r0 < n_rows; r0 += kAmxRows) {
-      const int rows = static_cast<int>(amx_min(kAmxRows, n_rows - r0));
-      const BlockQ8* wr = w + r0 * n_blocks;
-      for (int m = 0; m < rows; ++m)
+    const BlockQ8* xg = x + t0 * n_blocks;
+    for (int64_t r0 = 0; r0 < n_rows; r0 += kChunk) {
+      const int chunk_rows = static_cast<int>(amx_min(kChunk, n_rows - r0));
+      for (int m = 0; m < chunk_rows; ++m)
         for (int t = 0; t < toks; ++t) acc[m][t] = _mm512_setzero_ps();
       for (int64_t g = 0; g < n_quads; ++g) {
-        pack_a(wr, rows, n_blocks, g, 0, a[0]);
-        pack_a(wr, rows, n_blocks, g, 1, a[1]);
-        Tiles::template load<kTileA0>(a[0], kTileBytes);
-        Tiles::template load<kTileA1>(a[1], kTileBytes);
-        __m512 w_scale[kAmxRows];
-        for (int m = 0; m < rows; ++m) w_scale[m] = amx_quad_scales(wr + m * n_blocks, g, n_blocks);
         for (int t = 0; t < toks; ++t) {
-          const BlockQ8* xt = x + (t0 + t) * n_blocks;
-          pack_b(xt, n_blocks, g, 0, bt[0]);
-          pack_b(xt, n_blocks, g, 1, bt[1]);
-          Tiles::template zero<kTileC>();
-          Tiles::template load<kTileB0>(bt[0], kTileBytes);
-          Tiles::template load<kTileB1>(bt[1], kTileBytes);
-          Tiles::template dpbssd<kTileC, kTileA0, kTileB0>();
-          Tiles::template dpbssd<kTileC, kTileA1, kTileB1>();
-          Tiles::template store<kTileC>(c, kTileBytes);
-          const __m512 x_scale = amx_quad_scales(xt, g, n_blocks);
-          for (int m = 0; m < rows; ++m) {
-            const __m512i sums = _mm512_load_si512(c[m]);
-            acc[m][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(w_scale[m], x_scale), acc[m][t]);
+          pack_b(xg + t * n_blocks, n_blocks, g, 0, bt[t][0]);
+          pack_b(xg + t * n_blocks, n_blocks, g, 1, bt[t][1]);
+          x_scale[t] = amx_quad_scales(xg + t * n_blocks, g, n_blocks);
+        }
+        for (int m0 = 0; m0 < chunk_rows; m0 += kAmxRows) {
+          const int rows = chunk_rows - m0 < kAmxRows ? chunk_rows - m0 : kAmxRows;
+          const BlockQ8* wr = w + (r0 + m0) * n_blocks;
+          pack_a(wr, rows, n_blocks, g, 0, a[0]);
+          pack_a(wr, rows, n_blocks, g, 1, a[1]);
+          Tiles::template load<kTileA0>(a[0], kTileBytes);
+          Tiles::template load<kTileA1>(a[1], kTileBytes);
+          __m512 w_scale[kAmxRows];
+          for (int m = 0; m < rows; ++m) w_scale[m] = amx_quad_scales(wr + m * n_blocks, g, n_blocks);
+          for (int t = 0; t < toks; ++t) {
+            Tiles::template zero<kTileC>();
+            Tiles::template load<kTileB0>(bt[t][0], kTileBytes);
+            Tiles::template load<kTileB1>(bt[t][1], kTileBytes);
+            Tiles::template dpbssd<kTileC, kTileA0, kTileB0>();
+            Tiles::template dpbssd<kTileC, kTileA1, kTileB1>();
+            Tiles::template store<kTileC>(c, kTileBytes);
+            for (int m = 0; m < rows; ++m) {
+              const __m512i sums = _mm512_load_si512(c[m]);
+              acc[m0 + m][t] =
+                  _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(w_scale[m], x_scale[t]), acc[m0 + m][t]);
+            }
           }
         }
       }
-      for (int m = 0; m < rows; ++m)
+      for (int m = 0; m < chunk_rows; ++m)
         for (int t = 0; t < toks; ++t) y[(t0 + t) * ldy + r0 + m] = reduce1(acc[m][t]);
     }
   }
