@@ -1,4 +1,5 @@
-"""The avx2 and avx512 kernel paths side by side on the default model, beside transformers fp32.
+"""The kernel paths (avx2, avx512, avx512bf16, amx: those this CPU has) side by side on the default model,
+beside transformers fp32.
 
 For shortrt fp32 / bf16 / int8 on each kernel path this CPU has (SHORTRT_KERNELS
 set per worker; benchmarks/harness.py runs each configuration in its own
@@ -9,7 +10,7 @@ process, rounds interleaved so drift on a shared machine hits all alike):
   step ms         one engine step with b sequences decoding (b = 1 and 8; the paths
                   take turns on one engine per dtype, as in benchmarks/batch_step.py)
 
-and transformers fp32 on the same prompt. Ratios: each dtype's avx512 / avx2, int8 /
+and transformers fp32 on the same prompt. Ratios: each dtype's path / the first path, int8 /
 fp32 prefill per path (issue target >= 2), shortrt / transformers fp32 prefill
 (issue target >= 1.2 over the faster of transformers fp32 and llama.cpp's format).
 
@@ -132,9 +133,9 @@ def main(argv=None) -> int:
 
     lines.append("")
     for d in dtypes:
-        if len(paths) > 1:
-            ratio(f"{d} prefill {paths[-1]} / {paths[0]}", ("shortrt", d, paths[-1]), ("shortrt", d, paths[0]))
-            ratio(f"{d} decode {paths[-1]} / {paths[0]}", ("shortrt", d, paths[-1]), ("shortrt", d, paths[0]),
+        for p in paths[1:]:  # each path against the first
+            ratio(f"{d} prefill {p} / {paths[0]}", ("shortrt", d, p), ("shortrt", d, paths[0]))
+            ratio(f"{d} decode {p} / {paths[0]}", ("shortrt", d, p), ("shortrt", d, paths[0]),
                   key="decode_tok_s", target=1.0)
     for p in paths:
         ratio(f"int8 / fp32 prefill on {p}", ("shortrt", "int8", p), ("shortrt", "fp32", p), target=2.0)
@@ -143,10 +144,10 @@ def main(argv=None) -> int:
                   target=1.2)
     for d in dtypes:
         for b in batches[1:]:
-            if len(paths) > 1:
-                v = steps[(d, paths[0], b)] / steps[(d, paths[-1], b)]
-                ratios.append(dict(name=f"{d} step b={b} {paths[-1]} speed-up over {paths[0]}", value=v, target=None))
-                lines.append(f"- {d} step at b={b}: {paths[-1]} {v:.2f}x faster than {paths[0]}")
+            for p in paths[1:]:
+                v = steps[(d, paths[0], b)] / steps[(d, p, b)]
+                ratios.append(dict(name=f"{d} step b={b} {p} speed-up over {paths[0]}", value=v, target=None))
+                lines.append(f"- {d} step at b={b}: {p} {v:.2f}x faster than {paths[0]}")
     md = "\n".join(lines)
     print(md)
     result = dict(benchmark="kernel_paths", command=command,
