@@ -1,4 +1,5 @@
-"""The avx2 and avx512 kernel paths side by side on the default model, beside transformers fp32.
+"""The kernel paths (avx2, avx512, avx512bf16, amx: those this CPU has) side by side on the default model,
+beside transformers fp32.
 
 For shortrt fp32 / bf16 / int8 on each kernel path this CPU has (SHORTRT_KERNELS
 set per worker; benchmarks/harness.py runs each configuration in its own
@@ -9,12 +10,13 @@ process, rounds interleaved so drift on a shared machine hits all alike):
   step ms         one engine step with b sequences decoding (b = 1 and 8; the paths
                   take turns on one engine per dtype, as in benchmarks/batch_step.py)
 
-and transformers fp32 on the same prompt. Ratios: each dtype's avx512 / avx2, int8 /
+and transformers fp32 on the same prompt. Ratios: each dtype's path / the first path, int8 /
 fp32 prefill per path (issue target >= 2), shortrt / transformers fp32 prefill
 (issue target >= 1.2 over the faster of transformers fp32 and llama.cpp's format).
 
     python benchmarks/kernel_paths.py                       # ~15 minutes on 2 cores
     python benchmarks/kernel_paths.py --json benchmarks/results/kernel_paths.json --md benchmarks/results/kernel_paths.md
+    python benchmarks/kernel_paths.py --paths avx512,avx512bf16 --dtypes bf16   # bf16: f32 vs bf16 activations
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--paths", default=",".join(x for x in _C.kernel_paths() if x != "ref"),
                    help="kernel paths to compare (default: the fast ones this CPU has)")
     harness.add_run_options(p)
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="weight dtypes to time (default %(default)s)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--batches", default="1,8", help="sequences decoding per timed step (default %(default)s)")
@@ -51,7 +54,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def batched_steps(model, paths, batches, threads, steps, rounds) -> dict:
+def batched_steps(model, paths, batches, threads, steps, rounds, dtypes=DTYPES) -> dict:
     """{(dtype, path, b): median ms per decode step}; the paths take turns on one engine per dtype."""
     import shortrt
     from shortrt import _C
@@ -59,7 +62,7 @@ def batched_steps(model, paths, batches, threads, steps, rounds) -> dict:
     out = {}
     before = _C.kernel_active()
     try:
-        for dtype in DTYPES:
+        for dtype in dtypes:
             eng = shortrt.Engine(model, dtype=dtype, threads=threads, max_batch=max(batches))
             samples = {(p, b): [] for p in paths for b in batches}
             for _ in range(rounds):
@@ -80,10 +83,14 @@ def main(argv=None) -> int:
 
     model = shortrt.load(a.model)
     paths = a.paths.split(",")
+    dtypes = [d for d in a.dtypes.split(",") if d]
+    unknown = sorted(set(dtypes) - set(DTYPES))
+    if unknown:
+        raise SystemExit(f"--dtypes: unknown {', '.join(unknown)} (expected some of {', '.join(DTYPES)})")
     batches = [int(b) for b in a.batches.split(",")]
     common = dict(path=str(model.path), threads=a.threads, reps=a.reps, new_tokens=a.new_tokens, context=CONTEXT,
                   decode_prompt_tokens=16, prompt=harness.prompt_ids(model.path, a.prompt_tokens, itertools.repeat(TEXT)))
-    jobs = [dict(engine="shortrt", dtype=d, kernels=p, label=f"shortrt {d} {p}") for d in DTYPES for p in paths]
+    jobs = [dict(engine="shortrt", dtype=d, kernels=p, label=f"shortrt {d} {p}") for d in dtypes for p in paths]
     if not a.no_transformers:
         jobs.append(dict(engine="transformers", dtype="fp32", label="transformers fp32"))
     mach = harness.machine()
@@ -98,7 +105,7 @@ def main(argv=None) -> int:
     samples = harness.run_jobs(jobs, common, a.rounds, a.worker_timeout, progress)
     rows = [harness.merge_rounds(j, s) for j, s in zip(jobs, samples)]
     by = {(r["engine"], r["dtype"], r.get("kernels")): r for r in rows if "failed" not in r}
-    steps = batched_steps(model, paths, batches, a.threads, a.steps, a.rounds)
+    steps = batched_steps(model, paths, batches, a.threads, a.steps, a.rounds, dtypes)
 
     command = " ".join(["python", "benchmarks/kernel_paths.py", *sys.argv[1:]])
     lines = [f"`{command}` on {mach['cpu']}, {mach['cores']} cores, {mach['date']}; {a.threads} threads, batch 1, "
@@ -125,22 +132,22 @@ def main(argv=None) -> int:
             lines.append(f"- {name}: {v:.2f}x{mark}")
 
     lines.append("")
-    for d in DTYPES:
-        if len(paths) > 1:
-            ratio(f"{d} prefill {paths[-1]} / {paths[0]}", ("shortrt", d, paths[-1]), ("shortrt", d, paths[0]))
-            ratio(f"{d} decode {paths[-1]} / {paths[0]}", ("shortrt", d, paths[-1]), ("shortrt", d, paths[0]),
+    for d in dtypes:
+        for p in paths[1:]:  # each path against the first
+            ratio(f"{d} prefill {p} / {paths[0]}", ("shortrt", d, p), ("shortrt", d, paths[0]))
+            ratio(f"{d} decode {p} / {paths[0]}", ("shortrt", d, p), ("shortrt", d, paths[0]),
                   key="decode_tok_s", target=1.0)
     for p in paths:
         ratio(f"int8 / fp32 prefill on {p}", ("shortrt", "int8", p), ("shortrt", "fp32", p), target=2.0)
-        for d in DTYPES:
+        for d in dtypes:
             ratio(f"shortrt {d} {p} / transformers fp32 prefill", ("shortrt", d, p), ("transformers", "fp32", None),
                   target=1.2)
-    for d in DTYPES:
+    for d in dtypes:
         for b in batches[1:]:
-            if len(paths) > 1:
-                v = steps[(d, paths[0], b)] / steps[(d, paths[-1], b)]
-                ratios.append(dict(name=f"{d} step b={b} {paths[-1]} speed-up over {paths[0]}", value=v, target=None))
-                lines.append(f"- {d} step at b={b}: {paths[-1]} {v:.2f}x faster than {paths[0]}")
+            for p in paths[1:]:
+                v = steps[(d, paths[0], b)] / steps[(d, p, b)]
+                ratios.append(dict(name=f"{d} step b={b} {p} speed-up over {paths[0]}", value=v, target=None))
+                lines.append(f"- {d} step at b={b}: {p} {v:.2f}x faster than {paths[0]}")
     md = "\n".join(lines)
     print(md)
     result = dict(benchmark="kernel_paths", command=command,

@@ -66,7 +66,8 @@ def weights_bytes(shapes, wtype):
 
 
 def check_against_reference(path: str, wtype: str, shapes, rng) -> float:
-    """Max error of the variant vs the reference on 3 tokens, relative to sum|w x|; raises above 1e-5."""
+    """Max error of the variant vs the reference on 3 tokens, relative to sum|w x|; raises above 1e-5
+    (above 2^-8 for bf16 weights on avx512bf16, whose activations are rounded to bf16: 2^-9 each)."""
     worst = 0.0
     for rows, cols in shapes:
         rows = min(rows, 200)  # the scalar reference is slow; a slice of each shape suffices
@@ -76,8 +77,9 @@ def check_against_reference(path: str, wtype: str, shapes, rng) -> float:
         got = _C.kernel_matmul(w, x, wtype, path, threads=2)
         scale = np.abs(x) @ np.abs(w).T
         worst = max(worst, float(np.max(np.abs(got - ref) / scale)))
-    if worst > 1e-5:
-        raise SystemExit(f"{path}/{wtype}: differs from the reference by {worst:.2e} of sum|w x| (limit 1e-5)")
+    limit = 2.0**-8 if (path, wtype) == ("avx512bf16", "bf16") else 1e-5
+    if worst > limit:
+        raise SystemExit(f"{path}/{wtype}: differs from the reference by {worst:.2e} of sum|w x| (limit {limit:.1e})")
     return worst
 
 

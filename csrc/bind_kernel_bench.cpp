@@ -170,6 +170,7 @@ Timings bench_matmuls(const std::vector<std::pair<int64_t, int64_t>>& shapes, co
   std::vector<float> x(static_cast<size_t>(n_tokens * max_cols)), y(static_cast<size_t>(n_tokens * max_rows));
   std::vector<BlockQ8> x_q8(static_cast<size_t>(n_tokens * max_cols / kQ8Block + 1));
   std::vector<float> x_sum(x_q8.size());
+  std::vector<uint16_t> x_bf16(static_cast<size_t>(n_tokens * max_cols));
   fill_random(x.data(), x.size(), 3);
   shortrt::ThreadPool pool(threads);
   shortrt::Activation act{x.data(), nullptr};
@@ -189,6 +190,10 @@ Timings bench_matmuls(const std::vector<std::pair<int64_t, int64_t>>& shapes, co
           shortrt::activation_block_sums(x_q8.data(), n_tokens * nb, x_sum.data());
           act.q8_sum = x_sum.data();
         }
+      }
+      if (type == shortrt::WeightType::BF16 && k.gemm_bf16_bf16) {  // the engine rounds once per input, timed too
+        shortrt::round_activation_bf16(k, x.data(), n_tokens, w.view.cols, x_bf16.data(), pool);
+        act.bf16 = x_bf16.data();
       }
       shortrt::matmul(k, w.view, act, n_tokens, y.data(), w.view.rows, pool);
     }

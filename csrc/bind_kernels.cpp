@@ -1,6 +1,9 @@
 // Test hooks for the kernels and the thread pool (numpy in, numpy out). Every
-// hook takes the kernel path ("ref" | "avx2" | "avx512" | "auto") explicitly, so a test
-// can hold the fast path to its reference twin on the same input.
+// hook takes the kernel path ("ref" | "avx2" | "avx512" | "avx512bf16" | "amx" | "auto")
+// explicitly, so a test can hold the fast path to its reference twin on the same
+// input; two more names reach the twins that model instructions and are never
+// dispatched: "bf16dp-twin" (vdpbf16ps / vcvtneps2bf16 in scalar C++) and
+// "amx-emulated" (the amx algorithm on emulated tiles; needs the avx512 path).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -42,6 +45,12 @@ auto value_errors(F&& f) -> decltype(f()) {
 }
 
 const KernelTable& path_table(const std::string& path) {
+  if (path == "bf16dp-twin") return shortrt::detail::bf16dp_twin_table();
+  if (path == "amx-emulated") {
+    if (!shortrt::avx512_kernels())
+      throw py::value_error("kernel path 'amx-emulated' runs its float part on AVX-512; this CPU lacks the avx512 path");
+    return shortrt::detail::amx_emulated_table();
+  }
   return value_errors([&]() -> const KernelTable& { return shortrt::kernels_by_name(path.c_str()); });
 }
 
@@ -143,7 +152,7 @@ py::array_t<float> kernel_matmul(const F32Array& w, const F32Array& x, const std
   W.type = weight_type_from(wtype);
   W.rows = rows;
   W.cols = cols;
-  std::vector<uint16_t> bf16;
+  std::vector<uint16_t> bf16, x_bf16;
   std::vector<BlockQ8> w_q8, x_q8;
   std::vector<shortrt::BlockQ4> w_q4;
   std::vector<float> x_sum;
@@ -155,6 +164,12 @@ py::array_t<float> kernel_matmul(const F32Array& w, const F32Array& x, const std
       bf16.resize(static_cast<size_t>(rows * cols));
       shortrt::pack_bf16(w.data(), rows * cols, bf16.data());
       W.bf16 = bf16.data();
+      if (k.gemm_bf16_bf16) {  // this path multiplies bf16 weights by bf16 activations
+        x_bf16.resize(static_cast<size_t>(n_tokens * cols));
+        shortrt::ThreadPool one(1);
+        shortrt::round_activation_bf16(k, x.data(), n_tokens, cols, x_bf16.data(), one);
+        act.bf16 = x_bf16.data();
+      }
       break;
     case shortrt::WeightType::Q8:
       require(cols % kQ8Block == 0, "kernel_matmul: q8 needs cols to be a multiple of 32, got " + std::to_string(cols));
@@ -197,12 +212,23 @@ void register_kernels(py::module_& m) {
     std::vector<std::string> paths{"ref"};
     if (shortrt::avx2_kernels()) paths.emplace_back("avx2");
     if (shortrt::avx512_kernels()) paths.emplace_back("avx512");
+    if (shortrt::avx512bf16_kernels()) paths.emplace_back("avx512bf16");
+    if (shortrt::amx_kernels()) paths.emplace_back("amx");
     return paths;
-  }, "Kernel paths this CPU can run, e.g. ['ref', 'avx2', 'avx512'].");
+  }, "Kernel paths this CPU can run, e.g. ['ref', 'avx2', 'avx512', 'avx512bf16'].");
+  m.def("kernel_amx_unavailable", [] { return std::string(shortrt::amx_unavailable_reason()); },
+        "Why the amx path cannot run here ('' when it can).");
+  m.def("round_bf16", [](const F32Array& x, const std::string& path) {
+    const KernelTable& k = path_table(path);
+    require(k.round_row_bf16 != nullptr, "round_bf16: kernel path '" + path + "' has no bf16 activation rounding");
+    py::array_t<uint16_t> out(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+    k.round_row_bf16(x.data(), x.size(), out.mutable_data());
+    return out;
+  }, py::arg("x"), py::arg("path"), "bf16 bits of x as the path rounds activations (vcvtneps2bf16 on avx512bf16).");
   m.def("kernel_active", [] { return std::string(value_errors([]() -> const KernelTable& { return shortrt::kernels(); }).name); },
         "Name of the active kernel path (selected from SHORTRT_KERNELS on first use).");
   m.def("set_kernels", [](const std::string& name) { value_errors([&] { shortrt::set_kernels(name.c_str()); }); },
-        py::arg("name"), "Switch the active kernel path: 'ref', 'avx2', 'avx512' or 'auto'.");
+        py::arg("name"), "Switch the active kernel path: 'ref', 'avx2', 'avx512', 'avx512bf16', 'amx' or 'auto'.");
 
   m.def("pack_bf16", [](const F32Array& x) {
     py::array_t<uint16_t> out(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));

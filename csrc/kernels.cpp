@@ -9,12 +9,17 @@
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "error.h"
 #include "kernels_q4.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
+#endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace shortrt {
@@ -54,6 +59,48 @@ bool cpu_has_avx512_vnni() {
   return f && dq && bw && vl && vnni;
 #else
   return false;
+#endif
+}
+
+// avx512 plus AVX512_BF16 (cpuid leaf 7 subleaf 1, EAX bit 5).
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (!cpu_has_avx512_vnni()) return false;
+  unsigned eax, ebx, ecx, edx;
+  __cpuid_count(7, 0, eax, ebx, ecx, edx);
+  if (eax < 1) return false;  // subleaf 1 not reported
+  __cpuid_count(7, 1, eax, ebx, ecx, edx);
+  return eax & (1u << 5);
+#else
+  return false;
+#endif
+}
+
+// Why the amx path cannot run here ("" when it can): avx512 (whose kernels it
+// reuses), AMX-TILE and AMX-INT8 in cpuid, the OS enabling the tile
+// configuration and data state in XCR0 (bits 17, 18), and Linux granting this
+// process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA):
+// without that permission the first tile instruction would kill the process.
+std::string amx_missing() {
+#if defined(__x86_64__)
+  if (!cpu_has_avx512_vnni()) return "this CPU (or its OS) lacks the avx512 path's AVX512F, BW, VL, DQ or VNNI";
+  unsigned eax, ebx, ecx, edx;
+  __cpuid_count(7, 0, eax, ebx, ecx, edx);
+  const bool tile = edx & (1u << 24), int8 = edx & (1u << 25);
+  if (!tile || !int8) return "this CPU lacks AMX-TILE or AMX-INT8 (cpuid leaf 7, EDX bits 24/25)";
+  unsigned xcr0_lo, xcr0_hi;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  if ((xcr0_lo & (3u << 17)) != (3u << 17)) return "the OS does not enable the AMX tile state (XCR0 bits 17-18)";
+#if defined(__linux__)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0)
+    return "Linux refused this process the AMX tile data state (arch_prctl ARCH_REQ_XCOMP_PERM)";
+  return "";
+#else
+  return "the AMX path requests its tile state from Linux; this OS is not supported";
+#endif
+#else
+  return "not an x86-64 CPU";
 #endif
 }
 
@@ -131,6 +178,53 @@ const KernelTable* avx512_kernels() {
   return supported ? &detail::avx512_table() : nullptr;
 }
 
+const KernelTable* avx512bf16_kernels() {
+  static const bool supported = cpu_has_avx512_bf16();
+  return supported ? &detail::avx512bf16_table() : nullptr;
+}
+
+namespace {
+// The amx path's reason for not running, found once; when the CPU and the OS
+// allow it, a self-check also holds its tiles to the avx512 kernel, bit for bit,
+// on one small problem (edges in rows, blocks and tokens), so a machine whose
+// tiles misbehave falls back to avx512 rather than compute garbage.
+const std::string& amx_reason() {
+  static const std::string reason = [] {
+    std::string why = amx_missing();
+    if (!why.empty()) return why;
+    const int64_t rows = 21, n_blocks = 5, n_tok = 19;
+    std::vector<BlockQ8> w(rows * n_blocks), x(n_tok * n_blocks);
+    uint32_t state = 12345u;
+    auto next = [&state] { state = state * 1664525u + 1013904223u; return state >> 8; };
+    for (auto* blocks : {&w, &x})
+      for (BlockQ8& b : *blocks) {
+        b.scale = static_cast<float>(next() % 1000 + 1) * 1e-4f;
+        for (int8_t& q : b.q) q = static_cast<int8_t>(static_cast<int>(next() % 255) - 127);
+      }
+    std::vector<float> a(rows * n_tok), b(rows * n_tok);
+    detail::amx_table().gemm_q8(w.data(), rows, n_blocks, x.data(), n_tok, a.data(), rows);
+    detail::avx512_table().gemm_q8(w.data(), rows, n_blocks, x.data(), n_tok, b.data(), rows);
+    if (std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) != 0)
+      return std::string("the AMX self-check failed: its int8 tiles did not reproduce the avx512 kernel bit for bit");
+    return std::string();
+  }();
+  return reason;
+}
+}  // namespace
+
+const KernelTable* amx_kernels() { return amx_reason().empty() ? &detail::amx_table() : nullptr; }
+
+const char* amx_unavailable_reason() { return amx_reason().c_str(); }
+
+void round_activation_bf16(const KernelTable& k, const float* x, int64_t n_tokens, int64_t cols, uint16_t* dst,
+                           ThreadPool& pool) {
+  if (!k.round_row_bf16) throw Error(std::string("kernel path '") + k.name + "' has no bf16 activation rounding");
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(cols, 1));
+  pool.parallel_for(n_tokens, grain, [&](int64_t begin, int64_t end) {
+    k.round_row_bf16(x + begin * cols, (end - begin) * cols, dst + begin * cols);
+  });
+}
+
 const KernelTable& kernels_by_name(const char* name) {
   const std::string s = name ? name : "";
   if (s == "ref") return reference_kernels();
@@ -143,12 +237,22 @@ const KernelTable& kernels_by_name(const char* name) {
     throw Error("kernel path 'avx512' requested, but this CPU (or its OS) lacks AVX512F, BW, VL, DQ or VNNI; "
                 "use 'avx2', 'ref' or 'auto'");
   }
+  if (s == "avx512bf16") {
+    if (const KernelTable* t = avx512bf16_kernels()) return *t;
+    throw Error("kernel path 'avx512bf16' requested, but this CPU lacks AVX512_BF16 (or the avx512 path's "
+                "AVX512F, BW, VL, DQ or VNNI); use 'avx512', 'avx2', 'ref' or 'auto'");
+  }
+  if (s == "amx") {
+    if (const KernelTable* t = amx_kernels()) return *t;
+    throw Error("kernel path 'amx' requested, but " + amx_reason() + "; use 'avx512', 'avx2', 'ref' or 'auto'");
+  }
   if (s == "auto") {
+    if (const KernelTable* t = amx_kernels()) return *t;
     if (const KernelTable* t = avx512_kernels()) return *t;
     if (const KernelTable* t = avx2_kernels()) return *t;
     return reference_kernels();
   }
-  throw Error("unknown kernel path '" + s + "' (expected 'ref', 'avx2', 'avx512' or 'auto')");
+  throw Error("unknown kernel path '" + s + "' (expected 'ref', 'avx2', 'avx512', 'avx512bf16', 'amx' or 'auto')");
 }
 
 const KernelTable& kernels() {
@@ -233,7 +337,10 @@ struct MatmulJob {
         k->gemm_f32(W->f32 + row0 * cols, n_rows, cols, x->f32 + tok0 * cols, n_tok, out, ldy);
         break;
       case WeightType::BF16:
-        k->gemm_bf16(W->bf16 + row0 * cols, n_rows, cols, x->f32 + tok0 * cols, n_tok, out, ldy);
+        if (k->gemm_bf16_bf16)
+          k->gemm_bf16_bf16(W->bf16 + row0 * cols, n_rows, cols, x->bf16 + tok0 * cols, n_tok, out, ldy);
+        else
+          k->gemm_bf16(W->bf16 + row0 * cols, n_rows, cols, x->f32 + tok0 * cols, n_tok, out, ldy);
         break;
       case WeightType::Q8: {
         const int64_t n_blocks = cols / kQ8Block;
@@ -257,7 +364,8 @@ struct MatmulJob {
               std::to_string(W.cols) + "]): " + problem);
 }
 
-void check_matmul_args(const WeightMatrix& W, const Activation& x, int64_t n_tokens, const float* y, int64_t ldy) {
+void check_matmul_args(const KernelTable& k, const WeightMatrix& W, const Activation& x, int64_t n_tokens,
+                       const float* y, int64_t ldy) {
   if (W.rows < 0 || W.cols < 0 || n_tokens < 0) matmul_error(W, "negative size");
   if (n_tokens == 0 || W.rows == 0) return;
   if (n_tokens > 1 && ldy < W.rows) matmul_error(W, "output stride ldy is smaller than the row count");
@@ -270,7 +378,10 @@ void check_matmul_args(const WeightMatrix& W, const Activation& x, int64_t n_tok
       break;
     case WeightType::BF16:
       if (!W.bf16) matmul_error(W, "bf16 data pointer is null");
-      if (!x.f32) matmul_error(W, "no f32 activation");
+      if (k.gemm_bf16_bf16 && !x.bf16)
+        matmul_error(W, "bf16 weights on this kernel path need the activation rounded to bf16 (Activation::bf16 is "
+                        "null; round_activation_bf16 fills it)");
+      if (!k.gemm_bf16_bf16 && !x.f32) matmul_error(W, "no f32 activation");
       break;
     case WeightType::Q8:
       if (!W.q8) matmul_error(W, "q8 data pointer is null");
@@ -290,7 +401,7 @@ void check_matmul_args(const WeightMatrix& W, const Activation& x, int64_t n_tok
 
 void matmul(const KernelTable& k, const WeightMatrix& W, const Activation& x, int64_t n_tokens, float* y, int64_t ldy,
             ThreadPool& pool) {
-  check_matmul_args(W, x, n_tokens, y, ldy);
+  check_matmul_args(k, W, x, n_tokens, y, ldy);
   if (n_tokens == 0 || W.rows == 0) return;
   if (W.cols == 0) {
     for (int64_t t = 0; t < n_tokens; ++t) std::fill(y + t * ldy, y + t * ldy + W.rows, 0.0f);

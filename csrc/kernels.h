@@ -9,8 +9,11 @@
 // matmuls on 16 lanes — register tiles of rows x tokens for prefill and
 // batched steps, rows streamed for decode, one accumulation order per output
 // for any token count — and the avx2 kernels for the rest). kernels() picks
-// one at run time by CPU feature; SHORTRT_KERNELS=ref|avx2|avx512|auto
-// overrides the choice. AMX tiles are future work (no test machine has AMX).
+// one at run time by CPU feature; SHORTRT_KERNELS=ref|avx2|avx512|avx512bf16|amx|auto
+// overrides the choice. Two more paths build on avx512 (docs/internals.md, Kernels): "avx512bf16" (kernels_avx512bf16.cpp: bf16 weights times
+// activations rounded to bf16 once per input, on vdpbf16ps) and "amx"
+// (kernels_amx.cpp: int8 tiles for matrix-matrix work, bit-identical to avx512;
+// verified only through its scalar tile emulation, kernels_amx.h).
 #pragma once
 
 #include <cstddef>
@@ -102,6 +105,9 @@ struct Activation {
   const float* f32 = nullptr;
   const BlockQ8* q8 = nullptr;
   const float* q8_sum = nullptr;  // [n_tokens, cols/32]: scale * sum(q) of each q8 block
+  // [n_tokens, cols] bf16 bits of f32 (by round_activation_bf16, once per input): needed with
+  // bf16 weights on a path whose gemm_bf16_bf16 is set (avx512bf16), unused elsewhere.
+  const uint16_t* bf16 = nullptr;
 };
 
 struct KernelTable;
@@ -164,17 +170,35 @@ struct KernelTable {
   // int4 (kernels_q4*.cpp): weights x q8 activations; x_sum = Activation::q8_sum of the same tokens.
   void (*gemm_q4)(const BlockQ4* w, int64_t n_rows, int64_t n_blocks, const BlockQ8* x, const float* x_sum,
                   int64_t n_tok, float* y, int64_t ldy);
+
+  // bf16 weights x bf16 activations (avx512bf16 only; nullptr on paths that multiply bf16
+  // weights by f32 activations, which then use gemm_bf16). When set, matmul takes bf16
+  // weights through it, with Activation::bf16 filled by round_row_bf16 (n values of x to
+  // bf16: round to nearest even, denormals to signed zero, NaN kept quiet — vcvtneps2bf16).
+  void (*round_row_bf16)(const float* x, int64_t n, uint16_t* dst);
+  void (*gemm_bf16_bf16)(const uint16_t* w, int64_t n_rows, int64_t cols, const uint16_t* x, int64_t n_tok, float* y,
+                         int64_t ldy);
 };
 
-// The active path: chosen once from SHORTRT_KERNELS (ref|avx2|avx512|auto;
+// The active path: chosen once from SHORTRT_KERNELS (ref|avx2|avx512|avx512bf16|amx|auto;
 // throws shortrt::Error on an unknown value or on a path the CPU lacks), else
-// avx512 when cpuid reports AVX512F+BW+VL+DQ+VNNI (and the OS saves the zmm
-// state), else avx2 when it reports AVX2+FMA+F16C, else ref.
+// the auto choice: avx512 when cpuid reports AVX512F+BW+VL+DQ+VNNI (and the OS
+// saves the zmm state), else avx2 when it reports AVX2+FMA+F16C, else ref
+// (avx512bf16 and amx are chosen only by name; docs/internals.md says why).
 const KernelTable& kernels();
 const KernelTable& reference_kernels();
 const KernelTable* avx2_kernels();    // nullptr when the CPU lacks AVX2/FMA/F16C
 const KernelTable* avx512_kernels();  // nullptr when the CPU (or OS) lacks AVX-512 F/BW/VL/DQ/VNNI
-// "ref" | "avx2" | "avx512" | "auto": switches the active path (tests and
+const KernelTable* avx512bf16_kernels();  // nullptr without avx512 or AVX512_BF16 (cpuid 7.1 EAX bit 5)
+// nullptr without avx512, AMX-TILE + AMX-INT8 (cpuid 7.0 EDX bits 24, 25), the OS's
+// tile state (XCR0 bits 17-18) or Linux's permission for it (arch_prctl
+// ARCH_REQ_XCOMP_PERM); amx_unavailable_reason() names the first thing missing.
+const KernelTable* amx_kernels();
+const char* amx_unavailable_reason();  // "" when amx_kernels() is available
+// Rounds x [n_tokens, cols] to bf16 into dst with k.round_row_bf16, tokens in parallel.
+void round_activation_bf16(const KernelTable& k, const float* x, int64_t n_tokens, int64_t cols, uint16_t* dst,
+                           ThreadPool& pool);
+// "ref" | "avx2" | "avx512" | "avx512bf16" | "amx" | "auto": switches the active path (tests and
 // benchmarks); throws shortrt::Error on an unknown or unsupported name.
 void set_kernels(const char* name);
 // The table for a path name without switching ("auto" = what the CPU supports).
@@ -184,6 +208,14 @@ namespace detail {
 const KernelTable& reference_table();  // kernels_ref.cpp
 const KernelTable& avx2_table();        // kernels_avx2.cpp; call only when the CPU has AVX2+FMA+F16C
 const KernelTable& avx512_table();      // kernels_avx512.cpp; call only when avx512_kernels() would say yes
+const KernelTable& avx512bf16_table();  // kernels_avx512bf16.cpp; only when avx512bf16_kernels() would say yes
+const KernelTable& amx_table();         // kernels_amx.cpp; only when amx_kernels() would say yes
+// Scalar twins that model the instructions bit for bit (test oracles, never dispatched):
+// the reference table with gemm_bf16_bf16 / round_row_bf16 doing what vdpbf16ps and
+// vcvtneps2bf16 do (kernels_bf16dp_ref.cpp), and the avx512 table with gemm_q8 running the
+// amx algorithm on an emulation of the tile instructions (kernels_amx_emu_avx512.cpp).
+const KernelTable& bf16dp_twin_table();
+const KernelTable& amx_emulated_table();
 }  // namespace detail
 
 }  // namespace shortrt

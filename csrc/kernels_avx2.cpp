@@ -509,6 +509,8 @@ constexpr KernelTable kAvx2Table = {
     detail::attend_partial_f16_avx2, detail::attend_partial_bf16_avx2, detail::attend_partial_q8_avx2,
     detail::f16_to_f32_row_avx2,
     detail::gemm_q4_avx2,
+    nullptr,
+    nullptr,  // round_row_bf16, gemm_bf16_bf16: bf16 weights take f32 activations (gemm_bf16)
 };
 
 }  // namespace

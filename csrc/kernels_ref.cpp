@@ -106,6 +106,7 @@ constexpr KernelTable kReferenceTable = {
     gemm_f32_ref,    gemm_bf16_ref,        gemm_q8_ref,      attend_partial_ref,
     attend_partial_f16_ref, attend_partial_bf16_ref, attend_partial_q8_ref, f16_to_f32_row_ref,
     detail::gemm_q4_ref,
+    nullptr,         nullptr,  // bf16 weights take f32 activations here (gemm_bf16)
 };
 
 }  // namespace

@@ -120,6 +120,7 @@ State::State(const ModelConfig& c, int n_kv_slots, int max_seq_, int max_batch_,
   size_t widest = std::max({hidden, inter, q_width});
   xq.resize(chunk * ((widest + kQ8Block - 1) / kQ8Block));
   xq_sum.resize(xq.size());
+  if (kernels().gemm_bf16_bf16) xb.resize(chunk * widest);
   logits = FloatBuffer(static_cast<size_t>(max_batch_) * c.vocab);
   row_seq.resize(chunk);
   row_pos.resize(chunk);
@@ -171,7 +172,14 @@ void Model::project(State& s, ThreadPool& pool, const WeightMatrix& W, const flo
     activation_block_sums(s.xq.data(), n * (W.cols / kQ8Block), s.xq_sum.data());
     a.q8_sum = s.xq_sum.data();
   }
-  matmul(W, a, n, y, ldy, pool);
+  const KernelTable& k = kernels();
+  if (W.type == WeightType::BF16 && k.gemm_bf16_bf16) {  // one rounding serves the whole fused matrix
+    const size_t need = static_cast<size_t>(n) * static_cast<size_t>(W.cols);
+    if (s.xb.size() < need) s.xb.resize(need);  // the path was switched after this state was made
+    round_activation_bf16(k, x, n, W.cols, s.xb.data(), pool);
+    a.bf16 = s.xb.data();
+  }
+  matmul(k, W, a, n, y, ldy, pool);
 }
 
 void Model::attention_block(State& s, ThreadPool& pool, const LayerWeights& lw, const Segment* segs, int n_segs,

@@ -65,6 +65,7 @@ struct State {
   FloatBuffer act;      // [max_chunk][intermediate]  silu(gate) * up
   std::vector<BlockQ8> xq;  // [max_chunk][max width / 32]  activation quantized once per matmul input (int8)
   std::vector<float> xq_sum;  // [max_chunk][max width / 32]  scale * sum(q) of each xq block (int4 weights)
+  std::vector<uint16_t> xb;   // [max_chunk][max width]  activation rounded to bf16 once per matmul input (avx512bf16)
   FloatBuffer logits;   // [max_batch][vocab]         logits of the rows that asked for them
   std::vector<int> row_seq, row_pos;  // [max_chunk]   each row's KV region and position
   std::vector<char> row_long;         // [max_chunk]   1: rotate with longrope's long factors (Phi-3)

@@ -17,7 +17,8 @@ from shortrt import _C
 
 HAS_AVX2 = "avx2" in _C.kernel_paths()
 HAS_AVX512 = "avx512" in _C.kernel_paths()
-BEST_PATH = "avx512" if HAS_AVX512 else "avx2" if HAS_AVX2 else "ref"  # what "auto" picks
+HAS_AMX = "amx" in _C.kernel_paths()
+BEST_PATH = "amx" if HAS_AMX else "avx512" if HAS_AVX512 else "avx2" if HAS_AVX2 else "ref"  # what "auto" picks
 FAST_PATHS = [
     pytest.param("avx2", marks=pytest.mark.skipif(not HAS_AVX2, reason="CPU lacks AVX2/FMA/F16C")),
     pytest.param("avx512", marks=pytest.mark.skipif(not HAS_AVX512, reason="CPU or OS lacks AVX-512 F/BW/VL/DQ/VNNI")),
@@ -386,12 +387,17 @@ def test_environment_variable_forces_the_kernel_path():
     else:
         out = active_path_in_subprocess("avx512")
         assert out.startswith("error:ValueError:") and "lacks AVX512F, BW, VL, DQ or VNNI" in out
+    if "avx512bf16" in _C.kernel_paths():
+        assert active_path_in_subprocess("avx512bf16") == "path:avx512bf16"
+    else:
+        assert "lacks AVX512_BF16" in active_path_in_subprocess("avx512bf16")
 
 
 def test_unknown_environment_value_is_a_clear_error():
     out = active_path_in_subprocess("fastest")
     assert out.startswith("error:ValueError:")
-    assert "SHORTRT_KERNELS: unknown kernel path 'fastest' (expected 'ref', 'avx2', 'avx512' or 'auto')" in out
+    assert ("SHORTRT_KERNELS: unknown kernel path 'fastest' (expected 'ref', 'avx2', 'avx512', 'avx512bf16', 'amx' "
+            "or 'auto')") in out
 
 
 def test_set_kernels_switches_and_rejects_unknown_names():
