@@ -17,8 +17,7 @@ from shortrt import _C
 
 HAS_AVX2 = "avx2" in _C.kernel_paths()
 HAS_AVX512 = "avx512" in _C.kernel_paths()
-HAS_AMX = "amx" in _C.kernel_paths()
-BEST_PATH = "amx" if HAS_AMX else "avx512" if HAS_AVX512 else "avx2" if HAS_AVX2 else "ref"  # what "auto" picks
+BEST_PATH = "avx512" if HAS_AVX512 else "avx2" if HAS_AVX2 else "ref"  # what "auto" picks
 FAST_PATHS = [
     pytest.param("avx2", marks=pytest.mark.skipif(not HAS_AVX2, reason="CPU lacks AVX2/FMA/F16C")),
     pytest.param("avx512", marks=pytest.mark.skipif(not HAS_AVX512, reason="CPU or OS lacks AVX-512 F/BW/VL/DQ/VNNI")),

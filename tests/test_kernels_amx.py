@@ -4,7 +4,8 @@ No machine this project tests on has AMX, so the algorithm (packing of A and B, 
 16-row tiles and their zero-padded edges, the scales, the float accumulation and its
 order) is tested through "amx-emulated": the same code on a plain-C++ emulation of the
 tile instructions. It must give the avx512 int8 kernel's bits — the design promise that
-lets auto pick amx without changing a result. The real tiles run only where the CPU,
+lets amx replace avx512 (forced with SHORTRT_KERNELS=amx; auto keeps avx512 until amx's
+speed has been measured) without changing a result. The real tiles run only where the CPU,
 its OS and Linux allow them; elsewhere those tests skip and say what is missing.
 """
 import os
