@@ -25,14 +25,13 @@ import numpy as np
 import pytest
 import torch
 
-from runtime_models import IDS_SHORT, make_tiny, rel_err
+from runtime_models import GEMMA3_IDS as GEMMA_IDS, GEMMA3_TINY as GEMMA, IDS_SHORT, make_tiny, rel_err
 from shortrt import checkpoint, prune
 from shortrt.engine import Engine
 from shortrt.errors import CheckpointError
 from shortrt.gpu_engine import GPU_ARCHITECTURES, GpuEngine
 from shortrt.layermap import LayerEntry, LayerMap
 from shortrt.reference import ReferenceModel
-from test_gemma3 import GEMMA, IDS as GEMMA_IDS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, one torch thread
 
@@ -61,10 +60,22 @@ def ids_for(name: str) -> list[int]:
     return GEMMA_IDS if name.startswith("gemma3") else IDS_SHORT  # Gemma's 40 tokens span 5 windows
 
 
+class _Models(dict):
+    """Checkpoints made on first use (a run of a few tests, as benchmarks/gpu_check.sh's, makes only theirs)."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name):
+        arch, kw = FAMILIES[name]
+        self[name] = make_tiny(self.root / name, arch, **kw)[0]
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def family_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpu-families")
-    return {name: make_tiny(root / name, arch, **kw)[0] for name, (arch, kw) in FAMILIES.items()}
+    return _Models(tmp_path_factory.mktemp("gpu-families"))
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +253,7 @@ def test_cuda_fp32_gives_the_cpu_tokens_and_graphs_replay_them(family_models, na
     want = ref.generate_ids(prompts, max_new_tokens=16, stop=[])
     assert cuda.generate_ids(prompts, max_new_tokens=16, stop=[]) == want
     assert cuda.cuda_graphs, cuda.graph_error
-    for dtype in ("bf16", "int8"):
-        out = GpuEngine(path, device="cuda", dtype=dtype, max_seq=MAX_SEQ).logits(ids)
-        assert np.isfinite(out).all() and rel_err(out, ref.logits(ids)) <= 0.3
+    # bf16 (the default on a GPU; int8 adds no family-specific kernel): the CPU-tensor bounds above, Gemma 3 with
+    # room for cuBLAS / flash-SDPA rounding in another order
+    out = GpuEngine(path, device="cuda", max_seq=MAX_SEQ).logits(ids)
+    assert np.isfinite(out).all() and rel_err(out, ref.logits(ids)) <= (0.3 if name.startswith("gemma3") else 0.03)
