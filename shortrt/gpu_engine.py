@@ -286,8 +286,10 @@ class GpuEngine(TextEngine):
         def small(name):  # biases: in the activations' dtype
             return read(name, dtype=torch.float32).to(device=dev, dtype=act)
 
-        def norm_weight(name):  # fp32 (as the C++ runtime keeps them): the kernels read it in fp32 anyway, and
-            return read(name, dtype=torch.float32).to(dev)  # a bf16 w near 1 would lose 1 + w's low bits
+        def norm_weight(name):
+            # fp32, as the C++ runtime keeps them: the kernels compute in fp32 anyway, and in bf16 a w near 1
+            # would lose the low bits of Gemma's 1 + w.
+            return read(name, dtype=torch.float32).to(dev)
 
         def matrix(names, fmt, dtype=read_dtype):
             parts = [read(n, dtype=dtype) for n in names]
@@ -480,8 +482,9 @@ class GpuEngine(TextEngine):
         tables = {False: table(self.rope_cos, self.rope_sin)}
         if self.rope_local is not None:
             tables[True] = table(*self.rope_local)
-        query, key = torch.arange(start, end, device=dev)[:, None], torch.arange(end, device=dev)[None, :]
-        masks = {0: None if start == 0 else key <= query}  # by window (0: causal only)
+        query = torch.arange(start, end, device=dev)[:, None]
+        # By window (0: causal only): the first key position read, and the mask over keys first..end-1.
+        masks = {0: (0, None if start == 0 else torch.arange(end, device=dev)[None, :] <= query)}
         for layer in self.layers:
             if layer.w_qkv is not None:
                 x = self._norm(h, layer.attn_norm)
@@ -499,12 +502,14 @@ class GpuEngine(TextEngine):
                 q = rope(q.float(), cos, sin).to(h.dtype)  # the first rotary_dim dims of each head
                 k = rope(k.float(), cos, sin).to(h.dtype)
                 if layer.window not in masks:  # key j visible from query i when i - window < j <= i
-                    masks[layer.window] = (key <= query) & (key > query - layer.window)
-                mask = masks[layer.window]
+                    first = max(0, start - layer.window + 1)  # keys before it are out of every query's window
+                    key = torch.arange(first, end, device=dev)[None, :]
+                    masks[layer.window] = (first, (key <= query) & (key > query - layer.window))
+                first, mask = masks[layer.window]
                 kc, vc = self.k_cache[layer.slot, row], self.v_cache[layer.slot, row]  # [nkv, S, hd]
                 kc[:, start:end] = k.transpose(0, 1).to(kc.dtype)
                 vc[:, start:end] = v.transpose(0, 1).to(vc.dtype)
-                keys, values = kc[None, :, :end].to(h.dtype), vc[None, :, :end].to(h.dtype)
+                keys, values = kc[None, :, first:end].to(h.dtype), vc[None, :, first:end].to(h.dtype)
                 a = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask,
                                                    is_causal=mask is None, scale=self.scale, enable_gqa=True)
                 o = self._prefill_linear(a[0].transpose(0, 1).reshape(T, nq * hd), layer.w_o)
