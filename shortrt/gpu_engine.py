@@ -28,6 +28,7 @@ walk over the kept tokens), greedy decoding gives the same ones.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -49,14 +50,19 @@ from .kernels.qkv_rope import qkv_rope_write
 from .kernels.rmsnorm import rmsnorm
 from .kernels.sample import sample
 from .kernels.swiglu import swiglu
-from .reference import rope_inv_freq, rotate_half
+from .reference import rope, rope_inv_freq
 
 DTYPES = ("fp32", "bf16", "int8")  # int4 runs on the CPU runtime only
 KV_DTYPES = ("fp32", "bf16")
 LM_HEAD_DTYPES = ("auto", "same") + DTYPES
-# The families whose decoder layer the GPU engine builds (pre-norm, separate q/k/v and gate/up, full
-# RoPE; Qwen2's biases, Qwen3's per-head q/k norm). Others are refused before any weight is read.
-GPU_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+# The families whose decoder layer the GPU engine builds: pre-norm Llama layers (Qwen2's biases, Qwen3's
+# per-head q/k norm), OLMo-2 (norms after the sublayers, q/k norm over the whole projection), Phi-3 (fused
+# qkv / gate_up tensors, partial rotary) and Gemma 3 text (sandwich (1 + w) norms, GeGLU, sliding-window
+# layers with their own RoPE base, the embedding scale, the final softcap). Others are refused before any
+# weight is read.
+GPU_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                               "Olmo2ForCausalLM", "Phi3ForCausalLM", "Gemma3ForCausalLM"})
+GPU_ROPE_TYPES = ("default", "linear", "llama3")  # one angle table per position (not Phi-3's longrope)
 DEFAULT_MAX_SEQ = 2048
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill pass (and per step beside the decoding rows)
 INT8_PREFILL_DEQUANT_ROWS = 16  # above this many rows an int8 prefill matmul dequantizes the weight first
@@ -68,15 +74,22 @@ class _Layer:
     """One executed layer's weights on the device (None where the sublayer was removed)."""
     index: int  # checkpoint layer
     slot: int = -1  # KV-cache slot of its attention (-1: none)
-    attn_norm: torch.Tensor | None = None
+    window: int = 0  # keys it attends to (Gemma 3's sliding layers; 0: all)
+    attn_norm: torch.Tensor | None = None  # on the attention's input (None in OLMo-2)
+    attn_post_norm: torch.Tensor | None = None  # on its output (OLMo-2, Gemma 3)
     w_qkv: object = None  # [(nq + 2 nkv) * hd, d] tensor or Int8Weight
     b_qkv: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     w_o: object = None
     mlp_norm: torch.Tensor | None = None
+    mlp_post_norm: torch.Tensor | None = None
     w_gate_up: object = None  # [2 ff, d]
     w_down: object = None
+
+    @property
+    def norms(self):
+        return (self.attn_norm, self.attn_post_norm, self.q_norm, self.k_norm, self.mlp_norm, self.mlp_post_norm)
 
 
 @dataclass
@@ -198,12 +211,17 @@ class GpuEngine(TextEngine):
             raise CheckpointError(f"the GPU engine runs {', '.join(sorted(GPU_ARCHITECTURES))} checkpoints, not "
                                   f"{cfg.architecture} (its layer structure is not built here); run it on the CPU "
                                   "runtime (device='cpu')")
+        if cfg.rope_type not in GPU_ROPE_TYPES:
+            raise CheckpointError(f"the GPU engine does not implement rope scaling {cfg.rope_type!r} (it runs "
+                                  f"{', '.join(GPU_ROPE_TYPES)}); run it on the CPU runtime (device='cpu')")
         self.cfg = cfg
         self.plan = plan
         max_seq = o["max_seq"] or min(cfg.max_position, DEFAULT_MAX_SEQ)
         if max_seq > cfg.max_position:
             raise CheckpointError(f"max_seq {max_seq} exceeds the model's max_position_embeddings {cfg.max_position}")
-        if cfg.sliding_window and max_seq > cfg.sliding_window:
+        # Gemma 3's sliding layers (layer_types) attend through their window; a window over every layer
+        # (Mistral, Phi-3) is refused past it, as the C++ runtime does.
+        if cfg.sliding_window and not cfg.layer_types and max_seq > cfg.sliding_window:
             raise CheckpointError(f"max_seq {max_seq} exceeds the sliding window of {cfg.sliding_window} "
                                   "(sliding-window attention is not implemented)")
         if "int8" in (self.dtype, self.lm_head_dtype):
@@ -225,13 +243,22 @@ class GpuEngine(TextEngine):
         self._load_weights(cfg, plan, read)
         dev, kv = self.device, _TORCH_DTYPES[self.kv_dtype]
         # K and V of slot s: k_cache[s], v_cache[s], each [rows, n_kv_heads, max_seq, head_dim].
+        # A sliding layer's slot holds max_seq positions too (the C++ runtime keeps a ring of about the
+        # window): the kernels address the cache by position; its attention reads only the window.
         self.k_cache = torch.zeros(n_slots, max_batch, cfg.n_kv_heads, max_seq, cfg.head_dim, dtype=kv, device=dev)
         self.v_cache = torch.zeros_like(self.k_cache)
         self.kv_cache_bytes = 2 * self.k_cache.numel() * kv_elem
-        angles = torch.arange(max_seq, dtype=torch.float32)[:, None] * rope_inv_freq(cfg)[None, :]  # fp32 product
-        self.rope_cos = angles.cos().to(dev)  # [max_seq, head_dim / 2]
+        positions = torch.arange(max_seq, dtype=torch.float32)[:, None]
+        angles = positions * rope_inv_freq(cfg)[None, :]  # fp32 product
+        self.rope_cos = angles.cos().to(dev)  # [max_seq, rotary_dim / 2]
         self.rope_sin = angles.sin().to(dev)
-        self.scale = cfg.head_dim ** -0.5
+        self.rope_local = None  # Gemma 3's sliding layers: (cos, sin) of their own plain RoPE base
+        if cfg.rope_local_theta:
+            local = positions * rope_inv_freq(dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta,
+                                                                  rope_type="default"))[None, :]
+            self.rope_local = (local.cos().to(dev), local.sin().to(dev))
+        self.rotary_dim = cfg.rotary_dim or cfg.head_dim
+        self.scale = cfg.attn_scale or cfg.head_dim ** -0.5
         self._graphs: dict[tuple[int, bool], _GraphStep] = {}  # by (batch size, greedy)
         self.graph_error: str | None = None  # why decoding runs without CUDA graphs, once capture failed
         # Requests (as csrc/engine.cpp): _lock guards what follows, _step_lock makes steps one at a time.
@@ -256,8 +283,13 @@ class GpuEngine(TextEngine):
         dev, act = self.device, self.act_dtype
         read_dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float32
 
-        def small(name):  # norm weights and biases: in the activations' dtype
+        def small(name):  # biases: in the activations' dtype
             return read(name, dtype=torch.float32).to(device=dev, dtype=act)
+
+        def norm_weight(name):
+            # fp32, as the C++ runtime keeps them: the kernels compute in fp32 anyway, and in bf16 a w near 1
+            # would lose the low bits of Gemma's 1 + w.
+            return read(name, dtype=torch.float32).to(dev)
 
         def matrix(names, fmt, dtype=read_dtype):
             parts = [read(n, dtype=dtype) for n in names]
@@ -266,6 +298,21 @@ class GpuEngine(TextEngine):
                 return quantize_int8(w.to(device=dev, dtype=torch.float32))
             return w.to(device=dev, dtype=_TORCH_DTYPES[fmt]).contiguous()
 
+        # Each sublayer's norms by family (checkpoint.expected_tensors names the same tensors): Llama-style
+        # input_layernorm / post_attention_layernorm before the attention / MLP; OLMo-2 post_attention_layernorm
+        # / post_feedforward_layernorm after them; Gemma 3 input / pre_feedforward before and post_attention /
+        # post_feedforward after.
+        if cfg.post_norm:
+            attn_pre, attn_post, mlp_pre, mlp_post = None, "post_attention_layernorm", None, "post_feedforward_layernorm"
+        elif cfg.sandwich_norm:
+            attn_pre, attn_post = "input_layernorm", "post_attention_layernorm"
+            mlp_pre, mlp_post = "pre_feedforward_layernorm", "post_feedforward_layernorm"
+        else:
+            attn_pre, attn_post, mlp_pre, mlp_post = "input_layernorm", None, "post_attention_layernorm", None
+
+        def norm(p, name):
+            return norm_weight(p + name + ".weight") if name else None
+
         layers, slot = [], 0
         for step in plan:
             p = f"model.layers.{step.index}."
@@ -273,20 +320,25 @@ class GpuEngine(TextEngine):
             if step.attention:
                 a = p + "self_attn."
                 layer.slot, slot = slot, slot + 1
-                layer.attn_norm = small(p + "input_layernorm.weight")
-                layer.w_qkv = matrix([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"], self.dtype)
+                layer.window = cfg.sliding_window if cfg.is_sliding(step.index) else 0
+                layer.attn_norm, layer.attn_post_norm = norm(p, attn_pre), norm(p, attn_post)
+                names = ([a + "qkv_proj.weight"] if cfg.fused_projections else
+                         [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"])
+                layer.w_qkv = matrix(names, self.dtype)
                 if cfg.qkv_bias:
                     layer.b_qkv = torch.cat([small(a + f"{n}_proj.bias") for n in "qkv"])
                 if cfg.qk_norm:
-                    layer.q_norm, layer.k_norm = small(a + "q_norm.weight"), small(a + "k_norm.weight")
+                    layer.q_norm, layer.k_norm = norm_weight(a + "q_norm.weight"), norm_weight(a + "k_norm.weight")
                 layer.w_o = matrix([a + "o_proj.weight"], self.dtype)
             if step.mlp:
-                layer.mlp_norm = small(p + "post_attention_layernorm.weight")
-                layer.w_gate_up = matrix([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], self.dtype)
+                layer.mlp_norm, layer.mlp_post_norm = norm(p, mlp_pre), norm(p, mlp_post)
+                names = ([p + "mlp.gate_up_proj.weight"] if cfg.fused_projections else
+                         [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])  # gate rows, then up rows
+                layer.w_gate_up = matrix(names, self.dtype)
                 layer.w_down = matrix([p + "mlp.down_proj.weight"], self.dtype)
             layers.append(layer)
         self.layers = layers
-        self.final_norm = small("model.norm.weight")
+        self.final_norm = norm_weight("model.norm.weight")
         lm_read = torch.bfloat16 if self.lm_head_dtype == "bf16" else torch.float32
         self.embed = matrix(["model.embed_tokens.weight"], self.dtype)
         if cfg.tie_embeddings and self.lm_head_dtype == self.dtype:
@@ -294,8 +346,8 @@ class GpuEngine(TextEngine):
         else:
             name = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
             self.lm_head = matrix([name], self.lm_head_dtype, lm_read)
-        per_layer = [sum(_nbytes(w) for w in (l.attn_norm, l.w_qkv, l.b_qkv, l.q_norm, l.k_norm, l.w_o, l.mlp_norm,
-                                              l.w_gate_up, l.w_down)) for l in layers]
+        per_layer = [sum(_nbytes(w) for w in (*l.norms, l.w_qkv, l.b_qkv, l.w_o, l.w_gate_up, l.w_down))
+                     for l in layers]
         self.weight_bytes_per_token = sum(per_layer) + _nbytes(self.final_norm) + _nbytes(self.lm_head)
         self.weight_bytes = self.weight_bytes_per_token + (0 if self.lm_head is self.embed else _nbytes(self.embed))
 
@@ -345,11 +397,14 @@ class GpuEngine(TextEngine):
 
     # --- the model --------------------------------------------------------
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        e = self.embed
+        e, embed_scale = self.embed, self.cfg.embed_scale
         if isinstance(e, Int8Weight):  # dequantize the rows looked up (blocks of 32, one fp32 product each)
-            rows = e.q[tokens].float().unflatten(-1, (-1, 32)) * e.scale[tokens][..., None]
-            return rows.flatten(-2).to(self.act_dtype)
-        return e[tokens].to(self.act_dtype)
+            rows = (e.q[tokens].float().unflatten(-1, (-1, 32)) * e.scale[tokens][..., None]).flatten(-2)
+        else:
+            rows = e[tokens]
+        if embed_scale != 1.0:  # Gemma 3: times sqrt(hidden), an fp32 product
+            rows = rows.float() * embed_scale
+        return rows.to(self.act_dtype)
 
     def _linear(self, x, w):
         return linear(x, w, backend=self._kernel_backend)
@@ -361,11 +416,26 @@ class GpuEngine(TextEngine):
         return self._linear(x, w)
 
     def _norm(self, x, w):
-        return rmsnorm(x, w, self.cfg.rms_eps, backend=self._kernel_backend)
+        """RMSNorm of x's rows by w; None (a norm the family does not have there) is the identity."""
+        if w is None:
+            return x
+        return rmsnorm(x, w, self.cfg.rms_eps, plus_one=self.cfg.norm_unit_offset, backend=self._kernel_backend)
 
     def _mlp(self, layer, h, lin):
         x = self._norm(h, layer.mlp_norm)
-        return h + lin(swiglu(lin(x, layer.w_gate_up), backend=self._kernel_backend), layer.w_down)
+        act = "gelu_tanh" if self.cfg.gelu_tanh else "silu"
+        y = lin(swiglu(lin(x, layer.w_gate_up), act=act, backend=self._kernel_backend), layer.w_down)
+        return h + self._norm(y, layer.mlp_post_norm)
+
+    def _rope_tables(self, layer):
+        return self.rope_local if layer.window and self.rope_local is not None else (self.rope_cos, self.rope_sin)
+
+    def _lm_head(self, h, lin):
+        logits = lin(self._norm(h, self.final_norm), self.lm_head).float()
+        cap = self.cfg.final_softcap
+        if cap:  # Gemma 3: cap * tanh(logits / cap)
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def _forward_decode(self, ints: torch.Tensor, floats: torch.Tensor, greedy: bool = False):
         """One token for each of B sequences. ints [4, B] int64: token, position, KV row, top_k;
@@ -381,14 +451,16 @@ class GpuEngine(TextEngine):
             if layer.w_qkv is not None:
                 x = self._norm(h, layer.attn_norm)
                 kc, vc = self.k_cache[layer.slot], self.v_cache[layer.slot]
-                q = qkv_rope_write(x, layer.w_qkv, layer.b_qkv, self.rope_cos, self.rope_sin, positions, kc, vc, rows,
+                cos, sin = self._rope_tables(layer)
+                q = qkv_rope_write(x, layer.w_qkv, layer.b_qkv, cos, sin, positions, kc, vc, rows,
                                    cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, q_norm=layer.q_norm,
-                                   k_norm=layer.k_norm, norm_eps=cfg.rms_eps, backend=kb)
-                a = decode_attention(q, kc, vc, rows, lengths, self.scale, backend=kb)
-                h = h + self._linear(a.reshape(a.shape[0], -1), layer.w_o)
+                                   k_norm=layer.k_norm, norm_eps=cfg.rms_eps, norm_plus_one=cfg.norm_unit_offset,
+                                   norm_whole=cfg.qk_norm_whole, rotary_dim=self.rotary_dim, backend=kb)
+                a = decode_attention(q, kc, vc, rows, lengths, self.scale, window=layer.window, backend=kb)
+                h = h + self._norm(self._linear(a.reshape(a.shape[0], -1), layer.w_o), layer.attn_post_norm)
             if layer.w_gate_up is not None:
                 h = self._mlp(layer, h, self._linear)
-        logits = self._linear(self._norm(h, self.final_norm), self.lm_head).float()
+        logits = self._lm_head(h, self._linear)
         return logits, self._next_tokens(logits, top_k, floats, greedy)
 
     def _next_tokens(self, logits, top_k, floats, greedy: bool):
@@ -401,11 +473,18 @@ class GpuEngine(TextEngine):
         cfg, dev = self.cfg, self.device
         T, nq, nkv, hd = len(ids), cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         h = self._embed(torch.tensor(ids, dtype=torch.int64, device=dev))
-        cos = torch.cat([self.rope_cos[start:start + T]] * 2, dim=-1)[:, None, :]  # [T, 1, hd]
-        sin = torch.cat([self.rope_sin[start:start + T]] * 2, dim=-1)[:, None, :]
         end = start + T
-        mask = None if start == 0 else (torch.arange(end, device=dev)[None, :]
-                                        <= torch.arange(start, end, device=dev)[:, None])
+
+        def table(cos, sin):  # [T, 1, rotary_dim] rows of positions start..end-1, as reference.rope takes them
+            return (torch.cat([cos[start:end]] * 2, dim=-1)[:, None, :],
+                    torch.cat([sin[start:end]] * 2, dim=-1)[:, None, :])
+
+        tables = {False: table(self.rope_cos, self.rope_sin)}
+        if self.rope_local is not None:
+            tables[True] = table(*self.rope_local)
+        query = torch.arange(start, end, device=dev)[:, None]
+        # By window (0: causal only): the first key position read, and the mask over keys first..end-1.
+        masks = {0: (0, None if start == 0 else torch.arange(end, device=dev)[None, :] <= query)}
         for layer in self.layers:
             if layer.w_qkv is not None:
                 x = self._norm(h, layer.attn_norm)
@@ -413,24 +492,33 @@ class GpuEngine(TextEngine):
                 if layer.b_qkv is not None:
                     qkv = qkv + layer.b_qkv
                 q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+                if layer.q_norm is not None and cfg.qk_norm_whole:  # OLMo-2: all of q, all of k
+                    q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
                 q, k, v = q.reshape(T, nq, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
-                if layer.q_norm is not None:  # Qwen3: each head RMS-normed before RoPE
+                if layer.q_norm is not None and not cfg.qk_norm_whole:  # Qwen3, Gemma 3: each head
                     q = self._norm(q.reshape(-1, hd), layer.q_norm).reshape(T, nq, hd)
                     k = self._norm(k.reshape(-1, hd), layer.k_norm).reshape(T, nkv, hd)
-                q = (q.float() * cos + rotate_half(q.float()) * sin).to(h.dtype)
-                k = (k.float() * cos + rotate_half(k.float()) * sin).to(h.dtype)
+                cos, sin = tables[bool(layer.window) and self.rope_local is not None]
+                q = rope(q.float(), cos, sin).to(h.dtype)  # the first rotary_dim dims of each head
+                k = rope(k.float(), cos, sin).to(h.dtype)
+                if layer.window not in masks:  # key j visible from query i when i - window < j <= i
+                    first = max(0, start - layer.window + 1)  # keys before it are out of every query's window
+                    key = torch.arange(first, end, device=dev)[None, :]
+                    masks[layer.window] = (first, (key <= query) & (key > query - layer.window))
+                first, mask = masks[layer.window]
                 kc, vc = self.k_cache[layer.slot, row], self.v_cache[layer.slot, row]  # [nkv, S, hd]
                 kc[:, start:end] = k.transpose(0, 1).to(kc.dtype)
                 vc[:, start:end] = v.transpose(0, 1).to(vc.dtype)
-                keys, values = kc[None, :, :end].to(h.dtype), vc[None, :, :end].to(h.dtype)
+                keys, values = kc[None, :, first:end].to(h.dtype), vc[None, :, first:end].to(h.dtype)
                 a = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask,
                                                    is_causal=mask is None, scale=self.scale, enable_gqa=True)
-                h = h + self._prefill_linear(a[0].transpose(0, 1).reshape(T, nq * hd), layer.w_o)
+                o = self._prefill_linear(a[0].transpose(0, 1).reshape(T, nq * hd), layer.w_o)
+                h = h + self._norm(o, layer.attn_post_norm)
             if layer.w_gate_up is not None:
                 h = self._mlp(layer, h, self._prefill_linear)
         if not all_logits:
             h = h[-1:]
-        return self._prefill_linear(self._norm(h, self.final_norm), self.lm_head).float()
+        return self._lm_head(h, self._prefill_linear)
 
     def _decode(self, ints: np.ndarray, floats: np.ndarray):
         """_forward_decode for host inputs: a replayed CUDA graph when one is (or can be) captured."""

@@ -15,6 +15,14 @@ TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_lay
 
 IDS_SHORT = [1, 17, 250, 3, 99, 42, 42, 7, 123, 5, 288, 64]
 
+# Gemma 3's tiny model (tests/test_gemma3.py, tests/test_gpu_engine_families.py): 6 layers, window 8, pattern 3
+# (layers 2 and 5 full), and a prompt of 40 tokens (5 windows).
+GEMMA3_TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=32, sliding_window=8, sliding_window_pattern=3,
+                   query_pre_attn_scalar=24, rope_theta=10000.0, rope_local_base_freq=100.0,
+                   max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+GEMMA3_IDS = [1, 17, 250, 3, 99, 42, 42, 7, 123, 5, 288, 64, 11, 200, 150, 9, 33, 71, 4, 310] * 2
+
 
 def scale_weights(model: torch.nn.Module, std: float = 0.08) -> None:
     """Re-draw weights with a larger std so that logits are far from uniform (greedy ties impossible)."""

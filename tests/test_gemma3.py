@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runtime_models import hf_logits, make_tiny, rel_err
+from runtime_models import GEMMA3_IDS, GEMMA3_TINY, hf_logits, make_tiny, rel_err
 from shortrt import _C, calibrate, checkpoint, prune, select
 from shortrt.engine import Engine
 from shortrt.layer_plan import load_for_plan, plan_logits
@@ -28,12 +28,8 @@ from test_families import (check_no_attention_norm_without_attention, cpp_verdic
                            hf_greedy, python_verdict)
 
 TOL = 1e-4
-WINDOW = 8
-GEMMA = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=2,
-             num_key_value_heads=1, head_dim=32, sliding_window=WINDOW, sliding_window_pattern=3,
-             query_pre_attn_scalar=24, rope_theta=10000.0, rope_local_base_freq=100.0, max_position_embeddings=256,
-             rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-IDS = ([1, 17, 250, 3, 99, 42, 42, 7, 123, 5, 288, 64, 11, 200, 150, 9, 33, 71, 4, 310] * 2)
+GEMMA, IDS = GEMMA3_TINY, GEMMA3_IDS  # in runtime_models (the GPU engine's tests use them too)
+WINDOW = GEMMA["sliding_window"]
 TEXTS = [" ".join(["Once upon a time there was a little model that ran on a lean runtime."] * 8)]
 
 

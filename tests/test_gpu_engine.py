@@ -202,19 +202,6 @@ def test_unsupported_combinations_are_clear_errors(models):
         Engine(path, device="cuda", threads=2)
 
 
-@pytest.mark.parametrize("arch", ["olmo2", "phi3"])
-def test_families_it_does_not_build_are_refused_before_loading(arch, tmp_path, monkeypatch):
-    """OLMo-2's post-norms and Phi-3's fused tensors are not built by the GPU engine: refused by name,
-    before any weight is read, never run as if they were Llama layers."""
-    import shortrt.checkpoint as checkpoint
-
-    path, _ = make_tiny(tmp_path / arch, arch=arch, tokenizer=True)
-    monkeypatch.setattr(checkpoint.Model, "read_rows", lambda *a, **k: pytest.fail("a weight was read"))
-    with pytest.raises(shortrt.CheckpointError, match=r"the GPU engine runs .*LlamaForCausalLM.* checkpoints, not "
-                                                      r"(Olmo2|Phi3)ForCausalLM.*device='cpu'"):
-        gpu(path)
-
-
 # ----------------------------------------------------------------------------- --device cuda without a GPU
 
 def test_device_cuda_without_a_gpu_is_one_clear_error_before_loading(models, monkeypatch, capsys):

@@ -35,6 +35,19 @@ def test_swiglu_reference_is_the_formula():
     assert torch.allclose(swiglu.swiglu_torch(gu.float()).double(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_geglu_reference_is_gelus_tanh_formula():
+    """Gemma 3's GeGLU: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) * u, from |g| near 0 to 12."""
+    gu = torch.randn(4, 2 * 23, generator=gen(12), dtype=torch.float64) * 4
+    gu[0, :5] = torch.tensor([0.0, 1e-4, -1e-4, 12.0, -12.0], dtype=torch.float64)
+    g, u = gu[:, :23], gu[:, 23:]
+    want = 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3))) * u
+    got = swiglu.swiglu_torch(gu.float(), act="gelu_tanh").double()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, swiglu.swiglu_torch(gu.float()).double(), atol=1e-2)  # not silu
+    with pytest.raises(ValueError, match="unknown act 'gelu'"):
+        swiglu.swiglu_torch(gu.float(), act="gelu")
+
+
 # ----------------------------------------------------------------------------- int8 packing
 
 def int8_weights():
@@ -112,18 +125,18 @@ def rope_tables(S, hd, theta=10000.0):
     return ang.cos().float(), ang.sin().float()
 
 
-def qkv_case(B=3, d=40, nq=4, nkv=2, hd=16, R=4, S=12, seed=7, dtype=torch.float32, bias=True):
+def qkv_case(B=3, d=40, nq=4, nkv=2, hd=16, R=4, S=12, seed=7, dtype=torch.float32, bias=True, rotary_dim=None):
     g = gen(seed)
     x = torch.randn(B, d, generator=g).to(dtype)
     w = (torch.randn((nq + 2 * nkv) * hd, d, generator=g) * 0.2).to(dtype)
     b = (torch.randn((nq + 2 * nkv) * hd, generator=g) * 0.1).to(dtype) if bias else None
-    cos, sin = rope_tables(S, hd)
+    cos, sin = rope_tables(S, rotary_dim or hd)
     positions = torch.tensor([5, 0, 11, 3, 7, 2][:B])
     rows = torch.tensor([2, 0, 3, 1, 0, 2][:B])
     kc = torch.zeros(R, nkv, S, hd, dtype=dtype)
     vc = torch.zeros(R, nkv, S, hd, dtype=dtype)
     return dict(x=x, w_qkv=w, b_qkv=b, cos=cos, sin=sin, positions=positions, k_cache=kc, v_cache=vc,
-                rows=rows, n_heads=nq, n_kv_heads=nkv, head_dim=hd)
+                rows=rows, n_heads=nq, n_kv_heads=nkv, head_dim=hd, rotary_dim=rotary_dim)
 
 
 def test_qkv_rope_write_reference_matches_transformers_rope():
@@ -164,6 +177,57 @@ def test_qkv_rope_write_reference_norms_each_head_before_rope():
     assert torch.allclose(q.double().norm(dim=-1), normed.norm(dim=-1), rtol=1e-5)
     # position 0 (sequence 1) is not rotated at all
     assert torch.allclose(q[1].double(), normed[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rotary_dim", [8, 12])
+def test_qkv_rope_write_reference_partial_rotary_matches_transformers_phi3(rotary_dim):
+    """Phi-3's partial rotary: transformers' Phi-3 RoPE turns the first rotary_dim dims of each head."""
+    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
+
+    case = qkv_case(rotary_dim=rotary_dim)
+    B, nq, nkv, hd = 3, 4, 2, 16
+    q = qkv_rope.qkv_rope_write_torch(**case)
+    qkv = case["x"].double() @ case["w_qkv"].double().T + case["b_qkv"].double()
+    q0 = qkv[:, : nq * hd].reshape(B, nq, 1, hd)
+    k0 = qkv[:, nq * hd: (nq + nkv) * hd].reshape(B, nkv, 1, hd)
+    c, s = case["cos"].double(), case["sin"].double()
+    assert c.shape == (12, rotary_dim // 2)
+    cos_full = torch.cat([c, c], dim=1)[case["positions"]][:, None, :]
+    sin_full = torch.cat([s, s], dim=1)[case["positions"]][:, None, :]
+    q_want, k_want = apply_rotary_pos_emb(q0, k0, cos_full, sin_full)
+    assert torch.allclose(q.double(), q_want[:, :, 0], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(q[..., rotary_dim:].double(), q0[:, :, 0, rotary_dim:], rtol=1e-5, atol=1e-6)  # untouched
+    for b in range(B):
+        r, p = case["rows"][b].item(), case["positions"][b].item()
+        assert torch.allclose(case["k_cache"][r, :, p].double(), k_want[b, :, 0], rtol=1e-5, atol=1e-5)
+    wrong = {**qkv_case(rotary_dim=8), "rotary_dim": 16}  # tables for 8 rotated dims, 16 asked for
+    with pytest.raises(ValueError, match=r"cos must be \[>= S = 12, rotary_dim / 2 = 8\], got \[12, 4\]"):
+        qkv_rope.qkv_rope_write_torch(**wrong)
+    with pytest.raises(ValueError, match="rotary_dim must be even"):
+        qkv_rope.qkv_rope_write_torch(**{**qkv_case(), "rotary_dim": 7})
+
+
+def test_qkv_rope_write_reference_whole_projection_norm():
+    """OLMo-2: q_norm [nq * hd] and k_norm [nkv * hd] norm the whole projections before RoPE (one RMS over
+    all heads), not each head."""
+    case = qkv_case(bias=False, seed=13)
+    nq, nkv, hd = 4, 2, 16
+    qn = 1 + 0.3 * torch.randn(nq * hd, generator=gen(14))
+    kn = 1 + 0.3 * torch.randn(nkv * hd, generator=gen(15))
+    q = qkv_rope.qkv_rope_write_torch(**case, q_norm=qn, k_norm=kn, norm_eps=1e-6, norm_whole=True)
+    qkv = case["x"].double() @ case["w_qkv"].double().T
+    q0, k0 = qkv[:, : nq * hd], qkv[:, nq * hd: (nq + nkv) * hd]
+    q_normed = (q0 / torch.sqrt((q0 * q0).mean(dim=1, keepdim=True) + 1e-6) * qn.double()).reshape(3, nq, hd)
+    k_normed = (k0 / torch.sqrt((k0 * k0).mean(dim=1, keepdim=True) + 1e-6) * kn.double()).reshape(3, nkv, hd)
+    assert torch.allclose(q[1].double(), q_normed[1], rtol=1e-5, atol=1e-6)  # position 0: no rotation
+    assert torch.allclose(q.double().norm(dim=-1), q_normed.norm(dim=-1), rtol=1e-5)  # RoPE keeps head norms
+    r = case["rows"][1].item()
+    assert torch.allclose(case["k_cache"][r, :, 0].double(), k_normed[1], rtol=1e-5, atol=1e-6)
+    per_head = qkv_rope.qkv_rope_write_torch(**qkv_case(bias=False, seed=13), q_norm=qn[:hd], k_norm=kn[:hd],
+                                             norm_eps=1e-6)
+    assert not torch.allclose(per_head, q, atol=1e-3)
+    with pytest.raises(ValueError, match=r"q_norm must have shape \[64\]"):
+        qkv_rope.qkv_rope_write_torch(**qkv_case(bias=False), q_norm=qn[:hd], k_norm=kn, norm_whole=True)
 
 
 def test_qkv_rope_write_int8_weight_is_the_dequantized_weight():

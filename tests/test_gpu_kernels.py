@@ -59,12 +59,15 @@ def test_rmsnorm_kernel(device, dtype, n, d):
         assert_close(got, rmsnorm.rmsnorm_torch(x, w, 1e-6, plus_one=plus_one), dtype)
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("n,ff", [(3, 37), (2, 1500)])
-def test_swiglu_kernel(device, dtype, n, ff):
+def test_swiglu_kernel(device, dtype, n, ff, act):
     g = torch.Generator().manual_seed(ff)
-    (gu,) = to(device, (torch.randn(n, 2 * ff, generator=g) * 3).to(dtype))
-    assert_close(swiglu.swiglu(gu, backend="triton"), swiglu.swiglu_torch(gu), dtype)
+    gu = torch.randn(n, 2 * ff, generator=g) * 3
+    gu[0, :4] = torch.tensor([30.0, -30.0, 1e-3, -1e-3])  # the exp's ends and GELU's flat middle
+    (gu,) = to(device, gu.to(dtype))
+    assert_close(swiglu.swiglu(gu, act=act, backend="triton"), swiglu.swiglu_torch(gu, act=act), dtype)
 
 
 # ----------------------------------------------------------------------------- int8 linear
@@ -86,11 +89,18 @@ def test_linear_int8_kernel(device, dtype, n, m, k):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("nq,nkv,hd", [(4, 2, 16), (3, 1, 32), (2, 2, 64)])
-@pytest.mark.parametrize("variant", ["plain+bias", "int8", "int8+qk_norm", "plain+qk_norm+plus_one"])
+@pytest.mark.parametrize("variant", ["plain+bias", "int8", "int8+qk_norm", "plain+qk_norm+plus_one",
+                                     "plain+partial", "int8+qk_norm_whole", "plain+qk_norm_whole+partial",
+                                     "plain+qk_norm+plus_one+partial"])
 def test_qkv_rope_write_kernel(device, dtype, nq, nkv, hd, variant):
+    """Variants: Qwen2 (bias), Qwen3 (per-head q/k norm), Gemma 3 (+ 1 + w), Phi-3 (partial rotary: the
+    first rotary_dim dims of each head; 24 of 32 pads the rotated half to 16), OLMo-2 (whole-projection norm)."""
+    rotary_dim = {16: 8, 32: 24, 64: 16}[hd] if "partial" in variant else None
+    whole = "whole" in variant
+
     def case():
         c = qkv_case(B=4, d=64, nq=nq, nkv=nkv, hd=hd, R=5, S=12, dtype=dtype, bias="bias" in variant,
-                     seed=nq + hd)
+                     seed=nq + hd, rotary_dim=rotary_dim)
         c["positions"] = torch.tensor([5, 0, 11, 3])
         c["rows"] = torch.tensor([4, 0, 2, 1])  # rows not in order
         return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
@@ -101,9 +111,9 @@ def test_qkv_rope_write_kernel(device, dtype, nq, nkv, hd, variant):
     kw = {}
     if "qk_norm" in variant:
         g = torch.Generator().manual_seed(3)
-        kw = dict(q_norm=torch.randn(hd, generator=g).to(dtype).to(device),
-                  k_norm=torch.randn(hd, generator=g).to(dtype).to(device), norm_eps=1e-6,
-                  norm_plus_one="plus_one" in variant)
+        kw = dict(q_norm=torch.randn(nq * hd if whole else hd, generator=g).to(dtype).to(device),
+                  k_norm=torch.randn(nkv * hd if whole else hd, generator=g).to(dtype).to(device), norm_eps=1e-6,
+                  norm_plus_one="plus_one" in variant, norm_whole=whole)
     q = qkv_rope.qkv_rope_write(**got, **kw, backend="triton")
     q_ref = qkv_rope.qkv_rope_write_torch(**want, **kw)
     assert_close(q, q_ref, dtype)

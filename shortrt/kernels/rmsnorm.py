@@ -60,13 +60,19 @@ def launch_config(d: int) -> dict:
     return {"BLOCK_D": block, "num_warps": 4 if block <= 2048 else 8}
 
 
-def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, *, plus_one: bool = False) -> torch.Tensor:
+def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, *, plus_one: bool = False,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """out: where to write (x's shape and dtype, unit column stride; may be x itself: each row is read
+    whole before its program writes it)."""
     device = _check(x, weight, eps)
     require_triton(device)
     x = x if x.stride(1) == 1 else x.contiguous()
     weight = weight.contiguous()
     n, d = x.shape
-    y = torch.empty((n, d), dtype=x.dtype, device=device)
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.stride(1) != 1
+                            or out.device != x.device):
+        raise ValueError(f"rmsnorm: out must be a {list(x.shape)} {x.dtype} tensor with unit column stride")
+    y = torch.empty((n, d), dtype=x.dtype, device=device) if out is None else out
     cfg = launch_config(d)
     _rmsnorm_kernel[(n,)](x, weight, y, d, x.stride(0), y.stride(0), float(eps),
                           PLUS_ONE=bool(plus_one), BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])

@@ -1,7 +1,8 @@
 """Compile every GPU kernel for real GPU targets without a GPU, and report what each uses.
 
 ``compile_all()`` compiles each Triton kernel of shortrt/kernels/ with the block sizes and warps its
-launcher picks for real model shapes (head_dim 64/128, hidden up to 4096, vocabularies of 49k and 152k)
+launcher picks for real model shapes (head_dim 64/96/128/256, hidden up to 4096, vocabularies of 49k and 152k; the
+variants OLMo-2, Phi-3 and Gemma 3 use: (1 + w) norms, GeGLU, partial rotary, head_dim 96 and 256)
 for ``GPUTarget("cuda", 80, 32)`` (A100) and ``("cuda", 90, 32)`` (H100/H200), and reads from the
 cubin Triton built (``cuobjdump -res-usage``) the registers, stack and local memory, and from
 ``ptxas -v`` on the PTX the spill bytes. Shared memory is what the launch requests (Triton's
@@ -83,20 +84,24 @@ def _specs():
     from . import attention, linear, qkv_rope, rmsnorm, sample, swiglu
 
     out = []
-    for d in (576, 2048, 4096):
+    # d 2560 +1: Gemma 3 4B's (1 + w) norms; 5120 fp32: OLMo-2 13B's whole-q norm in place on the fp32 qkv (40 x 128)
+    for d, dtype, plus_one in ((576, "bf16", False), (2048, "bf16", False), (4096, "bf16", False),
+                               (2560, "bf16", True), (5120, "fp32", False)):
         cfg = rmsnorm.launch_config(d)
-        out.append(("rmsnorm", f"d={d} bf16", rmsnorm._rmsnorm_kernel,
-                    {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "d": "i32", "stride_x": "i32",
+        out.append(("rmsnorm", f"d={d} {dtype}{' +1' if plus_one else ''}", rmsnorm._rmsnorm_kernel,
+                    {"x_ptr": f"*{dtype}", "w_ptr": "*bf16", "y_ptr": f"*{dtype}", "d": "i32", "stride_x": "i32",
                      "stride_y": "i32", "eps": "fp32", "PLUS_ONE": "constexpr", "BLOCK_D": "constexpr"},
-                    {"PLUS_ONE": False, "BLOCK_D": cfg["BLOCK_D"]}, {"num_warps": cfg["num_warps"]}))
-    for ff in (1536, 14336):
+                    {"PLUS_ONE": plus_one, "BLOCK_D": cfg["BLOCK_D"]}, {"num_warps": cfg["num_warps"]}))
+    for ff, gelu in ((1536, False), (14336, False), (10240, True)):  # 10240: Gemma 3 4B's GeGLU
         cfg = swiglu.launch_config(ff)
-        out.append(("swiglu", f"ff={ff} bf16", swiglu._swiglu_kernel,
+        out.append(("swiglu", f"ff={ff} bf16 {'gelu_tanh' if gelu else 'silu'}", swiglu._swiglu_kernel,
                     {"gu_ptr": "*bf16", "y_ptr": "*bf16", "ff": "i32", "stride_gu": "i32", "stride_y": "i32",
-                     "BLOCK": "constexpr"}, {"BLOCK": cfg["BLOCK"]}, {"num_warps": cfg["num_warps"]}))
+                     "GELU_TANH": "constexpr", "BLOCK": "constexpr"}, {"GELU_TANH": gelu, "BLOCK": cfg["BLOCK"]},
+                    {"num_warps": cfg["num_warps"]}))
     for (m, k, x_dtype, y_type) in ((4096, 4096, torch.bfloat16, "*bf16"), (28672, 4096, torch.bfloat16, "*bf16"),
                                     (152064, 3584, torch.bfloat16, "*bf16"), (1728, 576, torch.float32, "*fp32"),
-                                    (6144, 4096, torch.bfloat16, "*fp32")):
+                                    (6144, 4096, torch.bfloat16, "*fp32"),
+                                    (262208, 2560, torch.bfloat16, "*bf16")):  # Gemma 3 4B's tied LM head
         cfg = linear.launch_config(1, m, k, x_dtype=x_dtype)
         x_type = "*bf16" if x_dtype == torch.bfloat16 else "*fp32"
         out.append(("linear_int8", f"m={m} k={k} x={x_type[1:]} y={y_type[1:]}", linear._linear_int8_kernel,
@@ -105,21 +110,26 @@ def _specs():
                      "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "DOT_BF16": "constexpr"},
                     {key: cfg[key] for key in ("BLOCK_N", "BLOCK_M", "BLOCK_K", "DOT_BF16")},
                     {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}))
-    for hd in (64, 128):
-        cfg = qkv_rope.launch_config(hd)
+    # (head_dim, rotary_dim, (1 + w)): Llama-like 64 / 128; Phi-3-mini's 96; 128 rotating 96 (a partial
+    # rotary factor of 0.75); Gemma 3's 256 with (1 + w) q/k norms.
+    for hd, rot, plus_one in ((64, 64, False), (128, 128, False), (96, 96, False), (128, 96, False),
+                              (256, 256, True)):
+        cfg = qkv_rope.launch_config(hd, rot)
+        shape = f"hd={hd}" + (f" rot={rot}" if rot != hd else "") + (" +1" if plus_one else "")
         for is_q, norm in ((True, False), (False, False), (True, True), (False, True)):
-            out.append(("rope_write", f"hd={hd} {'q' if is_q else 'kv'}{' +norm' if norm else ''}",
+            out.append(("rope_write", f"{shape} {'q' if is_q else 'kv'}{' +norm' if norm else ''}",
                         qkv_rope._rope_write_kernel,
                         {"qkv_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64",
                          "rows_ptr": "*i64", "norm_ptr": "*bf16", "out_ptr": "*bf16", "v_out_ptr": "*bf16",
                          "stride_qkv": "i32", "stride_cos": "i32", "stride_sin": "i32", "head0": "i32",
                          "n_out_heads": "i32", "v_offset": "i32", "S": "i32", "eps": "fp32",
-                         "HALF": "constexpr", "HALF_PAD": "constexpr", "NORM": "constexpr",
-                         "PLUS_ONE": "constexpr", "IS_Q": "constexpr"},
-                        {"HALF": hd // 2, "HALF_PAD": cfg["HALF_PAD"], "NORM": norm, "PLUS_ONE": False,
-                         "IS_Q": is_q}, {"num_warps": cfg["num_warps"]}))
+                         "HALF": "constexpr", "HALF_PAD": "constexpr", "HD": "constexpr", "REST_PAD": "constexpr",
+                         "NORM": "constexpr", "PLUS_ONE": "constexpr", "IS_Q": "constexpr"},
+                        {"HALF": cfg["HALF"], "HALF_PAD": cfg["HALF_PAD"], "HD": hd, "REST_PAD": cfg["REST_PAD"],
+                         "NORM": norm, "PLUS_ONE": plus_one and norm, "IS_Q": is_q}, {"num_warps": cfg["num_warps"]}))
+    # ... (32, 32, 96): Phi-3-mini; (8, 4, 256): Gemma 3 4B (its sliding layers use the same kernel, windowed)
     for (nq, nkv, hd, S) in ((9, 3, 64, 2048), (32, 8, 128, 8192), (28, 4, 128, 8192), (16, 16, 128, 4096),
-                             (8, 1, 256, 4096)):
+                             (8, 1, 256, 4096), (32, 32, 96, 4096), (8, 4, 256, 8192)):
         cfg = attention.launch_config(1, nq, nkv, S, hd)
         out.append(("attention_split", f"nq={nq} nkv={nkv} hd={hd} bf16 BLOCK_N={cfg['BLOCK_N']}",
                     attention._attention_split_kernel,
@@ -129,13 +139,13 @@ def _specs():
                      "G": "constexpr", "G_PAD": "constexpr", "HD_PAD": "constexpr", "BLOCK_N": "constexpr"},
                     {"G": nq // nkv, "G_PAD": cfg["G_PAD"], "HD_PAD": cfg["HD_PAD"], "BLOCK_N": cfg["BLOCK_N"]},
                     {"num_warps": cfg["num_warps"]}))
-    for hd in (64, 128):
+    for hd in (64, 128, 256):
         out.append(("attention_combine", f"hd={hd} splits<=64", attention._attention_combine_kernel,
                     {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": "*bf16",
                      "n_splits": "i32", "hd": "i32", "SPLITS_PAD": "constexpr", "HD_PAD": "constexpr"},
                     {"SPLITS_PAD": 64, "HD_PAD": hd},
                     {"num_warps": attention.launch_config(1, 8, 8, 4096, hd)["combine_warps"]}))
-    for V in (49152, 152064):
+    for V in (49152, 152064, 262208):  # 262208: Gemma 3
         cfg = sample.launch_config(V)
         out.append(("sample", f"V={V}", sample._sample_kernel,
                     {"logits_ptr": "*fp32", "temperature_ptr": "*fp32", "top_k_ptr": "*i64", "top_p_ptr": "*fp32",
