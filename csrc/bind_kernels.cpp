@@ -146,6 +146,7 @@ py::array_t<float> kernel_matmul(const F32Array& w, const F32Array& x, const std
   std::vector<uint16_t> bf16;
   std::vector<BlockQ8> w_q8, x_q8;
   std::vector<shortrt::BlockQ4> w_q4;
+  std::vector<shortrt::BlockQ4x16> w_q4x16;
   std::vector<float> x_sum;
   shortrt::Activation act;
   act.f32 = x.data();
@@ -170,7 +171,9 @@ py::array_t<float> kernel_matmul(const F32Array& w, const F32Array& x, const std
       x_q8 = quantize(k, x.data(), n_tokens * cols);
       x_sum.resize(x_q8.size());
       shortrt::activation_block_sums(x_q8.data(), static_cast<int64_t>(x_q8.size()), x_sum.data());
-      W.q4 = w_q4.data();
+      w_q4x16.resize(static_cast<size_t>(shortrt::q4_groups(rows) * (cols / shortrt::kQ4Block)));
+      shortrt::interleave_q4(w_q4.data(), rows, cols / shortrt::kQ4Block, w_q4x16.data());
+      W.q4 = w_q4x16.data();
       act.q8 = x_q8.data();
       act.q8_sum = x_sum.data();
       break;
