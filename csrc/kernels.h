@@ -182,6 +182,10 @@ struct KernelTable {
   // w is the row group holding the first row (the block starts on a multiple of 16 rows).
   void (*gemm_q4)(const BlockQ4x16* w, int64_t n_rows, int64_t n_blocks, const BlockQ8* x, const float* x_sum,
                   int64_t n_tok, float* y, int64_t ldy);
+
+  // Prefill attention of one tile of query tokens x the q heads sharing a kv head (attention.h).
+  void (*attend_tile)(const float* q, int64_t ldq, float* out, int64_t ldo, int n_tok, int group, int head_dim,
+                      float scale, const float* kt, const float* v, int64_t ldv, int64_t pos0);
 };
 
 // The active path: chosen once from SHORTRT_KERNELS (ref|avx2|avx512|auto;

@@ -509,6 +509,7 @@ constexpr KernelTable kAvx2Table = {
     detail::attend_partial_f16_avx2, detail::attend_partial_bf16_avx2, detail::attend_partial_q8_avx2,
     detail::f16_to_f32_row_avx2,
     detail::gemm_q4_avx2,
+    detail::attend_tile_avx2,
 };
 
 }  // namespace

@@ -105,7 +105,7 @@ constexpr KernelTable kReferenceTable = {
     rmsnorm_f32_ref, swiglu_f32_ref,       softmax_f32_ref,  sum_f32_ref,    quantize_row_q8_ref,
     gemm_f32_ref,    gemm_bf16_ref,        gemm_q8_ref,      attend_partial_ref,
     attend_partial_f16_ref, attend_partial_bf16_ref, attend_partial_q8_ref, f16_to_f32_row_ref,
-    detail::gemm_q4_ref,
+    detail::gemm_q4_ref,           attend_tile_ref,
 };
 
 }  // namespace
