@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -194,9 +195,11 @@ def worker_llamacpp(spec: dict) -> dict:
     out = measure(run, spec["prompt"], _short(spec), spec["new_tokens"], spec["reps"])
     n_bytes = sum(int(t.n_bytes) for t in GGUFReader(spec["path"]).tensors)
     meta = llm.metadata
-    n_layers = int(meta.get("llama.block_count", 0)) or None
-    kv_heads = int(meta.get("llama.attention.head_count_kv", 0))
-    head_dim = int(meta.get("llama.embedding_length", 0)) // int(meta.get("llama.attention.head_count", 1))
+    arch = meta.get("general.architecture", "llama")
+    n_layers = int(meta.get(f"{arch}.block_count", 0)) or None
+    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", 0))
+    head_dim = (int(meta.get(f"{arch}.attention.key_length", 0))
+                or int(meta.get(f"{arch}.embedding_length", 0)) // int(meta.get(f"{arch}.attention.head_count", 1)))
     out.update(load_s=load_s, weight_bytes=n_bytes, bytes_per_token=n_bytes,
                kv_bytes=2 * (n_layers or 0) * spec["context"] * kv_heads * head_dim * 2,  # f16 cache
                layers_run=n_layers)
@@ -367,29 +370,55 @@ def measure_bandwidth(threads: int, buffer_bytes: int = BANDWIDTH_BUFFER_BYTES, 
     return best
 
 
-LLAMACPP_TYPES = ("F32", "F16", "Q8_0")
+LLAMACPP_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
+LLAMACPP_FTYPES = {"F32": "LLAMA_FTYPE_ALL_F32", "F16": "LLAMA_FTYPE_MOSTLY_F16", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+                   "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+                   "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
 
-def llamacpp_ggufs(types=LLAMACPP_TYPES) -> dict[str, Path]:
-    """F32 / F16 / Q8_0 GGUFs of the default model, re-quantized from its Q4_1 file by
-    llama.cpp's quantize API (cached). Q4_1 dequantizes exactly, so every format holds the
-    values the safetensors checkpoint holds and all engines run the same model."""
+def llamacpp_source(model) -> Path:
+    """The GGUF that llama.cpp's formats of `model` are quantized from: the file the default model
+    ships (Q4_1, which dequantizes exactly), else an F32 GGUF exported once by shortrt (cached)."""
+    import shortrt
+    from shortrt.checkpoint import cache_dir, default_gguf_path
+    from shortrt.gguf_export import export_gguf, origin_gguf
+
+    m = shortrt.load(model)
+    origin = origin_gguf(m)
+    if origin is not None:
+        return origin
+    if str(model) == "default":
+        return default_gguf_path()
+    dst = cache_dir() / "bench" / "gguf" / f"{m.path.name}-F32.gguf"
+    if not dst.is_file():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        export_gguf(m, dst, qtype="f32", progress=True)
+    return dst
+
+
+def llamacpp_ggufs(types=LLAMACPP_TYPES, source=None) -> dict[str, Path]:
+    """{type: GGUF} of the model whose GGUF is `source` (default: the default model's Q4_1 file),
+    re-quantized by llama.cpp's quantize API (cached). The default model's Q4_1 dequantizes exactly,
+    so every format holds the values the safetensors checkpoint holds and all engines run the same
+    model; llama.cpp chooses the output tensor's format itself (e.g. Q6_K in a Q4_0 file)."""
     import ctypes
-
-    import llama_cpp
 
     from shortrt.checkpoint import cache_dir, default_gguf_path
 
-    src = default_gguf_path()
-    ftypes = {"F32": llama_cpp.LLAMA_FTYPE_ALL_F32, "F16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
-              "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
+    unknown = [t for t in types if t not in LLAMACPP_FTYPES]
+    if unknown:
+        raise ValueError(f"unknown llama.cpp type(s) {', '.join(unknown)} (known: {', '.join(LLAMACPP_FTYPES)})")
+    import llama_cpp
+
+    src = Path(source) if source is not None else default_gguf_path()
     out = {}
     for name in types:
-        dst = cache_dir() / "bench" / "gguf" / f"{src.stem.split('.')[0]}-{name}.gguf"
+        base = re.sub(r"\.(Q[0-9A-Z_]+|F16|F32|BF16)$", "", src.stem.removesuffix("-F32"))
+        dst = cache_dir() / "bench" / "gguf" / f"{base}-{name}.gguf"
         if not dst.is_file():
             dst.parent.mkdir(parents=True, exist_ok=True)
             params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = ftypes[name]
+            params.ftype = getattr(llama_cpp, LLAMACPP_FTYPES[name])
             params.allow_requantize = True
             params.nthread = 2
             tmp = dst.with_suffix(".tmp")

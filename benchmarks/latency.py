@@ -3,8 +3,12 @@
 For a model and a list of removal counts (pruned checkpoints made with
 `shortgpt` on the fly and cached), and for each engine available — shortrt
 fp32/bf16/int8/int4 (`shortrt-int4` with the LM head in int4 too; `shortrt-int4:int8` with it in
-int8, the engine's default), transformers fp32/bf16, llama.cpp (F32/F16/Q8_0 GGUFs made by its quantize API,
-pruned by shortrt.gguf_export.prune_gguf, when llama-cpp-python is installed) — it measures, each engine in its own process
+int8, the engine's default), transformers fp32/bf16, llama.cpp (the --llamacpp-types formats, default
+F32/F16/Q8_0/Q4_0, made by its quantize API from the default model's Q4_1 file or from an F32 GGUF
+shortrt exports, pruned by shortrt.gguf_export.prune_gguf, when llama-cpp-python is installed;
+with an existing llama.cpp build, `CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" pip install
+llama-cpp-python diskcache` skips the source build and LLAMA_CPP_LIB_PATH=<build>/bin points it at
+the libraries) — it measures, each engine in its own process
 (benchmarks/harness.py; a worker that crashes or hangs becomes a failed row and the run goes on):
 
   time to first token and prefill tokens/s for a 512-token prompt,
@@ -72,7 +76,12 @@ def pruned_checkpoints(model_name: str, needed: list[tuple[str, int]], scores_fi
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", default="default",
+                   help="a model source shortrt.load takes, or synthetic:SHAPE for a random-weight checkpoint "
+                        "of a published shape (benchmarks/scale.py SHAPES, e.g. synthetic:qwen2.5-0.5b; speed "
+                        "and memory only) (default %(default)s)")
+    p.add_argument("--llamacpp-types", default=",".join(harness.LLAMACPP_TYPES),
+                   help="llama.cpp formats to run (of %s; default %%(default)s)" % ", ".join(harness.LLAMACPP_FTYPES))
     p.add_argument("--remove", default="0,4,8,12", help="layer counts to remove (default %(default)s)")
     p.add_argument("--variants", default="shortgpt",
                    help="pruning variants run at every --remove count: shortgpt, span, attention, "
@@ -102,7 +111,8 @@ def parse_args(argv=None):
     return args
 
 
-def make_jobs(engines: list[str], ckpts: dict, dense_variant: str) -> list[dict]:
+def make_jobs(engines: list[str], ckpts: dict, dense_variant: str, model: str = "default",
+              llamacpp_types=harness.LLAMACPP_TYPES) -> list[dict]:
     """One job per engine configuration and checkpoint, dense first."""
     ordered = [(vk, path) for vk, path in sorted(ckpts.items(), key=lambda kv: (kv[0][1], kv[0][0]))
                if vk[1] or vk[0] == dense_variant]  # the dense checkpoint once, not once per variant
@@ -115,7 +125,8 @@ def make_jobs(engines: list[str], ckpts: dict, dense_variant: str) -> list[dict]
                 print("llama.cpp: llama-cpp-python is not installed; its rows are skipped "
                       "(pip install llama-cpp-python, ~18 min source build)", file=sys.stderr)
                 continue
-            for t, gguf in harness.llamacpp_ggufs().items():
+            ggufs = harness.llamacpp_ggufs(llamacpp_types, harness.llamacpp_source(model))
+            for t, gguf in ggufs.items():
                 for (variant, k), ckpt in ordered:
                     path = harness.pruned_gguf(gguf, ckpt) if k else gguf
                     if path is None:
@@ -151,11 +162,20 @@ def main(argv=None) -> None:
     import shortrt
     from shortrt.data import heldout_texts
 
+    if args.model.startswith("synthetic:"):
+        import scale
+        from shortrt.checkpoint import cache_dir
+
+        shape = args.model.partition(":")[2]
+        if shape not in scale.SHAPES:
+            sys.exit(f"--model {args.model}: unknown shape (known: {', '.join(scale.SHAPES)})")
+        args.model = str(scale.synthetic_checkpoint(shape, cache_dir() / "bench" / f"synthetic-{shape}"))
     dense = shortrt.load(args.model)
     print(f"model {dense} — measuring memory bandwidth ({args.threads} threads)...", file=sys.stderr)
     bandwidth = harness.measure_bandwidth(args.threads)
     ckpts = pruned_checkpoints(args.model, needed, args.scores, args.calib_tokens)
-    jobs = make_jobs(engines, ckpts, variants[0])
+    types = [t.strip() for t in args.llamacpp_types.split(",") if t.strip()]
+    jobs = make_jobs(engines, ckpts, variants[0], args.model, types)
 
     common = {"threads": args.threads, "context": CONTEXT, "reps": 1, "new_tokens": args.new_tokens,
               "decode_prompt_tokens": 16, "prompt": harness.prompt_ids(dense.path, args.prompt_tokens, heldout_texts())}
@@ -229,6 +249,7 @@ def render_markdown(rows, bandwidth, args, dense) -> str:
         lines.append(f"- decode {ours} / {theirs}: {ratio((ours, 'dense', 0), (theirs, 'dense', 0))}")
     lines.append(f"- prefill shortrt fp32 / llama.cpp F32: {ratio(('shortrt fp32', 'dense', 0), ('llama.cpp F32', 'dense', 0), 'prefill_tok_s')}; "
                  f"/ transformers fp32: {ratio(('shortrt fp32', 'dense', 0), ('transformers fp32', 'dense', 0), 'prefill_tok_s')}")
+    lines += ["", "Issue #13's targets, in this run:", *target_lines(by)]
     for r in rows:
         if "speedup" in r:
             gap = r["speedup"] / r["ideal_speedup"]
@@ -238,6 +259,56 @@ def render_markdown(rows, bandwidth, args, dense) -> str:
             lines.append(f"- {r['label']} {r['variant']} -{r['removed']}: decode {r['speedup']:.2f}× dense, "
                          f"ideal {r['ideal_speedup']:.2f}× by bytes per token; KV cache {r['kv_ratio']:.3f} of dense{note}")
     return "\n".join(lines)
+
+
+MATCHING_LLAMACPP = {"fp32": "F32", "bf16": "F16", "int8": "Q8_0", "int4": "Q4_0"}
+BOUND_TARGETS = {"fp32": 0.90, "int8": 0.85, "int4": 0.85}
+
+
+def target_lines(by: dict) -> list[str]:
+    """Each of issue #13's speed targets that this run's rows can decide: measured, target, met or MISSED."""
+    out = []
+
+    def check(what: str, value: float | None, target: float, unit: str = "×") -> None:
+        if value is None:
+            return
+        shown = f"{value:.0%}" if unit == "%" else f"{value:.2f}×"
+        goal = f"{target:.0%}" if unit == "%" else f"{target:.2f}×"
+        out.append(f"- {what}: {shown} (target ≥ {goal}: {'met' if value >= target else 'MISSED'})")
+
+    def get(label, key, variant="dense", removed=0):
+        r = by.get((label, variant, removed))
+        return r[key] if r else None
+
+    def ratio(a, b, key="decode_tok_s"):
+        return a / b if a and b else None
+
+    int4_labels = [label for label in ("shortrt int4 (head int8)", "shortrt int4")
+                   if (label, "dense", 0) in by]
+    for label in int4_labels:
+        q4 = get("llama.cpp Q4_0", "decode_tok_s")
+        check(f"decode {label} dense / llama.cpp Q4_0 dense", ratio(get(label, "decode_tok_s"), q4), 1.3)
+        check(f"decode {label} -8 layers / llama.cpp Q4_0 dense",
+              ratio(get(label, "decode_tok_s", "shortgpt", 8), q4), 1.6)
+    for dtype, theirs in MATCHING_LLAMACPP.items():
+        labels = int4_labels if dtype == "int4" else [f"shortrt {dtype}"]
+        for label in labels:
+            ours = by.get((label, "dense", 0))
+            if not ours:
+                continue
+            check(f"decode {label} / llama.cpp {theirs}",
+                  ratio(ours["decode_tok_s"], get(f"llama.cpp {theirs}", "decode_tok_s")), 1.1)
+            peers = [p for p in (get(f"llama.cpp {theirs}", "prefill_tok_s"),
+                                 get("transformers fp32", "prefill_tok_s")) if p]
+            if peers:
+                check(f"prefill {label} / the faster of llama.cpp {theirs} and transformers fp32 ({max(peers):.0f} tok/s)",
+                      ours["prefill_tok_s"] / max(peers), 1.2)
+            if dtype in BOUND_TARGETS:
+                check(f"decode {label} of its bandwidth bound", ours["decode_tok_s"] / ours["bound_tok_s"],
+                      BOUND_TARGETS[dtype], "%")
+    check("prefill shortrt int8 / shortrt fp32",
+          ratio(get("shortrt int8", "prefill_tok_s"), get("shortrt fp32", "prefill_tok_s")), 2.0)
+    return out or ["- (none of the rows the targets compare were measured)"]
 
 
 VARIANT_MARKERS = {"attention": "s", "span": "v", "span+layer": "^", "span+mlp": "D"}

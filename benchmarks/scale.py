@@ -45,12 +45,19 @@ SHAPES = {
     "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
                         tie_word_embeddings=True),
+    # Qwen2.5-0.5B's published shape (q/k/v with biases, 2 kv heads of 64, a tied 151,936-token head).
+    "qwen2.5-0.5b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=896,
+                         intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         vocab_size=151936, rope_theta=1000000.0, max_position_embeddings=32768,
+                         tie_word_embeddings=True, rms_norm_eps=1e-6),
 }
 STEPS = ("calibrate", "prune", "replace", "generate")
 
 
 def synthetic_checkpoint(shape: str, out: Path) -> Path:
-    """Write (once) a bf16 Llama checkpoint of `shape` with random weights; returns its directory."""
+    """Write (once) a bf16 checkpoint of `shape` with random weights (a Llama unless the shape names
+    another architecture; Qwen2 gets its q/k/v biases); returns its directory. The tokenizer is the
+    default model's: prompts use its ids, and the embedding rows past them are never looked up."""
     import shutil
 
     import torch
@@ -68,6 +75,7 @@ def synthetic_checkpoint(shape: str, out: Path) -> Path:
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5,
               "head_dim": head_dim, "torch_dtype": "bfloat16", "attention_bias": False, "mlp_bias": False,
               "bos_token_id": tok_config.get("bos_token_id"), "eos_token_id": tok_config.get("eos_token_id"), **c}
+    qkv_bias = c.get("model_type") == "qwen2"
     shapes = {"model.embed_tokens.weight": (c["vocab_size"], hidden), "model.norm.weight": (hidden,)}
     if not c["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (c["vocab_size"], hidden)
@@ -80,6 +88,9 @@ def synthetic_checkpoint(shape: str, out: Path) -> Path:
                        p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
                        p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
                        p + "mlp.down_proj.weight": (hidden, inter)})
+        if qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (heads * head_dim,),
+                           p + "self_attn.k_proj.bias": (kv * head_dim,), p + "self_attn.v_proj.bias": (kv * head_dim,)})
 
     def pieces(name: str, shape: tuple[int, ...]):
         rows_per_piece = max(1, (64 << 20) // (2 * math.prod(shape[1:])))

@@ -366,3 +366,32 @@ def test_llama_cpp_quality_rows_score_the_same_tokens(tiny, tmp_path, monkeypatc
     text = md.read_text()
     assert "| llama.cpp Q8_0 | Q8_0 ×" in text and "FAILED: killed by SIGSEGV" in text
     assert "int4 (LM head int8, KV fp32)" in text and "vs Q4_0" in text and "vs Q4_1" in text
+
+
+def test_latency_targets_compare_the_matching_rows():
+    def row(decode, prefill, bound=None):
+        return {"decode_tok_s": decode, "prefill_tok_s": prefill, "bound_tok_s": bound or 2 * decode}
+
+    by = {("shortrt int4 (head int8)", "dense", 0): row(130.0, 600.0, 150.0),
+          ("shortrt int4 (head int8)", "shortgpt", 8): row(150.0, 700.0),
+          ("llama.cpp Q4_0", "dense", 0): row(100.0, 400.0),
+          ("transformers fp32", "dense", 0): row(20.0, 550.0),
+          ("shortrt int8", "dense", 0): row(120.0, 900.0, 200.0),
+          ("shortrt fp32", "dense", 0): row(50.0, 500.0, 55.0)}
+    lines = latency.target_lines(by)
+    assert "- decode shortrt int4 (head int8) dense / llama.cpp Q4_0 dense: 1.30× (target ≥ 1.30×: met)" in lines
+    assert "- decode shortrt int4 (head int8) -8 layers / llama.cpp Q4_0 dense: 1.50× (target ≥ 1.60×: MISSED)" in lines
+    # prefill is against the faster peer: transformers' 550, not llama.cpp's 400
+    assert ("- prefill shortrt int4 (head int8) / the faster of llama.cpp Q4_0 and transformers fp32 (550 tok/s): "
+            "1.09× (target ≥ 1.20×: MISSED)") in lines
+    assert "- decode shortrt int4 (head int8) of its bandwidth bound: 87% (target ≥ 85%: met)" in lines
+    assert "- decode shortrt fp32 of its bandwidth bound: 91% (target ≥ 90%: met)" in lines
+    assert "- decode shortrt int8 of its bandwidth bound: 60% (target ≥ 85%: MISSED)" in lines
+    assert "- prefill shortrt int8 / shortrt fp32: 1.80× (target ≥ 2.00×: MISSED)" in lines
+    assert not any("llama.cpp Q8_0" in line and "decode" in line for line in lines)  # no Q8_0 row: undecided
+    assert latency.target_lines({}) == ["- (none of the rows the targets compare were measured)"]
+
+
+def test_llamacpp_types_are_checked_before_anything_is_quantized():
+    with pytest.raises(ValueError, match=r"unknown llama.cpp type\(s\) Q3_X \(known: F32, F16, Q8_0, Q4_0"):
+        harness.llamacpp_ggufs(("F32", "Q3_X"), source="/nonexistent.gguf")
