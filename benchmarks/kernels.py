@@ -16,7 +16,10 @@ released, so no Python overhead enters a number):
                    rows of one engine step with b sequences decoding): ms per step and
                    the aggregate speed-up over b = 1, per path side by side;
   prefill          one layer's matrices on 512 tokens: GFLOP/s and the matmul-only
-                   prefill tokens/s it implies for the whole model.
+                   prefill tokens/s it implies for the whole model;
+  attention        prefill attention of 512 tokens (every layer's, 9 q / 3 kv heads of
+                   64) on each path: the tiled kernel the engine runs (attend_tile) and
+                   the two-matmuls-per-kv-head path beside it, interleaved.
 
 Medians over iterations; the machine may be shared, so compare ratios within
 one run rather than absolute numbers across runs. The cpu column is the share
@@ -36,6 +39,7 @@ import json
 import platform
 import statistics
 import sys
+import time
 
 import numpy as np
 
@@ -44,9 +48,9 @@ from shortrt import _C
 # SmolLM2-135M (the packaged default model): Llama, 30 layers, hidden 576,
 # 9 heads / 3 KV heads of 64, intermediate 1536, vocab 49152, tied lm_head.
 MODEL = dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, head_dim=64, vocab=49152)
-BYTES_PER_WEIGHT = {"f32": 4.0, "bf16": 2.0, "q8": 36 / 32}
+BYTES_PER_WEIGHT = {"f32": 4.0, "bf16": 2.0, "q8": 36 / 32, "q4": 20 / 32}  # (every shape here is whole 16-row q4 groups)
 # Project targets (tokens/s), from the llama.cpp baselines on this machine class.
-DECODE_TARGET = {"f32": 44.0, "bf16": 66.0, "q8": 100.0}
+DECODE_TARGET = {"f32": 44.0, "bf16": 66.0, "q8": 100.0, "q4": float("nan")}
 PREFILL_TARGET = 470.0  # fp32, 512-token prompt
 
 
@@ -102,7 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     ap.add_argument("--paths", default=",".join(p for p in _C.kernel_paths() if p != "ref") or "ref",
                     help="kernel paths to time (default: the fast ones this CPU has)")
-    ap.add_argument("--wtypes", default="f32,bf16,q8")
+    ap.add_argument("--wtypes", default="f32,bf16,q8,q4")
     ap.add_argument("--iters", type=int, default=7)
     ap.add_argument("--prefill-tokens", type=int, default=512)
     ap.add_argument("--batches", default="1,2,4,8,16", help="token counts of the batched-decode rows")
@@ -195,6 +199,26 @@ def main(argv=None) -> int:
                 target = f"{PREFILL_TARGET:.0f}" if wtype == "f32" else ""
                 print(f"{path + '/' + wtype:<12}{t:>4}{secs * 1e3:>10.2f}{gflops:>9.1f}{tok_s:>13.0f}{target:>8}"
                       f"{100 * cpu:>5.0f}%{layer_flops * prefill_tokens / cpu_secs / 1e9:>13.1f}")
+
+    print(f"\nprefill attention: {prefill_tokens} tokens x {model['layers']} layers, {t} thread(s); "
+          "tiles = attend_tile (the engine's), matmuls = two matmuls per kv head")
+    print(f"{'path':<8}{'tiles ms':>10}{'matmuls ms':>12}{'tiles x':>9}{'max diff':>10}")
+    n_heads, n_kv, hd = model["heads"], model["kv_heads"], model["head_dim"]
+    q = rng.standard_normal((prefill_tokens, n_heads, hd)).astype(np.float32)
+    kv = [rng.standard_normal((prefill_tokens, n_kv * hd)).astype(np.float32) for _ in range(2)]
+    for path in paths:
+        diff = float(np.abs(_C.attention_prefill(q, *kv, n_kv, path)
+                            - _C.attention_prefill(q, *kv, n_kv, path, matmuls=True)).max())
+        times = {True: [], False: []}
+        for _ in range(iters):  # the two take turns
+            for matmuls in (False, True):
+                start = time.perf_counter()
+                _C.attention_prefill(q, *kv, n_kv, path, threads=t, matmuls=matmuls, repeat=model["layers"])
+                times[matmuls].append(time.perf_counter() - start)
+        tiles_s, matmuls_s = median(times[False]), median(times[True])
+        results["rows"].append(dict(kind="prefill_attention", path=path, threads=t, tokens=prefill_tokens,
+                                    tiles_seconds=tiles_s, matmuls_seconds=matmuls_s, max_abs_diff=diff))
+        print(f"{path:<8}{tiles_s * 1e3:>10.1f}{matmuls_s * 1e3:>12.1f}{matmuls_s / tiles_s:>9.2f}{diff:>10.1e}")
 
     if args.json:
         with open(args.json, "w") as f:

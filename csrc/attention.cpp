@@ -33,7 +33,8 @@ AttentionScratch::AttentionScratch(int max_seq, int n_heads, int n_kv_heads, int
   const size_t rows = static_cast<size_t>(kTokenBlock) * group;
   const size_t seq = max_seq, hd = head_dim;
   auto padded = [](size_t n) { return (n + 15) / 16 * 16; };  // keep each array 64-byte aligned
-  const size_t sizes[] = {padded(seq * hd),   padded(hd * seq), padded(rows * hd),
+  const size_t key_blocks = (seq + kTileKeys - 1) / kTileKeys * kTileKeys;  // attend_tile's zero-padded blocks
+  const size_t sizes[] = {padded(key_blocks * hd), padded(hd * seq), padded(rows * hd),
                           padded(rows * seq), padded(rows * hd),
                           padded(static_cast<size_t>(decode_items * decode_item_floats))};
   size_t total = 0;
@@ -106,6 +107,41 @@ void attend_ref(const float* q, int group, const RefRows<Type>& rows, int64_t n_
 }
 
 }  // namespace
+
+void attend_tile_ref(const float* q, int64_t ldq, float* out, int64_t ldo, int n_tok, int group, int hd, float scale,
+                     const float* kt, const float* v, int64_t ldv, int64_t pos0) {
+  for (int r = 0; r < n_tok * group; ++r) {
+    const float* qr = q + (r / group) * ldq + (r % group) * hd;
+    float* o = out + (r / group) * ldo + (r % group) * hd;
+    const int64_t last = pos0 + r / group;  // the row's last visible key
+    std::fill(o, o + hd, 0.0f);
+    float m = -std::numeric_limits<float>::infinity(), l = 0.0f;
+    for (int64_t j0 = 0; j0 <= last; j0 += kTileKeys) {
+      const float* kb = kt + j0 * hd;  // block j0 / kTileKeys: [hd][kTileKeys]
+      const int nvis = static_cast<int>(std::min<int64_t>(kTileKeys, last + 1 - j0));
+      float sc[kTileKeys];
+      float block_max = -std::numeric_limits<float>::infinity();
+      for (int j = 0; j < nvis; ++j) {
+        float dot = 0.0f;
+        for (int i = 0; i < hd; ++i) dot += qr[i] * kb[i * kTileKeys + j];
+        sc[j] = scale * dot;
+        block_max = std::max(block_max, sc[j]);
+      }
+      const float m_new = std::max(m, block_max);
+      const float c = m == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(m - m_new);
+      l *= c;
+      for (int i = 0; i < hd; ++i) o[i] *= c;
+      for (int j = 0; j < nvis; ++j) {
+        const float p = std::exp(sc[j] - m_new);
+        l += p;
+        const float* vj = v + (j0 + j) * ldv;
+        for (int i = 0; i < hd; ++i) o[i] += p * vj[i];
+      }
+      m = m_new;
+    }
+    for (int i = 0; i < hd; ++i) o[i] /= l;
+  }
+}
 
 void f16_to_f32_row_ref(const uint16_t* x, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(x[i]);
@@ -315,8 +351,7 @@ void load_row(const KernelTable& k, const AttentionArgs& a, const void* base, co
 
 }  // namespace
 
-void attention_matmul(const AttentionArgs& a, AttentionScratch& s, ThreadPool& pool) {
-  const KernelTable& k = kernels();
+void attention_matmul_blocks(const AttentionArgs& a, AttentionScratch& s, ThreadPool& pool, const KernelTable& k) {
   const int hd = a.head_dim, group = a.n_heads / a.n_kv_heads;
   const int64_t total_keys = a.pos + a.n;
   const float scale = scale_of(a);
@@ -358,7 +393,7 @@ void attention_matmul(const AttentionArgs& a, AttentionScratch& s, ThreadPool& p
       K.rows = n_keys;
       K.cols = hd;
       K.f32 = keys;
-      matmul(K, Activation{s.queries, nullptr}, rows, s.scores, n_keys, pool);
+      matmul(k, K, Activation{s.queries, nullptr}, rows, s.scores, n_keys, pool);
 
       pool.parallel_for(rows, 8, [&](int64_t b, int64_t e) {
         for (int64_t r = b; r < e; ++r) {
@@ -377,7 +412,7 @@ void attention_matmul(const AttentionArgs& a, AttentionScratch& s, ThreadPool& p
       Vt.rows = hd;
       Vt.cols = n_keys;
       Vt.f32 = s.values_t;
-      matmul(Vt, Activation{s.scores, nullptr}, rows, s.out, hd, pool);
+      matmul(k, Vt, Activation{s.scores, nullptr}, rows, s.out, hd, pool);
 
       for (int r = 0; r < rows; ++r) {
         float* dst = a.out + static_cast<int64_t>(t0 + r / group) * a.n_heads * hd + (g * group + r % group) * hd;
@@ -385,6 +420,56 @@ void attention_matmul(const AttentionArgs& a, AttentionScratch& s, ThreadPool& p
       }
     }
   }
+}
+
+void attention_matmul(const AttentionArgs& a, AttentionScratch& s, ThreadPool& pool, const KernelTable& k) {
+  const int hd = a.head_dim, group = a.n_heads / a.n_kv_heads;
+  if (a.window > 0 || group > kMaxTileRows) {
+    attention_matmul_blocks(a, s, pool, k);
+    return;
+  }
+  const int64_t total_keys = a.pos + a.n, n_key_blocks = (total_keys + kTileKeys - 1) / kTileKeys;
+  const float scale = scale_of(a);
+  const int tile_tokens = kMaxTileRows / group;
+  const int n_tiles = (a.n + tile_tokens - 1) / tile_tokens;
+  for (int g = 0; g < a.n_kv_heads; ++g) {
+    // Keys as transposed fp32 blocks [block][hd][kTileKeys], the last one zero-padded.
+    pool.parallel_for(n_key_blocks, 4, [&](int64_t b0, int64_t b1) {
+      float row[kMaxHeadDim];
+      for (int64_t b = b0; b < b1; ++b) {
+        float* kb = s.keys + b * kTileKeys * hd;
+        for (int jj = 0; jj < kTileKeys; ++jj) {
+          const int64_t j = b * kTileKeys + jj;
+          if (j < total_keys) load_row(k, a, a.keys, a.key_scales, g, row_of(a, j), row);
+          else std::fill(row, row + hd, 0.0f);
+          for (int i = 0; i < hd; ++i) kb[i * kTileKeys + jj] = row[i];
+        }
+      }
+    });
+    // Values: the cache's own rows when fp32, else converted rows [key][hd].
+    const float* v = static_cast<const float*>(a.values) + g * a.kv_head_stride;
+    int64_t ldv = a.kv_row_stride;
+    if (a.kv_type != KvType::F32) {
+      pool.parallel_for(total_keys, 64, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) load_row(k, a, a.values, a.value_scales, g, row_of(a, j), s.values_t + j * hd);
+      });
+      v = s.values_t;
+      ldv = hd;
+    }
+    // The last tiles see the most keys: hand them out first.
+    pool.parallel_for(n_tiles, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int t0 = (n_tiles - 1 - static_cast<int>(i)) * tile_tokens, nt = std::min(tile_tokens, a.n - t0);
+        k.attend_tile(a.qkv + static_cast<int64_t>(t0) * a.qkv_dim + static_cast<int64_t>(g) * group * hd, a.qkv_dim,
+                      a.out + static_cast<int64_t>(t0) * a.n_heads * hd + static_cast<int64_t>(g) * group * hd,
+                      static_cast<int64_t>(a.n_heads) * hd, nt, group, hd, scale, s.keys, v, ldv, a.pos + t0);
+      }
+    });
+  }
+}
+
+void attention_matmul(const AttentionArgs& a, AttentionScratch& s, ThreadPool& pool) {
+  attention_matmul(a, s, pool, kernels());
 }
 
 }  // namespace shortrt

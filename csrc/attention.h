@@ -59,8 +59,8 @@ struct AttentionScratch {
   // max_segments: decode segments (sequences) attention_decode_batch takes at once.
   AttentionScratch(int max_seq, int n_heads, int n_kv_heads, int head_dim, int max_segments = 1);
   // Matrix-matrix path (prefill), one kv head at a time.
-  float* keys;      // [max_seq][head_dim]       one kv head's keys, contiguous (as fp32)
-  float* values_t;  // [head_dim][max_seq]       its values transposed (row stride = keys in use)
+  float* keys;      // one kv head's keys as fp32: [max_seq][head_dim] (windowed), or attend_tile's blocks
+  float* values_t;  // [head_dim][max_seq] its values transposed (windowed), or [max_seq][head_dim] as fp32
   float* queries;   // [block rows][head_dim]    queries of a token block x the heads sharing the kv head
   float* scores;    // [block rows][max_seq]     scores, then probabilities
   float* out;       // [block rows][head_dim]
@@ -112,6 +112,34 @@ void attend_partial_q8_avx2(const float* q, int group, const int8_t* keys, const
                             int64_t n_keys, int head_dim, float scale, float* acc, float* m, float* l);
 }  // namespace detail
 
+// Prefill attention tile (the KernelTable's attend_tile): n_tok consecutive
+// query tokens x the `group` q heads sharing one kv head, over that head's
+// keys in blocks of kTileKeys, as an online softmax. Row r of the tile is
+// token r / group, head r % group: its query at q + (r / group) * ldq +
+// (r % group) * head_dim, its output at out + (r / group) * ldo + (r % group) *
+// head_dim; token tt sits at position pos0 + tt and sees keys 0..pos0 + tt.
+// kt holds the keys as fp32 blocks [ceil(keys / kTileKeys)][head_dim][kTileKeys]
+// (transposed per block, so kTileKeys scores of a row are one vector
+// expression; a partial last block zero-padded); value j is the fp32 row
+// v + j * ldv. n_tok * group <= kMaxTileRows. Per row and key block b in
+// order: s_j = scale * (q . k_j), masked past the row's last key; m' = max(m,
+// max_j s_j); p_j = exp(s_j - m'); c = exp(m - m') (0 on the first block);
+// l = l c + sum_j p_j; acc = acc c + sum_j p_j v_j (in key order); then out =
+// acc / l. A row's arithmetic does not depend on the other rows of its tile,
+// so prefill results do not depend on the chunking, tiling or thread count.
+constexpr int kTileKeys = 32;
+constexpr int kMaxTileRows = 64;
+void attend_tile_ref(const float* q, int64_t ldq, float* out, int64_t ldo, int n_tok, int group, int head_dim,
+                     float scale, const float* kt, const float* v, int64_t ldv, int64_t pos0);
+namespace detail {
+// AVX2/FMA (attention_avx2.cpp); the reference when head_dim % 16 != 0.
+void attend_tile_avx2(const float* q, int64_t ldq, float* out, int64_t ldo, int n_tok, int group, int head_dim,
+                      float scale, const float* kt, const float* v, int64_t ldv, int64_t pos0);
+// AVX-512 (attention_avx512.cpp); the avx2 kernel when head_dim % 32 != 0.
+void attend_tile_avx512(const float* q, int64_t ldq, float* out, int64_t ldo, int n_tok, int group, int head_dim,
+                        float scale, const float* kt, const float* v, int64_t ldv, int64_t pos0);
+}  // namespace detail
+
 // Decode attention of a.n <= kMaxDecodeTokens tokens: for each new token and
 // kv head, the query heads sharing it in one pass over each range of
 // kAttendChunk keys (one work item each, so a long context spreads over the
@@ -126,10 +154,18 @@ void attention_decode(const AttentionArgs& a, AttentionScratch& scratch, ThreadP
 void attention_decode_batch(const AttentionArgs* segments, int n_segments, AttentionScratch& scratch,
                             ThreadPool& pool, const KernelTable& kernels);
 
-// Blocks of tokens at a time as two matmuls per kv head (scores = K q, out =
-// V^T p), keys beyond a block's last position skipped. Used for prefill. A
-// compact cache's rows are converted (kv_load_row) as they are copied into the
-// scratch K and V^T.
+// Prefill attention. Per kv head: its keys converted (kv_load_row, or the
+// kernel path's f16 converter) into the scratch as transposed fp32 blocks, its
+// values used in place when the cache is fp32, else converted into fp32 rows;
+// then tiles of query tokens x the heads sharing the kv head (attend_tile) run
+// in parallel, the costliest (last) tiles handed out first. A sliding window
+// (Gemma 3) runs the older path instead: blocks of tokens as two matmuls per
+// kv head (scores = K q, out = V^T p). Runs the kernels() path, or the given
+// table's (tests).
 void attention_matmul(const AttentionArgs& a, AttentionScratch& scratch, ThreadPool& pool);
+void attention_matmul(const AttentionArgs& a, AttentionScratch& scratch, ThreadPool& pool, const KernelTable& kernels);
+// The matmul path alone, for any args (what a sliding window runs; tests and benchmarks).
+void attention_matmul_blocks(const AttentionArgs& a, AttentionScratch& scratch, ThreadPool& pool,
+                             const KernelTable& kernels);
 
 }  // namespace shortrt

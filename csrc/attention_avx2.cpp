@@ -176,5 +176,148 @@ void attend_partial_q8_avx2(const float* q, int group, const int8_t* keys, const
                      m, l);
 }
 
+namespace {
+
+// e^x for 8 floats (x <= 0 here, -inf allowed): x = n ln2 + f, |f| <= ln2 / 2, e^f by the
+// degree-6 Cephes polynomial, 2^n put into the exponent; x below -87 gives 0 exactly.
+inline __m256 exp_ps(__m256 x) {
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  f = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), f);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(_mm256_mul_ps(y, f), f, _mm256_add_ps(f, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+constexpr int kKeyVecs = kTileKeys / 8;
+static_assert(kTileKeys % 8 == 0, "a key block is whole vectors");
+
+// Scores of R rows against one key block: sc[r][j] = q_r . k_j (an fma chain over the
+// head dimension, in order, whatever R).
+template <int R>
+inline void tile_scores(const float* const* qr, const float* kb, int hd, float (*sc)[kTileKeys]) {
+  for (int h = 0; h < kKeyVecs; h += 2) {
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int i = 0; i < hd; ++i) {
+      const __m256 k0 = _mm256_loadu_ps(kb + i * kTileKeys + 8 * h), k1 = _mm256_loadu_ps(kb + i * kTileKeys + 8 * h + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 qi = _mm256_broadcast_ss(qr[r] + i);
+        acc[r][0] = _mm256_fmadd_ps(qi, k0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(qi, k1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(sc[r] + 8 * h, acc[r][0]);
+      _mm256_storeu_ps(sc[r] + 8 * h + 8, acc[r][1]);
+    }
+  }
+}
+
+// o_r = o_r * c_r + sum_{j < nk} p_r[j] v_j for R rows, 16 dimensions at a time (p_r[j] = 0
+// past a row's own keys).
+template <int R>
+inline void tile_values(float* const* o, const float (*p)[kTileKeys], const float* c, int nk, const float* v,
+                        int64_t ldv, int hd) {
+  for (int i = 0; i < hd; i += 16) {
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) {
+      const __m256 cr = _mm256_set1_ps(c[r]);
+      acc[r][0] = _mm256_mul_ps(_mm256_loadu_ps(o[r] + i), cr);
+      acc[r][1] = _mm256_mul_ps(_mm256_loadu_ps(o[r] + i + 8), cr);
+    }
+    for (int j = 0; j < nk; ++j) {
+      const __m256 v0 = _mm256_loadu_ps(v + j * ldv + i), v1 = _mm256_loadu_ps(v + j * ldv + i + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 pj = _mm256_broadcast_ss(p[r] + j);
+        acc[r][0] = _mm256_fmadd_ps(pj, v0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(pj, v1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(o[r] + i, acc[r][0]);
+      _mm256_storeu_ps(o[r] + i + 8, acc[r][1]);
+    }
+  }
+}
+
+}  // namespace
+
+void attend_tile_avx2(const float* q, int64_t ldq, float* out, int64_t ldo, int n_tok, int group, int hd, float scale,
+                      const float* kt, const float* v, int64_t ldv, int64_t pos0) {
+  if (hd % 16 != 0) {
+    attend_tile_ref(q, ldq, out, ldo, n_tok, group, hd, scale, kt, v, ldv, pos0);
+    return;
+  }
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int rows = n_tok * group;
+  alignas(32) float sc[kMaxTileRows][kTileKeys];
+  float m[kMaxTileRows], l[kMaxTileRows], c[kMaxTileRows];
+  const float* qr[kMaxTileRows];
+  float* o[kMaxTileRows];
+  for (int r = 0; r < rows; ++r) {
+    qr[r] = q + (r / group) * ldq + (r % group) * hd;
+    o[r] = out + (r / group) * ldo + (r % group) * hd;
+    std::fill(o[r], o[r] + hd, 0.0f);
+    m[r] = kNegInf;
+    l[r] = 0.0f;
+  }
+  const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), vscale = _mm256_set1_ps(scale);
+  const int64_t last = pos0 + n_tok - 1;
+  for (int64_t j0 = 0; j0 <= last; j0 += kTileKeys) {
+    const float* kb = kt + j0 * hd;
+    // Rows of tokens before position j0 see none of this block: they are left alone.
+    const int r0 = static_cast<int>(std::max<int64_t>(0, j0 - pos0)) * group;
+    int r = r0;
+    for (; r + 4 <= rows; r += 4) tile_scores<4>(qr + r, kb, hd, sc + r);
+    for (; r < rows; ++r) tile_scores<1>(qr + r, kb, hd, sc + r);
+    for (r = r0; r < rows; ++r) {
+      const int nvis = static_cast<int>(std::min<int64_t>(kTileKeys, pos0 + r / group + 1 - j0));
+      const __m256 nv = _mm256_set1_ps(static_cast<float>(nvis));
+      __m256 s[kKeyVecs], mask[kKeyVecs];
+      __m256 bmax = _mm256_set1_ps(kNegInf);
+      for (int h = 0; h < kKeyVecs; ++h) {
+        mask[h] = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps(8.0f * h)), nv, _CMP_LT_OQ);
+        s[h] = _mm256_blendv_ps(_mm256_set1_ps(kNegInf), _mm256_mul_ps(vscale, _mm256_loadu_ps(sc[r] + 8 * h)), mask[h]);
+        bmax = _mm256_max_ps(bmax, s[h]);
+      }
+      const float m_new = std::max(m[r], hmax(bmax));
+      c[r] = m[r] == kNegInf ? 0.0f : std::exp(m[r] - m_new);
+      const __m256 mv = _mm256_set1_ps(m_new);
+      __m256 sum = _mm256_setzero_ps();
+      for (int h = 0; h < kKeyVecs; ++h) {
+        const __m256 p = _mm256_and_ps(mask[h], exp_ps(_mm256_sub_ps(s[h], mv)));
+        _mm256_storeu_ps(sc[r] + 8 * h, p);
+        sum = _mm256_add_ps(sum, p);
+      }
+      l[r] = l[r] * c[r] + hsum(sum);
+      m[r] = m_new;
+    }
+    const int nk = static_cast<int>(std::min<int64_t>(kTileKeys, last + 1 - j0));
+    for (r = r0; r + 4 <= rows; r += 4) tile_values<4>(o + r, sc + r, c + r, nk, v + j0 * ldv, ldv, hd);
+    for (; r < rows; ++r) tile_values<1>(o + r, sc + r, c + r, nk, v + j0 * ldv, ldv, hd);
+  }
+  for (int r = 0; r < rows; ++r) {
+    const __m256 inv = _mm256_set1_ps(l[r]);
+    for (int i = 0; i < hd; i += 8) _mm256_storeu_ps(o[r] + i, _mm256_div_ps(_mm256_loadu_ps(o[r] + i), inv));
+  }
+}
+
 }  // namespace detail
 }  // namespace shortrt

@@ -475,6 +475,51 @@ py::array_t<float> attention_decode(F32In q, F32In keys, F32In values, int n_kv_
   return out;
 }
 
+// Test hook: prefill attention of the last q.shape(0) positions over the whole cache, as the
+// engine runs it (attention_matmul): q [n, n_heads, hd], keys / values [n_keys, n_kv_heads * hd]
+// (stored in kv_dtype first), query token t at position n_keys - n + t -> [n, n_heads, hd].
+py::array_t<float> attention_prefill(F32In q, F32In keys, F32In values, int n_kv_heads, const std::string& path,
+                                     int threads, const std::string& kv_dtype, bool matmuls, int repeat) {
+  if (q.ndim() != 3 || keys.ndim() != 2 || values.ndim() != 2 || keys.shape(0) != values.shape(0) ||
+      keys.shape(1) != values.shape(1) || n_kv_heads < 1 || q.shape(1) % n_kv_heads != 0 || q.shape(0) < 1 ||
+      keys.shape(0) < q.shape(0) || keys.shape(1) != n_kv_heads * q.shape(2))
+    throw std::invalid_argument("attention_prefill: q [n, n_heads, hd], keys and values [n_keys >= n, n_kv_heads * hd], "
+                                "n_heads a multiple of n_kv_heads, n >= 1");
+  const int hd = static_cast<int>(q.shape(2));
+  if (hd > 512) throw std::invalid_argument("attention_prefill: head_dim > 512");
+  const shortrt::KernelTable& k = attention_path(path, hd, "attention_prefill");
+  const shortrt::KvType type = kv_type_arg(kv_dtype, "attention_prefill");
+  const int64_t n_rows = keys.shape(0) * n_kv_heads;
+  const StoredRows K(type, keys.data(), n_rows, hd, hd), V(type, values.data(), n_rows, hd, hd);
+  shortrt::AttentionArgs args;
+  args.qkv = q.data();
+  args.qkv_dim = q.shape(1) * hd;
+  args.kv_type = type;
+  args.keys = K.ptr();
+  args.values = V.ptr();
+  args.kv_row_stride = keys.shape(1);
+  args.kv_head_stride = hd;
+  args.key_scales = K.scales.data();
+  args.value_scales = V.scales.data();
+  args.scale_row_stride = n_kv_heads;
+  args.scale_head_stride = 1;
+  args.n = static_cast<int>(q.shape(0));
+  args.pos = static_cast<int>(keys.shape(0) - q.shape(0));
+  args.n_heads = static_cast<int>(q.shape(1));
+  args.n_kv_heads = n_kv_heads;
+  args.head_dim = hd;
+  py::array_t<float> out({q.shape(0), q.shape(1), q.shape(2)});
+  args.out = out.mutable_data();
+  shortrt::ThreadPool pool(threads);
+  shortrt::AttentionScratch scratch(static_cast<int>(keys.shape(0)), args.n_heads, n_kv_heads, hd);
+  for (int i = 0; i < std::max(1, repeat); ++i) {
+    py::gil_scoped_release release;
+    if (matmuls) shortrt::attention_matmul_blocks(args, scratch, pool, k);
+    else shortrt::attention_matmul(args, scratch, pool, k);
+  }
+  return out;
+}
+
 }  // namespace
 
 void register_engine(py::module_& m) {
@@ -531,6 +576,11 @@ void register_engine(py::module_& m) {
   m.def("attention_decode", &attention_decode, py::arg("q"), py::arg("keys"), py::arg("values"),
         py::arg("n_kv_heads"), py::arg("path"), py::arg("threads") = 2, py::arg("kv_dtype") = "fp32",
         "Test hook: the engine's decode attention of one token over keys/values [n, n_kv_heads * hd].");
+  m.def("attention_prefill", &attention_prefill, py::arg("q"), py::arg("keys"), py::arg("values"),
+        py::arg("n_kv_heads"), py::arg("path"), py::arg("threads") = 2, py::arg("kv_dtype") = "fp32",
+        py::arg("matmuls") = false, py::arg("repeat") = 1,
+        "Test hook: the engine's prefill attention of the last n positions over keys/values [n_keys, n_kv_heads * hd] "
+        "(matmuls=True: the matmul path a sliding window runs; repeat: run it that many times, for benchmarks).");
   m.def("kv_round_trip", &kv_round_trip, py::arg("x"), py::arg("kv_dtype"),
         "Test hook: rows x [n, head_dim] stored in kv_dtype and read back as float (what attention sees).");
   m.def("kernel_f16_to_f32", [](py::array_t<uint16_t, py::array::c_style | py::array::forcecast> bits,

@@ -100,7 +100,9 @@ OwnedWeight make_weight(int64_t rows, int64_t cols, shortrt::WeightType type, ui
       break;
     case shortrt::WeightType::Q4:
       shortrt::quantize_q4(values.data(), static_cast<int64_t>(n), w.storage.as<shortrt::BlockQ4>());
-      w.view.q4 = w.storage.as<shortrt::BlockQ4>();
+      shortrt::interleave_q4(w.storage.as<shortrt::BlockQ4>(), rows, cols / shortrt::kQ4Block,
+                             w.storage.as<shortrt::BlockQ4x16>());  // in place, as the loader does
+      w.view.q4 = w.storage.as<shortrt::BlockQ4x16>();
       break;
   }
   return w;

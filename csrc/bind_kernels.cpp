@@ -155,6 +155,7 @@ py::array_t<float> kernel_matmul(const F32Array& w, const F32Array& x, const std
   std::vector<uint16_t> bf16, x_bf16;
   std::vector<BlockQ8> w_q8, x_q8;
   std::vector<shortrt::BlockQ4> w_q4;
+  std::vector<shortrt::BlockQ4x16> w_q4x16;
   std::vector<float> x_sum;
   shortrt::Activation act;
   act.f32 = x.data();
@@ -185,7 +186,9 @@ py::array_t<float> kernel_matmul(const F32Array& w, const F32Array& x, const std
       x_q8 = quantize(k, x.data(), n_tokens * cols);
       x_sum.resize(x_q8.size());
       shortrt::activation_block_sums(x_q8.data(), static_cast<int64_t>(x_q8.size()), x_sum.data());
-      W.q4 = w_q4.data();
+      w_q4x16.resize(static_cast<size_t>(shortrt::q4_groups(rows) * (cols / shortrt::kQ4Block)));
+      shortrt::interleave_q4(w_q4.data(), rows, cols / shortrt::kQ4Block, w_q4x16.data());
+      W.q4 = w_q4x16.data();
       act.q8 = x_q8.data();
       act.q8_sum = x_sum.data();
       break;
@@ -251,6 +254,15 @@ void register_kernels(py::module_& m) {
     value_errors([&] { shortrt::quantize_q4(x.data(), x.size(), blocks.data()); });
     return q4_blocks_to_numpy(blocks);
   }, py::arg("x"), "Pack x (size % 32 == 0) as int4 -> (d fp16 bits [n/32], m fp16 bits [n/32], q uint8 [n/32, 32]).");
+  m.def("q4_interleaved", [](const F32Array& w) {
+    require(w.ndim() == 2 && w.shape(1) % shortrt::kQ4Block == 0, "q4_interleaved: expected w [rows, cols], cols % 32 == 0");
+    const int64_t rows = w.shape(0), n_blocks = w.shape(1) / shortrt::kQ4Block;
+    std::vector<shortrt::BlockQ4> blocks(static_cast<size_t>(rows * n_blocks));
+    value_errors([&] { shortrt::quantize_q4(w.data(), rows * n_blocks * shortrt::kQ4Block, blocks.data()); });
+    py::array_t<uint8_t> out(static_cast<py::ssize_t>(shortrt::q4_groups(rows) * n_blocks * sizeof(shortrt::BlockQ4x16)));
+    shortrt::interleave_q4(blocks.data(), rows, n_blocks, reinterpret_cast<shortrt::BlockQ4x16*>(out.mutable_data()));
+    return out;
+  }, py::arg("w"), "Test hook: w [rows, cols] packed to int4 and interleaved as the engine holds it, as raw bytes.");
   m.def("dequantize_q4", [](const U16Array& d, const U16Array& m, const U8Array& q) {
     const std::vector<shortrt::BlockQ4> blocks = q4_blocks_from(d, m, q);
     py::array_t<float> out(static_cast<py::ssize_t>(blocks.size() * shortrt::kQ4Block));

@@ -161,7 +161,7 @@ size_t WeightMatrix::bytes() const {
     case WeightType::F32: return n * sizeof(float);
     case WeightType::BF16: return n * sizeof(uint16_t);
     case WeightType::Q8: return n / kQ8Block * sizeof(BlockQ8);
-    case WeightType::Q4: return n / kQ4Block * sizeof(BlockQ4);
+    case WeightType::Q4: return static_cast<size_t>(q4_groups(rows) * (cols / kQ4Block)) * sizeof(BlockQ4x16);
   }
   return 0;
 }
@@ -309,7 +309,9 @@ constexpr size_t kDecodeChunkBytes = 64 * 1024;
 int64_t decode_rows_per_chunk(const WeightMatrix& W, int n_threads) {
   const int64_t by_bytes = static_cast<int64_t>(kDecodeChunkBytes / std::max<size_t>(1, W.bytes() / W.rows));
   const int64_t by_balance = (W.rows + 4 * n_threads - 1) / (4 * n_threads);
-  return std::max<int64_t>(4, std::min(by_bytes, by_balance));
+  const int64_t rows = std::max<int64_t>(4, std::min(by_bytes, by_balance));
+  // int4 rows come in interleaved groups of 16: a chunk starts on a group.
+  return W.type == WeightType::Q4 ? (rows + kQ4Rows - 1) / kQ4Rows * kQ4Rows : rows;
 }
 
 // Prefill: a thread computes a (row block x token block) tile. 48 rows and 64
@@ -320,6 +322,7 @@ int64_t decode_rows_per_chunk(const WeightMatrix& W, int n_threads) {
 // tokens the kernels stream one row at a time instead.)
 constexpr int64_t kPrefillRowBlock = 48;
 constexpr int64_t kPrefillTokenBlock = 64;
+static_assert(kPrefillRowBlock % kQ4Rows == 0, "prefill row blocks must start on an int4 row group");
 
 // Everything a chunk needs, so the lambda captures one reference (no allocation).
 struct MatmulJob {
@@ -350,7 +353,7 @@ struct MatmulJob {
       }
       case WeightType::Q4: {
         const int64_t n_blocks = cols / kQ4Block;
-        k->gemm_q4(W->q4 + row0 * n_blocks, n_rows, n_blocks, x->q8 + tok0 * n_blocks, x->q8_sum + tok0 * n_blocks,
+        k->gemm_q4(W->q4 + row0 / kQ4Rows * n_blocks, n_rows, n_blocks, x->q8 + tok0 * n_blocks, x->q8_sum + tok0 * n_blocks,
                    n_tok, out, ldy);
         break;
       }

@@ -46,6 +46,23 @@ struct BlockQ4 {
 };
 static_assert(sizeof(BlockQ4) == 20, "BlockQ4 must be two fp16 (scale, minimum) followed by 16 bytes of nibbles");
 
+constexpr int kQ4Rows = 16;
+
+// The resident int4 layout: block column b of 16 consecutive rows i, the same
+// values as their 16 BlockQ4, regrouped so one 64-byte load carries one dword
+// of every row: d[i] and m[i] are row i's scale and minimum, and qs[p][i] is
+// bytes 4p..4p+3 of row i's BlockQ4::qs (low nibbles weights 4p..4p+3, high
+// nibbles weights 16+4p..16+4p+3). A matrix is ceil(rows/16) groups of
+// cols/32 of these, group by group; rows past the last are zero (d = m = 0).
+// 320 bytes (five cache lines), so at a 64-byte base each qs[p] is one aligned
+// zmm load (two ymm loads on avx2). interleave_q4 (kernels_q4.h) builds it.
+struct BlockQ4x16 {
+  uint16_t d[kQ4Rows];
+  uint16_t m[kQ4Rows];
+  uint32_t qs[kQ4Block / 8][kQ4Rows];
+};
+static_assert(sizeof(BlockQ4x16) == kQ4Rows * sizeof(BlockQ4), "BlockQ4x16 must hold exactly 16 BlockQ4");
+
 enum class WeightType { F32, BF16, Q8, Q4 };
 const char* weight_type_name(WeightType type);  // "f32" | "bf16" | "q8" | "q4"
 
@@ -56,8 +73,8 @@ struct WeightMatrix {
   const float* f32 = nullptr;      // rows*cols floats
   const uint16_t* bf16 = nullptr;  // rows*cols bf16 bit patterns
   const BlockQ8* q8 = nullptr;     // rows*(cols/32) blocks; cols % 32 == 0 required
-  const BlockQ4* q4 = nullptr;     // rows*(cols/32) blocks; cols % 32 == 0 required
-  size_t bytes() const;            // bytes one pass over the matrix reads
+  const BlockQ4x16* q4 = nullptr;  // ceil(rows/16)*(cols/32) row groups; cols % 32 == 0 required
+  size_t bytes() const;            // bytes one pass over the matrix reads (q4: with the zero rows of the last group)
 };
 
 // Packing, called at load. bf16 rounds to nearest even (NaN stays NaN).
@@ -168,7 +185,8 @@ struct KernelTable {
   void (*f16_to_f32_row)(const uint16_t* x, int64_t n, float* out);
 
   // int4 (kernels_q4*.cpp): weights x q8 activations; x_sum = Activation::q8_sum of the same tokens.
-  void (*gemm_q4)(const BlockQ4* w, int64_t n_rows, int64_t n_blocks, const BlockQ8* x, const float* x_sum,
+  // w is the row group holding the first row (the block starts on a multiple of 16 rows).
+  void (*gemm_q4)(const BlockQ4x16* w, int64_t n_rows, int64_t n_blocks, const BlockQ8* x, const float* x_sum,
                   int64_t n_tok, float* y, int64_t ldy);
 
   // bf16 weights x bf16 activations (avx512bf16 only; nullptr on paths that multiply bf16
@@ -178,6 +196,9 @@ struct KernelTable {
   void (*round_row_bf16)(const float* x, int64_t n, uint16_t* dst);
   void (*gemm_bf16_bf16)(const uint16_t* w, int64_t n_rows, int64_t cols, const uint16_t* x, int64_t n_tok, float* y,
                          int64_t ldy);
+  // Prefill attention of one tile of query tokens x the q heads sharing a kv head (attention.h).
+  void (*attend_tile)(const float* q, int64_t ldq, float* out, int64_t ldo, int n_tok, int group, int head_dim,
+                      float scale, const float* kt, const float* v, int64_t ldv, int64_t pos0);
 };
 
 // The active path: chosen once from SHORTRT_KERNELS (ref|avx2|avx512|avx512bf16|amx|auto;

@@ -511,6 +511,7 @@ constexpr KernelTable kAvx2Table = {
     detail::gemm_q4_avx2,
     nullptr,
     nullptr,  // round_row_bf16, gemm_bf16_bf16: bf16 weights take f32 activations (gemm_bf16)
+    detail::attend_tile_avx2,
 };
 
 }  // namespace

@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #pragma GCC diagnostic pop
 
+#include "attention.h"
 #include "kernels.h"
 #include "kernels_avx512_tree.h"
 #include "kernels_q4.h"
@@ -361,6 +362,7 @@ KernelTable make_avx512_table() {
   t.gemm_bf16 = gemm_bf16_avx512;
   t.gemm_q8 = gemm_q8_avx512;
   t.gemm_q4 = detail::gemm_q4_avx512;
+  t.attend_tile = detail::attend_tile_avx512;
   return t;
 }
 

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "error.h"
 
@@ -62,23 +63,60 @@ void activation_block_sums(const BlockQ8* x, int64_t n_blocks, float* sums) {
   }
 }
 
+void interleave_q4(const BlockQ4* src, int64_t rows, int64_t n_blocks, BlockQ4x16* dst) {
+  std::vector<BlockQ4> group(static_cast<size_t>(kQ4Rows * n_blocks));
+  for (int64_t g = 0; g < q4_groups(rows); ++g) {
+    const int64_t n = std::min<int64_t>(kQ4Rows, rows - g * kQ4Rows);
+    // A copy first: dst may overlay src, and group g's output covers exactly its input rows.
+    std::memcpy(group.data(), src + g * kQ4Rows * n_blocks, static_cast<size_t>(n * n_blocks) * sizeof(BlockQ4));
+    std::memset(group.data() + n * n_blocks, 0, static_cast<size_t>((kQ4Rows - n) * n_blocks) * sizeof(BlockQ4));
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      BlockQ4x16 out;
+      for (int i = 0; i < kQ4Rows; ++i) {
+        const BlockQ4& blk = group[static_cast<size_t>(i * n_blocks + b)];
+        out.d[i] = blk.d;
+        out.m[i] = blk.m;
+        for (int p = 0; p < kQ4Block / 8; ++p) std::memcpy(&out.qs[p][i], blk.qs + 4 * p, 4);
+      }
+      std::memcpy(dst + g * n_blocks + b, &out, sizeof out);
+    }
+  }
+}
+
+BlockQ4 q4_block_at(const BlockQ4x16* w, int64_t n_blocks, int64_t row, int64_t b) {
+  const BlockQ4x16& g = w[(row / kQ4Rows) * n_blocks + b];
+  const int i = static_cast<int>(row % kQ4Rows);
+  BlockQ4 out;
+  out.d = g.d[i];
+  out.m = g.m[i];
+  for (int p = 0; p < kQ4Block / 8; ++p) std::memcpy(out.qs + 4 * p, &g.qs[p][i], 4);
+  return out;
+}
+
+void dequantize_q4_row(const BlockQ4x16* w, int64_t n_blocks, int64_t row, float* out) {
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const BlockQ4 blk = q4_block_at(w, n_blocks, row, b);
+    dequantize_q4(&blk, 1, out + b * kQ4Block);
+  }
+}
+
 namespace detail {
 
-void gemm_q4_ref(const BlockQ4* w, int64_t n_rows, int64_t n_blocks, const BlockQ8* x, const float* x_sum,
+void gemm_q4_ref(const BlockQ4x16* w, int64_t n_rows, int64_t n_blocks, const BlockQ8* x, const float* x_sum,
                  int64_t n_tok, float* y, int64_t ldy) {
   for (int64_t t = 0; t < n_tok; ++t) {
     const BlockQ8* xt = x + t * n_blocks;
     const float* st = x_sum + t * n_blocks;
     for (int64_t r = 0; r < n_rows; ++r) {
-      const BlockQ4* wr = w + r * n_blocks;
       double sum = 0.0;
       for (int64_t b = 0; b < n_blocks; ++b) {
+        const BlockQ4 wb = q4_block_at(w, n_blocks, r, b);
         int32_t dot = 0;  // exact: 32 * 15 * 127 fits easily
         for (int j = 0; j < kQ4Block / 2; ++j) {
-          dot += int32_t{static_cast<int32_t>(wr[b].qs[j] & 0x0f)} * xt[b].q[j];
-          dot += int32_t{static_cast<int32_t>(wr[b].qs[j] >> 4)} * xt[b].q[j + kQ4Block / 2];
+          dot += int32_t{static_cast<int32_t>(wb.qs[j] & 0x0f)} * xt[b].q[j];
+          dot += int32_t{static_cast<int32_t>(wb.qs[j] >> 4)} * xt[b].q[j + kQ4Block / 2];
         }
-        const double d = f16_to_f32(wr[b].d), m = f16_to_f32(wr[b].m);
+        const double d = f16_to_f32(wb.d), m = f16_to_f32(wb.m);
         sum += d * xt[b].scale * dot + m * st[b];
       }
       y[t * ldy + r] = static_cast<float>(sum);

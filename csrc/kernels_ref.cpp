@@ -107,6 +107,7 @@ constexpr KernelTable kReferenceTable = {
     attend_partial_f16_ref, attend_partial_bf16_ref, attend_partial_q8_ref, f16_to_f32_row_ref,
     detail::gemm_q4_ref,
     nullptr,         nullptr,  // bf16 weights take f32 activations here (gemm_bf16)
+    attend_tile_ref,
 };
 
 }  // namespace

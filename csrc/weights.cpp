@@ -211,11 +211,15 @@ class Loader {
     float* f32 = nullptr;
     uint16_t* bf16 = nullptr;
     BlockQ8* q8 = nullptr;
-    BlockQ4* q4 = nullptr;
+    BlockQ4* q4 = nullptr;  // row-major blocks while packing; interleaved in place at the end
     if (type == WeightType::F32) m.f32 = f32 = alloc<float>(rows * cols);
     if (type == WeightType::BF16) m.bf16 = bf16 = alloc<uint16_t>(rows * cols);
     if (type == WeightType::Q8) m.q8 = q8 = alloc<BlockQ8>(rows * cols / kQ8Block);
-    if (type == WeightType::Q4) m.q4 = q4 = alloc<BlockQ4>(rows * cols / kQ4Block);
+    if (type == WeightType::Q4) {
+      BlockQ4x16* groups = alloc<BlockQ4x16>(q4_groups(rows) * (cols / kQ4Block));
+      m.q4 = groups;
+      q4 = reinterpret_cast<BlockQ4*>(groups);
+    }
     constexpr int64_t kChunk = 1 << 16;  // a multiple of 32, so q8 blocks never straddle chunks
     std::vector<float> tmp;
     int64_t out = 0;  // elements written so far
@@ -244,6 +248,7 @@ class Loader {
       release_pages(t->data, t->nbytes);  // and the pages straddling chunk borders
       report(*t, bad);
     }
+    if (q4) interleave_q4(q4, rows, cols / kQ4Block, const_cast<BlockQ4x16*>(m.q4));
     return m;
   }
 
@@ -358,7 +363,7 @@ void embedding_row(const WeightMatrix& embed, int64_t row, float* out) {
       break;
     }
     case WeightType::Q4:
-      dequantize_q4(embed.q4 + row * (cols / kQ4Block), cols / kQ4Block, out);
+      dequantize_q4_row(embed.q4, cols / kQ4Block, row, out);
       break;
   }
 }

@@ -55,6 +55,7 @@ CONFIGURATIONS = "1, 1/2, 1/4 of the layers; no attention: 1, 1/2"  # part of th
 FORMAT = "shortrt.costs/1"
 _Q8_BLOCK, _Q8_BLOCK_BYTES = 32, 36  # BlockQ8 (csrc/kernels.h): a float scale + 32 int8
 _Q4_BLOCK, _Q4_BLOCK_BYTES = 32, 20  # BlockQ4 (csrc/kernels.h): fp16 scale and minimum + 32 nibbles
+_Q4_ROWS = 16  # int4 rows are held in interleaved groups of 16 (BlockQ4x16), the last padded with zero rows
 _ELEMENT_BYTES = {"fp32": 4, "bf16": 2}
 
 
@@ -75,7 +76,7 @@ def _matrix_bytes(rows: int, cols: int, dtype: str) -> int:
     if dtype == "int8":
         return rows * cols // _Q8_BLOCK * _Q8_BLOCK_BYTES
     if dtype == "int4":
-        return rows * cols // _Q4_BLOCK * _Q4_BLOCK_BYTES
+        return -(-rows // _Q4_ROWS) * _Q4_ROWS * cols // _Q4_BLOCK * _Q4_BLOCK_BYTES
     return rows * cols * _ELEMENT_BYTES[dtype]
 
 

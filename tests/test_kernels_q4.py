@@ -7,7 +7,7 @@ Tolerances: the reference accumulates in double, so it matches numpy on the
 dequantized operands to 1e-7 of sum|w_i x_i|; fast paths match the reference to
 1e-5 of sum|w_i x_i| (tests/test_kernels.py's DOT_RTOL). Within a path,
 results are compared bitwise (any thread count, any number of tokens, any block
-of rows), and avx2 and avx512 bitwise with each other (kernels_q4_x86.h: one
+of rows), and avx2 and avx512 bitwise with each other (kernels_q4.h: one
 arithmetic on identical int32 block sums).
 """
 import numpy as np
@@ -145,11 +145,34 @@ def test_packing_rejects_bad_input():
         _C.dequantize_q4(np.zeros(1, np.uint16), np.zeros(1, np.uint16), np.full((1, 32), 16, np.uint8))
 
 
+def test_interleaved_layout_is_the_documented_regrouping(rng):
+    # kernels.h, BlockQ4x16: per group of 16 rows and block column b: d[16], m[16] (fp16), then
+    # qs[p][i] = bytes 4p..4p+3 of row i's nibbles, p = 0..3; rows past the last are zero.
+    for rows, cols in [(16, 64), (37, 96), (1, 32)]:
+        w, _ = q4_problem(rng, rows, cols, 1)
+        d, m, q = _C.quantize_q4(w.ravel())
+        nb, groups = cols // 32, -(-rows // 16)
+        packed = (q[:, :16] | (q[:, 16:] << 4)).astype(np.uint8)  # BlockQ4::qs: weight j low, j + 16 high
+        pad = groups * 16 - rows
+        d = np.concatenate([d.reshape(rows, nb), np.zeros((pad, nb), np.uint16)])
+        m = np.concatenate([m.reshape(rows, nb), np.zeros((pad, nb), np.uint16)])
+        packed = np.concatenate([packed.reshape(rows, nb, 16), np.zeros((pad, nb, 16), np.uint8)])
+        want = bytearray()
+        for g in range(groups):
+            for b in range(nb):
+                rs = slice(16 * g, 16 * g + 16)
+                want += d[rs, b].astype("<u2").tobytes() + m[rs, b].astype("<u2").tobytes()
+                want += packed[rs, b].reshape(16, 4, 4).transpose(1, 0, 2).tobytes()  # [p][row][4 bytes]
+        got = _C.q4_interleaved(w)
+        assert got.tobytes() == bytes(want), (rows, cols)
+
+
 # ---- matmul -----------------------------------------------------------------------------
 
-# (rows, cols, n_tokens): across the 3 x 3 tiles, the 12-token streaming limit, the 48-row and
-# 48-token blocks, with odd block counts.
-Q4_SHAPES = [(1, 32, 1), (5, 96, 2), (49, 544, 5), (50, 1568, 67), (97, 96, 1), (8, 576, 13)]
+# (rows, cols, n_tokens): partial and whole 16-row groups, token counts across the tiles of each
+# path (avx512: 8 tokens, avx2: 3) and the 48-row / 64-token blocks, with odd block counts.
+Q4_SHAPES = [(1, 32, 1), (5, 96, 2), (49, 544, 5), (50, 1568, 67), (97, 96, 1), (8, 576, 13), (32, 64, 9),
+             (16, 96, 8), (24, 160, 17)]
 
 
 def test_reference_matmul_equals_numpy(rng):

@@ -216,3 +216,71 @@ def test_f16_to_f32_row_is_exact_on_every_path(path):
     nan = np.isnan(want)
     assert np.array_equal(np.isnan(got), nan)
     np.testing.assert_array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+
+
+# ---- prefill attention (attention_matmul: tiles of query tokens x the heads of a kv head) ----------
+
+
+def numpy_causal_gqa(q, keys, values, n_kv):
+    """q [n, n_heads, hd]; token t at position n_keys - n + t sees keys 0..that position."""
+    n, n_heads, hd = q.shape
+    pos = keys.shape[0] - n
+    return np.stack([numpy_gqa(q[t], keys[:pos + t + 1], values[:pos + t + 1], n_kv) for t in range(n)])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("n,n_keys,n_heads,n_kv,hd", [
+    (1, 1, 9, 3, 64), (5, 5, 9, 3, 64), (70, 70, 9, 3, 64), (23, 100, 9, 3, 64),  # a continued prompt
+    (40, 40, 4, 4, 32), (33, 65, 16, 2, 16), (9, 9, 2, 1, 24),  # hd not a multiple of 16: the reference
+    (20, 31, 128, 1, 16),  # more heads per kv head than a tile holds rows: the matmul path
+])
+def test_attention_prefill_equals_numpy(path, n, n_keys, n_heads, n_kv, hd):
+    need_path(path)
+    rng = np.random.default_rng(n * 100 + n_keys)
+    q = rng.standard_normal((n, n_heads, hd)).astype(np.float32)
+    keys = (rng.standard_normal((n_keys, n_kv * hd)) * 2).astype(np.float32)
+    values = rng.standard_normal((n_keys, n_kv * hd)).astype(np.float32)
+    out = _C.attention_prefill(q, keys, values, n_kv, path)
+    np.testing.assert_allclose(out, numpy_causal_gqa(q, keys, values, n_kv), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_attention_prefill_same_bits_for_any_chunking_and_thread_count(path):
+    """A query row's arithmetic does not depend on the other rows of its tile: the last tokens of
+    a prompt give the same bits prefilled alone (a continued chunk), with the whole prompt, or
+    on 1 or 3 threads."""
+    need_path(path)
+    rng = np.random.default_rng(7)
+    n_heads, n_kv, hd, n_keys = 9, 3, 64, 150
+    q = rng.standard_normal((n_keys, n_heads, hd)).astype(np.float32)
+    keys = rng.standard_normal((n_keys, n_kv * hd)).astype(np.float32)
+    values = rng.standard_normal((n_keys, n_kv * hd)).astype(np.float32)
+    full = _C.attention_prefill(q, keys, values, n_kv, path, threads=2)
+    np.testing.assert_array_equal(_C.attention_prefill(q, keys, values, n_kv, path, threads=1), full)
+    np.testing.assert_array_equal(_C.attention_prefill(q, keys, values, n_kv, path, threads=3), full)
+    for begin in (149, 130, 64, 33, 1):
+        np.testing.assert_array_equal(_C.attention_prefill(q[begin:], keys, values, n_kv, path), full[begin:],
+                                      err_msg=f"from token {begin}")
+
+
+@pytest.mark.parametrize("kv_dtype", ["f16", "bf16", "int8"])
+@pytest.mark.parametrize("path", PATHS)
+def test_attention_prefill_kv_dtypes(kv_dtype, path):
+    need_path(path)
+    rng = np.random.default_rng(3)
+    n, n_keys, n_heads, n_kv, hd = 37, 80, 9, 3, 64
+    q = rng.standard_normal((n, n_heads, hd)).astype(np.float32)
+    keys = (rng.standard_normal((n_keys, n_kv * hd)) * 2).astype(np.float32)
+    values = rng.standard_normal((n_keys, n_kv * hd)).astype(np.float32)
+    stored = [_C.kv_round_trip(a.reshape(-1, hd), kv_dtype).reshape(a.shape) for a in (keys, values)]
+    out = _C.attention_prefill(q, keys, values, n_kv, path, kv_dtype=kv_dtype)
+    np.testing.assert_allclose(out, numpy_causal_gqa(q, *stored, n_kv), rtol=1e-5, atol=2e-6)
+
+
+def test_attention_prefill_rejects_bad_shapes():
+    q = np.zeros((4, 9, 64), np.float32)
+    kv = np.zeros((3, 3 * 64), np.float32)
+    with pytest.raises(ValueError, match="n_keys >= n"):
+        _C.attention_prefill(q, kv, kv, 3, "ref")
+    with pytest.raises(ValueError, match="n_heads a multiple of n_kv_heads"):
+        _C.attention_prefill(q, np.zeros((4, 4 * 64), np.float32), np.zeros((4, 4 * 64), np.float32), 4, "ref")

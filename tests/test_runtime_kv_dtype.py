@@ -18,7 +18,10 @@ from shortrt.engine import KV_DTYPES, Engine
 
 PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
 LOGIT_TOLERANCE = {"fp32": 0.0, "f16": 2e-3, "bf16": 2e-2, "int8": 0.1}
-GREEDY_AGREE = {"fp32": 128, "f16": 128, "bf16": 128, "int8": 16}
+# bf16: at token 25 the fp32 cache's top two logits are 0.0099 apart (of ~29.9, 3e-4 relative, far
+# inside bf16's logit tolerance), and the bf16 cache's rounding decides between them (it did not with
+# the older two-matmul prefill attention, by luck of rounding).
+GREEDY_AGREE = {"fp32": 128, "f16": 128, "bf16": 25, "int8": 16}
 
 
 @pytest.fixture(scope="module")
