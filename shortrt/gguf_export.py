@@ -52,7 +52,10 @@ from .errors import MissingDependencyError, ShortrtError
 from .layermap import LayerMap
 
 TYPES = gguf_quants.TYPES + ("source",)
-FAMILY = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+FAMILY = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+          "Olmo2ForCausalLM": "olmo2", "Phi3ForCausalLM": "phi3", "Gemma3ForCausalLM": "gemma3"}
+# Families whose layers llama.cpp's deci can hold without attention (Llama's block, q/k/v biases optional).
+_DECI_FAMILIES = ("llama", "qwen2")
 FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}  # enum llama_ftype
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 _ATTENTION_TENSORS = ("attn_norm.", "attn_q.", "attn_k.", "attn_v.", "attn_output.")
@@ -84,9 +87,17 @@ def gguf_layout(cfg: ModelConfig, lmap: LayerMap) -> Layout:
     family = FAMILY.get(cfg.architecture)
     if family is None:
         raise ExportError(f"{cfg.architecture} has no GGUF export (export writes {', '.join(FAMILY)})")
-    if cfg.sliding_window and cfg.sliding_window < cfg.max_position:
+    if family != "gemma3" and cfg.sliding_window and cfg.sliding_window < cfg.max_position:
         raise ExportError(f"a sliding window of {cfg.sliding_window} tokens (< the {cfg.max_position}-token "
-                          "context) has no equivalent in llama.cpp's llama architecture")
+                          f"context) has no equivalent in llama.cpp's {family} architecture"
+                          + (" (src/models/phi3.cpp turns Phi-3's window off)" if family == "phi3" else ""))
+    if family in ("olmo2", "phi3") and cfg.n_heads * cfg.head_dim != cfg.hidden:
+        raise ExportError(f"{cfg.architecture} with head_dim {cfg.head_dim} x {cfg.n_heads} heads != hidden_size "
+                          f"{cfg.hidden}: llama.cpp's {family} sizes q and the attention output by hidden_size "
+                          f"(src/models/{family}.cpp)")
+    if family != "llama" and cfg.rope_type == "llama3":
+        raise ExportError(f"llama3 RoPE scaling (a rope_freqs tensor) is read by llama.cpp's llama architecture "
+                          f"only, not by {family}")
     no_mlp = [i for i, e in enumerate(lmap.layers) if not e.mlp]
     if no_mlp:
         raise ExportError(f"layers {no_mlp} keep attention but have no MLP; llama.cpp's deci architecture skips "
@@ -96,10 +107,21 @@ def gguf_layout(cfg: ModelConfig, lmap: LayerMap) -> Layout:
     kv = tuple(cfg.n_kv_heads if e.attention else 0 for e in lmap.layers)
     if all(heads):
         return Layout(family, heads, kv, cfg.intermediate)
+    if family not in _DECI_FAMILIES:
+        missing = [i for i, h in enumerate(heads) if not h]
+        raise ExportError(f"layers {missing} have no attention; llama.cpp's {family} architecture needs attention "
+                          f"in every block, and its deci architecture (the one with attention-less blocks) has "
+                          f"no {_DECI_LACKS[family]}")
     if not heads[0]:
         raise ExportError("layer 0 has no attention; llama.cpp takes the head size from layer 0's head count "
                           "(src/llama-model.cpp), so a deci GGUF needs attention in its first layer")
     return Layout("deci", heads, kv, cfg.intermediate)
+
+
+# What a family's block has that llama.cpp's deci block does not (why attention-less layers are refused).
+_DECI_LACKS = {"olmo2": "norms after the sublayers or q/k norm",
+               "phi3": "partial rotary embedding in the transformers order (it rotates pairs of rows)",
+               "gemma3": "sandwich norms, q/k norm, GeGLU or sliding-window layers"}
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], qtype: str) -> str:
@@ -119,17 +141,45 @@ _HF_TO_GGUF = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.w
                "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
                "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
                "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
-               "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
+               "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+               # Phi-3's fused matrices, kept fused: llama.cpp's phi3 reads attn_qkv (q rows, then k, then v)
+               # and an ffn_up of 2 * n_ff rows (gate, then up) that it splits itself.
+               "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",
+               # OLMo-2 and Gemma 3: the norms of each sublayer's output
+               "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+               "pre_feedforward_layernorm.weight": "ffn_norm.weight"}
 
 
-def gguf_name(hf_name: str) -> str:
-    """GGUF's name of a checkpoint tensor (model.layers.3.mlp.up_proj.weight -> blk.3.ffn_up.weight)."""
+def gguf_name(hf_name: str, cfg: ModelConfig | None = None) -> str:
+    """GGUF's name of a checkpoint tensor (model.layers.3.mlp.up_proj.weight -> blk.3.ffn_up.weight).
+    cfg: the model's config, needed for OLMo-2 and Gemma 3, whose post_attention_layernorm norms the
+    attention's output (GGUF's post_attention_norm) rather than the MLP's input (ffn_norm)."""
     fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     if hf_name in fixed:
         return fixed[hf_name]
     parts = hf_name.split(".", 3)
+    if parts[3] == "post_attention_layernorm.weight" and cfg is not None and (cfg.post_norm or cfg.sandwich_norm):
+        return f"blk.{parts[2]}.post_attention_norm.weight"
     return f"blk.{parts[2]}.{_HF_TO_GGUF[parts[3]]}"
+
+
+def llama_cpp_gemma3_attention_scale(cfg: ModelConfig, n_blocks: int) -> float:
+    """The score scale llama.cpp's gemma3 applies to q (src/models/gemma3.cpp): it reads no
+    query_pre_attn_scalar but takes 1/sqrt(head_dim), or 1/sqrt(hidden / heads) (integer division)
+    for a 62-block model (its 27B). float32 as there."""
+    from .checkpoint import torch_float32
+
+    d = cfg.hidden // cfg.n_heads if n_blocks == 62 else cfg.head_dim
+    return torch_float32(1.0 / math.sqrt(d))
+
+
+def gemma3_q_norm_factor(cfg: ModelConfig, n_blocks: int) -> float:
+    """What Gemma 3's q_norm weights (1 + w) are multiplied by in the GGUF so that llama.cpp's score
+    scale times it is the model's query_pre_attn_scalar ** -0.5: q_norm's output feeds RoPE (linear)
+    and then that scale, so the product is all that matters. 1 when the two scales agree."""
+    want = cfg.attn_scale or cfg.head_dim ** -0.5
+    return want / llama_cpp_gemma3_attention_scale(cfg, n_blocks)
 
 
 def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -238,8 +288,11 @@ def export_gguf(model, dst, *, qtype: str = "f16", overwrite: bool = False, prog
     plan = []  # (gguf name, checkpoint name or None, numpy shape, type)
     m.tensors  # noqa: B018 (validates the tensor set against config.json and shortrt.json)
     for name, shape in expected_tensors(cfg, lmap).items():
-        g = gguf_name(name)
+        g = gguf_name(name, cfg)
         plan.append((g, name, tuple(shape), tensor_type(g, tuple(shape), qtype)))
+    if layout.arch == "olmo2" and cfg.tie_embeddings:  # llama.cpp's olmo2 requires output.weight
+        shape = (cfg.vocab, cfg.hidden)
+        plan.append(("output.weight", "model.embed_tokens.weight", shape, tensor_type("output.weight", shape, qtype)))
     if cfg.rope_type == "llama3":
         plan.append(("rope_freqs.weight", None, (cfg.head_dim // 2,), "f32"))
     plan.sort(key=lambda p: _order(p[0]))
@@ -271,7 +324,9 @@ def _order(name: str):
 
 
 def _prepared(g: str, tensor, cfg: ModelConfig, layout: Layout) -> np.ndarray:
-    """A checkpoint tensor as GGUF stores it: float32, q/k rows permuted for pairwise RoPE."""
+    """A checkpoint tensor as GGUF stores it: float32, q/k rows permuted for pairwise RoPE (llama,
+    deci); Gemma 3's norms as their factor 1 + w (llama.cpp multiplies by the stored weight, and its
+    converter adds the 1), q_norm's times gemma3_q_norm_factor."""
     from .checkpoint import check_finite
 
     check_finite(g, tensor, "the checkpoint")
@@ -281,6 +336,10 @@ def _prepared(g: str, tensor, cfg: ModelConfig, layout: Layout) -> np.ndarray:
             x = rope_permute(x, cfg.n_heads)
         elif g.endswith((".attn_k.weight", ".attn_k.bias")):
             x = rope_permute(x, cfg.n_kv_heads)
+    elif layout.arch == "gemma3" and g.endswith("norm.weight"):
+        x = 1.0 + x  # in float32, as transformers' Gemma3RMSNorm computes it
+        if g.endswith(".attn_q_norm.weight"):
+            x = (x.astype(np.float64) * gemma3_q_norm_factor(cfg, len(layout.n_head))).astype(np.float32)
     return x
 
 
@@ -316,8 +375,10 @@ def _add_model_keys(w, m: Model, cfg: ModelConfig, layout: Layout, qtype: str) -
     w.add_head_count_kv(list(layout.n_head_kv) if layout.heterogeneous else layout.n_head_kv[0])
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.rotary_dim or cfg.head_dim)  # Phi-3's partial rotary: the leading dims
     w.add_rope_freq_base(cfg.rope_theta)
+    if layout.arch == "gemma3":
+        _add_gemma3_keys(w, m, cfg, len(layout.n_head))
     if cfg.rope_type == "linear":
         w.add_rope_scaling_type(RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(cfg.rope_factor)
@@ -328,6 +389,27 @@ def _add_model_keys(w, m: Model, cfg: ModelConfig, layout: Layout, qtype: str) -
         w.add_quantization_version(2)  # GGML_QNT_VERSION
         w.add_quantized_by(f"shortrt export ({gguf_quants.encoder()})")
     w.add_string("shortrt.layer_map", json.dumps(m.layer_map.to_json()))
+
+
+def _add_gemma3_keys(w, m: Model, cfg: ModelConfig, n_blocks: int) -> None:
+    """Gemma 3's per-layer sliding/full choice, window, local RoPE base, logit soft-cap.
+
+    llama.cpp reads attention.sliding_window_pattern either as a period (every n-th layer full) or
+    as an array of one bool per block, true = sliding (load_swa_pattern in src/llama-model.cpp; the
+    gguf package writes a list as that array): the array is written, so any pattern a pruning leaves
+    runs as it is. With no sliding layer left no window is written (llama.cpp then builds no
+    sliding-window cache). Sliding layers take rope.freq_base_swa and no RoPE scaling (llama.cpp's
+    rope_freq_scale_train_swa stays 1), full layers rope.freq_base and the scaling, as in transformers."""
+    sliding = [cfg.is_sliding(i) for i in range(n_blocks)]
+    if any(sliding):
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_sliding_window_pattern(sliding)
+        w.add_rope_freq_base_swa(cfg.rope_local_theta)
+    if cfg.final_softcap:
+        w.add_final_logit_softcapping(cfg.final_softcap)
+    # Not a llama.cpp key: what gemma3_q_norm_factor folded into q_norm, for reading the file back.
+    scalar = json.loads((m.path / "config.json").read_text()).get("query_pre_attn_scalar") or 256
+    w.add_float32("shortrt.query_pre_attn_scalar", float(scalar))
 
 
 def _tokenizer_from_gguf(writer, origin: Path, vocab: int) -> bool:
