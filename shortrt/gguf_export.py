@@ -422,7 +422,69 @@ def _tokenizer_from_gguf(writer, origin: Path, vocab: int) -> bool:
 
 # GGUF architectures read as sources, and whether their q/k rows are stored in llama.cpp's pairwise
 # RoPE order (llama.cpp's converter permutes them for `llama` only; Qwen2/Qwen3 use NEOX RoPE there).
-SOURCE_ARCHS = {"llama": True, "qwen2": False, "qwen3": False}
+SOURCE_ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "olmo2": False, "phi3": False, "gemma3": False}
+# Architectures whose config.json is built here from the GGUF's keys (transformers' GGUF config reader has
+# no olmo2, and drops Phi-3's partial rotary and Gemma 3's layer pattern, local RoPE base and soft-cap).
+_OWN_CONFIG = {"olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+
+
+def _int_if_whole(x: float):
+    """transformers' Gemma 3 config takes query_pre_attn_scalar as an int."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _config_from_gguf(reader, arch: str, tensor_names: set[str]) -> dict:
+    """config.json of an olmo2 / phi3 / gemma3 GGUF, from the keys export writes (and llama.cpp reads)."""
+    f = {k: v.contents() for k, v in reader.fields.items() if not k.startswith("GGUF.") and k != "tokenizer.ggml.tokens"
+         and k != "tokenizer.ggml.merges" and k != "tokenizer.ggml.token_type"}
+
+    def key(name, default=None):
+        v = f.get(f"{arch}.{name}", default)
+        if v is None:
+            raise ShortrtError(f"GGUF key {arch}.{name} is missing")
+        return v
+
+    hidden, heads = int(key("embedding_length")), key("attention.head_count")
+    kv = key("attention.head_count_kv", heads)
+    if isinstance(heads, list) or isinstance(kv, list):
+        raise ShortrtError(f"per-layer head counts in a {arch} GGUF cannot be read")
+    head_dim = int(key("attention.key_length", hidden // heads))
+    c = {"architectures": [_OWN_CONFIG[arch]], "model_type": "gemma3_text" if arch == "gemma3" else arch,
+         "hidden_size": hidden, "intermediate_size": int(key("feed_forward_length")),
+         "num_hidden_layers": int(key("block_count")), "num_attention_heads": int(heads),
+         "num_key_value_heads": int(kv), "max_position_embeddings": int(key("context_length")),
+         "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
+         "vocab_size": int(f.get(f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)),
+         "rope_theta": float(key("rope.freq_base", 10000.0)), "tie_word_embeddings": "output.weight" not in tensor_names,
+         "dtype": "float32"}
+    for name in ("bos", "eos", "padding"):
+        if f"tokenizer.ggml.{name}_token_id" in f:
+            c[{"padding": "pad"}.get(name, name) + "_token_id"] = int(f[f"tokenizer.ggml.{name}_token_id"])
+    if f.get(f"{arch}.rope.scaling.type") == "linear":
+        c["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+    rotary = int(key("rope.dimension_count", head_dim))
+    if arch == "phi3" and rotary != head_dim:
+        c["partial_rotary_factor"] = rotary / head_dim
+    if arch == "gemma3":
+        n = c["num_hidden_layers"]
+        window = int(f.get(f"{arch}.attention.sliding_window") or 0)
+        pattern = f.get(f"{arch}.attention.sliding_window_pattern", 6)
+        if not window:
+            sliding = [False] * n
+        elif isinstance(pattern, list):
+            sliding = [bool(x) for x in pattern]
+        else:  # llama.cpp's set_swa_pattern: the last of every `pattern` layers full
+            sliding = [pattern == 0 or i % pattern < pattern - 1 for i in range(n)]
+        from .checkpoint import FULL, SLIDING
+
+        c.update(head_dim=head_dim, layer_types=[SLIDING if x else FULL for x in sliding],
+                 sliding_window=window or None, rope_local_base_freq=float(f.get(f"{arch}.rope.freq_base_swa", 10000.0)),
+                 hidden_activation="gelu_pytorch_tanh",
+                 final_logit_softcapping=float(f[f"{arch}.final_logit_softcapping"])
+                 if f.get(f"{arch}.final_logit_softcapping") else None,
+                 query_pre_attn_scalar=_int_if_whole(f.get("shortrt.query_pre_attn_scalar")
+                                                     or (hidden // heads if n == 62 else head_dim)))
+    return c
 
 
 def gguf_to_checkpoint(gguf_path, out: Path, *, progress: bool = False) -> None:
@@ -446,17 +508,29 @@ def gguf_to_checkpoint(gguf_path, out: Path, *, progress: bool = False) -> None:
     if arch not in SOURCE_ARCHS:
         raise ShortrtError(f"{gguf_path.name}: GGUF architecture {arch!r} cannot be read "
                            f"(shortrt reads {', '.join(SOURCE_ARCHS)})")
-    # The config and tokenizer first: transformers' readers parse every field (the vocabulary too)
-    # and are freed before ours is opened for the tensors.
-    config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
-    config.dtype = torch.float32
-    config.save_pretrained(out)
-    GenerationConfig.from_model_config(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(out)
+    if arch in _OWN_CONFIG:
+        from transformers import PreTrainedTokenizerFast
+
+        reader = GGUFReader(gguf_path)
+        doc = _config_from_gguf(reader, arch, {t.name for t in reader.tensors})
+        (out / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
+        gen = {k: doc[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in doc}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        # the tokenizer.* keys alone (transformers' AutoTokenizer would first read the config, refusing olmo2)
+        PreTrainedTokenizerFast.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(out)
+    else:
+        # The config and tokenizer first: transformers' readers parse every field (the vocabulary too)
+        # and are freed before ours is opened for the tensors.
+        config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+        config.dtype = torch.float32
+        config.save_pretrained(out)
+        GenerationConfig.from_model_config(config).save_pretrained(out)
+        AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(out)
+        reader = GGUFReader(gguf_path)
     cfg = parse_config(json.loads((out / "config.json").read_text()))
-    reader = GGUFReader(gguf_path)
-    by_gguf = {gguf_name(n): (n, shape) for n, shape in expected_tensors(cfg, LayerMap.dense(cfg.n_layers)).items()}
+    by_gguf = {gguf_name(n, cfg): (n, shape) for n, shape in expected_tensors(cfg, LayerMap.dense(cfg.n_layers)).items()}
+    q_norm_factor = gemma3_q_norm_factor(cfg, cfg.n_layers) if arch == "gemma3" else 1.0
     stored = {t.name: t for t in reader.tensors}
     missing = sorted(set(by_gguf) - set(stored))
     extra = sorted(set(stored) - set(by_gguf) - {"rope_freqs.weight"})  # llama3 rope factors: in the config
@@ -487,6 +561,10 @@ def gguf_to_checkpoint(gguf_path, out: Path, *, progress: bool = False) -> None:
             if unpermute:
                 heads = cfg.n_heads if ".q_proj." in hf_name else cfg.n_kv_heads
                 x = rope_unpermute(x.reshape(shape), heads)
+            if arch == "gemma3" and t.name.endswith("norm.weight"):  # back from the stored factor 1 + w
+                if t.name.endswith(".attn_q_norm.weight"):
+                    x = (x.astype(np.float64) / q_norm_factor).astype(np.float32)
+                x = x - np.float32(1.0)
             if not np.isfinite(x).all():
                 raise ShortrtError(f"{gguf_path.name}: tensor {t.name} has non-finite values")
             if bar is not None:
