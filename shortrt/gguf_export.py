@@ -55,7 +55,7 @@ TYPES = gguf_quants.TYPES + ("source",)
 FAMILY = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
           "Olmo2ForCausalLM": "olmo2", "Phi3ForCausalLM": "phi3", "Gemma3ForCausalLM": "gemma3"}
 # Families whose layers llama.cpp's deci can hold without attention (Llama's block, q/k/v biases optional).
-_DECI_FAMILIES = ("llama", "qwen2")
+_DECI_FAMILIES = ("llama", "qwen2", "phi3")
 FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}  # enum llama_ftype
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 _ATTENTION_TENSORS = ("attn_norm.", "attn_q.", "attn_k.", "attn_v.", "attn_output.")
@@ -112,6 +112,10 @@ def gguf_layout(cfg: ModelConfig, lmap: LayerMap) -> Layout:
         raise ExportError(f"layers {missing} have no attention; llama.cpp's {family} architecture needs attention "
                           f"in every block, and its deci architecture (the one with attention-less blocks) has "
                           f"no {_DECI_LACKS[family]}")
+    if family == "phi3" and cfg.rotary_dim and cfg.rotary_dim != cfg.head_dim:
+        raise ExportError(f"layers {[i for i, h in enumerate(heads) if not h]} have no attention, which llama.cpp "
+                          f"holds in its deci architecture only, and deci rotates whole heads (src/models/deci.cpp "
+                          f"asserts it), not the {cfg.rotary_dim} of {cfg.head_dim} dims partial_rotary_factor gives")
     if not heads[0]:
         raise ExportError("layer 0 has no attention; llama.cpp takes the head size from layer 0's head count "
                           "(src/llama-model.cpp), so a deci GGUF needs attention in its first layer")
@@ -120,7 +124,6 @@ def gguf_layout(cfg: ModelConfig, lmap: LayerMap) -> Layout:
 
 # What a family's block has that llama.cpp's deci block does not (why attention-less layers are refused).
 _DECI_LACKS = {"olmo2": "norms after the sublayers or q/k norm",
-               "phi3": "partial rotary embedding in the transformers order (it rotates pairs of rows)",
                "gemma3": "sandwich norms, q/k norm, GeGLU or sliding-window layers"}
 
 
@@ -285,16 +288,17 @@ def export_gguf(model, dst, *, qtype: str = "f16", overwrite: bool = False, prog
     except ImportError:
         raise MissingDependencyError("writing GGUF needs the gguf package: pip install gguf") from None
 
-    plan = []  # (gguf name, checkpoint name or None, numpy shape, type)
+    plan = []  # (gguf name, checkpoint name or None, numpy shape, type, rows of the checkpoint tensor or None)
     m.tensors  # noqa: B018 (validates the tensor set against config.json and shortrt.json)
     for name, shape in expected_tensors(cfg, lmap).items():
-        g = gguf_name(name, cfg)
-        plan.append((g, name, tuple(shape), tensor_type(g, tuple(shape), qtype)))
+        for g, piece, rows in _pieces(name, tuple(shape), cfg, layout):
+            plan.append((g, name, piece, tensor_type(g, piece, qtype), rows))
     if layout.arch == "olmo2" and cfg.tie_embeddings:  # llama.cpp's olmo2 requires output.weight
         shape = (cfg.vocab, cfg.hidden)
-        plan.append(("output.weight", "model.embed_tokens.weight", shape, tensor_type("output.weight", shape, qtype)))
+        plan.append(("output.weight", "model.embed_tokens.weight", shape, tensor_type("output.weight", shape, qtype),
+                     None))
     if cfg.rope_type == "llama3":
-        plan.append(("rope_freqs.weight", None, (cfg.head_dim // 2,), "f32"))
+        plan.append(("rope_freqs.weight", None, (cfg.head_dim // 2,), "f32", None))
     plan.sort(key=lambda p: _order(p[0]))
     with contextlib.ExitStack() as stack:
         # header first (it names every tensor), then one tensor at a time: memory stays one tensor
@@ -303,19 +307,35 @@ def export_gguf(model, dst, *, qtype: str = "f16", overwrite: bool = False, prog
         _add_model_keys(writer, m, cfg, layout, qtype)
         if not (origin and _tokenizer_from_gguf(writer, origin, cfg.vocab)):
             gguf_vocab.add_from_tokenizer_json(writer, m.path, cfg.vocab)
-        for g, _, shape, t in plan:
+        for g, _, shape, t, _ in plan:
             writer.add_tensor_info(g, _stored_shape(shape, t), _np_dtype(t), _nbytes(shape, t),
                                    raw_dtype=_ggml_type(t))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for g, name, shape, t in _progress(plan, progress, "export"):
+        for g, name, shape, t, rows in _progress(plan, progress, "export"):
             data = (llama3_rope_factors(cfg) if name is None
-                    else _prepared(g, m.read_rows(name), cfg, layout))
+                    else _prepared(g, m.read_rows(name, *(rows or (0, None))), cfg, layout))
             writer.write_tensor_data(gguf_quants.encode(data, t))
         writer.close()
         os.replace(tmp, dst)
     return dst
+
+
+def _pieces(name: str, shape: tuple[int, ...], cfg: ModelConfig, layout: Layout):
+    """The GGUF tensors (name, shape, rows of the checkpoint tensor or None) one checkpoint tensor
+    becomes: itself, or, for Phi-3's fused matrices in a deci file (whose blocks read separate
+    q / k / v and gate / up matrices), its row blocks."""
+    g = gguf_name(name, cfg)
+    if layout.arch != "deci" or not cfg.fused_projections or not g.endswith((".attn_qkv.weight", ".ffn_up.weight")):
+        return [(g, shape, None)]
+    block = g.rsplit(".", 2)[0]
+    if g.endswith(".attn_qkv.weight"):
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        parts = (("attn_q", 0, q), ("attn_k", q, q + kv), ("attn_v", q + kv, q + 2 * kv))
+    else:
+        parts = (("ffn_gate", 0, cfg.intermediate), ("ffn_up", cfg.intermediate, 2 * cfg.intermediate))
+    return [(f"{block}.{kind}.weight", (stop - start, shape[1]), (start, stop)) for kind, start, stop in parts]
 
 
 def _order(name: str):

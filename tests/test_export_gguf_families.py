@@ -63,6 +63,9 @@ def build(root: Path) -> dict:
                                            root / f"{fam[:2]}-pruned").path
         out[fam, "attention"] = shortrt.prune(dense, LayerMap.from_removed_attention(6, [1, 4], method="attention"),
                                               root / f"{fam[:2]}-attention").path
+    full, _ = make_tiny(root / "p3full-dense", "phi3", num_hidden_layers=6, tokenizer=True)  # whole heads rotated
+    out["phi3full", "attention"] = shortrt.prune(full, LayerMap.from_removed_attention(6, [1, 4], method="attention"),
+                                                 root / "p3full-attention").path
     return out
 
 
@@ -167,10 +170,38 @@ def test_shortrt_reads_the_file_back(ckpts, fam, which, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("fam", list(FAMILIES))
 def test_attention_less_layers_are_refused_with_the_reason(ckpts, fam, tmp_path):
-    with pytest.raises(ExportError, match=rf"layers \[1, 4\] have no attention; llama.cpp's {ARCH[fam]} "
-                                          "architecture needs attention in every block"):
+    why = {"olmo2": "llama.cpp's olmo2 architecture needs attention in every block, and its deci architecture .* has "
+                    "no norms after the sublayers",
+           "phi3": "llama.cpp holds in its deci architecture only, and deci rotates whole heads .* not the 8 of 16 dims",
+           "gemma3": "llama.cpp's gemma3 architecture needs attention in every block, and its deci architecture .* "
+                     "has no sandwich norms"}[fam]
+    with pytest.raises(ExportError, match=rf"layers \[1, 4\] have no attention(;|, which) {why}"):
         export_gguf(ckpts[fam, "attention"], tmp_path / "a.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_attention_less_phi3_goes_to_deci_with_its_fused_matrices_split(ckpts, tmp_path):
+    """A Phi-3 rotating whole heads (Phi-3 mini / medium do) with attention removed: deci, whose blocks read
+    attn_q / attn_k / attn_v (rows of qkv_proj; q and k in deci's pairwise RoPE order) and ffn_gate / ffn_up
+    (the halves of gate_up_proj)."""
+    from shortrt.gguf_export import rope_permute
+
+    m = shortrt.load(ckpts["phi3full", "attention"])
+    r = gguf.GGUFReader(str(export_gguf(m.path, tmp_path / "d.gguf", qtype="f32")))
+    f = fields(r)
+    assert f["general.architecture"] == "deci"
+    assert f["deci.attention.head_count"] == [4, 0, 4, 4, 0, 4]
+    tensors = {t.name: stored(t) for t in r.tensors}
+    assert {n.split(".", 2)[2] for n in tensors if n.startswith("blk.1.")} == {"ffn_norm.weight", "ffn_gate.weight",
+                                                                             "ffn_up.weight", "ffn_down.weight"}
+    v = m.read_tensors()
+    qkv, gate_up = v["model.layers.0.self_attn.qkv_proj.weight"].numpy(), v["model.layers.0.mlp.gate_up_proj.weight"].numpy()
+    np.testing.assert_array_equal(tensors["blk.0.attn_q.weight"], rope_permute(qkv[:64], 4))
+    np.testing.assert_array_equal(tensors["blk.0.attn_k.weight"], rope_permute(qkv[64:96], 2))
+    np.testing.assert_array_equal(tensors["blk.0.attn_v.weight"], qkv[96:])
+    np.testing.assert_array_equal(tensors["blk.0.ffn_gate.weight"], gate_up[:96])
+    np.testing.assert_array_equal(tensors["blk.0.ffn_up.weight"], gate_up[96:])
+    assert "blk.0.attn_qkv.weight" not in tensors
 
 
 def test_shapes_llama_cpp_cannot_hold_are_refused(tmp_path):
@@ -219,6 +250,28 @@ def test_llama_cpp_runs_the_export_as_transformers_does(ckpts, fam, which, tmp_p
     assert len(reported) >= 4
     err = max(abs(logp[len(PROMPT) - 1 + k, t] - v) for k, s in reported for t, v in s.items())
     assert err <= LOGPROB_TOL[fam], f"max |log-prob difference| {err} over {len(reported)} positions"
+
+
+@pytest.mark.skipif(lc.binary("llama-server") is None, reason=lc.skip_reason("llama-server"))
+def test_llama_cpp_runs_attention_less_phi3_as_shortrt_does(ckpts, tmp_path):
+    """transformers has no attention-less layer: the reference is shortrt's (shortrt.reference, fp32)."""
+    path = ckpts["phi3full", "attention"]
+    ref_model = ReferenceModel.load(path)
+    ref = []
+    with torch.no_grad():
+        for _ in range(32):
+            z = ref_model.forward(torch.tensor([PROMPT + ref]))[0, -1]
+            z[2] = -float("inf")  # llama-server masks the end-of-generation token (ignore_eos)
+            ref.append(int(z.argmax()))
+    out = export_gguf(path, tmp_path / "deci.gguf", qtype="f32")
+    with lc.server(out) as server:
+        got, steps = server.logprobs(PROMPT, 32, token_bytes(path / "tokenizer.json"))
+    assert got == ref, f"llama.cpp {got}\nshortrt {ref}"
+    with torch.no_grad():
+        logp = torch.log_softmax(ref_model.forward(torch.tensor([PROMPT + got]))[0].double(), -1).numpy()
+    reported = [(k, s) for k, s in enumerate(steps) if s]
+    err = max(abs(logp[len(PROMPT) - 1 + k, t] - v) for k, s in reported for t, v in s.items())
+    assert len(reported) >= 4 and err <= LOGPROB_TOL["phi3"], err
 
 
 @pytest.mark.skipif(lc.binary("llama-server") is None, reason=lc.skip_reason("llama-server"))
