@@ -12,9 +12,11 @@ relative: the float32 roundings of (1 + w) - 1 and of the factor) and its fp32 l
 With llama.cpp ($SHORTRT_LLAMA_CPP_BIN, else skipped with the reason): the f32 file in llama-server (f32 KV
 cache) gives transformers' greedy tokens, 32 after a 36-token prompt (Gemma 3's window is 8: most positions
 attend past it), and at every position the server reports, its top-8 next-token log-probabilities within
-LOGPROB_TOL of transformers' log-softmax. The bounds: a tiny Llama export measures 2.1e-3 by the same
-comparison (llama.cpp's own f32 arithmetic on these random models; OLMo-2 2.0e-3, Phi-3 1.9e-3), Gemma 3
-2.1e-2 (ggml's GELU reads a table indexed by the fp16 rounding of its input).
+LOGPROB_TOL of transformers' log-softmax (llama-server masks the end-of-generation token, so does the
+reference). The bounds: a tiny Llama export measures 2.1e-3 by the same comparison (llama.cpp's own f32
+arithmetic on these random models); OLMo-2 measures up to 3.4e-3, Phi-3 2.4e-3 (bound 1e-2), Gemma 3 up to
+2.1e-2 (bound 5e-2: ggml's GELU reads a table indexed by the fp16 rounding of its input). Gemma 3 exported
+without the q_norm factor errs by 1.1.
 
 Checkpoint directories avoid "phi3" in their names: llama.cpp keys Phi-3 token fix-ups on general.name and
 needs <unk> and <|endoftext|> tokens that the tiny tokenizer does not have.
@@ -47,7 +49,7 @@ GEMMA = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_attentio
 FAMILIES = {"olmo2": {}, "phi3": {"partial_rotary_factor": 0.5}, "gemma3": GEMMA}
 ARCH = {"olmo2": "olmo2", "phi3": "phi3", "gemma3": "gemma3"}
 REMOVED = [2, 3]  # Gemma 3's S S F S S F becomes S S S F: no period describes it
-LOGPROB_TOL = {"olmo2": 5e-3, "phi3": 5e-3, "gemma3": 5e-2}
+LOGPROB_TOL = {"olmo2": 1e-2, "phi3": 1e-2, "gemma3": 5e-2}
 PROMPT = IDS_SHORT * 3
 
 
