@@ -662,15 +662,17 @@ def _export_from_source(m: Model, origin: Path | None, dst: Path, layout: Layout
     from gguf import GGUFReader
 
     reader = GGUFReader(str(origin))
-    _check_same_weights(m, reader, origin)
+    _check_same_weights(m, reader, origin, layout)
     blocks = [(e.source, e.attention) for e in lmap.layers]
     return _write_pruned(reader, origin, blocks, dst, layout, progress=progress,
                          extra={"shortrt.layer_map": json.dumps(lmap.to_json())})
 
 
-def _check_same_weights(m: Model, reader, origin: Path) -> None:
-    """The checkpoint's final norm must be the GGUF's output_norm (a cheap proof they are one model)."""
-    mine = m.read_tensors(["model.norm.weight"])["model.norm.weight"].numpy()
+def _check_same_weights(m: Model, reader, origin: Path, layout: Layout) -> None:
+    """The checkpoint's final norm, as export would store it (Gemma 3's as 1 + w), must be the GGUF's
+    output_norm (a cheap proof they are one model)."""
+    mine = _prepared("output_norm.weight", m.read_tensors(["model.norm.weight"])["model.norm.weight"],
+                     m.model_config, layout)
     theirs = next((t for t in reader.tensors if t.name == "output_norm.weight"), None)
     if theirs is None or theirs.tensor_type.name not in ("F32", "F16") or \
             not np.array_equal(np.asarray(theirs.data, dtype=np.float32).reshape(mine.shape), mine):

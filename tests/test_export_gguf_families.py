@@ -170,6 +170,24 @@ def test_shortrt_reads_the_file_back(ckpts, fam, which, tmp_path, monkeypatch):
     assert back.tokenizer()("the lazy dog")["input_ids"] == src.tokenizer()("the lazy dog")["input_ids"]
 
 
+def test_a_gemma3_gguf_source_prunes_to_its_blocks_as_stored(ckpts, tmp_path, monkeypatch):
+    """export -> shortrt.load(x.gguf) -> prune -> export --type source: the kept blocks' tensors copied
+    as stored (norms still 1 + w), the per-block sliding pattern trimmed with them."""
+    monkeypatch.setenv("SHORTRT_CACHE", str(tmp_path / "cache"))
+    src = export_gguf(ckpts["gemma3", "dense"], tmp_path / "g.gguf", qtype="q8_0")
+    pruned = shortrt.prune(shortrt.load(src, progress=False), LayerMap.from_removed(6, REMOVED), tmp_path / "p")
+    out = export_gguf(pruned.path, tmp_path / "p.gguf", qtype="source")
+    before = {t.name: t for t in gguf.GGUFReader(str(src)).tensors}
+    r = gguf.GGUFReader(str(out))
+    assert fields(r)["gemma3.attention.sliding_window_pattern"] == [True, True, True, False]
+    kept = [0, 1, 4, 5]
+    for t in r.tensors:
+        parts = t.name.split(".", 2)
+        old = t.name if parts[0] != "blk" else f"blk.{kept[int(parts[1])]}.{parts[2]}"
+        assert t.tensor_type == before[old].tensor_type
+        np.testing.assert_array_equal(np.asarray(t.data), np.asarray(before[old].data))
+
+
 @pytest.mark.parametrize("fam", list(FAMILIES))
 def test_attention_less_layers_are_refused_with_the_reason(ckpts, fam, tmp_path):
     why = {"olmo2": "llama.cpp's olmo2 architecture needs attention in every block, and its deci architecture .* has "
