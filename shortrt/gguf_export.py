@@ -24,10 +24,24 @@ Refused before anything is written, with the reason (`deci` constraints in that 
   would be silently discarded;
 - layer 0 without attention: llama.cpp derives the head size (n_embd_head_k) from layer 0's head
   count and sets it to 0 when that count is 0;
-- Mistral with a sliding window shorter than the context (llama.cpp's `llama` has none).
+- Mistral or Phi-3 with a sliding window shorter than the context (llama.cpp's `llama` has none,
+  its `phi3` turns the window off).
 Qwen2 (q/k/v biases) goes to `deci` too: deci loads the optional attn_q/k/v biases
 (create_tensor_qkv) and applies them (build_qkv); Qwen2's rotate-half RoPE becomes deci's
 pairwise RoPE by the same q/k row permutation Llama uses, applied to the biases too.
+
+OLMo-2, Phi-3 and Gemma 3 (issue #17) go to llama.cpp's `olmo2`, `phi3` and `gemma3` (src/models/
+olmo2.cpp, phi3.cpp, gemma3.cpp; all rotate-half RoPE there, so no row permutation): OLMo-2's
+post-sublayer norms as post_attention_norm / post_ffw_norm and its q/k norms over the whole
+projection; Phi-3's fused qkv and gate_up kept fused (attn_qkv, a 2 * n_ff-row ffn_up), partial
+rotary as rope.dimension_count; Gemma 3's four norms stored as 1 + w (as llama.cpp's converter
+does), one sliding/full flag per block (attention.sliding_window_pattern as an array, so a pruned
+model's irregular pattern is exact), the local RoPE base, the logit soft-cap, and
+query_pre_attn_scalar, which llama.cpp does not read, folded into attn_q_norm (see
+gemma3_q_norm_factor). Layer removal changes only block_count and the per-block arrays. Layers
+without attention: Phi-3 with whole-head RoPE goes to `deci` (its fused matrices split); OLMo-2,
+Gemma 3 and partial-rotary Phi-3 are refused (deci has none of their norms; deci.cpp asserts
+n_rot = head size).
 
 Tensor types (--type): f32 everything; f16 every matrix; q8_0 / q4_0 every matrix whose rows
 divide into blocks of 32 (others f16). With q4_0 the token embedding and output matrix are Q8_0
@@ -778,4 +792,4 @@ def describe(path) -> str:
 
 
 __all__ = ["export_gguf", "prune_gguf", "gguf_layout", "Layout", "ExportError", "tensor_type", "gguf_name",
-           "rope_permute", "origin_gguf", "TYPES", "describe"]
+           "rope_permute", "origin_gguf", "TYPES", "describe", "gemma3_q_norm_factor"]

@@ -136,6 +136,27 @@ def test_the_file_is_laid_out_as_llama_cpp_loads_it(ckpts, fam, which, tmp_path)
         assert factor == pytest.approx((32 / 24) ** 0.5, rel=1e-6)
 
 
+def test_gemma3_with_only_full_layers_left_has_no_window(ckpts, tmp_path, monkeypatch):
+    """Keeping only Gemma 3's full-attention layers (2 and 5): no window key, so llama.cpp builds no
+    sliding-window cache; read back, every layer is full_attention."""
+    monkeypatch.setenv("SHORTRT_CACHE", str(tmp_path / "cache"))
+    full = shortrt.prune(ckpts["gemma3", "dense"], LayerMap.from_removed(6, [0, 1, 3, 4]), tmp_path / "full").path
+    out = export_gguf(full, tmp_path / "f.gguf", qtype="f32")
+    f = fields(gguf.GGUFReader(str(out)))
+    assert f["gemma3.block_count"] == 2
+    assert not {"gemma3.attention.sliding_window", "gemma3.attention.sliding_window_pattern"} & set(f)
+    assert shortrt.load(out, progress=False).model_config.layer_types == ("full_attention",) * 2
+    if lc.binary("llama-server") is not None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(full, dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([PROMPT]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0, suppress_tokens=[2])[0, len(PROMPT):].tolist()
+        with lc.server(out) as greedy:
+            assert greedy(PROMPT, 16) == ref
+
+
 def test_olmo2_tied_embeddings_get_an_output_tensor(tmp_path):
     """llama.cpp's olmo2 requires output.weight (it does not fall back to token_embd)."""
     path, _ = make_tiny(tmp_path / "ol", "olmo2", tokenizer=True, tie_word_embeddings=True)
