@@ -65,6 +65,10 @@ def build(root: Path) -> dict:
                                            root / f"{fam[:2]}-pruned").path
         out[fam, "attention"] = shortrt.prune(dense, LayerMap.from_removed_attention(6, [1, 4], method="attention"),
                                               root / f"{fam[:2]}-attention").path
+    scaled, _ = make_tiny(root / "ge-linear", "gemma3", num_hidden_layers=6, tokenizer=True,
+                          **{**GEMMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})  # full layers only
+    (scaled / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    out["gemma3", "linear-rope"] = scaled
     full, _ = make_tiny(root / "p3full-dense", "phi3", num_hidden_layers=6, tokenizer=True)  # whole heads rotated
     out["phi3full", "attention"] = shortrt.prune(full, LayerMap.from_removed_attention(6, [1, 4], method="attention"),
                                                  root / "p3full-attention").path
@@ -85,6 +89,7 @@ def stored(t) -> np.ndarray:
 
 
 CASES = [(fam, which) for fam in FAMILIES for which in ("dense", "pruned")]
+MORE = CASES + [("gemma3", "linear-rope")]  # Gemma 3's full layers' RoPE scaled, its sliding ones not
 
 
 @pytest.mark.parametrize("fam,which", CASES, ids=[f"{f}-{w}" for f, w in CASES])
@@ -165,7 +170,7 @@ def test_olmo2_tied_embeddings_get_an_output_tensor(tmp_path):
     np.testing.assert_array_equal(stored(t["output.weight"]), stored(t["token_embd.weight"]))
 
 
-@pytest.mark.parametrize("fam,which", CASES, ids=[f"{f}-{w}" for f, w in CASES])
+@pytest.mark.parametrize("fam,which", MORE, ids=[f"{f}-{w}" for f, w in MORE])
 def test_shortrt_reads_the_file_back(ckpts, fam, which, tmp_path, monkeypatch):
     monkeypatch.setenv("SHORTRT_CACHE", str(tmp_path / "cache"))
     src = shortrt.load(ckpts[fam, which])
@@ -173,6 +178,7 @@ def test_shortrt_reads_the_file_back(ckpts, fam, which, tmp_path, monkeypatch):
     a, b = src.model_config, back.model_config
     for field in ("architecture", "hidden", "intermediate", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                   "rotary_dim", "layer_types", "sliding_window", "rope_theta", "rope_local_theta", "final_softcap",
+                  "rope_type", "rope_factor",
                   "attn_scale", "embed_scale", "tie_embeddings", "qk_norm_whole", "post_norm", "sandwich_norm"):
         assert getattr(b, field) == getattr(a, field), field
     want, got = src.read_tensors(), back.read_tensors()
@@ -270,7 +276,7 @@ def token_bytes(tokenizer_json: Path):
 
 
 @pytest.mark.skipif(lc.binary("llama-server") is None, reason=lc.skip_reason("llama-server"))
-@pytest.mark.parametrize("fam,which", CASES, ids=[f"{f}-{w}" for f, w in CASES])
+@pytest.mark.parametrize("fam,which", MORE, ids=[f"{f}-{w}" for f, w in MORE])
 def test_llama_cpp_runs_the_export_as_transformers_does(ckpts, fam, which, tmp_path):
     from transformers import AutoModelForCausalLM
 
