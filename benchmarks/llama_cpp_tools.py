@@ -93,7 +93,8 @@ def _free_port() -> int:
 def server(gguf: Path, *, ctx: int = 512, kv_type: str = "f32", threads: int = 2):
     """A llama-server on `gguf` with its KV cache in `kv_type`; yields greedy(ids, n) -> continuation
     token ids (the prompt passed as token ids: llama.cpp does not tokenize it), with
-    greedy.completion(ids, n) -> the server's whole answer (tokens, timings) and
+    greedy.completion(ids, n) -> the server's whole answer (tokens, timings),
+    greedy.logprobs(ids, n, top) -> (tokens, each position's top log-probabilities) and
     greedy.tokenize(text) -> llama.cpp's token ids of text. A server that exits raises LlamaCppError."""
     exe = _require("llama-server")
     port = _free_port()
@@ -144,10 +145,39 @@ def server(gguf: Path, *, ctx: int = 512, kv_type: str = "f32", threads: int = 2
         def greedy(ids: list[int], n: int) -> list[int]:
             return list(completion(ids, n)["tokens"])
 
+        def logprobs(ids: list[int], n: int, token_bytes, top: int = 8):
+            """Greedy continuation and, at each of its n positions, the `top` most likely next tokens'
+            log-probabilities {token id: logprob} (the server's softmax of the raw logits, no sampler), or
+            None at a position the server reports nothing for: it holds back a token that leaves its text
+            ending inside a UTF-8 character (server-context.cpp, validate_utf8), which random byte-level
+            models emit often. token_bytes(id) -> the token's bytes (b"" for control tokens) finds those."""
+            body = {"prompt": list(ids), "n_predict": n, "temperature": 0.0, "top_k": 1, "samplers": ["top_k"],
+                    "return_tokens": True, "cache_prompt": False, "ignore_eos": True, "n_probs": top,
+                    "post_sampling_probs": False}
+            out = post("/completion", body)
+            tokens, reported = list(out["tokens"]), list(out.get("completion_probabilities", []))
+            text, steps = b"", []
+            for t in tokens:
+                text += token_bytes(t)
+                steps.append(None if cut_utf8(text) else "next")
+            if sum(s is not None for s in steps) != len(reported):
+                raise LlamaCppError("llama-server", f"reported {len(reported)} log-probabilities for {n} tokens, "
+                                    f"{sum(s is not None for s in steps)} expected", None, json.dumps(out)[:2000])
+            it = iter(reported)
+            for k, s in enumerate(steps):
+                if s is not None:
+                    entry = next(it)
+                    if int(entry["id"]) != tokens[k]:
+                        raise LlamaCppError("llama-server", f"log-probabilities of token {entry['id']} reported at "
+                                            f"position {k} (token {tokens[k]})", None, json.dumps(out)[:2000])
+                    steps[k] = {int(e["id"]): float(e["logprob"]) for e in entry["top_logprobs"]}
+            return tokens, steps
+
         def tokenize(text: str) -> list[int]:
             return list(post("/tokenize", {"content": text, "add_special": False})["tokens"])
 
         greedy.completion = completion
+        greedy.logprobs = logprobs
         greedy.tokenize = tokenize
         yield greedy
     finally:
@@ -157,6 +187,17 @@ def server(gguf: Path, *, ctx: int = 512, kv_type: str = "f32", threads: int = 2
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+def cut_utf8(text: bytes) -> bool:
+    """Whether `text` ends inside a multi-byte UTF-8 character, as llama-server's validate_utf8 sees
+    it (a lead byte among the last 4 bytes with fewer bytes after it than its sequence needs)."""
+    for i in range(1, min(4, len(text)) + 1):
+        c = text[-i]
+        need = 2 if c & 0xE0 == 0xC0 else 3 if c & 0xF0 == 0xE0 else 4 if c & 0xF8 == 0xF0 else 0
+        if need and i < need:
+            return True
+    return False
 
 
 def perplexity_run(gguf: Path, text_file: Path, *, ctx: int = 512, chunks: int | None = None, threads: int = 2,

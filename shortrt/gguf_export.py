@@ -24,10 +24,24 @@ Refused before anything is written, with the reason (`deci` constraints in that 
   would be silently discarded;
 - layer 0 without attention: llama.cpp derives the head size (n_embd_head_k) from layer 0's head
   count and sets it to 0 when that count is 0;
-- Mistral with a sliding window shorter than the context (llama.cpp's `llama` has none).
+- Mistral or Phi-3 with a sliding window shorter than the context (llama.cpp's `llama` has none,
+  its `phi3` turns the window off).
 Qwen2 (q/k/v biases) goes to `deci` too: deci loads the optional attn_q/k/v biases
 (create_tensor_qkv) and applies them (build_qkv); Qwen2's rotate-half RoPE becomes deci's
 pairwise RoPE by the same q/k row permutation Llama uses, applied to the biases too.
+
+OLMo-2, Phi-3 and Gemma 3 (issue #17) go to llama.cpp's `olmo2`, `phi3` and `gemma3` (src/models/
+olmo2.cpp, phi3.cpp, gemma3.cpp; all rotate-half RoPE there, so no row permutation): OLMo-2's
+post-sublayer norms as post_attention_norm / post_ffw_norm and its q/k norms over the whole
+projection; Phi-3's fused qkv and gate_up kept fused (attn_qkv, a 2 * n_ff-row ffn_up), partial
+rotary as rope.dimension_count; Gemma 3's four norms stored as 1 + w (as llama.cpp's converter
+does), one sliding/full flag per block (attention.sliding_window_pattern as an array, so a pruned
+model's irregular pattern is exact), the local RoPE base, the logit soft-cap, and
+query_pre_attn_scalar, which llama.cpp does not read, folded into attn_q_norm (see
+gemma3_q_norm_factor). Layer removal changes only block_count and the per-block arrays. Layers
+without attention: Phi-3 with whole-head RoPE goes to `deci` (its fused matrices split); OLMo-2,
+Gemma 3 and partial-rotary Phi-3 are refused (deci has none of their norms; deci.cpp asserts
+n_rot = head size).
 
 Tensor types (--type): f32 everything; f16 every matrix; q8_0 / q4_0 every matrix whose rows
 divide into blocks of 32 (others f16). With q4_0 the token embedding and output matrix are Q8_0
@@ -52,7 +66,10 @@ from .errors import MissingDependencyError, ShortrtError
 from .layermap import LayerMap
 
 TYPES = gguf_quants.TYPES + ("source",)
-FAMILY = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+FAMILY = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+          "Olmo2ForCausalLM": "olmo2", "Phi3ForCausalLM": "phi3", "Gemma3ForCausalLM": "gemma3"}
+# Families whose layers llama.cpp's deci can hold without attention (Llama's block, q/k/v biases optional).
+_DECI_FAMILIES = ("llama", "qwen2", "phi3")
 FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}  # enum llama_ftype
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 _ATTENTION_TENSORS = ("attn_norm.", "attn_q.", "attn_k.", "attn_v.", "attn_output.")
@@ -84,9 +101,21 @@ def gguf_layout(cfg: ModelConfig, lmap: LayerMap) -> Layout:
     family = FAMILY.get(cfg.architecture)
     if family is None:
         raise ExportError(f"{cfg.architecture} has no GGUF export (export writes {', '.join(FAMILY)})")
-    if cfg.sliding_window and cfg.sliding_window < cfg.max_position:
+    if family != "gemma3" and cfg.sliding_window and cfg.sliding_window < cfg.max_position:
         raise ExportError(f"a sliding window of {cfg.sliding_window} tokens (< the {cfg.max_position}-token "
-                          "context) has no equivalent in llama.cpp's llama architecture")
+                          f"context) has no equivalent in llama.cpp's {family} architecture"
+                          + (" (src/models/phi3.cpp turns Phi-3's window off)" if family == "phi3" else ""))
+    if family in ("olmo2", "phi3") and cfg.n_heads * cfg.head_dim != cfg.hidden:
+        raise ExportError(f"{cfg.architecture} with head_dim {cfg.head_dim} x {cfg.n_heads} heads != hidden_size "
+                          f"{cfg.hidden}: llama.cpp's {family} sizes q and the attention output by hidden_size "
+                          f"(src/models/{family}.cpp)")
+    if cfg.rope_type not in ("default", "linear", "llama3"):
+        raise ExportError(f"rope scaling '{cfg.rope_type}' (Phi-3's long-context RoPE: short and long factor "
+                          "tensors chosen by the sequence length) is not written by the GGUF export; a GGUF "
+                          "with plain RoPE would run a different model past the original context")
+    if family != "llama" and cfg.rope_type == "llama3":
+        raise ExportError(f"llama3 RoPE scaling (a rope_freqs tensor) is read by llama.cpp's llama architecture "
+                          f"only, not by {family}")
     no_mlp = [i for i, e in enumerate(lmap.layers) if not e.mlp]
     if no_mlp:
         raise ExportError(f"layers {no_mlp} keep attention but have no MLP; llama.cpp's deci architecture skips "
@@ -96,10 +125,24 @@ def gguf_layout(cfg: ModelConfig, lmap: LayerMap) -> Layout:
     kv = tuple(cfg.n_kv_heads if e.attention else 0 for e in lmap.layers)
     if all(heads):
         return Layout(family, heads, kv, cfg.intermediate)
+    if family not in _DECI_FAMILIES:
+        missing = [i for i, h in enumerate(heads) if not h]
+        raise ExportError(f"layers {missing} have no attention; llama.cpp's {family} architecture needs attention "
+                          f"in every block, and its deci architecture (the one with attention-less blocks) has "
+                          f"no {_DECI_LACKS[family]}")
+    if family == "phi3" and cfg.rotary_dim and cfg.rotary_dim != cfg.head_dim:
+        raise ExportError(f"layers {[i for i, h in enumerate(heads) if not h]} have no attention, which llama.cpp "
+                          f"holds in its deci architecture only, and deci rotates whole heads (src/models/deci.cpp "
+                          f"asserts it), not the {cfg.rotary_dim} of {cfg.head_dim} dims partial_rotary_factor gives")
     if not heads[0]:
         raise ExportError("layer 0 has no attention; llama.cpp takes the head size from layer 0's head count "
                           "(src/llama-model.cpp), so a deci GGUF needs attention in its first layer")
     return Layout("deci", heads, kv, cfg.intermediate)
+
+
+# What a family's block has that llama.cpp's deci block does not (why attention-less layers are refused).
+_DECI_LACKS = {"olmo2": "norms after the sublayers or q/k norm",
+               "gemma3": "sandwich norms, q/k norm, GeGLU or sliding-window layers"}
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], qtype: str) -> str:
@@ -119,17 +162,45 @@ _HF_TO_GGUF = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.w
                "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
                "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
                "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
-               "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
+               "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+               # Phi-3's fused matrices, kept fused: llama.cpp's phi3 reads attn_qkv (q rows, then k, then v)
+               # and an ffn_up of 2 * n_ff rows (gate, then up) that it splits itself.
+               "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",
+               # OLMo-2 and Gemma 3: the norms of each sublayer's output
+               "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+               "pre_feedforward_layernorm.weight": "ffn_norm.weight"}
 
 
-def gguf_name(hf_name: str) -> str:
-    """GGUF's name of a checkpoint tensor (model.layers.3.mlp.up_proj.weight -> blk.3.ffn_up.weight)."""
+def gguf_name(hf_name: str, cfg: ModelConfig | None = None) -> str:
+    """GGUF's name of a checkpoint tensor (model.layers.3.mlp.up_proj.weight -> blk.3.ffn_up.weight).
+    cfg: the model's config, needed for OLMo-2 and Gemma 3, whose post_attention_layernorm norms the
+    attention's output (GGUF's post_attention_norm) rather than the MLP's input (ffn_norm)."""
     fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     if hf_name in fixed:
         return fixed[hf_name]
     parts = hf_name.split(".", 3)
+    if parts[3] == "post_attention_layernorm.weight" and cfg is not None and (cfg.post_norm or cfg.sandwich_norm):
+        return f"blk.{parts[2]}.post_attention_norm.weight"
     return f"blk.{parts[2]}.{_HF_TO_GGUF[parts[3]]}"
+
+
+def llama_cpp_gemma3_attention_scale(cfg: ModelConfig, n_blocks: int) -> float:
+    """The score scale llama.cpp's gemma3 applies to q (src/models/gemma3.cpp): it reads no
+    query_pre_attn_scalar but takes 1/sqrt(head_dim), or 1/sqrt(hidden / heads) (integer division)
+    for a 62-block model (its 27B). float32 as there."""
+    from .checkpoint import torch_float32
+
+    d = cfg.hidden // cfg.n_heads if n_blocks == 62 else cfg.head_dim
+    return torch_float32(1.0 / math.sqrt(d))
+
+
+def gemma3_q_norm_factor(cfg: ModelConfig, n_blocks: int) -> float:
+    """What Gemma 3's q_norm weights (1 + w) are multiplied by in the GGUF so that llama.cpp's score
+    scale times it is the model's query_pre_attn_scalar ** -0.5: q_norm's output feeds RoPE (linear)
+    and then that scale, so the product is all that matters. 1 when the two scales agree."""
+    want = cfg.attn_scale or cfg.head_dim ** -0.5
+    return want / llama_cpp_gemma3_attention_scale(cfg, n_blocks)
 
 
 def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -235,13 +306,17 @@ def export_gguf(model, dst, *, qtype: str = "f16", overwrite: bool = False, prog
     except ImportError:
         raise MissingDependencyError("writing GGUF needs the gguf package: pip install gguf") from None
 
-    plan = []  # (gguf name, checkpoint name or None, numpy shape, type)
+    plan = []  # (gguf name, checkpoint name or None, numpy shape, type, rows of the checkpoint tensor or None)
     m.tensors  # noqa: B018 (validates the tensor set against config.json and shortrt.json)
     for name, shape in expected_tensors(cfg, lmap).items():
-        g = gguf_name(name)
-        plan.append((g, name, tuple(shape), tensor_type(g, tuple(shape), qtype)))
+        for g, piece, rows in _pieces(name, tuple(shape), cfg, layout):
+            plan.append((g, name, piece, tensor_type(g, piece, qtype), rows))
+    if layout.arch == "olmo2" and cfg.tie_embeddings:  # llama.cpp's olmo2 requires output.weight
+        shape = (cfg.vocab, cfg.hidden)
+        plan.append(("output.weight", "model.embed_tokens.weight", shape, tensor_type("output.weight", shape, qtype),
+                     None))
     if cfg.rope_type == "llama3":
-        plan.append(("rope_freqs.weight", None, (cfg.head_dim // 2,), "f32"))
+        plan.append(("rope_freqs.weight", None, (cfg.head_dim // 2,), "f32", None))
     plan.sort(key=lambda p: _order(p[0]))
     with contextlib.ExitStack() as stack:
         # header first (it names every tensor), then one tensor at a time: memory stays one tensor
@@ -250,19 +325,35 @@ def export_gguf(model, dst, *, qtype: str = "f16", overwrite: bool = False, prog
         _add_model_keys(writer, m, cfg, layout, qtype)
         if not (origin and _tokenizer_from_gguf(writer, origin, cfg.vocab)):
             gguf_vocab.add_from_tokenizer_json(writer, m.path, cfg.vocab)
-        for g, _, shape, t in plan:
+        for g, _, shape, t, _ in plan:
             writer.add_tensor_info(g, _stored_shape(shape, t), _np_dtype(t), _nbytes(shape, t),
                                    raw_dtype=_ggml_type(t))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for g, name, shape, t in _progress(plan, progress, "export"):
+        for g, name, shape, t, rows in _progress(plan, progress, "export"):
             data = (llama3_rope_factors(cfg) if name is None
-                    else _prepared(g, m.read_rows(name), cfg, layout))
+                    else _prepared(g, m.read_rows(name, *(rows or (0, None))), cfg, layout))
             writer.write_tensor_data(gguf_quants.encode(data, t))
         writer.close()
         os.replace(tmp, dst)
     return dst
+
+
+def _pieces(name: str, shape: tuple[int, ...], cfg: ModelConfig, layout: Layout):
+    """The GGUF tensors (name, shape, rows of the checkpoint tensor or None) one checkpoint tensor
+    becomes: itself, or, for Phi-3's fused matrices in a deci file (whose blocks read separate
+    q / k / v and gate / up matrices), its row blocks."""
+    g = gguf_name(name, cfg)
+    if layout.arch != "deci" or not cfg.fused_projections or not g.endswith((".attn_qkv.weight", ".ffn_up.weight")):
+        return [(g, shape, None)]
+    block = g.rsplit(".", 2)[0]
+    if g.endswith(".attn_qkv.weight"):
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        parts = (("attn_q", 0, q), ("attn_k", q, q + kv), ("attn_v", q + kv, q + 2 * kv))
+    else:
+        parts = (("ffn_gate", 0, cfg.intermediate), ("ffn_up", cfg.intermediate, 2 * cfg.intermediate))
+    return [(f"{block}.{kind}.weight", (stop - start, shape[1]), (start, stop)) for kind, start, stop in parts]
 
 
 def _order(name: str):
@@ -271,7 +362,9 @@ def _order(name: str):
 
 
 def _prepared(g: str, tensor, cfg: ModelConfig, layout: Layout) -> np.ndarray:
-    """A checkpoint tensor as GGUF stores it: float32, q/k rows permuted for pairwise RoPE."""
+    """A checkpoint tensor as GGUF stores it: float32, q/k rows permuted for pairwise RoPE (llama,
+    deci); Gemma 3's norms as their factor 1 + w (llama.cpp multiplies by the stored weight, and its
+    converter adds the 1), q_norm's times gemma3_q_norm_factor."""
     from .checkpoint import check_finite
 
     check_finite(g, tensor, "the checkpoint")
@@ -281,6 +374,10 @@ def _prepared(g: str, tensor, cfg: ModelConfig, layout: Layout) -> np.ndarray:
             x = rope_permute(x, cfg.n_heads)
         elif g.endswith((".attn_k.weight", ".attn_k.bias")):
             x = rope_permute(x, cfg.n_kv_heads)
+    elif layout.arch == "gemma3" and g.endswith("norm.weight"):
+        x = 1.0 + x  # in float32, as transformers' Gemma3RMSNorm computes it
+        if g.endswith(".attn_q_norm.weight"):
+            x = (x.astype(np.float64) * gemma3_q_norm_factor(cfg, len(layout.n_head))).astype(np.float32)
     return x
 
 
@@ -316,8 +413,10 @@ def _add_model_keys(w, m: Model, cfg: ModelConfig, layout: Layout, qtype: str) -
     w.add_head_count_kv(list(layout.n_head_kv) if layout.heterogeneous else layout.n_head_kv[0])
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.rotary_dim or cfg.head_dim)  # Phi-3's partial rotary: the leading dims
     w.add_rope_freq_base(cfg.rope_theta)
+    if layout.arch == "gemma3":
+        _add_gemma3_keys(w, m, cfg, len(layout.n_head))
     if cfg.rope_type == "linear":
         w.add_rope_scaling_type(RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(cfg.rope_factor)
@@ -330,6 +429,27 @@ def _add_model_keys(w, m: Model, cfg: ModelConfig, layout: Layout, qtype: str) -
     w.add_string("shortrt.layer_map", json.dumps(m.layer_map.to_json()))
 
 
+def _add_gemma3_keys(w, m: Model, cfg: ModelConfig, n_blocks: int) -> None:
+    """Gemma 3's per-layer sliding/full choice, window, local RoPE base, logit soft-cap.
+
+    llama.cpp reads attention.sliding_window_pattern either as a period (every n-th layer full) or
+    as an array of one bool per block, true = sliding (load_swa_pattern in src/llama-model.cpp; the
+    gguf package writes a list as that array): the array is written, so any pattern a pruning leaves
+    runs as it is. With no sliding layer left no window is written (llama.cpp then builds no
+    sliding-window cache). Sliding layers take rope.freq_base_swa and no RoPE scaling (llama.cpp's
+    rope_freq_scale_train_swa stays 1), full layers rope.freq_base and the scaling, as in transformers."""
+    sliding = [cfg.is_sliding(i) for i in range(n_blocks)]
+    if any(sliding):
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_sliding_window_pattern(sliding)
+        w.add_rope_freq_base_swa(cfg.rope_local_theta)
+    if cfg.final_softcap:
+        w.add_final_logit_softcapping(cfg.final_softcap)
+    # Not a llama.cpp key: what gemma3_q_norm_factor folded into q_norm, for reading the file back.
+    scalar = json.loads((m.path / "config.json").read_text()).get("query_pre_attn_scalar") or 256
+    w.add_float32("shortrt.query_pre_attn_scalar", float(scalar))
+
+
 def _tokenizer_from_gguf(writer, origin: Path, vocab: int) -> bool:
     from gguf import GGUFReader
 
@@ -340,7 +460,69 @@ def _tokenizer_from_gguf(writer, origin: Path, vocab: int) -> bool:
 
 # GGUF architectures read as sources, and whether their q/k rows are stored in llama.cpp's pairwise
 # RoPE order (llama.cpp's converter permutes them for `llama` only; Qwen2/Qwen3 use NEOX RoPE there).
-SOURCE_ARCHS = {"llama": True, "qwen2": False, "qwen3": False}
+SOURCE_ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "olmo2": False, "phi3": False, "gemma3": False}
+# Architectures whose config.json is built here from the GGUF's keys (transformers' GGUF config reader has
+# no olmo2, and drops Phi-3's partial rotary and Gemma 3's layer pattern, local RoPE base and soft-cap).
+_OWN_CONFIG = {"olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+
+
+def _int_if_whole(x: float):
+    """transformers' Gemma 3 config takes query_pre_attn_scalar as an int."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _config_from_gguf(reader, arch: str, tensor_names: set[str]) -> dict:
+    """config.json of an olmo2 / phi3 / gemma3 GGUF, from the keys export writes (and llama.cpp reads)."""
+    f = {k: v.contents() for k, v in reader.fields.items() if not k.startswith("GGUF.") and k != "tokenizer.ggml.tokens"
+         and k != "tokenizer.ggml.merges" and k != "tokenizer.ggml.token_type"}
+
+    def key(name, default=None):
+        v = f.get(f"{arch}.{name}", default)
+        if v is None:
+            raise ShortrtError(f"GGUF key {arch}.{name} is missing")
+        return v
+
+    hidden, heads = int(key("embedding_length")), key("attention.head_count")
+    kv = key("attention.head_count_kv", heads)
+    if isinstance(heads, list) or isinstance(kv, list):
+        raise ShortrtError(f"per-layer head counts in a {arch} GGUF cannot be read")
+    head_dim = int(key("attention.key_length", hidden // heads))
+    c = {"architectures": [_OWN_CONFIG[arch]], "model_type": "gemma3_text" if arch == "gemma3" else arch,
+         "hidden_size": hidden, "intermediate_size": int(key("feed_forward_length")),
+         "num_hidden_layers": int(key("block_count")), "num_attention_heads": int(heads),
+         "num_key_value_heads": int(kv), "max_position_embeddings": int(key("context_length")),
+         "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
+         "vocab_size": int(f.get(f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)),
+         "rope_theta": float(key("rope.freq_base", 10000.0)), "tie_word_embeddings": "output.weight" not in tensor_names,
+         "dtype": "float32"}
+    for name in ("bos", "eos", "padding"):
+        if f"tokenizer.ggml.{name}_token_id" in f:
+            c[{"padding": "pad"}.get(name, name) + "_token_id"] = int(f[f"tokenizer.ggml.{name}_token_id"])
+    if f.get(f"{arch}.rope.scaling.type") == "linear":
+        c["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+    rotary = int(key("rope.dimension_count", head_dim))
+    if arch == "phi3" and rotary != head_dim:
+        c["partial_rotary_factor"] = rotary / head_dim
+    if arch == "gemma3":
+        n = c["num_hidden_layers"]
+        window = int(f.get(f"{arch}.attention.sliding_window") or 0)
+        pattern = f.get(f"{arch}.attention.sliding_window_pattern", 6)
+        if not window:
+            sliding = [False] * n
+        elif isinstance(pattern, list):
+            sliding = [bool(x) for x in pattern]
+        else:  # llama.cpp's set_swa_pattern: the last of every `pattern` layers full
+            sliding = [pattern == 0 or i % pattern < pattern - 1 for i in range(n)]
+        from .checkpoint import FULL, SLIDING
+
+        c.update(head_dim=head_dim, layer_types=[SLIDING if x else FULL for x in sliding],
+                 sliding_window=window or None, rope_local_base_freq=float(f.get(f"{arch}.rope.freq_base_swa", 10000.0)),
+                 hidden_activation="gelu_pytorch_tanh",
+                 final_logit_softcapping=float(f[f"{arch}.final_logit_softcapping"])
+                 if f.get(f"{arch}.final_logit_softcapping") else None,
+                 query_pre_attn_scalar=_int_if_whole(f.get("shortrt.query_pre_attn_scalar")
+                                                     or (hidden // heads if n == 62 else head_dim)))
+    return c
 
 
 def gguf_to_checkpoint(gguf_path, out: Path, *, progress: bool = False) -> None:
@@ -364,17 +546,29 @@ def gguf_to_checkpoint(gguf_path, out: Path, *, progress: bool = False) -> None:
     if arch not in SOURCE_ARCHS:
         raise ShortrtError(f"{gguf_path.name}: GGUF architecture {arch!r} cannot be read "
                            f"(shortrt reads {', '.join(SOURCE_ARCHS)})")
-    # The config and tokenizer first: transformers' readers parse every field (the vocabulary too)
-    # and are freed before ours is opened for the tensors.
-    config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
-    config.dtype = torch.float32
-    config.save_pretrained(out)
-    GenerationConfig.from_model_config(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(out)
+    if arch in _OWN_CONFIG:
+        from transformers import PreTrainedTokenizerFast
+
+        reader = GGUFReader(gguf_path)
+        doc = _config_from_gguf(reader, arch, {t.name for t in reader.tensors})
+        (out / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
+        gen = {k: doc[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in doc}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        # the tokenizer.* keys alone (transformers' AutoTokenizer would first read the config, refusing olmo2)
+        PreTrainedTokenizerFast.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(out)
+    else:
+        # The config and tokenizer first: transformers' readers parse every field (the vocabulary too)
+        # and are freed before ours is opened for the tensors.
+        config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+        config.dtype = torch.float32
+        config.save_pretrained(out)
+        GenerationConfig.from_model_config(config).save_pretrained(out)
+        AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(out)
+        reader = GGUFReader(gguf_path)
     cfg = parse_config(json.loads((out / "config.json").read_text()))
-    reader = GGUFReader(gguf_path)
-    by_gguf = {gguf_name(n): (n, shape) for n, shape in expected_tensors(cfg, LayerMap.dense(cfg.n_layers)).items()}
+    by_gguf = {gguf_name(n, cfg): (n, shape) for n, shape in expected_tensors(cfg, LayerMap.dense(cfg.n_layers)).items()}
+    q_norm_factor = gemma3_q_norm_factor(cfg, cfg.n_layers) if arch == "gemma3" else 1.0
     stored = {t.name: t for t in reader.tensors}
     missing = sorted(set(by_gguf) - set(stored))
     extra = sorted(set(stored) - set(by_gguf) - {"rope_freqs.weight"})  # llama3 rope factors: in the config
@@ -405,6 +599,10 @@ def gguf_to_checkpoint(gguf_path, out: Path, *, progress: bool = False) -> None:
             if unpermute:
                 heads = cfg.n_heads if ".q_proj." in hf_name else cfg.n_kv_heads
                 x = rope_unpermute(x.reshape(shape), heads)
+            if arch == "gemma3" and t.name.endswith("norm.weight"):  # back from the stored factor 1 + w
+                if t.name.endswith(".attn_q_norm.weight"):
+                    x = (x.astype(np.float64) / q_norm_factor).astype(np.float32)
+                x = x - np.float32(1.0)
             if not np.isfinite(x).all():
                 raise ShortrtError(f"{gguf_path.name}: tensor {t.name} has non-finite values")
             if bar is not None:
@@ -482,15 +680,17 @@ def _export_from_source(m: Model, origin: Path | None, dst: Path, layout: Layout
     from gguf import GGUFReader
 
     reader = GGUFReader(str(origin))
-    _check_same_weights(m, reader, origin)
+    _check_same_weights(m, reader, origin, layout)
     blocks = [(e.source, e.attention) for e in lmap.layers]
     return _write_pruned(reader, origin, blocks, dst, layout, progress=progress,
                          extra={"shortrt.layer_map": json.dumps(lmap.to_json())})
 
 
-def _check_same_weights(m: Model, reader, origin: Path) -> None:
-    """The checkpoint's final norm must be the GGUF's output_norm (a cheap proof they are one model)."""
-    mine = m.read_tensors(["model.norm.weight"])["model.norm.weight"].numpy()
+def _check_same_weights(m: Model, reader, origin: Path, layout: Layout) -> None:
+    """The checkpoint's final norm, as export would store it (Gemma 3's as 1 + w), must be the GGUF's
+    output_norm (a cheap proof they are one model)."""
+    mine = _prepared("output_norm.weight", m.read_tensors(["model.norm.weight"])["model.norm.weight"],
+                     m.model_config, layout)
     theirs = next((t for t in reader.tensors if t.name == "output_norm.weight"), None)
     if theirs is None or theirs.tensor_type.name not in ("F32", "F16") or \
             not np.array_equal(np.asarray(theirs.data, dtype=np.float32).reshape(mine.shape), mine):
@@ -596,4 +796,4 @@ def describe(path) -> str:
 
 
 __all__ = ["export_gguf", "prune_gguf", "gguf_layout", "Layout", "ExportError", "tensor_type", "gguf_name",
-           "rope_permute", "origin_gguf", "TYPES", "describe"]
+           "rope_permute", "origin_gguf", "TYPES", "describe", "gemma3_q_norm_factor"]

@@ -340,16 +340,6 @@ def test_phi3_sliding_window_below_the_context_is_refused(tmp_path):
     assert rel_err(Engine(path2, max_seq=64).logits(IDS), hf_logits(model, IDS)) <= TOL
 
 
-@pytest.mark.parametrize("arch,name", [("olmo2", "Olmo2ForCausalLM"), ("phi3", "Phi3ForCausalLM")])
-def test_gguf_export_refuses_these_families(tmp_path, arch, name):
-    from shortrt.gguf_export import ExportError, export_gguf
-
-    path = make_tiny(tmp_path / arch, arch, num_hidden_layers=2)[0]
-    with pytest.raises(ExportError, match=f"{name} has no GGUF export"):
-        export_gguf(path, tmp_path / "out.gguf")
-    assert not (tmp_path / "out.gguf").exists()
-
-
 # ---------------------------------------------------------------- heal and replace keep the family's layout
 
 @pytest.mark.parametrize("arch", ["olmo2", "phi3"])
