@@ -226,7 +226,7 @@ def render_markdown(rows, bandwidth, args, dense) -> str:
             continue
         sp = f"{r['speedup']:.2f}× ({r['ideal_speedup']:.2f}×)" if "speedup" in r else "-"
         lines.append(
-            f"| {r['label']} | {r['variant']} | {r['removed']} | {r.get('layers_run') or '-'} | "
+            f"| {r['label']} | {r['variant']} | {r['removed']} | {round(r['layers_run']) if r.get('layers_run') else '-'} | "
             f"{r['decode_tok_s']:.1f} | {r['bound_tok_s']:.1f} | {r['decode_tok_s'] / r['bound_tok_s']:.0%} | "
             f"{r['token_ms_p50']:.1f} | {r['token_ms_p90']:.1f} | {1e3 * r['ttft_s']:.0f} | {r['prefill_tok_s']:.0f} | "
             f"{fmt_mib(r['weight_bytes'], 0, ' MiB')} | {fmt_mib(r['kv_bytes'], 0, ' MiB')} | {fmt_mib(r['peak_rss_bytes'], 0, ' MiB')} | {sp} |"

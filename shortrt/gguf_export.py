@@ -30,7 +30,10 @@ Qwen2 (q/k/v biases) goes to `deci` too: deci loads the optional attn_q/k/v bias
 (create_tensor_qkv) and applies them (build_qkv); Qwen2's rotate-half RoPE becomes deci's
 pairwise RoPE by the same q/k row permutation Llama uses, applied to the biases too.
 
-OLMo-2, Phi-3 and Gemma 3 (issue #17) go to llama.cpp's `olmo2`, `phi3` and `gemma3` (src/models/
+Qwen3 goes to llama.cpp's `qwen3` (src/models/qwen3.cpp: rotate-half RoPE, so no row permutation;
+attn_q_norm / attn_k_norm of head_dim values applied per head before RoPE; key_length = head_dim,
+which Qwen3 sets apart from hidden / heads; no q/k/v biases). OLMo-2, Phi-3 and Gemma 3 (issue #17)
+go to llama.cpp's `olmo2`, `phi3` and `gemma3` (src/models/
 olmo2.cpp, phi3.cpp, gemma3.cpp; all rotate-half RoPE there, so no row permutation): OLMo-2's
 post-sublayer norms as post_attention_norm / post_ffw_norm and its q/k norms over the whole
 projection; Phi-3's fused qkv and gate_up kept fused (attn_qkv, a 2 * n_ff-row ffn_up), partial
@@ -39,7 +42,7 @@ does), one sliding/full flag per block (attention.sliding_window_pattern as an a
 model's irregular pattern is exact), the local RoPE base, the logit soft-cap, and
 query_pre_attn_scalar, which llama.cpp does not read, folded into attn_q_norm (see
 gemma3_q_norm_factor). Layer removal changes only block_count and the per-block arrays. Layers
-without attention: Phi-3 with whole-head RoPE goes to `deci` (its fused matrices split); OLMo-2,
+without attention: Phi-3 with whole-head RoPE goes to `deci` (its fused matrices split); Qwen3, OLMo-2,
 Gemma 3 and partial-rotary Phi-3 are refused (deci has none of their norms; deci.cpp asserts
 n_rot = head size).
 
@@ -67,7 +70,7 @@ from .layermap import LayerMap
 
 TYPES = gguf_quants.TYPES + ("source",)
 FAMILY = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-          "Olmo2ForCausalLM": "olmo2", "Phi3ForCausalLM": "phi3", "Gemma3ForCausalLM": "gemma3"}
+          "Qwen3ForCausalLM": "qwen3", "Olmo2ForCausalLM": "olmo2", "Phi3ForCausalLM": "phi3", "Gemma3ForCausalLM": "gemma3"}
 # Families whose layers llama.cpp's deci can hold without attention (Llama's block, q/k/v biases optional).
 _DECI_FAMILIES = ("llama", "qwen2", "phi3")
 FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}  # enum llama_ftype
@@ -141,7 +144,7 @@ def gguf_layout(cfg: ModelConfig, lmap: LayerMap) -> Layout:
 
 
 # What a family's block has that llama.cpp's deci block does not (why attention-less layers are refused).
-_DECI_LACKS = {"olmo2": "norms after the sublayers or q/k norm",
+_DECI_LACKS = {"qwen3": "q/k norm", "olmo2": "norms after the sublayers or q/k norm",
                "gemma3": "sandwich norms, q/k norm, GeGLU or sliding-window layers"}
 
 
@@ -566,6 +569,14 @@ def gguf_to_checkpoint(gguf_path, out: Path, *, progress: bool = False) -> None:
         GenerationConfig.from_model_config(config).save_pretrained(out)
         AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(out)
         reader = GGUFReader(gguf_path)
+        # transformers' GGUF config reader takes the head size as hidden / heads; Qwen3's is its own
+        # (attention.key_length, which llama.cpp reads too).
+        field = reader.fields.get(f"{arch}.attention.key_length")
+        if field is not None:
+            doc, head_dim = json.loads((out / "config.json").read_text()), int(field.contents())
+            if doc.get("head_dim", doc["hidden_size"] // doc["num_attention_heads"]) != head_dim:
+                doc["head_dim"] = head_dim
+                (out / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
     cfg = parse_config(json.loads((out / "config.json").read_text()))
     by_gguf = {gguf_name(n, cfg): (n, shape) for n, shape in expected_tensors(cfg, LayerMap.dense(cfg.n_layers)).items()}
     q_norm_factor = gemma3_q_norm_factor(cfg, cfg.n_layers) if arch == "gemma3" else 1.0

@@ -1,7 +1,7 @@
-"""`shortrt export --to gguf` of OLMo-2, Phi-3 and Gemma 3 text (issue #17), on tiny random checkpoints built
+"""`shortrt export --to gguf` of Qwen3, OLMo-2, Phi-3 and Gemma 3 text (issue #17), on tiny random checkpoints built
 with transformers, dense and with layers removed.
 
-Without llama.cpp (everywhere): the file's architecture (olmo2 / phi3 / gemma3), block count, every tensor
+Without llama.cpp (everywhere): the file's architecture (qwen3 / olmo2 / phi3 / gemma3), block count, every tensor
 under the name llama.cpp's loader asks for (src/models/<arch>.cpp) with the checkpoint's values (f32: exact;
 Gemma 3's norms stored as 1 + w in float32, its q_norm times the factor that turns llama.cpp's score scale into
 query_pre_attn_scalar ** -0.5, within 1 float32 rounding), the family's keys (Phi-3's rope dimension count,
@@ -14,7 +14,8 @@ cache) gives transformers' greedy tokens, 32 after a 36-token prompt (Gemma 3's 
 attend past it), and at every position the server reports, its top-8 next-token log-probabilities within
 LOGPROB_TOL of transformers' log-softmax (llama-server masks the end-of-generation token, so does the
 reference). The bounds: a tiny Llama export measures 2.1e-3 by the same comparison (llama.cpp's own f32
-arithmetic on these random models); OLMo-2 measures up to 3.4e-3, Phi-3 2.4e-3 (bound 1e-2), Gemma 3 up to
+arithmetic on these random models); Qwen3 (head_dim 32, apart from hidden / heads = 16) is held to
+1e-2 as well; OLMo-2 measures up to 3.4e-3, Phi-3 2.4e-3 (bound 1e-2), Gemma 3 up to
 2.1e-2 (bound 5e-2: ggml's GELU reads a table indexed by the fp16 rounding of its input). Gemma 3 exported
 without the q_norm factor errs by 1.1.
 
@@ -46,10 +47,10 @@ Q = gguf.GGMLQuantizationType
 GEMMA = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
              head_dim=32, sliding_window=8, sliding_window_pattern=3, query_pre_attn_scalar=24,
              rope_theta=10000.0, rope_local_base_freq=100.0, final_logit_softcapping=3.0)
-FAMILIES = {"olmo2": {}, "phi3": {"partial_rotary_factor": 0.5}, "gemma3": GEMMA}
-ARCH = {"olmo2": "olmo2", "phi3": "phi3", "gemma3": "gemma3"}
+FAMILIES = {"qwen3": {"head_dim": 32}, "olmo2": {}, "phi3": {"partial_rotary_factor": 0.5}, "gemma3": GEMMA}
+ARCH = {"qwen3": "qwen3", "olmo2": "olmo2", "phi3": "phi3", "gemma3": "gemma3"}
 REMOVED = [2, 3]  # Gemma 3's S S F S S F becomes S S S F: no period describes it
-LOGPROB_TOL = {"olmo2": 1e-2, "phi3": 1e-2, "gemma3": 5e-2}
+LOGPROB_TOL = {"qwen3": 1e-2, "olmo2": 1e-2, "phi3": 1e-2, "gemma3": 5e-2}
 PROMPT = IDS_SHORT * 3
 
 
@@ -105,6 +106,9 @@ def test_the_file_is_laid_out_as_llama_cpp_loads_it(ckpts, fam, which, tmp_path)
     tensors = {t.name: t for t in r.tensors}
     per_block = {n.split(".", 2)[2] for n in tensors if n.startswith("blk.0.")}
     assert per_block == {
+        "qwen3": {"attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                  "attn_q_norm.weight", "attn_k_norm.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight",
+                  "ffn_down.weight"},
         "olmo2": {"attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "attn_q_norm.weight",
                   "attn_k_norm.weight", "post_attention_norm.weight", "ffn_gate.weight", "ffn_up.weight",
                   "ffn_down.weight", "post_ffw_norm.weight"},
@@ -217,7 +221,9 @@ def test_a_gemma3_gguf_source_prunes_to_its_blocks_as_stored(ckpts, tmp_path, mo
 
 @pytest.mark.parametrize("fam", list(FAMILIES))
 def test_attention_less_layers_are_refused_with_the_reason(ckpts, fam, tmp_path):
-    why = {"olmo2": "llama.cpp's olmo2 architecture needs attention in every block, and its deci architecture .* has "
+    why = {"qwen3": "llama.cpp's qwen3 architecture needs attention in every block, and its deci architecture .* has "
+                    "no q/k norm",
+           "olmo2": "llama.cpp's olmo2 architecture needs attention in every block, and its deci architecture .* has "
                     "no norms after the sublayers",
            "phi3": "llama.cpp holds in its deci architecture only, and deci rotates whole heads .* not the 8 of 16 dims",
            "gemma3": "llama.cpp's gemma3 architecture needs attention in every block, and its deci architecture .* "
