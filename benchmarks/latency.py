@@ -162,20 +162,21 @@ def main(argv=None) -> None:
     import shortrt
     from shortrt.data import heldout_texts
 
-    if args.model.startswith("synthetic:"):
+    model = args.model  # what is loaded; args.model stays as given (the report shows it)
+    if model.startswith("synthetic:"):
         import scale
         from shortrt.checkpoint import cache_dir
 
-        shape = args.model.partition(":")[2]
+        shape = model.partition(":")[2]
         if shape not in scale.SHAPES:
-            sys.exit(f"--model {args.model}: unknown shape (known: {', '.join(scale.SHAPES)})")
-        args.model = str(scale.synthetic_checkpoint(shape, cache_dir() / "bench" / f"synthetic-{shape}"))
-    dense = shortrt.load(args.model)
+            sys.exit(f"--model {model}: unknown shape (known: {', '.join(scale.SHAPES)})")
+        model = str(scale.synthetic_checkpoint(shape, cache_dir() / "bench" / f"synthetic-{shape}"))
+    dense = shortrt.load(model)
     print(f"model {dense} — measuring memory bandwidth ({args.threads} threads)...", file=sys.stderr)
     bandwidth = harness.measure_bandwidth(args.threads)
-    ckpts = pruned_checkpoints(args.model, needed, args.scores, args.calib_tokens)
+    ckpts = pruned_checkpoints(model, needed, args.scores, args.calib_tokens)
     types = [t.strip() for t in args.llamacpp_types.split(",") if t.strip()]
-    jobs = make_jobs(engines, ckpts, variants[0], args.model, types)
+    jobs = make_jobs(engines, ckpts, variants[0], model, types)
 
     common = {"threads": args.threads, "context": CONTEXT, "reps": 1, "new_tokens": args.new_tokens,
               "decode_prompt_tokens": 16, "prompt": harness.prompt_ids(dense.path, args.prompt_tokens, heldout_texts())}
@@ -212,7 +213,7 @@ def main(argv=None) -> None:
 
 def render_markdown(rows, bandwidth, args, dense) -> str:
     lines = [
-        f"Model `{dense.name}`, batch 1, {args.threads} threads, prompt {args.prompt_tokens} tokens, "
+        f"Model `{args.model if args.model.startswith('synthetic:') else dense.name}`, batch 1, {args.threads} threads, prompt {args.prompt_tokens} tokens, "
         f"{args.new_tokens} new tokens, medians of {args.rounds} interleaved rounds. "
         f"Measured read bandwidth {bandwidth / 1e9:.1f} GB/s; bound = bandwidth / bytes read per token.",
         "",
