@@ -39,8 +39,6 @@ def parse_args(argv=None):
 
 
 def measure(path, dtype, kernel_path, args, ref=None) -> dict:
-    import numpy as np
-
     from shortrt import _C
     from shortrt.engine import Engine
     from shortrt.evaluation import runtime_perplexity
@@ -54,11 +52,7 @@ def measure(path, dtype, kernel_path, args, ref=None) -> dict:
     row = {"dtype": dtype, "kernels": kernel_path, "activations": "bf16" if kernel_path == "avx512bf16" and dtype == "bf16"
            else "fp32", "ppl": ppl["ppl"], "ppl_tokens": ppl["tokens"], "logits": logits, "greedy": greedy}
     if ref is not None:
-        row["rel_err"] = float(np.abs(logits - ref["logits"]).max() / np.abs(ref["logits"]).max())
-        same = [a == b for a, b in zip(greedy, ref["greedy"])]
-        row["greedy_first_diff"] = same.index(False) if False in same else len(same)
-        row["greedy_equal"] = sum(same)
-        row["ppl_vs_fp32"] = row["ppl"] / ref["ppl"]
+        row.update(harness.agreement(row, ref))
     return row
 
 

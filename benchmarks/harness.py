@@ -329,6 +329,18 @@ def merge_rounds(job: dict, samples: list[dict]) -> dict:
     return row
 
 
+def agreement(row: dict, ref: dict) -> dict:
+    """How a quality row (its "logits", "greedy" tokens and "ppl") compares with the fp32 reference
+    row: the largest logit error over the largest logit, where greedy decoding first differs and how
+    many tokens agree, and the perplexity ratio."""
+    import numpy as np
+
+    same = [a == b for a, b in zip(row["greedy"], ref["greedy"])]
+    return {"rel_err": float(np.abs(row["logits"] - ref["logits"]).max() / np.abs(ref["logits"]).max()),
+            "greedy_first_diff": same.index(False) if False in same else len(same),
+            "greedy_equal": sum(same), "ppl_vs_fp32": row["ppl"] / ref["ppl"]}
+
+
 def failures(rows: list[dict]) -> list[str]:
     """A paragraph per row that failed in some round: label, reason, the tail of its stderr."""
     out = []

@@ -51,8 +51,6 @@ def parse_args(argv=None):
 
 
 def measure(path, dtype, lm_head, args, ref=None) -> dict:
-    import numpy as np
-
     from shortrt.engine import Engine
     from shortrt.evaluation import runtime_perplexity
 
@@ -67,11 +65,7 @@ def measure(path, dtype, lm_head, args, ref=None) -> dict:
            "weight_bytes": eng.weight_bytes, "bytes_per_token": eng.weight_bytes_per_token, "load_s": load_s,
            "logits": logits, "greedy": greedy}
     if ref is not None:
-        row["rel_err"] = float(np.abs(logits - ref["logits"]).max() / np.abs(ref["logits"]).max())
-        same = [a == b for a, b in zip(greedy, ref["greedy"])]
-        row["greedy_first_diff"] = same.index(False) if False in same else len(same)
-        row["greedy_equal"] = sum(same)
-        row["ppl_vs_fp32"] = row["ppl"] / ref["ppl"]
+        row.update(harness.agreement(row, ref))
     return row
 
 

@@ -703,6 +703,12 @@ def check_tensors(cfg: ModelConfig, layer_map: LayerMap, found: dict[str, tuple[
             raise CheckpointError(f"{where}: tensor '{name}' exists but shortrt.json says layer {m.group(1)} "
                                   "has no MLP")
         raise CheckpointError(f"{where}: unexpected tensor '{name}' (not part of a {cfg.architecture})")
+    check_expected_tensors(where, expected, found)
+
+
+def check_expected_tensors(where: str, expected: dict, found: dict) -> None:
+    """Every tensor of `expected` ({name: shape}) is in `found` ({name: (dtype, shape)}) with that
+    shape and a weight dtype; else CheckpointError naming the first that is not."""
     for name, shape in expected.items():
         if name not in found:
             raise CheckpointError(f"{where}: tensor '{name}' not found in the checkpoint")

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
-from .checkpoint import WEIGHT_DTYPES, Model, _IGNORED_TENSOR, _tensor_headers
+from .checkpoint import Model, _IGNORED_TENSOR, _tensor_headers, check_expected_tensors
 from .errors import CheckpointError
 
 ARCHITECTURE = "MambaForCausalLM"
@@ -120,15 +120,7 @@ def check_tensors(cfg: MambaConfig, num_layers: int, found: dict, where) -> None
             raise CheckpointError(f"{where}: tensor '{name}' is for layer {m.group(1)} but config.json has "
                                   f"num_hidden_layers = {num_layers}")
         raise CheckpointError(f"{where}: unexpected tensor '{name}' (not part of a {cfg.architecture})")
-    for name, shape in expected.items():
-        if name not in found:
-            raise CheckpointError(f"{where}: tensor '{name}' not found in the checkpoint")
-        dtype, got = found[name]
-        if tuple(got) != shape:
-            raise CheckpointError(f"{where}: tensor '{name}': expected shape {list(shape)}, found {list(got)}")
-        if dtype not in WEIGHT_DTYPES:
-            raise CheckpointError(f"{where}: tensor '{name}' has dtype {dtype}; weights must be "
-                                  f"{', '.join(WEIGHT_DTYPES)}")
+    check_expected_tensors(where, expected, found)
 
 
 @dataclass(frozen=True)

@@ -395,3 +395,13 @@ def test_latency_targets_compare_the_matching_rows():
 def test_llamacpp_types_are_checked_before_anything_is_quantized():
     with pytest.raises(ValueError, match=r"unknown llama.cpp type\(s\) Q3_X \(known: F32, F16, Q8_0, Q4_0"):
         harness.llamacpp_ggufs(("F32", "Q3_X"), source="/nonexistent.gguf")
+
+
+def test_quality_rows_agree_with_the_reference_as_measured():
+    import numpy as np
+
+    row = {"logits": np.array([1.0, 2.0, -3.0]), "greedy": [5, 6, 7, 8], "ppl": 11.0}
+    ref = {"logits": np.array([1.0, 2.0, -4.0]), "greedy": [5, 6, 9, 8], "ppl": 10.0}
+    assert harness.agreement(row, ref) == {"rel_err": 0.25, "greedy_first_diff": 2, "greedy_equal": 3,
+                                          "ppl_vs_fp32": pytest.approx(1.1)}
+    assert harness.agreement(ref, ref)["greedy_first_diff"] == 4  # never differs: the whole length
