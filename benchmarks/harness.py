@@ -392,15 +392,13 @@ def llamacpp_source(model) -> Path:
     """The GGUF that llama.cpp's formats of `model` are quantized from: the file the default model
     ships (Q4_1, which dequantizes exactly), else an F32 GGUF exported once by shortrt (cached)."""
     import shortrt
-    from shortrt.checkpoint import cache_dir, default_gguf_path
+    from shortrt.checkpoint import cache_dir
     from shortrt.gguf_export import export_gguf, origin_gguf
 
     m = shortrt.load(model)
-    origin = origin_gguf(m)
+    origin = origin_gguf(m)  # the default model's shipped file, or the GGUF a checkpoint came from
     if origin is not None:
         return origin
-    if str(model) == "default":
-        return default_gguf_path()
     dst = cache_dir() / "bench" / "gguf" / f"{m.path.name}-F32.gguf"
     if not dst.is_file():
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -423,9 +421,9 @@ def llamacpp_ggufs(types=LLAMACPP_TYPES, source=None) -> dict[str, Path]:
     import llama_cpp
 
     src = Path(source) if source is not None else default_gguf_path()
+    base = re.sub(r"\.(Q[0-9A-Z_]+|F16|F32|BF16)$", "", src.stem.removesuffix("-F32"))
     out = {}
     for name in types:
-        base = re.sub(r"\.(Q[0-9A-Z_]+|F16|F32|BF16)$", "", src.stem.removesuffix("-F32"))
         dst = cache_dir() / "bench" / "gguf" / f"{base}-{name}.gguf"
         if not dst.is_file():
             dst.parent.mkdir(parents=True, exist_ok=True)
